@@ -1,0 +1,256 @@
+"""Per-record likelihood estimators: the ELBO and the importance-weighted bound (IWAE).
+
+Every function returns one value per record (never a batch mean), in nats of the record in its
+*original* units: the model works on standardised continuous features, so each observed
+continuous feature j adds back log|d x_std / d x| = -log std_j.
+
+Randomness. Scoring uses common random numbers: one standard-normal draw of shape (K, D) for the
+IWAE and one of shape (S, D) for the ELBO, made on the CPU from the seed and reused for every
+record. A record's score is then a deterministic function of (record, model, K, S, seed) alone,
+whatever the batch it arrives in, the device or the number of workers. Each record still gets an
+unbiased estimate; what is shared is only the noise across records, so errors of different
+records are correlated (which keeps rankings stable, a property we want for anomaly scores).
+
+Memory. The decoder runs on (samples x records) pairs. `plan_chunks` turns a byte budget into a
+number of records and of samples per step; the IWAE is accumulated with a running logsumexp (and
+the per-feature attribution with an online softmax), so peak memory is bounded by the budget and
+never grows with K.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from model.vae import LOG_2PI, VAE, Posterior, gaussian_kl
+
+DEFAULT_K = 64  # IWAE samples: the bound is within ~0.1 nat of log p(x) on our benchmarks at 64
+DEFAULT_SAMPLES = 1  # ELBO samples: the ELBO is reported for diagnostics; IWAE is the score
+DEFAULT_SEED = 0
+DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of decoder intermediates per step
+
+
+def noise(count: int, latent_dim: int, seed: int, stream: int) -> torch.Tensor:
+    """(count, latent_dim) float64 standard normals, a pure function of (seed, stream, count).
+
+    Drawn on the CPU so the same seed gives the same numbers on any device. Streams keep the
+    IWAE and ELBO draws independent of each other (and of K and S).
+    """
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed((int(seed) * 1_000_003 + stream) % (2**63 - 1))
+    return torch.randn((count, latent_dim), generator=generator, dtype=torch.float64)
+
+
+IWAE_STREAM, ELBO_STREAM = 1, 2
+
+
+def bytes_per_pair(model: VAE, dtype: torch.dtype = torch.float32) -> int:
+    """Working memory for one (sample, record) pair in the decoder: activations, outputs,
+    log-density intermediates and the padded categorical grid (a conservative count)."""
+    c = model.config
+    n_cat = len(c.category_sizes)
+    grid = n_cat * max(c.category_sizes, default=0)
+    elements = (
+        4 * c.latent_dim
+        + 2 * sum(c.hidden)
+        + 2 * c.decoder_output_dim
+        + 8 * c.n_features
+        + 3 * grid
+    )
+    return elements * torch.tensor([], dtype=dtype).element_size()
+
+
+def plan_chunks(n_records: int, n_samples: int, pair_bytes: int, budget: int) -> tuple[int, int]:
+    """(records per step, samples per step) so that records * samples * pair_bytes <= budget.
+
+    Samples are chunked first; records only when even one sample for every record is too much.
+    """
+    max_pairs = max(1, budget // max(1, pair_bytes))
+    records = max(1, min(n_records, max_pairs))
+    samples = max(1, min(n_samples, max_pairs // records))
+    return records, samples
+
+
+def _jacobian(mask: torch.Tensor, log_std: torch.Tensor | None, n_continuous: int) -> torch.Tensor:
+    """Per record: sum over observed continuous features of log std_j (to subtract). (B,) float64"""
+    if log_std is None or n_continuous == 0:
+        return torch.zeros(mask.shape[0], dtype=torch.float64, device=mask.device)
+    observed = mask[:, :n_continuous].to(torch.float64)
+    return observed @ log_std.to(device=mask.device, dtype=torch.float64)
+
+
+def _log_weights(model: VAE, posterior: Posterior, x, mask, eps: torch.Tensor):
+    """eps (k, D) -> per-feature log p(x_j|z) (k, B, F) and log w = log p(x,z) - log q(z|x) (k, B)."""
+    eps = eps.to(device=x.device, dtype=posterior.mean.dtype)
+    z = posterior.mean + posterior.std * eps[:, None, :]  # (k, B, D)
+    feature_lp = model.decoder.log_prob(z, x, mask).stacked()  # (k, B, F)
+    d = model.config.latent_dim
+    log_prior = -0.5 * (d * LOG_2PI + (z * z).sum(-1))  # (k, B)
+    log_q = -0.5 * (d * LOG_2PI + posterior.log_var.sum(-1) + (eps * eps).sum(-1)[:, None])
+    return feature_lp, feature_lp.sum(-1) + log_prior - log_q
+
+
+@dataclass
+class IWAEResult:
+    log_likelihood: torch.Tensor  # (B,) float64: log (1/K) sum_k w_k, original units
+    feature_nll: torch.Tensor | None  # (B, F) float64: -log p(x_j|z) under normalised weights
+
+
+def iwae(
+    model: VAE,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    k: int = DEFAULT_K,
+    seed: int = DEFAULT_SEED,
+    log_std: torch.Tensor | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    contributions: bool = False,
+    eps: torch.Tensor | None = None,
+    posterior: Posterior | None = None,
+) -> IWAEResult:
+    """IWAE_K = log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k = mu + sigma * eps_k, per record.
+
+    `eps` overrides the seeded common noise (K, D); `posterior` reuses an encoder pass.
+    Differentiable when called with grad enabled (the training objective uses it).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    model.check_input(x, mask)
+    if eps is None:
+        eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM)
+    k = eps.shape[0]
+    n_records = x.shape[0]
+    n_cont = model.config.n_continuous
+    step_records, step_samples = plan_chunks(
+        n_records, k, bytes_per_pair(model, x.dtype), memory_budget
+    )
+    log_norm = math.log(k)
+
+    lls, nlls = [], []
+    for r0 in range(0, n_records, step_records):
+        xs, ms = x[r0 : r0 + step_records], mask[r0 : r0 + step_records]
+        post = _slice(posterior, r0, step_records) if posterior is not None else model.encoder(xs, ms)
+        running_max = running_sum = weighted_nll = None
+        for k0 in range(0, k, step_samples):
+            feature_lp, log_w = _log_weights(model, post, xs, ms, eps[k0 : k0 + step_samples])
+            log_w = log_w.to(torch.float64)
+            chunk_max = log_w.max(0).values  # (b,)
+            new_max = chunk_max if running_max is None else torch.maximum(running_max, chunk_max)
+            scaled = torch.exp(log_w - new_max)  # (k, b)
+            if running_sum is None:
+                running_sum = scaled.sum(0)
+            else:
+                running_sum = running_sum * torch.exp(running_max - new_max) + scaled.sum(0)
+            if contributions:
+                chunk_nll = -(scaled[..., None] * feature_lp.to(torch.float64)).sum(0)  # (b, F)
+                if weighted_nll is None:
+                    weighted_nll = chunk_nll
+                else:
+                    weighted_nll = weighted_nll * torch.exp(running_max - new_max)[:, None] + chunk_nll
+            running_max = new_max
+        ll = running_max + torch.log(running_sum) - log_norm
+        lls.append(ll - _jacobian(ms, log_std, n_cont))
+        if contributions:
+            nll = weighted_nll / running_sum[:, None]
+            if log_std is not None and n_cont:
+                nll[:, :n_cont] += ms[:, :n_cont].to(torch.float64) * log_std.to(nll.device)
+            nlls.append(nll)
+    return IWAEResult(
+        log_likelihood=torch.cat(lls),
+        feature_nll=torch.cat(nlls) if contributions else None,
+    )
+
+
+@dataclass
+class ELBOResult:
+    elbo: torch.Tensor  # (B,) float64, original units
+    reconstruction: torch.Tensor  # (B,) float64: mean over S samples of log p(x|z), original units
+    kl: torch.Tensor  # (B,) float64: analytic KL(q(z|x) || p(z))
+
+
+def elbo(
+    model: VAE,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = DEFAULT_SEED,
+    log_std: torch.Tensor | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    eps: torch.Tensor | None = None,
+    posterior: Posterior | None = None,
+) -> ELBOResult:
+    """ELBO = (1/S) sum_s log p(x|z_s) - KL(q||p), the KL analytic, per record."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    model.check_input(x, mask)
+    if eps is None:
+        eps = noise(samples, model.config.latent_dim, seed, ELBO_STREAM)
+    n_samples = eps.shape[0]
+    n_records = x.shape[0]
+    step_records, step_samples = plan_chunks(
+        n_records, n_samples, bytes_per_pair(model, x.dtype), memory_budget
+    )
+    recs, kls = [], []
+    for r0 in range(0, n_records, step_records):
+        xs, ms = x[r0 : r0 + step_records], mask[r0 : r0 + step_records]
+        post = _slice(posterior, r0, step_records) if posterior is not None else model.encoder(xs, ms)
+        total = torch.zeros(xs.shape[0], dtype=torch.float64, device=x.device)
+        for s0 in range(0, n_samples, step_samples):
+            e = eps[s0 : s0 + step_samples].to(device=x.device, dtype=post.mean.dtype)
+            z = post.mean + post.std * e[:, None, :]
+            total = total + model.decoder.log_prob(z, xs, ms).total().to(torch.float64).sum(0)
+        recs.append(total / n_samples - _jacobian(ms, log_std, model.config.n_continuous))
+        kls.append(gaussian_kl(post).to(torch.float64))
+    reconstruction, kl = torch.cat(recs), torch.cat(kls)
+    return ELBOResult(elbo=reconstruction - kl, reconstruction=reconstruction, kl=kl)
+
+
+def _slice(posterior: Posterior, start: int, length: int) -> Posterior:
+    return Posterior(
+        posterior.mean[start : start + length], posterior.log_var[start : start + length]
+    )
+
+
+@dataclass
+class RecordScores:
+    """Everything the scorer reports per record; shapes (B,) or (B, ·)."""
+
+    elbo: torch.Tensor  # float64
+    log_likelihood: torch.Tensor  # float64, IWAE_K
+    latent_mean: torch.Tensor  # (B, D) float32
+    latent_std: torch.Tensor  # (B, D) float32
+    feature_nll: torch.Tensor  # (B, F) float64
+
+    @property
+    def anomaly_score(self) -> torch.Tensor:
+        return -self.log_likelihood
+
+
+def score_records(
+    model: VAE,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    log_std: torch.Tensor | None,
+    k: int = DEFAULT_K,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = DEFAULT_SEED,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> RecordScores:
+    """The production estimator: one encoder pass shared by the ELBO and the IWAE."""
+    with torch.inference_mode():
+        posterior = model.encoder(x, mask)
+        common = dict(seed=seed, log_std=log_std, memory_budget=memory_budget, posterior=posterior)
+        bound = elbo(model, x, mask, samples=samples, **common)
+        weighted = iwae(model, x, mask, k=k, contributions=True, **common)
+    return RecordScores(
+        elbo=bound.elbo,
+        log_likelihood=weighted.log_likelihood,
+        latent_mean=posterior.mean.float(),
+        latent_std=posterior.std.float(),
+        feature_nll=weighted.feature_nll,
+    )

@@ -1,0 +1,221 @@
+"""The variational autoencoder: an MLP encoder q(z|x) and a decoder p(x|z) with one likelihood per
+feature kind. Reads top to bottom: config, building blocks, encoder, decoder, the model.
+
+Everything here works in *standardised* units (what FeatureSpec.encode produces). Converting
+log-densities back to the original units is the estimators' job (model/estimators.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.features import FeatureKind, FeatureSpec
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass
+class VAEConfig:
+    n_continuous: int = 0  # Gaussian features, standardised
+    n_boolean: int = 0  # Bernoulli features
+    category_sizes: list[int] = field(default_factory=list)  # classes per categorical, OOV included
+    latent_dim: int = 8  # enough for the handful of factors tabular data usually has
+    hidden: list[int] = field(default_factory=lambda: [128, 128])  # encoder and decoder widths
+    activation: str = "silu"  # smooth, so the learned variance head is not piecewise constant
+    min_variance: float = 1e-4  # Gaussian variance floor (std units): stops densities blowing up
+    encoder_log_var_range: tuple[float, float] = (-12.0, 6.0)  # keeps q(z|x) numerically sane
+
+    @classmethod
+    def for_spec(cls, spec: FeatureSpec, **overrides) -> VAEConfig:
+        return cls(
+            n_continuous=spec.count(FeatureKind.CONTINUOUS),
+            n_boolean=spec.count(FeatureKind.BOOLEAN),
+            category_sizes=spec.category_sizes,
+            **overrides,
+        )
+
+    @property
+    def n_features(self) -> int:
+        return self.n_continuous + self.n_boolean + len(self.category_sizes)
+
+    @property
+    def encoder_input_dim(self) -> int:
+        # observed values (continuous, boolean), one-hot categories, then the observation mask
+        return self.n_continuous + self.n_boolean + sum(self.category_sizes) + self.n_features
+
+    @property
+    def decoder_output_dim(self) -> int:
+        # mean and raw variance per continuous feature, a logit per boolean, logits per category
+        return 2 * self.n_continuous + self.n_boolean + sum(self.category_sizes)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["encoder_log_var_range"] = list(self.encoder_log_var_range)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> VAEConfig:
+        d = dict(d)
+        d["encoder_log_var_range"] = tuple(d["encoder_log_var_range"])
+        return cls(**d)
+
+
+_ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+def mlp(sizes: list[int], activation: str) -> nn.Sequential:
+    """Linear layers of the given sizes, an activation between them, none after the last."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {sorted(_ACTIVATIONS)}")
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(sizes) - 2:
+            layers.append(_ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class Posterior:
+    mean: torch.Tensor  # (B, D)
+    log_var: torch.Tensor  # (B, D)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.log_var)
+
+
+@dataclass
+class FeatureLogProbs:
+    """log p(x_j | z) per feature, zero where x_j is missing. Shapes (..., B, F_kind)."""
+
+    continuous: torch.Tensor
+    boolean: torch.Tensor
+    categorical: torch.Tensor
+
+    def total(self) -> torch.Tensor:  # (..., B)
+        return self.continuous.sum(-1) + self.boolean.sum(-1) + self.categorical.sum(-1)
+
+    def stacked(self) -> torch.Tensor:  # (..., B, F) in the spec's feature order
+        return torch.cat([self.continuous, self.boolean, self.categorical], dim=-1)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.net = mlp([config.encoder_input_dim, *config.hidden, 2 * config.latent_dim], config.activation)
+
+    def inputs(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, F) values + mask -> (B, encoder_input_dim); missing entries are zero everywhere."""
+        c = self.config
+        n_num = c.n_continuous + c.n_boolean
+        observed = mask.to(x.dtype)
+        parts = [x[:, :n_num] * observed[:, :n_num]]
+        for j, size in enumerate(c.category_sizes):
+            col = n_num + j
+            one_hot = F.one_hot(x[:, col].long(), size).to(x.dtype)  # (B, size)
+            parts.append(one_hot * observed[:, col : col + 1])
+        parts.append(observed)
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> Posterior:
+        h = self.net(self.inputs(x, mask))
+        mean, log_var = h.chunk(2, dim=-1)
+        low, high = self.config.encoder_log_var_range
+        return Posterior(mean, log_var.clamp(low, high))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.net = mlp([config.latent_dim, *config.hidden, config.decoder_output_dim], config.activation)
+        # Categorical logits live in one flat vector; a gather into a (n_cat, max_size) grid padded
+        # with -inf lets one log_softmax normalise every categorical feature at once.
+        sizes = config.category_sizes
+        max_size = max(sizes, default=1)
+        index = torch.full((len(sizes), max_size), sum(sizes), dtype=torch.long)  # pad -> last slot
+        offset = 0
+        for j, size in enumerate(sizes):
+            index[j, :size] = torch.arange(offset, offset + size)
+            offset += size
+        self.register_buffer("category_index", index, persistent=False)
+
+    def variance(self, raw: torch.Tensor) -> torch.Tensor:
+        """Per-record Gaussian variance from the raw head output, floored at min_variance."""
+        return self.config.min_variance + F.softplus(raw)
+
+    def log_prob(self, z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> FeatureLogProbs:
+        """z: (..., B, D); x, mask: (B, F) -> per-feature log p(x_j|z), each (..., B, F_kind)."""
+        c = self.config
+        out = self.net(z)
+        nc, nb = c.n_continuous, c.n_boolean
+        mean, raw_var, logits_bool, logits_cat = out.split(
+            [nc, nc, nb, sum(c.category_sizes)], dim=-1
+        )
+        x_cont, x_bool, x_cat = x.split([nc, nb, len(c.category_sizes)], dim=-1)
+        m_cont, m_bool, m_cat = mask.split([nc, nb, len(c.category_sizes)], dim=-1)
+
+        var = self.variance(raw_var)
+        lp_cont = -0.5 * (LOG_2PI + torch.log(var) + (x_cont - mean) ** 2 / var)
+        lp_bool = x_bool * logits_bool - F.softplus(logits_bool)  # Bernoulli with logits
+        if c.category_sizes:
+            pad = torch.full_like(logits_cat[..., :1], -math.inf)
+            grid = torch.cat([logits_cat, pad], dim=-1)[..., self.category_index]  # (..., B, n_cat, max)
+            log_probs = torch.log_softmax(grid, dim=-1)
+            codes = x_cat.long().unsqueeze(-1).expand(*grid.shape[:-1], 1)
+            lp_cat = log_probs.gather(-1, codes).squeeze(-1)
+        else:
+            lp_cat = logits_cat  # (..., B, 0)
+
+        zero = torch.zeros((), dtype=lp_cont.dtype, device=lp_cont.device)
+        return FeatureLogProbs(
+            continuous=torch.where(m_cont, lp_cont, zero),
+            boolean=torch.where(m_bool, lp_bool, zero),
+            categorical=torch.where(m_cat, lp_cat, zero),
+        )
+
+
+@dataclass
+class VAEOutput:
+    """Per-record terms of one reparameterised pass (standardised units); shapes (B,)."""
+
+    reconstruction: torch.Tensor  # mean over samples of log p(x|z)
+    kl: torch.Tensor  # KL(q(z|x) || N(0, I)), analytic
+    elbo: torch.Tensor  # reconstruction - kl
+
+
+def gaussian_kl(posterior: Posterior) -> torch.Tensor:
+    """KL(N(mu, diag sigma^2) || N(0, I)) per record, summed over latent dims. (B,)"""
+    return 0.5 * (posterior.mean**2 + posterior.log_var.exp() - 1.0 - posterior.log_var).sum(-1)
+
+
+class VAE(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    def check_input(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        n = self.config.n_features
+        if x.dim() != 2 or x.shape[1] != n:
+            raise ValueError(f"batch has shape {tuple(x.shape)}, model expects (B, {n}) features")
+        if mask.shape != x.shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, x has {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, samples: int = 1) -> VAEOutput:
+        """Reparameterised ELBO terms with fresh noise, for training."""
+        self.check_input(x, mask)
+        posterior = self.encoder(x, mask)
+        eps = torch.randn((samples, *posterior.mean.shape), dtype=x.dtype, device=x.device)
+        z = posterior.mean + posterior.std * eps  # (S, B, D)
+        reconstruction = self.decoder.log_prob(z, x, mask).total().mean(0)
+        kl = gaussian_kl(posterior)
+        return VAEOutput(reconstruction=reconstruction, kl=kl, elbo=reconstruction - kl)
