@@ -87,12 +87,11 @@ class PPCA:
             enc.weight[:d, :n] = torch.tensor(A)
             enc.bias[:d] = torch.tensor(-A @ self.b)
             enc.bias[d:] = torch.tensor(np.log(self.posterior_var * var_scale))
-            dec = vae.decoder.net[0]  # Linear(d -> 2n): outputs [mean, raw variance]
+            dec = vae.decoder.net[0]  # Linear(d -> 2n): outputs [mean, log-variance]
             dec.weight.zero_()
             dec.weight[:n] = torch.tensor(self.W)
             dec.bias[:n] = torch.tensor(self.b)
-            raw = np.log(np.expm1(self.psi - config.min_variance))  # inverse of floor + softplus
-            dec.bias[n:] = torch.tensor(raw)
+            dec.bias[n:] = torch.tensor(np.log(self.psi))  # the head outputs log-variance
         return vae.eval()
 
 
