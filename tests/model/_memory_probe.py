@@ -1,12 +1,14 @@
 """Run in a fresh process: peak resident memory added by one IWAE call under a byte budget.
 
-Prints one JSON line {"budget": ..., "peak_delta": ...}. Used by test_estimators.py; peak RSS is
-per process and only grows, so each measurement needs its own interpreter.
+Prints one JSON line {"budget": ..., "peak_delta": ...}. Used by test_estimators.py. The peak is
+the kernel's high-water mark of this process's resident set (VmHWM), reset just before the call
+by writing 5 to /proc/self/clear_refs. (getrusage's ru_maxrss is no use here: Linux carries it
+over from the parent across fork+exec, so a child of a large pytest process starts "peaked".)
 """
 
 import json
-import resource
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,8 +16,21 @@ from model.estimators import iwae
 from model.vae import VAE, VAEConfig
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def reset_peak() -> int:
+    """Reset the high-water mark to the current RSS and return that RSS in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return _status_kib("VmHWM") * 1024
 
 
 def main(budget: int, records: int, k: int) -> None:
@@ -29,7 +44,7 @@ def main(budget: int, records: int, k: int) -> None:
     mask = torch.ones_like(x, dtype=torch.bool)
     with torch.inference_mode():
         iwae(model, x[:64], mask[:64], k=8, memory_budget=budget)  # warm up allocator and kernels
-        before = peak_rss_bytes()
+        before = reset_peak()
         result = iwae(model, x, mask, k=k, memory_budget=budget, contributions=True)
         after = peak_rss_bytes()
     assert torch.isfinite(result.log_likelihood).all()
