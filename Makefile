@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m jobs.demo
+	$(BIN)/vaewatch demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -83,13 +83,16 @@ def _jacobian(mask: torch.Tensor, log_std: torch.Tensor | None, n_continuous: in
 
 
 def _log_weights(model: VAE, posterior: Posterior, x, mask, eps: torch.Tensor):
-    """eps (k, D) -> per-feature log p(x_j|z) (k, B, F) and log w = log p(x,z) - log q(z|x) (k, B)."""
+    """eps (k, D) shared by every record, or (k, B, D) one draw per record -> per-feature
+    log p(x_j|z) (k, B, F) and log w = log p(x,z) - log q(z|x) (k, B)."""
     eps = eps.to(device=x.device, dtype=posterior.mean.dtype)
-    z = posterior.mean + posterior.std * eps[:, None, :]  # (k, B, D)
+    if eps.dim() == 2:
+        eps = eps[:, None, :]  # (k, 1, D): common random numbers
+    z = posterior.mean + posterior.std * eps  # (k, B, D)
     feature_lp = model.decoder.log_prob(z, x, mask).stacked()  # (k, B, F)
     d = model.config.latent_dim
     log_prior = -0.5 * (d * LOG_2PI + (z * z).sum(-1))  # (k, B)
-    log_q = -0.5 * (d * LOG_2PI + posterior.log_var.sum(-1) + (eps * eps).sum(-1)[:, None])
+    log_q = -0.5 * (d * LOG_2PI + posterior.log_var.sum(-1) + (eps * eps).sum(-1))
     return feature_lp, feature_lp.sum(-1) + log_prior - log_q
 
 
@@ -114,8 +117,9 @@ def iwae(
 ) -> IWAEResult:
     """IWAE_K = log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k = mu + sigma * eps_k, per record.
 
-    `eps` overrides the seeded common noise (K, D); `posterior` reuses an encoder pass.
-    Differentiable when called with grad enabled (the training objective uses it).
+    `eps` overrides the seeded common noise: (K, D), or (K, B, D) for independent draws per
+    record (training); `posterior` reuses an encoder pass. Differentiable when called with grad
+    enabled (the IWAE training objective uses it).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -136,7 +140,10 @@ def iwae(
         post = _slice(posterior, r0, step_records) if posterior is not None else model.encoder(xs, ms)
         running_max = running_sum = weighted_nll = None
         for k0 in range(0, k, step_samples):
-            feature_lp, log_w = _log_weights(model, post, xs, ms, eps[k0 : k0 + step_samples])
+            eps_chunk = eps[k0 : k0 + step_samples]
+            if eps_chunk.dim() == 3:
+                eps_chunk = eps_chunk[:, r0 : r0 + step_records]
+            feature_lp, log_w = _log_weights(model, post, xs, ms, eps_chunk)
             log_w = log_w.to(torch.float64)
             chunk_max = log_w.max(0).values  # (b,)
             new_max = chunk_max if running_max is None else torch.maximum(running_max, chunk_max)

@@ -195,9 +195,14 @@ class VAEOutput:
     elbo: torch.Tensor  # reconstruction - kl
 
 
+def gaussian_kl_dims(posterior: Posterior) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) per record and latent dimension, analytic. (B, D)"""
+    return 0.5 * (posterior.mean**2 + posterior.log_var.exp() - 1.0 - posterior.log_var)
+
+
 def gaussian_kl(posterior: Posterior) -> torch.Tensor:
     """KL(N(mu, diag sigma^2) || N(0, I)) per record, summed over latent dims. (B,)"""
-    return 0.5 * (posterior.mean**2 + posterior.log_var.exp() - 1.0 - posterior.log_var).sum(-1)
+    return gaussian_kl_dims(posterior).sum(-1)
 
 
 class VAE(nn.Module):
