@@ -165,3 +165,25 @@ def test_iwae_memory_stays_within_budget():
     assert peak <= budget * 1.25, f"peak {peak / 2**20:.1f} MiB over a {budget / 2**20:.0f} MiB budget"
     unbounded = _probe(16 * budget, 10_000, 200)
     assert unbounded > 2 * budget, f"control run peaked at only {unbounded / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("spread", [3.0, 400.0])
+def test_categorical_normalisation_fast_and_safe_paths_agree_with_log_softmax(spread):
+    """spread=3 takes the exp-and-matmul path; spread=400 makes one group underflow there, so
+    the padded log_softmax path must take over. Both must equal a per-group log_softmax."""
+    config = VAEConfig(category_sizes=[3, 5, 2], latent_dim=2, hidden=[4])
+    decoder = VAE(config).decoder
+    torch.manual_seed(0)
+    logits = torch.randn(6, 7, 10)
+    logits[..., 3:8] -= spread  # the second group sits far below the others
+    codes = torch.stack([torch.randint(0, s, (7,)) for s in config.category_sizes], dim=-1)
+    got = decoder.categorical_log_prob(logits, codes)
+    expected = torch.stack(
+        [
+            torch.log_softmax(group, -1).gather(-1, codes[:, j].expand(6, 7).unsqueeze(-1)).squeeze(-1)
+            for j, group in enumerate(logits.split(config.category_sizes, dim=-1))
+        ],
+        dim=-1,
+    )
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

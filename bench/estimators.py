@@ -1,0 +1,126 @@
+"""Estimator throughput: records/s for the ELBO and the IWAE at several K, as a fraction of the
+FLOP/s torch reaches on a large matmul measured in the same process.
+
+    python bench/estimators.py            # full run, prints a Markdown table
+    python bench/estimators.py --quick    # fewer repeats
+
+Model: 32 features (24 continuous, 4 boolean, 4 categorical with 10 values + OOV), the default
+VAEConfig (latent 8, hidden [128, 128]). Records are random but valid encodings; the estimators'
+cost does not depend on the values. FLOPs counted are the network's multiply-adds (x2): the
+encoder once per record, the decoder once per (record, sample). Elementwise work (likelihoods,
+logsumexp, attribution) is real cost but not counted, so the fraction is "useful FLOP/s".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from model.estimators import DEFAULT_MEMORY_BUDGET, elbo, iwae, score_records
+from model.vae import VAE, VAEConfig
+
+N_CONTINUOUS, N_BOOLEAN, CATEGORIES = 24, 4, [11, 11, 11, 11]
+
+
+def linear_flops(sizes: list[int]) -> int:
+    return 2 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def model_and_batch(records: int, device: torch.device) -> tuple[VAE, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    config = VAEConfig(n_continuous=N_CONTINUOUS, n_boolean=N_BOOLEAN, category_sizes=CATEGORIES)
+    model = VAE(config).eval().to(device)
+    x = torch.randn(records, config.n_features)
+    x[:, N_CONTINUOUS : N_CONTINUOUS + N_BOOLEAN] = (x[:, N_CONTINUOUS : N_CONTINUOUS + N_BOOLEAN] > 0).float()
+    x[:, N_CONTINUOUS + N_BOOLEAN :] = torch.randint(0, 11, (records, len(CATEGORIES))).float()
+    mask = torch.rand(records, config.n_features) > 0.05
+    return model, x.to(device), mask.to(device)
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """Median of `repeats` timed calls after one warm-up (medians resist this machine's noise)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(device: torch.device, repeats: int) -> float:
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n**3 / best_seconds(lambda: a @ b, repeats)
+
+
+def run(quick: bool, device: torch.device, budget: int) -> list[dict]:
+    repeats = 3 if quick else 7
+    records = 4096
+    model, x, mask = model_and_batch(records, device)
+    c = model.config
+    encoder_flops = linear_flops([c.encoder_input_dim, *c.hidden, 2 * c.latent_dim])
+    decoder_flops = linear_flops([c.latent_dim, *c.hidden, c.decoder_output_dim])
+    peak = matmul_flops_per_second(device, repeats)
+    rows = []
+    with torch.inference_mode():
+        for name, k, fn in [
+            ("elbo (S=1)", 1, lambda: elbo(model, x, mask, samples=1, memory_budget=budget)),
+            *[
+                (f"iwae K={k}", k, (lambda k=k: iwae(model, x, mask, k=k, memory_budget=budget)))
+                for k in (1, 16, 64, 256)
+            ],
+            ("score (S=1, K=64, attribution)", 65,
+             lambda: score_records(model, x, mask, log_std=None, k=64, samples=1, memory_budget=budget)),
+        ]:
+            seconds = best_seconds(fn, repeats)
+            flops = records * (encoder_flops + k * decoder_flops)
+            rows.append({
+                "estimator": name,
+                "records_per_s": records / seconds,
+                "gflops": flops / seconds / 1e9,
+                "fraction": flops / seconds / peak,
+            })
+    rows.insert(0, {"estimator": "matmul 2048x2048 (reference)", "records_per_s": float("nan"),
+                    "gflops": peak / 1e9, "fraction": 1.0})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--budget", type=int, default=DEFAULT_MEMORY_BUDGET,
+                        help="estimator memory budget in bytes")
+    parser.add_argument("--budgets", action="store_true",
+                        help="also sweep memory budgets for IWAE K=64")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = run(args.quick, device, args.budget)
+    print(f"date {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
+          f"budget {args.budget >> 20} MiB, 4096 records x 32 features\n")
+    print("| estimator | records/s | useful GFLOP/s | fraction of matmul |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        rps = "" if r["records_per_s"] != r["records_per_s"] else f"{r['records_per_s']:,.0f}"
+        print(f"| {r['estimator']} | {rps} | {r['gflops']:.1f} | {r['fraction']:.0%} |")
+    if args.budgets:
+        print("\n| memory budget | IWAE K=64 fraction of matmul |")
+        print("|---:|---:|")
+        for mib in (16, 64, 256, 1024):
+            sweep = run(True, device, mib << 20)
+            k64 = next(r for r in sweep if r["estimator"] == "iwae K=64")
+            print(f"| {mib} MiB | {k64['fraction']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
