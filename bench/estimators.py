@@ -37,7 +37,9 @@ def model_and_batch(records: int, device: torch.device) -> tuple[VAE, torch.Tens
     config = VAEConfig(n_continuous=N_CONTINUOUS, n_boolean=N_BOOLEAN, category_sizes=CATEGORIES)
     model = VAE(config).eval().to(device)
     x = torch.randn(records, config.n_features)
-    x[:, N_CONTINUOUS : N_CONTINUOUS + N_BOOLEAN] = (x[:, N_CONTINUOUS : N_CONTINUOUS + N_BOOLEAN] > 0).float()
+    x[:, N_CONTINUOUS : N_CONTINUOUS + N_BOOLEAN] = (
+        x[:, N_CONTINUOUS : N_CONTINUOUS + N_BOOLEAN] > 0
+    ).float()
     x[:, N_CONTINUOUS + N_BOOLEAN :] = torch.randint(0, 11, (records, len(CATEGORIES))).float()
     mask = torch.rand(records, config.n_features) > 0.05
     return model, x.to(device), mask.to(device)
@@ -78,19 +80,33 @@ def run(quick: bool, device: torch.device, budget: int) -> list[dict]:
                 (f"iwae K={k}", k, (lambda k=k: iwae(model, x, mask, k=k, memory_budget=budget)))
                 for k in (1, 16, 64, 256)
             ],
-            ("score (S=1, K=64, attribution)", 65,
-             lambda: score_records(model, x, mask, log_std=None, k=64, samples=1, memory_budget=budget)),
+            (
+                "score (S=1, K=64, attribution)",
+                65,
+                lambda: score_records(
+                    model, x, mask, log_std=None, k=64, samples=1, memory_budget=budget
+                ),
+            ),
         ]:
             seconds = best_seconds(fn, repeats)
             flops = records * (encoder_flops + k * decoder_flops)
-            rows.append({
-                "estimator": name,
-                "records_per_s": records / seconds,
-                "gflops": flops / seconds / 1e9,
-                "fraction": flops / seconds / peak,
-            })
-    rows.insert(0, {"estimator": "matmul 2048x2048 (reference)", "records_per_s": float("nan"),
-                    "gflops": peak / 1e9, "fraction": 1.0})
+            rows.append(
+                {
+                    "estimator": name,
+                    "records_per_s": records / seconds,
+                    "gflops": flops / seconds / 1e9,
+                    "fraction": flops / seconds / peak,
+                }
+            )
+    rows.insert(
+        0,
+        {
+            "estimator": "matmul 2048x2048 (reference)",
+            "records_per_s": float("nan"),
+            "gflops": peak / 1e9,
+            "fraction": 1.0,
+        },
+    )
     return rows
 
 
@@ -98,16 +114,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--budget", type=int, default=DEFAULT_MEMORY_BUDGET,
-                        help="estimator memory budget in bytes")
-    parser.add_argument("--budgets", action="store_true",
-                        help="also sweep memory budgets for IWAE K=64")
+    parser.add_argument(
+        "--budget", type=int, default=DEFAULT_MEMORY_BUDGET, help="estimator memory budget in bytes"
+    )
+    parser.add_argument(
+        "--budgets", action="store_true", help="also sweep memory budgets for IWAE K=64"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = run(args.quick, device, args.budget)
-    print(f"date {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
-          f"budget {args.budget >> 20} MiB, 4096 records x 32 features\n")
+    print(
+        f"date {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
+        f"budget {args.budget >> 20} MiB, 4096 records x 32 features\n"
+    )
     print("| estimator | records/s | useful GFLOP/s | fraction of matmul |")
     print("|---|---:|---:|---:|")
     for r in rows:

@@ -55,8 +55,15 @@ def demo(workdir, rows_per_day, days, epochs, seed, k) -> None:
             f"cannot create the demo directory {str(workdir)!r}: {err.strerror}. "
             "Pass a writable --workdir (or set VAEWATCH_WORKDIR)."
         ) from err
-    run(workdir, rows_per_day=rows_per_day, days=days, epochs=epochs, seed=seed,
-        k=k or DEFAULT_K, echo=click.echo)
+    run(
+        workdir,
+        rows_per_day=rows_per_day,
+        days=days,
+        epochs=epochs,
+        seed=seed,
+        k=k or DEFAULT_K,
+        echo=click.echo,
+    )
 
 
 if __name__ == "__main__":

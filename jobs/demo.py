@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
@@ -49,7 +48,10 @@ def write_partitions(root: Path, days: int, rows_per_day: int, seed: int) -> lis
     for i in range(days):
         day = FIRST_DAY + dt.timedelta(days=i)
         table = transactions(
-            rows_per_day, anomaly_rate=0.005 if i == 0 else 0.02, seed=seed + i, day=day,
+            rows_per_day,
+            anomaly_rate=0.005 if i == 0 else 0.02,
+            seed=seed + i,
+            day=day,
             first_id=i * rows_per_day,
         )
         path = root / f"dt={day.isoformat()}" / "part-0.parquet"
@@ -66,8 +68,16 @@ class DemoResult:
     seconds: float
 
 
-def run(workdir: Path, *, rows_per_day: int = 20_000, days: int = 4, seed: int = 0,
-        epochs: int = 30, k: int = DEFAULT_K, echo=print) -> DemoResult:
+def run(
+    workdir: Path,
+    *,
+    rows_per_day: int = 20_000,
+    days: int = 4,
+    seed: int = 0,
+    epochs: int = 30,
+    k: int = DEFAULT_K,
+    echo=print,
+) -> DemoResult:
     started = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data_root = workdir / "input"
@@ -82,9 +92,14 @@ def run(workdir: Path, *, rows_per_day: int = 20_000, days: int = 4, seed: int =
     model = VAE(VAEConfig.for_spec(spec))
     config = TrainConfig(epochs=epochs, seed=seed)
     result = train(
-        model, enc.x[ok], enc.mask[ok], config,
-        on_epoch=lambda s: echo(f"  epoch {s.epoch:3d}  train loss {s.train_loss:8.3f}  "
-                                f"val elbo {s.val_elbo:8.3f}  ({s.seconds:.1f}s)"),
+        model,
+        enc.x[ok],
+        enc.mask[ok],
+        config,
+        on_epoch=lambda s: echo(
+            f"  epoch {s.epoch:3d}  train loss {s.train_loss:8.3f}  "
+            f"val elbo {s.val_elbo:8.3f}  ({s.seconds:.1f}s)"
+        ),
     )
     echo(f"trained {len(result.history)} epochs, best epoch {result.best_epoch}")
     model.eval()
@@ -111,8 +126,10 @@ def run(workdir: Path, *, rows_per_day: int = 20_000, days: int = 4, seed: int =
     for row in top:
         culprits = np.argsort(-excess[row])[:2]
         why = ", ".join(f"{names[j]} +{excess[row, j]:.1f}" for j in culprits)
-        echo(f"  id {scored.column('record_id')[row].as_py():>7}  score {anomaly[row]:8.2f}  "
-             f"kind {kinds[row] or 'normal':<22}  top features: {why}")
+        echo(
+            f"  id {scored.column('record_id')[row].as_py():>7}  score {anomaly[row]:8.2f}  "
+            f"kind {kinds[row] or 'normal':<22}  top features: {why}"
+        )
     seconds = time.perf_counter() - started
     echo(f"\nROC-AUC against the injected labels: {auc:.4f}   ({seconds:.0f}s end to end)")
     return DemoResult(roc_auc=auc, rows_scored=scored.num_rows, seconds=seconds)

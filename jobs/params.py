@@ -10,7 +10,7 @@ ENV_PREFIX = "VAEWATCH_"
 
 
 def option(*decls: str, **kwargs):
-    """click.option with the env var derived from the long flag: --rows-per-day -> VAEWATCH_ROWS_PER_DAY."""
+    """click.option with its env var from the long flag: --rows-per-day -> VAEWATCH_ROWS_PER_DAY."""
     long_flag = next(d for d in decls if d.startswith("--")).split("/")[0]
     kwargs.setdefault("envvar", ENV_PREFIX + long_flag[2:].replace("-", "_").upper())
     kwargs.setdefault("show_envvar", True)
@@ -25,14 +25,22 @@ workdir = option(
     help="Directory for the demo's generated data and outputs (created if missing).",
 )
 rows_per_day = option(
-    "--rows-per-day", type=click.IntRange(min=500), default=20_000,
+    "--rows-per-day",
+    type=click.IntRange(min=500),
+    default=20_000,
     help="Synthetic rows generated per daily partition.",
 )
 days = option(
-    "--days", type=click.IntRange(min=2), default=4,
+    "--days",
+    type=click.IntRange(min=2),
+    default=4,
     help="Daily partitions to generate: the first trains the model, the rest are scored.",
 )
 seed = option("--seed", type=int, default=0, help="Seed for data, training and scoring noise.")
 epochs = option("--epochs", type=click.IntRange(min=1), default=30, help="Maximum training epochs.")
-k = option("--k", type=click.IntRange(min=1), default=None,
-           help="IWAE importance samples per record (default: the model's).")
+k = option(
+    "--k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="IWAE importance samples per record (default: the model's).",
+)

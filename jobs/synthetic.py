@@ -39,7 +39,9 @@ def transactions(
 ) -> pa.Table:
     """`n_rows` transactions on `day`, a fraction `anomaly_rate` of them injected anomalies."""
     rng = np.random.default_rng(seed)
-    category_index = rng.choice(len(CATEGORIES), size=n_rows, p=_CATEGORY_WEIGHTS / _CATEGORY_WEIGHTS.sum())
+    category_index = rng.choice(
+        len(CATEGORIES), size=n_rows, p=_CATEGORY_WEIGHTS / _CATEGORY_WEIGHTS.sum()
+    )
     category = np.array(CATEGORIES, dtype=object)[category_index]
     amount = np.exp(_LOG_AMOUNT[category_index] + rng.normal(0.0, 0.4, n_rows))
     is_online = rng.random(n_rows) < _P_ONLINE[category_index]
@@ -47,7 +49,9 @@ def transactions(
     n_items = np.maximum(1, rng.poisson(1.0 + amount / 40.0)).astype(np.int64)
     distance_km = np.where(is_online, 0.0, rng.gamma(2.0, 3.0, n_rows))
     speed_kmh = rng.normal(30.0, 3.0, n_rows)
-    travel_min = np.where(is_online, 0.0, distance_km / speed_kmh * 60.0 + rng.normal(0, 1.0, n_rows))
+    travel_min = np.where(
+        is_online, 0.0, distance_km / speed_kmh * 60.0 + rng.normal(0, 1.0, n_rows)
+    )
     latency_ms = rng.lognormal(4.0, 0.3, n_rows)
     latency_ms[rng.random(n_rows) < 0.05] = np.nan  # sensor gaps: missing at random
     travel_missing = rng.random(n_rows) < 0.03
@@ -81,7 +85,8 @@ def transactions(
         {
             "record_id": pa.array(np.arange(first_id, first_id + n_rows, dtype=np.int64)),
             "event_time": pa.array(
-                int(start.timestamp()) * 1_000_000 + seconds * 1_000_000, type=pa.timestamp("us", tz="UTC")
+                int(start.timestamp()) * 1_000_000 + seconds * 1_000_000,
+                type=pa.timestamp("us", tz="UTC"),
             ),
             "merchant_category": pa.array(category.tolist(), type=pa.string()).dictionary_encode(),
             "amount": pa.array(np.round(amount, 2)),

@@ -137,7 +137,9 @@ def iwae(
     lls, nlls = [], []
     for r0 in range(0, n_records, step_records):
         xs, ms = x[r0 : r0 + step_records], mask[r0 : r0 + step_records]
-        post = _slice(posterior, r0, step_records) if posterior is not None else model.encoder(xs, ms)
+        post = (
+            _slice(posterior, r0, step_records) if posterior is not None else model.encoder(xs, ms)
+        )
         running_max = running_sum = weighted_nll = None
         for k0 in range(0, k, step_samples):
             eps_chunk = eps[k0 : k0 + step_samples]
@@ -159,7 +161,9 @@ def iwae(
                 if weighted_nll is None:
                     weighted_nll = chunk_nll
                 else:
-                    weighted_nll = weighted_nll * torch.exp(running_max - new_max)[:, None] + chunk_nll
+                    weighted_nll = (
+                        weighted_nll * torch.exp(running_max - new_max)[:, None] + chunk_nll
+                    )
             running_max = new_max
         ll = running_max + torch.log(running_sum) - log_norm
         lls.append(ll - _jacobian(ms, log_std, n_cont))
@@ -207,7 +211,9 @@ def elbo(
     recs, kls = [], []
     for r0 in range(0, n_records, step_records):
         xs, ms = x[r0 : r0 + step_records], mask[r0 : r0 + step_records]
-        post = _slice(posterior, r0, step_records) if posterior is not None else model.encoder(xs, ms)
+        post = (
+            _slice(posterior, r0, step_records) if posterior is not None else model.encoder(xs, ms)
+        )
         total = torch.zeros(xs.shape[0], dtype=torch.float64, device=x.device)
         for s0 in range(0, n_samples, step_samples):
             e = eps[s0 : s0 + step_samples].to(device=x.device, dtype=post.mean.dtype)

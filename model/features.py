@@ -204,7 +204,9 @@ class FeatureSpec:
         if first is None:
             raise ValueError("cannot fit a FeatureSpec on no data: the input has no record batches")
         schema = first.schema
-        chosen = _choose_columns(schema, exclude=exclude, features=features, categorical=categorical)
+        chosen = _choose_columns(
+            schema, exclude=exclude, features=features, categorical=categorical
+        )
 
         moments = {n: _RunningMoments() for n, k in chosen if k is FeatureKind.CONTINUOUS}
         counts = {n: Counter() for n, k in chosen if k is FeatureKind.CATEGORICAL}
@@ -241,7 +243,9 @@ class FeatureSpec:
                     (item for item in counts[name].items() if item[1] >= min_category_count),
                     key=lambda item: (-item[1], item[0]),
                 )
-                fitted.append(Feature(name, kind, vocabulary=[v for v, _ in ranked[:max_categories]]))
+                fitted.append(
+                    Feature(name, kind, vocabulary=[v for v, _ in ranked[:max_categories]])
+                )
             else:
                 fitted.append(Feature(name, kind))
         return cls(_grouped(fitted))
@@ -277,7 +281,9 @@ class FeatureSpec:
                 )
             found = schema.field(index).type
             compatible = {
-                FeatureKind.CONTINUOUS: lambda t: _kind_of(t) in (FeatureKind.CONTINUOUS, FeatureKind.BOOLEAN),
+                FeatureKind.CONTINUOUS: lambda t: (
+                    _kind_of(t) in (FeatureKind.CONTINUOUS, FeatureKind.BOOLEAN)
+                ),
                 FeatureKind.BOOLEAN: lambda t: _kind_of(t) is FeatureKind.BOOLEAN,
                 FeatureKind.CATEGORICAL: lambda t: _kind_of(t) is not None or pa.types.is_null(t),
             }[f.kind]
@@ -321,7 +327,10 @@ class FeatureSpec:
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict:
-        return {"format_version": SPEC_FORMAT_VERSION, "features": [f.to_json() for f in self.features]}
+        return {
+            "format_version": SPEC_FORMAT_VERSION,
+            "features": [f.to_json() for f in self.features],
+        }
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, sort_keys=True, allow_nan=False)
@@ -370,7 +379,11 @@ def _choose_columns(
     features: Sequence[str] | None,
     categorical: Sequence[str],
 ) -> list[tuple[str, FeatureKind]]:
-    for group, names in (("exclude", exclude), ("features", features or ()), ("categorical", categorical)):
+    for group, names in (
+        ("exclude", exclude),
+        ("features", features or ()),
+        ("categorical", categorical),
+    ):
         missing = [n for n in names if n not in schema.names]
         if missing:
             raise SchemaMismatchError(

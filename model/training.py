@@ -43,7 +43,9 @@ class TrainConfig:
         if self.objective not in ("elbo", "iwae"):
             raise ValueError(f"objective must be 'elbo' or 'iwae', got {self.objective!r}")
         if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+            raise ValueError(
+                f"validation_fraction must be in (0, 1), got {self.validation_fraction}"
+            )
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -88,7 +90,9 @@ def _loss(model: VAE, x, mask, config: TrainConfig, beta: float, generator) -> t
     reconstruction = model.decoder.log_prob(z, x, mask).total()
     kl_dims = gaussian_kl_dims(posterior)  # (B, D)
     if config.free_bits > 0:
-        kl_dims = torch.clamp(kl_dims.mean(0, keepdim=True), min=config.free_bits).expand_as(kl_dims)
+        kl_dims = torch.clamp(kl_dims.mean(0, keepdim=True), min=config.free_bits).expand_as(
+            kl_dims
+        )
     return -(reconstruction - beta * kl_dims.sum(-1)).mean()
 
 
@@ -146,12 +150,19 @@ def train(
             running += loss.item() * len(batch)
             seen += len(batch)
         val_elbo, kl_per_dim = _validate(model, x_val, m_val)
-        stats = EpochStats(epoch, running / seen, val_elbo, kl_per_dim, time.perf_counter() - started)
+        stats = EpochStats(
+            epoch, running / seen, val_elbo, kl_per_dim, time.perf_counter() - started
+        )
         result.history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
         if val_elbo > best + config.min_delta:
-            best, best_state, stale, result.best_epoch = val_elbo, copy.deepcopy(model.state_dict()), 0, epoch
+            best, best_state, stale, result.best_epoch = (
+                val_elbo,
+                copy.deepcopy(model.state_dict()),
+                0,
+                epoch,
+            )
         else:
             stale += 1
             if stale >= config.patience:

@@ -111,7 +111,9 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
-        self.net = mlp([config.encoder_input_dim, *config.hidden, 2 * config.latent_dim], config.activation)
+        self.net = mlp(
+            [config.encoder_input_dim, *config.hidden, 2 * config.latent_dim], config.activation
+        )
 
     def inputs(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, F) values + mask -> (B, encoder_input_dim); missing entries are zero everywhere."""
@@ -137,7 +139,9 @@ class Decoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
-        self.net = mlp([config.latent_dim, *config.hidden, config.decoder_output_dim], config.activation)
+        self.net = mlp(
+            [config.latent_dim, *config.hidden, config.decoder_output_dim], config.activation
+        )
         # Categorical logits live in one flat vector of sum(sizes). Two ways to normalise them:
         # - fast: one exp over the vector (shifted by the row's max) and a matmul with a 0/1
         #   (sum(sizes), n_cat) group indicator gives every group's sum of exp at once;
@@ -191,7 +195,9 @@ class Decoder(nn.Module):
         log_var = self.log_variance(raw_log_var)
         lp_cont = -0.5 * (LOG_2PI + log_var + (x_cont - mean).square() * torch.exp(-log_var))
         lp_bool = x_bool * logits_bool - F.softplus(logits_bool)  # Bernoulli with logits
-        lp_cat = self.categorical_log_prob(logits_cat, x_cat.long()) if c.category_sizes else logits_cat
+        lp_cat = (
+            self.categorical_log_prob(logits_cat, x_cat.long()) if c.category_sizes else logits_cat
+        )
 
         zero = torch.zeros((), dtype=lp_cont.dtype, device=lp_cont.device)
         return FeatureLogProbs(

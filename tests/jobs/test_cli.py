@@ -21,8 +21,12 @@ def test_every_command_and_option_has_help_and_env_var():
             if not isinstance(param, click.Option) or param.name == "help":
                 continue
             assert param.help, f"{' '.join(path)} {param.opts} has no help"
-            expected = ENV_PREFIX + param.opts[0].lstrip("-").split("/")[0].replace("-", "_").upper()
-            assert param.envvar == expected, f"{param.opts}: envvar {param.envvar}, expected {expected}"
+            expected = (
+                ENV_PREFIX + param.opts[0].lstrip("-").split("/")[0].replace("-", "_").upper()
+            )
+            assert param.envvar == expected, (
+                f"{param.opts}: envvar {param.envvar}, expected {expected}"
+            )
 
 
 def test_env_var_is_read(monkeypatch):
@@ -46,7 +50,18 @@ def test_usage_error_is_exit_2_and_unwritable_workdir_is_exit_1(tmp_path):
 
 def test_demo_end_to_end_small(tmp_path):
     result = CliRunner().invoke(
-        main, ["demo", "--workdir", str(tmp_path), "--rows-per-day", "4000", "--days", "2", "--epochs", "12"]
+        main,
+        [
+            "demo",
+            "--workdir",
+            str(tmp_path),
+            "--rows-per-day",
+            "4000",
+            "--days",
+            "2",
+            "--epochs",
+            "12",
+        ],
     )
     assert result.exit_code == 0, result.output
     auc = float(result.output.rsplit("ROC-AUC against the injected labels:", 1)[1].split()[0])

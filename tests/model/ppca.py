@@ -58,11 +58,15 @@ class PPCA:
 
     def sample_table(self, n: int, rng: np.random.Generator) -> pa.Table:
         z = rng.standard_normal((n, self.latent_dim))
-        x_std = z @ self.W.T + self.b + rng.standard_normal((n, self.n_features)) * np.sqrt(self.psi)
+        x_std = (
+            z @ self.W.T + self.b + rng.standard_normal((n, self.n_features)) * np.sqrt(self.psi)
+        )
         x = self.mean + self.std * x_std
         return pa.table({f"x{j}": x[:, j] for j in range(self.n_features)})
 
-    def exact_log_likelihood(self, table: pa.Table, observed: list[int] | None = None) -> np.ndarray:
+    def exact_log_likelihood(
+        self, table: pa.Table, observed: list[int] | None = None
+    ) -> np.ndarray:
         """log p(x_observed) in original units (closed form), per row."""
         idx = np.arange(self.n_features) if observed is None else np.asarray(observed)
         x = np.stack([table.column(f"x{j}").to_numpy() for j in idx], axis=1)

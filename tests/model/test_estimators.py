@@ -50,7 +50,9 @@ def test_rescaling_a_feature_shifts_log_likelihood_by_minus_log_c(transactions_t
 
 def test_decoder_likelihoods_are_normalised():
     torch.manual_seed(0)
-    config = VAEConfig(n_continuous=1, n_boolean=1, category_sizes=[4, 7], latent_dim=3, hidden=[16])
+    config = VAEConfig(
+        n_continuous=1, n_boolean=1, category_sizes=[4, 7], latent_dim=3, hidden=[16]
+    )
     decoder = VAE(config).decoder
     z = torch.randn(5, 3, dtype=torch.float64)  # 5 latent points; check each separately
     decoder = decoder.double()
@@ -63,11 +65,21 @@ def test_decoder_likelihoods_are_normalised():
         mask = torch.ones_like(x, dtype=torch.bool)
         density = decoder.log_prob(zs, x, mask).continuous[:, 0].exp()
         totals["cont"].append(torch.trapezoid(density, grid).item())
-        for name, column, values in (("bool", 1, [0, 1]), ("cat0", 2, range(4)), ("cat1", 3, range(7))):
+        for name, column, values in (
+            ("bool", 1, [0, 1]),
+            ("cat0", 2, range(4)),
+            ("cat1", 3, range(7)),
+        ):
             xs = torch.zeros(len(values), 4, dtype=torch.float64)
             xs[:, column] = torch.tensor(list(values), dtype=torch.float64)
-            lp = decoder.log_prob(point.expand(len(values), 3), xs, torch.ones_like(xs, dtype=torch.bool))
-            per_kind = {"bool": lp.boolean[:, 0], "cat0": lp.categorical[:, 0], "cat1": lp.categorical[:, 1]}
+            lp = decoder.log_prob(
+                point.expand(len(values), 3), xs, torch.ones_like(xs, dtype=torch.bool)
+            )
+            per_kind = {
+                "bool": lp.boolean[:, 0],
+                "cat0": lp.categorical[:, 0],
+                "cat1": lp.categorical[:, 1],
+            }
             totals[name].append(per_kind[name].exp().sum().item())
     for name, values in totals.items():
         np.testing.assert_allclose(values, 1.0, atol=1e-6, err_msg=name)
@@ -80,7 +92,9 @@ def test_discrete_model_probabilities_sum_to_one():
     model = _model(spec, hidden=[16], latent_dim=2)
     every = pa.table(
         {
-            "c": [c for c, _ in itertools.product(["a", "b", "c", "d", "e", "unseen"], [True, False])],
+            "c": [
+                c for c, _ in itertools.product(["a", "b", "c", "d", "e", "unseen"], [True, False])
+            ],
             "flag": [f for _, f in itertools.product(range(6), [True, False])],
         }
     )
@@ -99,8 +113,12 @@ def test_feature_contributions_match_direct_computation(transactions_table):
     k = 50
     log_std = spec.continuous_log_std
     with torch.inference_mode():
-        chunked = iwae(model, enc.x, enc.mask, k=k, log_std=log_std, contributions=True, memory_budget=20_000)
-        whole = iwae(model, enc.x, enc.mask, k=k, log_std=log_std, contributions=True, memory_budget=2**34)
+        chunked = iwae(
+            model, enc.x, enc.mask, k=k, log_std=log_std, contributions=True, memory_budget=20_000
+        )
+        whole = iwae(
+            model, enc.x, enc.mask, k=k, log_std=log_std, contributions=True, memory_budget=2**34
+        )
         # by hand
         post = model.encoder(enc.x, enc.mask)
         eps = noise(k, model.config.latent_dim, 0, 1).float()
@@ -108,7 +126,9 @@ def test_feature_contributions_match_direct_computation(transactions_table):
         lp = model.decoder.log_prob(z, enc.x, enc.mask).stacked().double()  # (K, B, F)
         d = model.config.latent_dim
         log_prior = -0.5 * (d * math.log(2 * math.pi) + (z * z).sum(-1))
-        log_q = -0.5 * (d * math.log(2 * math.pi) + post.log_var.sum(-1) + (eps * eps).sum(-1)[:, None])
+        log_q = -0.5 * (
+            d * math.log(2 * math.pi) + post.log_var.sum(-1) + (eps * eps).sum(-1)[:, None]
+        )
         log_w = lp.sum(-1) + (log_prior - log_q).double()
         weights = torch.softmax(log_w, dim=0)
         n_cont = len(log_std)
@@ -129,10 +149,15 @@ def test_scores_do_not_depend_on_batching(transactions_table):
     spec = FeatureSpec.fit(table, exclude=LABELS)
     model = _model(spec)
     whole = _scores(model, spec, table, k=16, samples=2, seed=7)
-    parts = [_scores(model, spec, table.slice(i, 7), k=16, samples=2, seed=7) for i in range(0, 10_000, 7)]
+    parts = [
+        _scores(model, spec, table.slice(i, 7), k=16, samples=2, seed=7)
+        for i in range(0, 10_000, 7)
+    ]
     for field in ("elbo", "log_likelihood", "latent_mean", "latent_std", "feature_nll"):
         joined = torch.cat([getattr(p, field) for p in parts])
-        np.testing.assert_allclose(joined.numpy(), getattr(whole, field).numpy(), rtol=1e-5, atol=1e-4, err_msg=field)
+        np.testing.assert_allclose(
+            joined.numpy(), getattr(whole, field).numpy(), rtol=1e-5, atol=1e-4, err_msg=field
+        )
     other_seed = _scores(model, spec, table.slice(0, 100), k=16, seed=8)
     assert not torch.allclose(other_seed.log_likelihood, whole.log_likelihood[:100])
 
@@ -150,8 +175,17 @@ def test_iwae_is_differentiable_for_training(transactions_table):
 
 def _probe(budget: int, records: int, k: int) -> int:
     out = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("_memory_probe.py")), str(budget), str(records), str(k)],
-        capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2],
+        [
+            sys.executable,
+            str(Path(__file__).with_name("_memory_probe.py")),
+            str(budget),
+            str(records),
+            str(k),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[2],
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_delta"]
 
@@ -162,7 +196,9 @@ def test_iwae_memory_stays_within_budget():
     budget big enough to hold 10x more shows the measurement sees memory use at all."""
     budget = 64 * 2**20
     peak = _probe(budget, 10_000, 5000)
-    assert peak <= budget * 1.25, f"peak {peak / 2**20:.1f} MiB over a {budget / 2**20:.0f} MiB budget"
+    assert peak <= budget * 1.25, (
+        f"peak {peak / 2**20:.1f} MiB over a {budget / 2**20:.0f} MiB budget"
+    )
     unbounded = _probe(16 * budget, 10_000, 200)
     assert unbounded > 2 * budget, f"control run peaked at only {unbounded / 2**20:.1f} MiB"
 
@@ -180,7 +216,9 @@ def test_categorical_normalisation_fast_and_safe_paths_agree_with_log_softmax(sp
     got = decoder.categorical_log_prob(logits, codes)
     expected = torch.stack(
         [
-            torch.log_softmax(group, -1).gather(-1, codes[:, j].expand(6, 7).unsqueeze(-1)).squeeze(-1)
+            torch.log_softmax(group, -1)
+            .gather(-1, codes[:, j].expand(6, 7).unsqueeze(-1))
+            .squeeze(-1)
             for j, group in enumerate(logits.split(config.category_sizes, dim=-1))
         ],
         dim=-1,

@@ -14,7 +14,9 @@ LABELS = ["record_id", "is_injected_anomaly", "anomaly_kind"]
 def test_kinds_layout_and_skipped_columns(transactions_table):
     spec = FeatureSpec.fit(transactions_table, exclude=LABELS)
     kinds = [f.kind for f in spec.features]
-    assert kinds == sorted(kinds, key=[FeatureKind.CONTINUOUS, FeatureKind.BOOLEAN, FeatureKind.CATEGORICAL].index)
+    assert kinds == sorted(
+        kinds, key=[FeatureKind.CONTINUOUS, FeatureKind.BOOLEAN, FeatureKind.CATEGORICAL].index
+    )
     assert "event_time" not in spec.names()  # timestamps are never features by default
     assert not set(LABELS) & set(spec.names())
     assert spec.names(FeatureKind.BOOLEAN) == ["is_online"]
@@ -97,9 +99,13 @@ def test_schema_errors_name_column_and_types(transactions_table):
     with pytest.raises(SchemaMismatchError, match=r"'amount'.*missing"):
         spec.encode(transactions_table.drop_columns(["amount"]))
     wrong = transactions_table.set_column(
-        transactions_table.schema.get_field_index("amount"), "amount", pa.array(["1"] * len(transactions_table))
+        transactions_table.schema.get_field_index("amount"),
+        "amount",
+        pa.array(["1"] * len(transactions_table)),
     )
-    with pytest.raises(SchemaMismatchError, match=r"'amount' expects a continuous column.*type string"):
+    with pytest.raises(
+        SchemaMismatchError, match=r"'amount' expects a continuous column.*type string"
+    ):
         spec.encode(wrong)
     with pytest.raises(SchemaMismatchError, match=r"not in the data"):
         FeatureSpec.fit(transactions_table, exclude=["no_such_column"])
