@@ -84,16 +84,16 @@ def _jacobian(mask: torch.Tensor, log_std: torch.Tensor | None, n_continuous: in
 
 def _log_weights(model: VAE, posterior: Posterior, x, mask, eps: torch.Tensor):
     """eps (k, D) shared by every record, or (k, B, D) one draw per record -> per-feature
-    log p(x_j|z) (k, B, F) and log w = log p(x,z) - log q(z|x) (k, B)."""
+    log p(x_j|z) by kind, each (k, B, F_kind), and log w = log p(x,z) - log q(z|x) (k, B)."""
     eps = eps.to(device=x.device, dtype=posterior.mean.dtype)
     if eps.dim() == 2:
         eps = eps[:, None, :]  # (k, 1, D): common random numbers
     z = posterior.mean + posterior.std * eps  # (k, B, D)
-    feature_lp = model.decoder.log_prob(z, x, mask).stacked()  # (k, B, F)
+    feature_lp = model.decoder.log_prob(z, x, mask)  # per kind, (k, B, F_kind)
     d = model.config.latent_dim
     log_prior = -0.5 * (d * LOG_2PI + (z * z).sum(-1))  # (k, B)
     log_q = -0.5 * (d * LOG_2PI + posterior.log_var.sum(-1) + (eps * eps).sum(-1))
-    return feature_lp, feature_lp.sum(-1) + log_prior - log_q
+    return feature_lp, feature_lp.total() + log_prior - log_q
 
 
 @dataclass
@@ -156,8 +156,9 @@ def iwae(
                 running_sum = running_sum * torch.exp(running_max - new_max) + scaled.sum(0)
             if contributions:
                 # sum_k scaled_k * log p(x_j|z_k), reduced in the model's dtype (one pass)
-                weights = scaled.to(feature_lp.dtype).unsqueeze(-1)  # (k, b, 1)
-                chunk_nll = -(feature_lp * weights).sum(0).to(torch.float64)  # (b, F)
+                stacked = feature_lp.stacked()  # (k, b, F), only built when attribution is asked
+                weights = scaled.to(stacked.dtype).unsqueeze(-1)  # (k, b, 1)
+                chunk_nll = -(stacked * weights).sum(0).to(torch.float64)  # (b, F)
                 if weighted_nll is None:
                     weighted_nll = chunk_nll
                 else:
