@@ -79,7 +79,6 @@ def run(
     echo=print,
 ) -> DemoResult:
     started = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data_root = workdir / "input"
     paths = write_partitions(data_root, days, rows_per_day, seed)
     echo(f"wrote {days} daily partitions x {rows_per_day:,} rows under {data_root}")

@@ -20,6 +20,7 @@ column) has mask False and x 0. Everything is vectorised with pyarrow.compute / 
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 import math
 from collections import Counter
@@ -211,7 +212,7 @@ class FeatureSpec:
         moments = {n: _RunningMoments() for n, k in chosen if k is FeatureKind.CONTINUOUS}
         counts = {n: Counter() for n, k in chosen if k is FeatureKind.CATEGORICAL}
         observed = {n: 0 for n, _ in chosen}
-        for batch in _chain([first], batches):
+        for batch in itertools.chain([first], batches):
             for name, kind in chosen:
                 column = batch.column(name)
                 observed[name] += len(column) - column.null_count
@@ -365,11 +366,6 @@ def _as_batches(data) -> Iterable[pa.RecordBatch]:
     if isinstance(data, pa.RecordBatch):
         return iter([data])
     return iter(data)
-
-
-def _chain(*iterables):
-    for it in iterables:
-        yield from it
 
 
 def _choose_columns(

@@ -12,11 +12,10 @@ import pyarrow as pa
 import pytest
 import torch
 
+from jobs.synthetic import LABEL_COLUMNS as LABELS
 from model.estimators import bytes_per_pair, iwae, noise, plan_chunks, score_records
 from model.features import FeatureSpec
 from model.vae import VAE, VAEConfig
-
-LABELS = ["record_id", "is_injected_anomaly", "anomaly_kind"]
 
 
 def _model(spec: FeatureSpec, seed: int = 0, **overrides) -> VAE:

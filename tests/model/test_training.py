@@ -5,12 +5,11 @@ import pytest
 import torch
 
 from jobs.demo import roc_auc
+from jobs.synthetic import LABEL_COLUMNS as LABELS
 from model.estimators import score_records
 from model.features import FeatureSpec
 from model.training import TrainConfig, split_indices, train
 from model.vae import VAE, VAEConfig
-
-LABELS = ["record_id", "is_injected_anomaly", "anomaly_kind"]
 
 
 @pytest.fixture(scope="module")
