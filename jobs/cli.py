@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import enum
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 import click
 
 from jobs import params
+from model.errors import UserError
+from model.version import package_version
 
 
 class ExitCode(enum.IntEnum):
     OK = 0
     FAILED = 1  # the job failed for a reason the user can fix; the message says which
     USAGE = 2  # click's own code for bad usage
-
-
-def package_version() -> str:
-    try:
-        return version("vaewatch")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 class JobFailed(click.ClickException):
@@ -64,6 +58,96 @@ def demo(workdir, rows_per_day, days, epochs, seed, k) -> None:
         k=k or DEFAULT_K,
         echo=click.echo,
     )
+
+
+@main.command("train")
+@params.data
+@params.model_name
+@params.tracking_uri
+@params.experiment
+@params.alias
+@params.id_column
+@params.exclude
+@params.features
+@params.categorical
+@params.continuous
+@params.max_categories
+@params.min_category_count
+@params.latent_dim
+@params.hidden
+@params.train_epochs
+@params.batch_size
+@params.learning_rate
+@params.weight_decay
+@params.objective
+@params.train_k
+@params.kl_warmup_epochs
+@params.free_bits
+@params.validation_fraction
+@params.patience
+@params.seed
+@params.device
+@params.mixed_precision
+@params.score_k
+@params.score_samples
+@params.train_threshold_quantile
+@params.max_validation_rows
+@params.cache_bytes
+@params.progress
+def train_command(**options) -> None:
+    """Train a VAE on Parquet, log the run to MLflow, register a model version, set an alias.
+
+    Prints the model URI (models:/NAME/VERSION) on the last line of stdout.
+    """
+    from jobs.train import TrainJob, run
+    from model import registry
+    from model.training import TrainConfig
+
+    o = options
+    try:
+        job = TrainJob(
+            data=o["data"],
+            model_name=o["model_name"],
+            tracking_uri=o["tracking_uri"] or registry.default_tracking_uri(),
+            experiment=o["experiment"],
+            alias=o["alias"],
+            id_column=o["id_column"],
+            exclude=o["exclude"],
+            features=o["features"],
+            categorical=o["categorical"],
+            continuous=o["continuous"],
+            max_categories=o["max_categories"],
+            min_category_count=o["min_category_count"],
+            latent_dim=o["latent_dim"],
+            hidden=o["hidden"],
+            train=TrainConfig(
+                epochs=o["epochs"],
+                batch_size=o["batch_size"],
+                learning_rate=o["learning_rate"],
+                weight_decay=o["weight_decay"],
+                objective=o["objective"],
+                train_k=o["train_k"],
+                kl_warmup_epochs=o["kl_warmup_epochs"],
+                free_bits=o["free_bits"],
+                validation_fraction=o["validation_fraction"],
+                patience=o["patience"],
+                seed=o["seed"],
+                device=o["device"],
+                mixed_precision=o["mixed_precision"],
+                validation_k=o["k"],
+            ),
+            k=o["k"],
+            samples=o["samples"],
+            score_seed=o["seed"],
+            threshold_quantile=o["threshold_quantile"],
+            max_validation_rows=o["max_validation_rows"],
+            cache_bytes=o["cache_mib"] * 2**20,
+            progress=sys.stderr.isatty() if o["progress"] is None else o["progress"],
+        )
+        outcome = run(job, echo=lambda line: click.echo(line, err=True))
+    except UserError as err:
+        raise JobFailed(str(err)) from err
+    click.echo(outcome.resolved.uri)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,212 @@ days = option(
 )
 seed = option("--seed", type=int, default=0, help="Seed for data, training and scoring noise.")
 epochs = option("--epochs", type=click.IntRange(min=1), default=30, help="Maximum training epochs.")
+train_epochs = option(
+    "--epochs", type=click.IntRange(min=1), default=40, help="Maximum training epochs."
+)
 k = option(
     "--k",
     type=click.IntRange(min=1),
     default=None,
     help="IWAE importance samples per record (default: the model's).",
+)
+
+
+class CommaList(click.ParamType):
+    """'a,b , c' -> ('a', 'b', 'c'); the same in an env var."""
+
+    name = "COL,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple | list):
+            return tuple(value)
+        return tuple(item.strip() for item in str(value).split(",") if item.strip())
+
+
+class IntList(CommaList):
+    name = "N,..."
+
+    def convert(self, value, param, ctx):
+        items = super().convert(value, param, ctx)
+        try:
+            sizes = tuple(int(item) for item in items)
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if not sizes or min(sizes) < 1:
+            self.fail(f"{value!r}: give at least one width, each >= 1", param, ctx)
+        return sizes
+
+
+# ------------------------------------------------------------------ MLflow
+tracking_uri = option(
+    "--tracking-uri",
+    envvar=[ENV_PREFIX + "TRACKING_URI", "MLFLOW_TRACKING_URI"],
+    default=None,
+    show_default="a SQLite file mlflow.db in the working directory",
+    help="MLflow tracking and registry URI (http://host:5000, sqlite:///path.db, ...).",
+)
+experiment = option(
+    "--experiment", default="vaewatch", help="MLflow experiment the training run is logged under."
+)
+model_name = option(
+    "--model-name", required=True, help="Registered model name; each training adds a version."
+)
+alias = option("--alias", default="champion", help="Registry alias pointed at the new version.")
+
+# ------------------------------------------------------------------ data and features
+data = option(
+    "--data",
+    required=True,
+    help="Training Parquet: a file, a directory (every *.parquet below it) or a glob; local "
+    "paths or any URI pyarrow reads (s3://, gs://, hdfs://).",
+)
+id_column = option(
+    "--id-column", default=None, help="Record id column: kept in outputs, never a feature."
+)
+exclude = option(
+    "--exclude",
+    type=CommaList(),
+    default="",
+    help="Columns that are not features (comma-separated).",
+)
+features = option(
+    "--features",
+    type=CommaList(),
+    default=None,
+    help="Use only these feature columns (default: every numeric, boolean and string column).",
+)
+categorical = option(
+    "--categorical",
+    type=CommaList(),
+    default="",
+    help="Integer columns to model as categories instead of numbers.",
+)
+continuous = option(
+    "--continuous",
+    type=CommaList(),
+    default="",
+    help="Columns that must be modelled as continuous numbers (checked: they must be numeric).",
+)
+max_categories = option(
+    "--max-categories",
+    type=click.IntRange(min=1),
+    default=1000,
+    help="Largest vocabulary per categorical column; rarer values share the out-of-vocabulary "
+    "bucket.",
+)
+min_category_count = option(
+    "--min-category-count",
+    type=click.IntRange(min=1),
+    default=1,
+    help="A category needs this many training rows to get its own vocabulary entry.",
+)
+
+# ------------------------------------------------------------------ model and training
+latent_dim = option(
+    "--latent-dim", type=click.IntRange(min=1), default=8, help="Latent dimensions."
+)
+hidden = option(
+    "--hidden", type=IntList(), default="128,128", help="Encoder/decoder hidden widths."
+)
+batch_size = option(
+    "--batch-size", type=click.IntRange(min=1), default=256, help="Training mini-batch rows."
+)
+learning_rate = option(
+    "--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Adam step."
+)
+weight_decay = option(
+    "--weight-decay", type=click.FloatRange(min=0), default=0.0, help="Adam weight decay."
+)
+objective = option(
+    "--objective",
+    type=click.Choice(["elbo", "iwae"]),
+    default="elbo",
+    help="Training objective: the ELBO, or the importance-weighted bound with --train-k samples.",
+)
+train_k = option(
+    "--train-k", type=click.IntRange(min=1), default=5, help="IWAE samples for --objective iwae."
+)
+kl_warmup_epochs = option(
+    "--kl-warmup-epochs",
+    type=click.IntRange(min=0),
+    default=5,
+    help="Epochs over which the KL weight rises from 0 to 1 (ELBO objective).",
+)
+free_bits = option(
+    "--free-bits",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Nats per latent dimension of KL that are not penalised (0 = off).",
+)
+validation_fraction = option(
+    "--validation-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.1,
+    help="Rows held out (by seeded hash) for early stopping and calibration.",
+)
+patience = option(
+    "--patience",
+    type=click.IntRange(min=1),
+    default=5,
+    help="Epochs without validation improvement before training stops.",
+)
+device = option(
+    "--device",
+    default="auto",
+    help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+)
+mixed_precision = option(
+    "--mixed-precision/--no-mixed-precision",
+    default=True,
+    help="bfloat16 autocast when training on CUDA (no effect on CPU).",
+)
+samples = option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="ELBO samples per record when scoring (default: the model's).",
+)
+threshold_quantile = option(
+    "--threshold-quantile",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="Quantile of validation scores where is_anomaly starts (training default: 0.99).",
+)
+max_validation_rows = option(
+    "--max-validation-rows",
+    type=click.IntRange(min=100),
+    default=200_000,
+    help="Held-out rows kept in memory for validation and calibration (a seeded sample).",
+)
+cache_bytes = option(
+    "--cache-mib",
+    type=click.IntRange(min=0),
+    default=2048,
+    help="Keep encoded training rows in memory up to this size; larger data is streamed from "
+    "Parquet every epoch.",
+)
+progress = option(
+    "--progress/--no-progress",
+    default=None,
+    show_default="on when stderr is a terminal",
+    help="Show a progress bar with the live loss.",
+)
+score_k = option(
+    "--k",
+    type=click.IntRange(min=1),
+    default=64,
+    help="IWAE samples per record the model scores with (used for calibration, stored with the "
+    "model as its default).",
+)
+score_samples = option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=1,
+    help="ELBO samples per record the model scores with (stored as its default).",
+)
+train_threshold_quantile = option(
+    "--threshold-quantile",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.99,
+    help="Quantile of validation anomaly scores stored as the model's is_anomaly threshold.",
 )

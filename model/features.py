@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from model.errors import UserError
+
 SPEC_FORMAT_VERSION = 1
 
 
@@ -44,7 +46,7 @@ class FeatureKind(str, enum.Enum):
 KIND_ORDER = (FeatureKind.CONTINUOUS, FeatureKind.BOOLEAN, FeatureKind.CATEGORICAL)
 
 
-class SchemaMismatchError(ValueError):
+class SchemaMismatchError(UserError):
     """A column the model needs is missing from the data, or has a type it cannot use."""
 
 
@@ -190,6 +192,7 @@ class FeatureSpec:
         exclude: Sequence[str] = (),
         features: Sequence[str] | None = None,
         categorical: Sequence[str] = (),
+        continuous: Sequence[str] = (),
         max_categories: int = 1000,
         min_category_count: int = 1,
     ) -> FeatureSpec:
@@ -197,16 +200,22 @@ class FeatureSpec:
 
         `features` names the columns to use (default: every column with a usable type);
         `exclude` removes columns (ids, timestamps); `categorical` forces integer columns to be
-        treated as categories. Vocabulary: values seen at least `min_category_count` times, the
-        `max_categories` most frequent, ties broken by value so the result is deterministic.
+        treated as categories; `continuous` asserts that the named columns are numeric (and
+        makes them features even if `features` does not list them). Vocabulary: values seen at
+        least `min_category_count` times, the `max_categories` most frequent, ties broken by
+        value so the result is deterministic.
         """
         batches = _as_batches(data)
         first = next(batches, None)
         if first is None:
-            raise ValueError("cannot fit a FeatureSpec on no data: the input has no record batches")
+            raise UserError("cannot fit a FeatureSpec on no data: the input has no record batches")
         schema = first.schema
         chosen = _choose_columns(
-            schema, exclude=exclude, features=features, categorical=categorical
+            schema,
+            exclude=exclude,
+            features=features,
+            categorical=categorical,
+            continuous=continuous,
         )
 
         moments = {n: _RunningMoments() for n, k in chosen if k is FeatureKind.CONTINUOUS}
@@ -229,7 +238,7 @@ class FeatureSpec:
 
         empty = [name for name, n in observed.items() if n == 0]
         if empty:
-            raise ValueError(
+            raise UserError(
                 f"feature column(s) {empty} have no non-null values in the training data; "
                 "exclude them (--exclude) or fix the data"
             )
@@ -340,7 +349,7 @@ class FeatureSpec:
     def from_json(cls, d: dict) -> FeatureSpec:
         version = d.get("format_version")
         if version != SPEC_FORMAT_VERSION:
-            raise ValueError(
+            raise UserError(
                 f"feature spec has format_version {version!r}; this vaewatch reads "
                 f"{SPEC_FORMAT_VERSION}. Retrain the model or upgrade vaewatch."
             )
@@ -374,11 +383,13 @@ def _choose_columns(
     exclude: Sequence[str],
     features: Sequence[str] | None,
     categorical: Sequence[str],
+    continuous: Sequence[str] = (),
 ) -> list[tuple[str, FeatureKind]]:
     for group, names in (
         ("exclude", exclude),
         ("features", features or ()),
         ("categorical", categorical),
+        ("continuous", continuous),
     ):
         missing = [n for n in names if n not in schema.names]
         if missing:
@@ -386,7 +397,19 @@ def _choose_columns(
                 f"{group} names column(s) {missing} that are not in the data; "
                 f"the data has columns {schema.names}"
             )
+    both = sorted(set(categorical) & set(continuous))
+    if both:
+        raise SchemaMismatchError(f"column(s) {both} are named both categorical and continuous")
+    for name in continuous:
+        arrow_type = schema.field(name).type
+        if _kind_of(arrow_type) is not FeatureKind.CONTINUOUS:
+            raise SchemaMismatchError(
+                f"column {name!r} is named continuous but has type {arrow_type}, which is not "
+                "numeric; cast it to a number in the data, or drop it from --continuous "
+                "(string columns are modelled as categorical)"
+            )
     names = list(features) if features is not None else list(schema.names)
+    names += [n for n in continuous if n not in names]
     chosen = []
     for name in names:
         if name in exclude:

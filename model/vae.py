@@ -233,6 +233,12 @@ class VAE(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
+    def reset_parameters(self) -> None:
+        """Fresh default init of every layer from torch's global RNG (training seeds it)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+
     def check_input(self, x: torch.Tensor, mask: torch.Tensor) -> None:
         n = self.config.n_features
         if x.dim() != 2 or x.shape[1] != n:

@@ -1,0 +1,116 @@
+"""The model artifact: a folder with everything needed to rebuild and score, nothing pickled.
+
+    config.json           format version, vaewatch version, the VAE config, the feature spec
+                          (normalisation, vocabularies), calibration (score quantiles, threshold,
+                          per-feature baselines), scoring defaults (K, S, seed), the id column,
+                          training config, history and data fingerprint
+    weights.safetensors   the state dict (safetensors: a header + raw tensors, no code runs)
+
+A model trained on a GPU loads anywhere: tensors are read onto the CPU, then moved.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.calibration import DEFAULT_TOP_FEATURES, Calibration
+from model.errors import UserError
+from model.estimators import DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_SEED
+from model.features import FeatureSpec
+from model.vae import VAE, VAEConfig
+
+ARTIFACT_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class ArtifactError(UserError):
+    """A model folder is incomplete or written by an incompatible version."""
+
+
+@dataclass
+class ScoringDefaults:
+    k: int = DEFAULT_K  # IWAE samples; the calibration was computed with these three
+    samples: int = DEFAULT_SAMPLES  # ELBO samples
+    seed: int = DEFAULT_SEED  # common-random-numbers seed
+    top_features: int = DEFAULT_TOP_FEATURES
+
+
+@dataclass
+class ModelArtifact:
+    spec: FeatureSpec
+    vae_config: VAEConfig
+    state_dict: dict[str, torch.Tensor]
+    calibration: Calibration
+    scoring: ScoringDefaults = field(default_factory=ScoringDefaults)
+    id_column: str | None = None
+    metadata: dict = field(default_factory=dict)  # model name, versions, training record
+
+    @classmethod
+    def from_model(cls, model: VAE, spec: FeatureSpec, calibration: Calibration, **kwargs):
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        return cls(
+            spec=spec, vae_config=model.config, state_dict=state, calibration=calibration, **kwargs
+        )
+
+    def build(self, device: str | torch.device = "cpu") -> VAE:
+        """The VAE with these weights, in eval mode, on `device`."""
+        model = VAE(self.vae_config)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as err:
+            raise ArtifactError(f"weights do not match the model config: {err}") from err
+        return model.to(device).eval()
+
+    def config_json(self) -> dict:
+        return {
+            "format_version": ARTIFACT_FORMAT_VERSION,
+            "vae": self.vae_config.to_json(),
+            "features": self.spec.to_json(),
+            "calibration": self.calibration.to_json(),
+            "scoring": asdict(self.scoring),
+            "id_column": self.id_column,
+            "metadata": self.metadata,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.config_json(), indent=2, sort_keys=True, allow_nan=False)
+        (directory / CONFIG_FILE).write_text(text + "\n")
+        save_file(self.state_dict, str(directory / WEIGHTS_FILE))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ModelArtifact:
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise ArtifactError(
+                    f"model folder {str(directory)!r} has no {name}; it is not a vaewatch model "
+                    "(or the download was incomplete)"
+                )
+        try:
+            config = json.loads((directory / CONFIG_FILE).read_text())
+        except json.JSONDecodeError as err:
+            raise ArtifactError(f"{directory / CONFIG_FILE} is not valid JSON: {err}") from err
+        version = config.get("format_version")
+        if version != ARTIFACT_FORMAT_VERSION:
+            raise ArtifactError(
+                f"model folder {str(directory)!r} has format_version {version!r}; this vaewatch "
+                f"reads {ARTIFACT_FORMAT_VERSION}. Retrain the model or upgrade vaewatch."
+            )
+        return cls(
+            spec=FeatureSpec.from_json(config["features"]),
+            vae_config=VAEConfig.from_json(config["vae"]),
+            state_dict=load_file(str(directory / WEIGHTS_FILE), device="cpu"),
+            calibration=Calibration.from_json(config["calibration"]),
+            scoring=ScoringDefaults(**config["scoring"]),
+            id_column=config.get("id_column"),
+            metadata=config.get("metadata", {}),
+        )

@@ -1,0 +1,129 @@
+"""Calibration: where a score sits among the scores of held-out normal data.
+
+At training the validation split is scored with the production estimator (same K, S, seed as
+scoring). We keep its anomaly-score quantiles on a fixed grid of levels (dense in the upper
+tail, where thresholds live), a threshold at a chosen quantile, and each feature's median
+contribution -log p(x_j|z) (the baseline that `top_features` are measured against).
+
+- `percentile(score)`: the empirical CDF of the calibration scores, linearly interpolated
+  between grid points, in percent [0, 100]. Scores below the smallest calibration score are 0,
+  above the largest 100.
+- `threshold(q)`: the q-quantile of calibration scores (exact for grid levels, interpolated
+  otherwise). `is_anomaly = anomaly_score > threshold`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from model.errors import UserError
+
+DEFAULT_THRESHOLD_QUANTILE = 0.99  # flags ~1% of normal records; overridable at scoring
+DEFAULT_TOP_FEATURES = 3  # features reported per record in top_features
+
+
+def quantile_levels() -> np.ndarray:
+    """0, 0.001, ..., 1 plus 0.9991..0.9999 and 0.99991..0.99999: 1019 levels, sorted."""
+    base = np.linspace(0.0, 1.0, 1001)
+    tail = np.concatenate([0.999 + np.arange(1, 10) * 1e-4, 0.9999 + np.arange(1, 10) * 1e-5])
+    return np.unique(np.round(np.concatenate([base, tail]), 10))
+
+
+@dataclass
+class Calibration:
+    levels: list[float]  # quantile levels in [0, 1], increasing
+    quantiles: list[float]  # anomaly-score quantiles at those levels, non-decreasing (nats)
+    threshold_quantile: float  # the level the default threshold sits at
+    feature_baseline: list[float]  # median -log p(x_j|z) per feature on calibration rows (nats)
+    rows: int  # calibration rows scored
+
+    @classmethod
+    def fit(
+        cls,
+        anomaly_scores: np.ndarray,
+        feature_nll: np.ndarray,
+        threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE,
+    ) -> Calibration:
+        scores = np.asarray(anomaly_scores, dtype=np.float64)
+        scores = scores[np.isfinite(scores)]
+        if scores.size == 0:
+            raise ValueError("cannot calibrate on no finite scores")
+        check_quantile(threshold_quantile)
+        levels = quantile_levels()
+        quantiles = np.maximum.accumulate(np.quantile(scores, levels))
+        return cls(
+            levels=levels.tolist(),
+            quantiles=quantiles.tolist(),
+            threshold_quantile=float(threshold_quantile),
+            feature_baseline=np.median(np.asarray(feature_nll, dtype=np.float64), axis=0).tolist(),
+            rows=int(scores.size),
+        )
+
+    def threshold(self, quantile: float | None = None) -> float:
+        q = self.threshold_quantile if quantile is None else check_quantile(quantile)
+        return float(np.interp(q, self.levels, self.quantiles))
+
+    def percentile(self, anomaly_scores: np.ndarray) -> np.ndarray:
+        """(B,) float64 in [0, 100]. Flat stretches of the quantile curve (ties in the
+        calibration scores) map to the middle of their levels."""
+        q = np.asarray(self.quantiles)
+        levels = np.asarray(self.levels)
+        scores = np.asarray(anomaly_scores, dtype=np.float64)
+        left = np.searchsorted(q, scores, side="left")
+        right = np.searchsorted(q, scores, side="right")
+        # strictly between two distinct quantiles: interpolate; on a plateau: its mid level
+        lo = np.clip(right - 1, 0, len(q) - 1)
+        hi = np.clip(right, 0, len(q) - 1)
+        span = q[hi] - q[lo]
+        frac = np.where(span > 0, (scores - q[lo]) / np.where(span > 0, span, 1.0), 0.0)
+        interpolated = levels[lo] + frac * (levels[hi] - levels[lo])
+        plateau = right > left
+        mid = 0.5 * (
+            levels[np.clip(left, 0, len(q) - 1)] + levels[np.clip(right - 1, 0, len(q) - 1)]
+        )
+        result = np.where(plateau, mid, interpolated)
+        result = np.where(scores < q[0], 0.0, result)
+        result = np.where(scores > q[-1], 1.0, result)
+        result = np.where(np.isnan(scores), np.nan, result)
+        return 100.0 * result
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Calibration:
+        return cls(**d)
+
+
+def check_quantile(quantile: float) -> float:
+    if not 0.0 < quantile < 1.0:
+        raise UserError(f"threshold quantile must be in (0, 1), got {quantile}")
+    return float(quantile)
+
+
+TOP_FEATURE_TYPE = pa.list_(
+    pa.struct([pa.field("feature", pa.string()), pa.field("contribution", pa.float64())])
+)
+
+
+def top_features(
+    feature_nll: np.ndarray, baseline: np.ndarray, names: list[str], n: int
+) -> pa.ListArray:
+    """Per record, up to n features whose -log p(x_j|z) most exceeds its calibration median,
+    largest first; only features above their baseline are listed (a missing feature never is).
+    Built as one Arrow list<struct<feature, contribution>> array, no per-row Python."""
+    excess = np.asarray(feature_nll, dtype=np.float64) - np.asarray(baseline)[None, :]
+    n = min(n, excess.shape[1])
+    top = np.argsort(-excess, axis=1, kind="stable")[:, :n]  # (B, n)
+    values = np.take_along_axis(excess, top, axis=1)
+    keep = values > 0
+    offsets = np.zeros(excess.shape[0] + 1, dtype=np.int32)
+    np.cumsum(keep.sum(axis=1), out=offsets[1:])
+    entries = pa.StructArray.from_arrays(
+        [pa.array(names, type=pa.string()).take(pa.array(top[keep])), pa.array(values[keep])],
+        fields=list(TOP_FEATURE_TYPE.value_type),
+    )
+    return pa.ListArray.from_arrays(pa.array(offsets), entries, type=TOP_FEATURE_TYPE)

@@ -1,0 +1,223 @@
+"""Parquet inputs: resolve a path, directory or glob to files, fingerprint them, stream batches.
+
+Paths are anything pyarrow's filesystems understand: local paths, `file://`, `s3://`, `gs://`,
+`hdfs://`. A directory means every `*.parquet` file below it, skipping names that start with
+`_` or `.` (Hive/Spark convention: `_SUCCESS`, `_manifest.json`, `_rejected/`, temp folders).
+A glob matches path segments one by one (`*` never crosses a `/`; `**` matches any depth).
+Files are listed in sorted order, so a row's position in the stream is stable across runs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from model.errors import UserError
+
+GLOB_CHARS = frozenset("*?[")
+DEFAULT_READ_BATCH_ROWS = 65_536  # large enough to amortise Python per batch, small in memory
+
+
+class InputError(UserError):
+    """The input path, glob or files cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # as the filesystem names it (no scheme)
+    size: int  # bytes
+    modified: str  # ISO-8601 mtime, "" when the filesystem does not report one
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(("_", "."))
+
+
+def _split_glob(path: str) -> tuple[str, list[str]]:
+    """('base/dir', ['pattern', 'segments']) with base the longest glob-free prefix."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if GLOB_CHARS & set(part):
+            return "/".join(parts[:i]) or "/", parts[i:]
+    return path, []
+
+
+def _match_segments(segments: Sequence[str], pattern: Sequence[str]) -> bool:
+    if not pattern:
+        return not segments
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_match_segments(segments[i:], rest) for i in range(len(segments) + 1))
+    return bool(segments) and (
+        fnmatch.fnmatchcase(segments[0], head) and _match_segments(segments[1:], rest)
+    )
+
+
+def resolve_files(location: str | Sequence[str]) -> tuple[pafs.FileSystem, list[InputFile]]:
+    """Every Parquet file a location (or several) names, sorted, with sizes and mtimes."""
+    locations = [location] if isinstance(location, str) else list(location)
+    if not locations:
+        raise InputError("no input given: pass a Parquet file, a directory or a glob")
+    filesystem, found = None, {}
+    for loc in locations:
+        try:
+            fs, path = pafs.FileSystem.from_uri(loc)
+        except (pa.ArrowInvalid, ValueError):
+            fs, path = pafs.LocalFileSystem(), loc
+        except OSError as err:
+            raise InputError(f"cannot open the filesystem of {loc!r}: {err}") from err
+        if filesystem is not None and type(fs) is not type(filesystem):
+            raise InputError(
+                f"inputs mix filesystems ({type(filesystem).__name__} and {type(fs).__name__}); "
+                "read them in separate runs"
+            )
+        filesystem = fs
+        if isinstance(fs, pafs.LocalFileSystem):
+            from pathlib import Path
+
+            path = Path(path).expanduser().absolute().as_posix()
+        base, pattern = _split_glob(path.rstrip("/") or "/")
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(
+                f"input {loc!r} does not exist ({base!r} not found); check the path"
+                + (" and the glob" if pattern else "")
+            )
+        if info.type == pafs.FileType.File:
+            if pattern:
+                raise InputError(f"input {loc!r}: {base!r} is a file, not a directory")
+            candidates = [info]
+        else:
+            candidates = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        for item in candidates:
+            if item.type != pafs.FileType.File:
+                continue
+            relative = item.path[len(base) :].lstrip("/").split("/") if item.path != base else []
+            if pattern:
+                if not _match_segments(relative, pattern):
+                    continue
+            elif relative and (
+                any(_is_hidden(p) for p in relative) or not item.path.endswith(".parquet")
+            ):
+                continue  # inside a directory: only visible *.parquet files
+            mtime = item.mtime.isoformat() if item.mtime is not None else ""
+            found[item.path] = InputFile(item.path, int(item.size or 0), mtime)
+    if not found:
+        raise InputError(
+            f"input {locations if len(locations) > 1 else locations[0]!r} matched no Parquet "
+            "files; check the path or glob (a directory is searched for *.parquet)"
+        )
+    return filesystem, [found[p] for p in sorted(found)]
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a model was trained on: enough to tell later whether the data changed."""
+
+    files: tuple[InputFile, ...]
+    total_bytes: int
+    rows: int
+    digest: str  # sha256 over (path, size, mtime) of every file, first 16 hex digits
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["files"] = [asdict(f) for f in self.files]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Fingerprint:
+        return cls(
+            files=tuple(InputFile(**f) for f in d["files"]),
+            total_bytes=d["total_bytes"],
+            rows=d["rows"],
+            digest=d["digest"],
+        )
+
+
+class ParquetSource:
+    """A fixed, sorted set of Parquet files read as a stream of record batches."""
+
+    def __init__(self, location: str | Sequence[str]):
+        self.location = location
+        self.filesystem, self.files = resolve_files(location)
+        try:
+            self.dataset = ds.dataset(
+                [f.path for f in self.files], format="parquet", filesystem=self.filesystem
+            )
+        except (pa.ArrowInvalid, OSError) as err:
+            raise InputError(f"cannot read {location!r} as Parquet: {err}") from err
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.dataset.schema
+
+    def num_rows(self) -> int:
+        """From the footers: no data is read."""
+        return sum(self.file_rows())
+
+    def fingerprint(self) -> Fingerprint:
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(json.dumps(asdict(f), sort_keys=True).encode())
+        return Fingerprint(
+            files=tuple(self.files),
+            total_bytes=sum(f.size for f in self.files),
+            rows=self.num_rows(),
+            digest=h.hexdigest()[:16],
+        )
+
+    def check_columns(self, columns: Sequence[str], what: str) -> None:
+        missing = [c for c in columns if c not in self.schema.names]
+        if missing:
+            raise InputError(
+                f"{what} names column(s) {missing} that are not in {self.location!r}; the data "
+                f"has columns {self.schema.names}"
+            )
+
+    def file_rows(self) -> list[int]:
+        """Rows per file, from the footers (no data read)."""
+        try:
+            return [
+                pq.ParquetFile(f.path, filesystem=self.filesystem).metadata.num_rows
+                for f in self.files
+            ]
+        except (pa.ArrowInvalid, OSError) as err:
+            raise InputError(
+                f"cannot read a Parquet footer under {self.location!r}: {err}"
+            ) from err
+
+    def batches(
+        self,
+        columns: Sequence[str] | None = None,
+        batch_rows: int = DEFAULT_READ_BATCH_ROWS,
+        file_order: Sequence[int] | None = None,
+    ) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """Stream (first row ordinal, record batch) pairs, projected to `columns`.
+
+        A row's ordinal is its position in the sorted file list (file offset + row in file), the
+        same whatever `file_order` the files are read in, so it can key a seeded split.
+        """
+        rows = self.file_rows()
+        offsets = [sum(rows[:i]) for i in range(len(rows))]
+        order = range(len(self.files)) if file_order is None else file_order
+        for i in order:
+            path = self.files[i].path
+            try:
+                reader = pq.ParquetFile(path, filesystem=self.filesystem)
+                position = offsets[i]
+                for batch in reader.iter_batches(
+                    batch_size=batch_rows, columns=list(columns) if columns is not None else None
+                ):
+                    if batch.num_rows:
+                        yield position, batch
+                    position += batch.num_rows
+            except (pa.ArrowInvalid, OSError) as err:
+                raise InputError(f"cannot read Parquet file {path!r}: {err}") from err

@@ -1,0 +1,6 @@
+"""Errors a user can cause and fix. The CLI turns each into a one-paragraph message, exit 1."""
+
+
+class UserError(ValueError):
+    """Bad input, bad configuration or a missing model: the message names the thing, the value
+    and the fix. Anything else that escapes is a bug and keeps its traceback."""

@@ -1,0 +1,238 @@
+"""MLflow: log a training run, register the model, resolve `models:/...` back to a model.
+
+- Tracking: the URI the caller gives (the CLI: --tracking-uri or MLFLOW_TRACKING_URI), else a
+  SQLite file `mlflow.db` in the working directory (`default_tracking_uri`).
+- A training run logs every hyper-parameter and the data fingerprint as params, per-epoch
+  diagnostics as metrics, plots and JSON as artifacts, and the model as an MLflow pyfunc model
+  (models-from-code: `pyfunc_model.py` + the artifact folder; nothing pickled).
+- Registration adds a model version under the name, points an alias (default `champion`) at it
+  and tags it with the data fingerprint and the vaewatch version.
+- `resolve` turns `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `models:/NAME` (latest) into
+  one concrete version, once; `load` downloads that version and builds the model on a device.
+  A local folder holding config.json + weights.safetensors is accepted too (no MLflow needed).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from model.artifact import CONFIG_FILE, ModelArtifact
+from model.errors import UserError
+from model.registry.pyfunc_model import ARTIFACT_KEY
+
+DEFAULT_EXPERIMENT = "vaewatch"
+DEFAULT_ALIAS = "champion"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?/?$")
+
+
+class RegistryError(UserError):
+    """The tracking server cannot be reached or refuses a request."""
+
+
+class ModelNotFoundError(UserError):
+    """No model at the given URI."""
+
+
+def default_tracking_uri(directory: str | Path = ".") -> str:
+    return f"sqlite:///{(Path(directory).absolute() / 'mlflow.db').as_posix()}"
+
+
+def configure(tracking_uri: str) -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # registered model name ("" for a local folder)
+    version: str  # concrete version number ("" for a local folder)
+    run_id: str
+    requested: str  # what the user asked for: models:/NAME@ALIAS, a path, ...
+    local_path: str = ""  # set for a local folder
+
+    @property
+    def uri(self) -> str:
+        """The pinned URI: models:/NAME/VERSION (or the folder's path)."""
+        return self.local_path or f"models:/{self.name}/{self.version}"
+
+    @property
+    def label(self) -> str:
+        """What the model_version output column holds: NAME/VERSION (or the folder's path)."""
+        return self.local_path or f"{self.name}/{self.version}"
+
+
+class TrainingRun:
+    """An MLflow run for one training job; use as a context manager (a failure marks the run
+    FAILED). Log params and epochs as they come, then `register` the artifact."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.client = configure(tracking_uri)
+        try:
+            mlflow.set_experiment(experiment)
+        except MlflowException as err:
+            raise RegistryError(
+                f"cannot use experiment {experiment!r} at tracking URI {tracking_uri!r}: "
+                f"{err.message}. Check --tracking-uri (or MLFLOW_TRACKING_URI)."
+            ) from err
+        self._run_name = run_name
+        self.run = None
+
+    def __enter__(self) -> TrainingRun:
+        self.run = mlflow.start_run(run_name=self._run_name)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def log_params(self, params: dict) -> None:
+        """Flat str -> scalar params; long values are cut to MLflow's limit (the full values
+        are in config.json)."""
+        flat = {k: str(v)[:6000] for k, v in params.items()}
+        items = list(flat.items())
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+            mlflow.log_params(dict(items[start : start + 100]))
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_files(self, files: dict[str, Path]) -> None:
+        """files: artifact subdirectory -> local file."""
+        for subdir, path in files.items():
+            mlflow.log_artifact(str(path), artifact_path=subdir or None)
+
+    def register(
+        self,
+        artifact: ModelArtifact,
+        model_name: str,
+        *,
+        alias: str = DEFAULT_ALIAS,
+        tags: dict | None = None,
+        pip_requirements: list[str] | None = None,
+    ) -> ResolvedModel:
+        """Log the pyfunc model, register a new version under `model_name`, point `alias` at
+        it and tag it. Returns the concrete version."""
+        with tempfile.TemporaryDirectory(prefix="vaewatch-artifact-") as tmp:
+            folder = artifact.save(Path(tmp) / ARTIFACT_KEY)
+            try:
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(PYFUNC_CODE),
+                    artifacts={ARTIFACT_KEY: str(folder)},
+                    registered_model_name=model_name,
+                    pip_requirements=pip_requirements,
+                )
+            except MlflowException as err:
+                raise RegistryError(
+                    f"could not log or register model {model_name!r} at {self.tracking_uri!r}: "
+                    f"{err.message}"
+                ) from err
+        version = str(info.registered_model_version)
+        self.client.set_registered_model_alias(model_name, alias, version)
+        for key, value in (tags or {}).items():
+            self.client.set_model_version_tag(model_name, version, key, str(value))
+        return ResolvedModel(
+            name=model_name,
+            version=version,
+            run_id=self.run_id,
+            requested=f"models:/{model_name}@{alias}",
+        )
+
+
+def resolve(uri: str, tracking_uri: str) -> ResolvedModel:
+    """Pin `uri` to one concrete model version (or accept a local model folder)."""
+    path = Path(uri)
+    if not uri.startswith("models:/"):
+        if (path / CONFIG_FILE).is_file():
+            return ResolvedModel("", "", "", requested=uri, local_path=str(path.absolute()))
+        raise ModelNotFoundError(
+            f"model {uri!r} is neither a models:/NAME@ALIAS (or models:/NAME/VERSION) URI nor a "
+            "folder with a vaewatch config.json; pass e.g. --model models:/transactions@champion"
+        )
+    match = MODEL_URI.match(uri)
+    if match is None:
+        raise ModelNotFoundError(
+            f"model URI {uri!r} is malformed; use models:/NAME@ALIAS, models:/NAME/VERSION or "
+            "models:/NAME"
+        )
+    name, alias, version = match.group("name", "alias", "version")
+    client = configure(tracking_uri)
+    try:
+        if alias is not None:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version is not None:
+            mv = client.get_model_version(name, version)
+        else:
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ModelNotFoundError(
+                    f"registered model {name!r} has no versions at {tracking_uri!r}; "
+                    f"train one with `vaewatch train --model-name {name}`"
+                )
+            mv = max(versions, key=lambda v: int(v.version))
+    except MlflowException as err:
+        known = _known_models(client)
+        raise ModelNotFoundError(
+            f"model {uri!r} not found at tracking URI {tracking_uri!r} ({err.message}). "
+            f"Registered models there: {known or 'none'}. Train one with `vaewatch train "
+            f"--model-name {name}`, or point --tracking-uri / MLFLOW_TRACKING_URI at the right "
+            "server."
+        ) from err
+    return ResolvedModel(name=name, version=str(mv.version), run_id=mv.run_id or "", requested=uri)
+
+
+def _known_models(client: MlflowClient) -> list[str]:
+    try:
+        return sorted(m.name for m in client.search_registered_models())
+    except MlflowException:
+        return []
+
+
+def fetch(resolved: ResolvedModel, tracking_uri: str, destination: str | Path) -> Path:
+    """Download the pinned version and return the artifact folder (config.json inside)."""
+    if resolved.local_path:
+        return Path(resolved.local_path)
+    configure(tracking_uri)
+    try:
+        root = mlflow.artifacts.download_artifacts(
+            artifact_uri=resolved.uri, dst_path=str(destination)
+        )
+    except MlflowException as err:
+        raise RegistryError(
+            f"cannot download {resolved.uri} from {tracking_uri!r}: {err.message}"
+        ) from err
+    candidates = sorted(Path(root).rglob(CONFIG_FILE))
+    if not candidates:
+        raise ModelNotFoundError(
+            f"{resolved.uri} has no vaewatch {CONFIG_FILE}: it was not registered by vaewatch"
+        )
+    return candidates[0].parent
+
+
+@dataclass
+class LoadedModel:
+    resolved: ResolvedModel
+    artifact: ModelArtifact
+    path: Path  # the local artifact folder
+
+
+def load(uri: str, tracking_uri: str, destination: str | Path | None = None) -> LoadedModel:
+    """Resolve once, download, read the artifact (no unpickling). Build the VAE on any device
+    with `loaded.artifact.build(device)`."""
+    resolved = resolve(uri, tracking_uri)
+    destination = destination or tempfile.mkdtemp(prefix="vaewatch-model-")
+    path = fetch(resolved, tracking_uri, destination)
+    return LoadedModel(resolved=resolved, artifact=ModelArtifact.load(path), path=path)

@@ -1,0 +1,50 @@
+"""The MLflow pyfunc face of a vaewatch model, logged with MLflow's models-from-code.
+
+MLflow stores this file's source with the model and runs it at load time: nothing is pickled,
+so loading works with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. The weights and config come
+from the model's `vaewatch` artifact folder (config.json + weights.safetensors).
+
+`predict(pandas.DataFrame)` returns one row per input row with the score columns of the output
+contract plus `reject_reason`: empty for scored rows; for a row that cannot be scored (every
+feature missing, +-inf, a non-finite score) the scores are null and the reason says why.
+Params: `model_version` (the label written in the model_version column).
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import pyarrow as pa
+from mlflow.models import set_model
+
+from model.artifact import ModelArtifact
+from model.scoring import SCORE_COLUMNS, Scorer
+
+ARTIFACT_KEY = "vaewatch"
+REJECT_REASON = "reject_reason"
+
+
+class VaewatchModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        artifact = ModelArtifact.load(context.artifacts[ARTIFACT_KEY])
+        label = artifact.metadata.get("model_label", "vaewatch")
+        config = context.model_config or {}
+        self.scorer = Scorer(
+            artifact, model_version=config.get("model_version", label), device="auto"
+        )
+
+    def predict(self, context, model_input, params=None):
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        version = str(params["model_version"]) if params and params.get("model_version") else None
+        result = self.scorer.score(table, model_version=version)
+        scored = result.scores.to_pandas()
+        scored["model_version"] = scored["model_version"].astype(object)
+        scored.index = result.scored_rows
+        out = scored.reindex(range(table.num_rows))
+        out[REJECT_REASON] = ""
+        out.loc[result.rejected_rows, REJECT_REASON] = result.reasons.to_pylist()
+        return out[[*SCORE_COLUMNS, REJECT_REASON]].reset_index(drop=True)
+
+
+set_model(VaewatchModel())

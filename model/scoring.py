@@ -1,0 +1,197 @@
+"""Scoring an Arrow batch with a model artifact: the one code path behind the Beam pipeline
+and the MLflow pyfunc model.
+
+`Scorer.score(batch)` encodes the batch, sends rows that cannot be scored to the rejected side
+with a reason, runs the production estimator on the rest and returns the output contract's
+columns as Arrow. The output schema is defined here, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from model.artifact import ModelArtifact
+from model.calibration import TOP_FEATURE_TYPE, check_quantile, top_features
+from model.errors import UserError
+from model.estimators import DEFAULT_MEMORY_BUDGET, score_records
+from model.features import RowProblem
+from model.training import resolve_device
+
+REASON_COLUMN = "reason"
+NON_FINITE_SCORE = "non_finite_score"  # the model returned NaN/inf for the row
+
+
+def score_schema(latent_dim: int) -> pa.Schema:
+    """The score columns of the output contract, in order (pass-through columns come first)."""
+    return pa.schema(
+        [
+            pa.field("elbo", pa.float64()),
+            pa.field("log_likelihood", pa.float64()),
+            pa.field("anomaly_score", pa.float64()),
+            pa.field("score_percentile", pa.float64()),
+            pa.field("is_anomaly", pa.bool_()),
+            pa.field("latent_mean", pa.list_(pa.float32(), latent_dim)),
+            pa.field("latent_std", pa.list_(pa.float32(), latent_dim)),
+            pa.field("top_features", TOP_FEATURE_TYPE),
+            pa.field("model_version", pa.dictionary(pa.int32(), pa.string())),
+        ]
+    )
+
+
+SCORE_COLUMNS = tuple(score_schema(1).names)
+
+
+@dataclass
+class ScoredBatch:
+    scores: pa.Table  # score columns for the rows that were scored, in input order
+    scored_rows: np.ndarray  # (n_scored,) int64 positions of those rows in the input batch
+    rejected_rows: np.ndarray  # (n_rejected,) int64 positions of the rejected rows
+    reasons: pa.Array  # (n_rejected,) string: why each rejected row was not scored
+
+
+class Scorer:
+    """Holds a built model; thread-safe for concurrent `score` calls (inference only)."""
+
+    def __init__(
+        self,
+        artifact: ModelArtifact,
+        *,
+        model_version: str,
+        device: str = "auto",
+        k: int | None = None,
+        samples: int | None = None,
+        seed: int | None = None,
+        threshold_quantile: float | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ):
+        self.artifact = artifact
+        self.spec = artifact.spec
+        self.device = resolve_device(device)
+        self.model = artifact.build(self.device)
+        defaults = artifact.scoring
+        self.k = defaults.k if k is None else k
+        self.samples = defaults.samples if samples is None else samples
+        self.seed = defaults.seed if seed is None else seed
+        if self.k < 1 or self.samples < 1:
+            raise UserError(f"K and S must be >= 1, got K={self.k}, S={self.samples}")
+        calibration = artifact.calibration
+        self.threshold_quantile = (
+            calibration.threshold_quantile
+            if threshold_quantile is None
+            else check_quantile(threshold_quantile)
+        )
+        self.threshold = calibration.threshold(self.threshold_quantile)
+        self.memory_budget = memory_budget
+        self.model_version = model_version
+        self.schema = score_schema(artifact.vae_config.latent_dim)
+        self.log_std = self.spec.continuous_log_std.to(self.device)
+        self._names = self.spec.names()
+        self._baseline = np.asarray(calibration.feature_baseline)
+
+    def describe(self) -> dict:
+        """What every output row was scored with (for Parquet metadata and manifests)."""
+        return {
+            "model_version": self.model_version,
+            "k": self.k,
+            "samples": self.samples,
+            "seed": self.seed,
+            "threshold_quantile": self.threshold_quantile,
+            "threshold": self.threshold,
+            "device": str(self.device),
+        }
+
+    def score(
+        self, batch: pa.RecordBatch | pa.Table, model_version: str | None = None
+    ) -> ScoredBatch:
+        """Score a batch; `model_version` overrides the label for this call only."""
+        n = batch.num_rows
+        version = self.model_version if model_version is None else model_version
+        encoded = self.spec.encode(batch)
+        ok = encoded.ok
+        reasons = np.full(n, "", dtype=object)
+        for problem in RowProblem:
+            if problem is not RowProblem.OK:
+                reasons[encoded.problems == problem] = problem.reason
+        rows = np.flatnonzero(ok)
+        if rows.size:
+            index = torch.from_numpy(rows)
+            x = encoded.x[index].to(self.device, non_blocking=True)
+            mask = encoded.mask[index].to(self.device, non_blocking=True)
+            scores = score_records(
+                self.model,
+                x,
+                mask,
+                log_std=self.log_std,
+                k=self.k,
+                samples=self.samples,
+                seed=self.seed,
+                memory_budget=self.memory_budget,
+            )
+            log_likelihood = scores.log_likelihood.cpu().numpy()
+            elbo = scores.elbo.cpu().numpy()
+            finite = np.isfinite(log_likelihood) & np.isfinite(elbo)
+            if not finite.all():
+                reasons[rows[~finite]] = NON_FINITE_SCORE
+            keep = np.flatnonzero(finite)
+            table = self._columns(
+                elbo[keep],
+                log_likelihood[keep],
+                scores.latent_mean.cpu().numpy()[keep],
+                scores.latent_std.cpu().numpy()[keep],
+                scores.feature_nll.cpu().numpy()[keep],
+                version,
+            )
+            rows = rows[keep]
+        else:
+            d = self.artifact.vae_config.latent_dim
+            empty = np.zeros(0)
+            table = self._columns(
+                empty,
+                empty,
+                np.zeros((0, d), np.float32),
+                np.zeros((0, d), np.float32),
+                np.zeros((0, len(self._names))),
+                version,
+            )
+        rejected = np.flatnonzero(reasons != "")
+        return ScoredBatch(
+            scores=table,
+            scored_rows=rows.astype(np.int64),
+            rejected_rows=rejected.astype(np.int64),
+            reasons=pa.array(reasons[rejected].tolist(), type=pa.string()),
+        )
+
+    def _columns(
+        self, elbo, log_likelihood, latent_mean, latent_std, feature_nll, version: str
+    ) -> pa.Table:
+        n, d = latent_mean.shape
+        anomaly = -log_likelihood
+        latent_type = self.schema.field("latent_mean").type
+
+        def fixed(values: np.ndarray) -> pa.FixedSizeListArray:
+            flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
+            return pa.FixedSizeListArray.from_arrays(flat, type=latent_type)
+
+        version_column = pa.DictionaryArray.from_arrays(
+            pa.array(np.zeros(n, dtype=np.int32)), pa.array([version], pa.string())
+        )
+        return pa.Table.from_arrays(
+            [
+                pa.array(elbo, pa.float64()),
+                pa.array(log_likelihood, pa.float64()),
+                pa.array(anomaly, pa.float64()),
+                pa.array(self.artifact.calibration.percentile(anomaly), pa.float64()),
+                pa.array(anomaly > self.threshold, pa.bool_()),
+                fixed(latent_mean),
+                fixed(latent_std),
+                top_features(
+                    feature_nll, self._baseline, self._names, self.artifact.scoring.top_features
+                ),
+                version_column,
+            ],
+            schema=self.schema,
+        )
