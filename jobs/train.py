@@ -191,6 +191,7 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
                 "train_elbo": stats.train_elbo,
                 "val_elbo": stats.val_elbo,
                 "val_iwae": stats.val_iwae,
+                "val_criterion": stats.val_criterion,
                 "active_units": stats.active_units,
                 "epoch_seconds": stats.seconds,
             }

@@ -33,7 +33,7 @@ class VaewatchModel(mlflow.pyfunc.PythonModel):
             artifact, model_version=config.get("model_version", label), device="auto"
         )
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         table = pa.Table.from_pandas(frame, preserve_index=False)
         version = str(params["model_version"]) if params and params.get("model_version") else None

@@ -1,0 +1,101 @@
+"""Against a real MLflow tracking server (SQLite backend, proxied artifacts) on 127.0.0.1."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import main
+from model import registry
+from tests.jobs.conftest import TRAIN_EXCLUDE
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    command = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+    ]  # fmt: skip
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed in teardown
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            log.close()
+            pytest.fail(
+                f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}"
+            )
+        time.sleep(0.5)
+    yield url, root
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    log.close()
+
+
+def test_train_over_http_and_load_back(mlflow_server, workspace, tmp_path, monkeypatch):
+    url, root = mlflow_server
+    monkeypatch.chdir(tmp_path)  # nothing may be written locally: artifacts go to the server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # the CLI reads MLflow's own variable
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data", str(workspace / "train"),
+            "--model-name", "served",
+            "--id-column", "record_id",
+            "--exclude", ",".join(TRAIN_EXCLUDE),
+            "--epochs", "3",
+            "--no-progress",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == "models:/served/1"
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+    stored = list((root / "artifacts").rglob("weights.safetensors"))
+    assert stored, "the model's weights should be stored by the server"
+
+    loaded = registry.load("models:/served@champion", url, destination=tmp_path / "dl")
+    assert loaded.resolved.version == "1" and loaded.artifact.id_column == "record_id"
+    assert loaded.artifact.build("cpu").config.latent_dim == 8
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    mlflow.set_tracking_uri(url)
+    model = mlflow.pyfunc.load_model("models:/served@champion")
+    import pyarrow.parquet as pq
+
+    frame = pq.read_table(workspace / "holdout").slice(0, 50).to_pandas()
+    assert len(model.predict(frame)) == 50

@@ -1,0 +1,221 @@
+"""`vaewatch train`: registry, reload, pyfunc, pickle-free loading, calibration, bad input."""
+
+import subprocess
+import sys
+import textwrap
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from jobs.cli import main
+from jobs.demo import roc_auc
+from model import registry
+from model.estimators import score_records
+from model.scoring import SCORE_COLUMNS, Scorer
+
+
+def test_registered_with_alias_tags_params_metrics_and_plots(trained):
+    job, outcome = trained
+    client = MlflowClient(job.tracking_uri, registry_uri=job.tracking_uri)
+    version = client.get_model_version_by_alias("transactions", "champion")
+    assert str(version.version) == outcome.resolved.version
+    assert outcome.resolved.uri == f"models:/transactions/{version.version}"
+    fingerprint = outcome.artifact.metadata["data_fingerprint"]
+    assert version.tags["data_fingerprint"] == fingerprint["digest"]
+    assert version.tags["vaewatch_version"] == outcome.artifact.metadata["vaewatch_version"]
+    assert fingerprint["rows"] == 15_000 and len(fingerprint["files"]) == 3
+
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["train.learning_rate"] == "0.001" and p["score.k"] == "64"
+    assert p["data.rows"] == "15000" and p["data.digest"] == fingerprint["digest"]
+    assert p["id_column"] == "record_id" and "record_id" not in p["features.names"]
+    epochs = len(outcome.history)
+    for metric in ("train_elbo", "val_elbo", "val_iwae", "active_units", "kl_dim_0"):
+        assert len(client.get_metric_history(run.info.run_id, metric)) == epochs, metric
+    active = client.get_metric_history(run.info.run_id, "active_units")[-1].value
+    assert 1 <= active <= 8
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert artifacts == {"plots/loss_curves.png", "plots/score_histogram.png"}
+    assert any(a.path == "config.json" for a in client.list_artifacts(run.info.run_id))
+
+
+def test_calibration_is_stored_and_flags_about_one_percent(trained, workspace):
+    _, outcome = trained
+    cal = outcome.artifact.calibration
+    assert cal.threshold_quantile == 0.99 and cal.rows > 1_000
+    scores = outcome.calibration_scores
+    assert np.mean(scores > cal.threshold()) == pytest.approx(0.01, abs=0.003)
+    assert len(cal.feature_baseline) == len(outcome.artifact.spec.features)
+
+
+def test_reloaded_model_scores_exactly_like_the_in_memory_one(trained, workspace):
+    job, outcome = trained
+    loaded = registry.load("models:/transactions@champion", job.tracking_uri)
+    assert loaded.resolved.version == outcome.resolved.version
+    model = loaded.artifact.build("cpu")
+    table = pq.read_table(workspace / "holdout")
+    enc = loaded.artifact.spec.encode(table)
+    log_std = loaded.artifact.spec.continuous_log_std
+    a = score_records(model, enc.x, enc.mask, log_std=log_std, k=64)
+    b = score_records(outcome.model.cpu(), enc.x, enc.mask, log_std=log_std, k=64)
+    assert torch.equal(a.log_likelihood, b.log_likelihood) and torch.equal(a.elbo, b.elbo)
+    labels = table.column("is_injected_anomaly").to_numpy()
+    auc = roc_auc(a.anomaly_score.numpy(), labels)
+    assert auc > 0.95, auc
+
+
+PYFUNC_SCRIPT = textwrap.dedent(
+    """
+    import sys, mlflow, pyarrow.parquet as pq
+    mlflow.set_tracking_uri(sys.argv[1])
+    model = mlflow.pyfunc.load_model("models:/transactions@champion")
+    frame = pq.read_table(sys.argv[2]).slice(0, 500).to_pandas()
+    model.predict(frame).to_parquet(sys.argv[3])
+    """
+)
+
+
+def test_pyfunc_loads_with_pickle_disallowed_and_equals_native_scoring(
+    trained, workspace, tmp_path
+):
+    job, outcome = trained
+    holdout = workspace / "holdout" / "part-0.parquet"
+    out = tmp_path / "pyfunc.parquet"
+    env = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", "PATH": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", PYFUNC_SCRIPT, job.tracking_uri, str(holdout), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=workspace,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    predicted = pq.read_table(out).to_pandas()
+    assert list(predicted.columns) == [*SCORE_COLUMNS, "reject_reason"]
+
+    table = pq.read_table(holdout).slice(0, 500)
+    native = Scorer(outcome.artifact, model_version="x", device="cpu").score(table)
+    assert len(predicted) == 500 and native.scores.num_rows + len(native.rejected_rows) == 500
+    rows = native.scored_rows
+    np.testing.assert_array_equal(
+        predicted["log_likelihood"].to_numpy()[rows], native.scores["log_likelihood"].to_numpy()
+    )
+    np.testing.assert_array_equal(
+        predicted["elbo"].to_numpy()[rows], native.scores["elbo"].to_numpy()
+    )
+    np.testing.assert_array_equal(
+        predicted["is_anomaly"].to_numpy()[rows].astype(bool),
+        native.scores["is_anomaly"].to_numpy(),
+    )
+    assert predicted["top_features"][rows[0]].tolist() == native.scores["top_features"][0].as_py()
+    assert (predicted["reject_reason"].to_numpy()[rows] == "").all()
+
+
+def test_pickled_models_are_refused_under_the_same_setting(tmp_path, monkeypatch):
+    """Control: the environment variable is effective, so the test above is not vacuous."""
+
+    class Pickled(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    mlflow.pyfunc.save_model(str(tmp_path / "pickled"), python_model=Pickled())
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="pickle is disallowed"):
+        mlflow.pyfunc.load_model(str(tmp_path / "pickled"))
+
+
+def test_rejected_rows_in_the_native_scorer(trained):
+    _, outcome = trained
+    spec = outcome.artifact.spec
+    table = pq.read_table(
+        next(iter(outcome.artifact.metadata["data_fingerprint"]["files"]))["path"]
+    ).slice(0, 4)
+    amount = pa.array([np.inf, 1.0, 2.0, 3.0])
+    table = table.set_column(table.schema.get_field_index("amount"), "amount", amount)
+    nulls = {f.name: pa.nulls(4, table.schema.field(f.name).type) for f in spec.features}
+    for name, column in nulls.items():
+        values = table.column(name).to_pylist()
+        values[1] = None
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pa.array(values, column.type)
+        )
+    result = Scorer(outcome.artifact, model_version="v", device="cpu").score(table)
+    assert result.rejected_rows.tolist() == [0, 1]
+    assert result.reasons.to_pylist() == ["non_finite_value", "all_features_missing"]
+    assert result.scored_rows.tolist() == [2, 3] and result.scores.num_rows == 2
+
+
+def test_cli_train_prints_the_model_uri(in_workspace):
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(in_workspace / "train"),
+            "--model-name",
+            "cli-model",
+            "--id-column",
+            "record_id",
+            "--exclude",
+            "event_time,is_injected_anomaly,anomaly_kind",
+            "--epochs",
+            "2",
+            "--alias",
+            "candidate",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == "models:/cli-model/1"
+    resolved = registry.resolve("models:/cli-model@candidate", registry.default_tracking_uri())
+    assert resolved.version == "1"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "{root}/train/*.csv"], "matched no Parquet files"),
+        (["--data", "{root}/nowhere"], "does not exist"),
+        (["--data", "{root}/train", "--exclude", "no_such_column"], "no_such_column"),
+        (["--data", "{root}/train", "--id-column", "record_key"], "record_key"),
+        (["--data", "{root}/bad", "--features", "amount,empty"], "have no non-null values"),
+        (
+            ["--data", "{root}/train", "--continuous", "merchant_category"],
+            "named continuous but has type dictionary",
+        ),
+    ],
+)
+def test_bad_input_exits_1_with_a_clear_message(in_workspace, extra, message):
+    bad = in_workspace / "bad"
+    if not bad.exists():
+        bad.mkdir()
+        pq.write_table(
+            pa.table({"amount": [1.0, 2.0, 3.0], "empty": pa.nulls(3, pa.float64())}),
+            bad / "part-0.parquet",
+        )
+    args = ["train", "--model-name", "never", "--no-progress"]
+    args += [a.format(root=in_workspace) for a in extra]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    with pytest.raises(registry.ModelNotFoundError):
+        registry.resolve("models:/never", registry.default_tracking_uri())
+
+
+def test_missing_model_is_a_clear_error(trained):
+    job, _ = trained
+    with pytest.raises(
+        registry.ModelNotFoundError, match="Registered models there: .*transactions"
+    ):
+        registry.resolve("models:/nope@champion", job.tracking_uri)
+    with pytest.raises(registry.ModelNotFoundError, match="malformed"):
+        registry.resolve("models:/a/b/c", job.tracking_uri)

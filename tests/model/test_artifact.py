@@ -1,0 +1,81 @@
+"""The model artifact: exact round trip, nothing unpickled, clear errors for broken folders."""
+
+import json
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.synthetic import LABEL_COLUMNS
+from model.artifact import ArtifactError, ModelArtifact, ScoringDefaults
+from model.calibration import Calibration
+from model.estimators import score_records
+from model.features import FeatureSpec
+from model.vae import VAE, VAEConfig
+
+
+@pytest.fixture(scope="module")
+def artifact(transactions_table):
+    spec = FeatureSpec.fit(transactions_table, exclude=LABEL_COLUMNS)
+    torch.manual_seed(0)
+    model = VAE(VAEConfig.for_spec(spec, hidden=[16])).eval()
+    enc = spec.encode(transactions_table)
+    s = score_records(model, enc.x, enc.mask, log_std=spec.continuous_log_std, k=8)
+    calibration = Calibration.fit(s.anomaly_score.numpy(), s.feature_nll.numpy())
+    return ModelArtifact.from_model(
+        model, spec, calibration, scoring=ScoringDefaults(k=8, seed=3), id_column="record_id"
+    ), enc
+
+
+def test_round_trip_is_exact_and_never_unpickles(artifact, tmp_path, monkeypatch):
+    art, enc = artifact
+    art.save(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading a model must not unpickle")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    again = ModelArtifact.load(tmp_path)
+    assert again.spec == art.spec and again.vae_config == art.vae_config
+    assert again.calibration == art.calibration and again.scoring == art.scoring
+    assert again.id_column == "record_id"
+    a, b = art.build(), again.build()
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    log_std = art.spec.continuous_log_std
+    assert torch.equal(
+        score_records(a, enc.x, enc.mask, log_std=log_std, k=8).log_likelihood,
+        score_records(b, enc.x, enc.mask, log_std=log_std, k=8).log_likelihood,
+    )
+
+
+def test_weights_are_safetensors_and_config_is_plain_json(artifact, tmp_path):
+    art, _ = artifact
+    art.save(tmp_path)
+    raw = (tmp_path / "weights.safetensors").read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    assert set(header) - {"__metadata__"} == set(art.state_dict)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["format_version"] == 1 and config["scoring"]["k"] == 8
+    assert len(config["calibration"]["quantiles"]) == len(config["calibration"]["levels"])
+    assert np.all(np.diff(config["calibration"]["quantiles"]) >= 0)
+
+
+def test_broken_folders_name_the_problem(artifact, tmp_path):
+    art, _ = artifact
+    art.save(tmp_path)
+    (tmp_path / "weights.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="has no weights.safetensors"):
+        ModelArtifact.load(tmp_path)
+    art.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["format_version"] = 99
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="format_version 99"):
+        ModelArtifact.load(tmp_path)
