@@ -150,5 +150,59 @@ def train_command(**options) -> None:
     click.echo(outcome.resolved.uri)
 
 
+@main.command("score", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@params.input_path
+@params.output
+@params.model_uri
+@params.tracking_uri
+@params.k
+@params.samples
+@params.score_seed
+@params.score_batch_size
+@params.keep
+@params.threshold_quantile
+@params.runner
+@params.workers
+@params.shards
+@click.pass_context
+def score_command(ctx, **o) -> None:
+    """Score Parquet with a registered model in a Beam pipeline; commit OUTPUT atomically.
+
+    Writes OUTPUT/part-*.parquet (kept columns + scores), OUTPUT/_rejected/ (rows that could
+    not be scored, with a reason), OUTPUT/_manifest.json and OUTPUT/_SUCCESS. Arguments after
+    `--` are passed to Beam as pipeline options (e.g. -- --project p --region r).
+    """
+    from model import registry
+    from pipeline.score import ScoreJob, run
+
+    job = ScoreJob(
+        input=o["input_path"],
+        output=o["output"],
+        model=o["model_uri"],
+        tracking_uri=o["tracking_uri"] or registry.default_tracking_uri(),
+        k=o["k"],
+        samples=o["samples"],
+        seed=o["seed"],
+        batch_size=o["batch_size"],
+        keep=o["keep"],
+        threshold_quantile=o["threshold_quantile"],
+        runner=o["runner"],
+        workers=o["workers"],
+        shards=o["shards"],
+        beam_args=list(ctx.args),
+    )
+    try:
+        result = run(job)
+    except UserError as err:
+        raise JobFailed(str(err)) from err
+    rows = result.manifest["rows"]
+    click.echo(
+        f"scored {rows['scored']:,} of {rows['in']:,} rows ({rows['rejected']:,} rejected) with "
+        f"{result.manifest['model']['uri']} -> {result.committed.output}",
+        err=True,
+    )
+    click.echo(result.committed.output)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -247,3 +247,62 @@ train_threshold_quantile = option(
     default=0.99,
     help="Quantile of validation anomaly scores stored as the model's is_anomaly threshold.",
 )
+
+# ------------------------------------------------------------------ scoring
+input_path = option(
+    "--input",
+    "input_path",
+    required=True,
+    help="Parquet to score: a file, a directory (every *.parquet below it) or a glob; local "
+    "paths or any URI pyarrow reads.",
+)
+output = option(
+    "--output",
+    required=True,
+    help="Output directory (local, gs://, s3://). A run replaces it as a whole, atomically.",
+)
+model_uri = option(
+    "--model",
+    "model_uri",
+    required=True,
+    help="models:/NAME@ALIAS, models:/NAME/VERSION or a local model folder. An alias is "
+    "resolved to one version at launch and recorded in the output.",
+)
+keep = option(
+    "--keep",
+    type=CommaList(),
+    default=None,
+    show_default="the model's id column",
+    help="Input columns copied to the scored output (comma-separated).",
+)
+score_seed = option(
+    "--seed",
+    type=int,
+    default=None,
+    show_default="the model's",
+    help="Seed of the scoring noise (common random numbers).",
+)
+score_batch_size = option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=65_536,
+    help="Rows scored per model call (scores do not depend on it).",
+)
+runner = option(
+    "--runner",
+    default="local",
+    help="Beam runner: local (in-process, the default), DataflowRunner, FlinkRunner, "
+    "SparkRunner, PortableRunner, ... Further Beam options go after `--`.",
+)
+workers = option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Local runner only: worker processes (multi-processing) instead of in-process.",
+)
+shards = option(
+    "--shards",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Number of scored output files (0: the runner decides).",
+)

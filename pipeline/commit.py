@@ -1,0 +1,284 @@
+"""Committing a scoring run: readers see the previous complete output or the new one, never a mix.
+
+Beam's file sink renames shards one at a time, leaves `beam-temp-*` folders behind when a run
+dies, and a re-run with another shard count keeps the old shards. So a run never writes into
+the output directory. It writes everything (scored shards, `_rejected/`, `_manifest.json`,
+`_SUCCESS`) into its own staging folder, checks rows in = scored + rejected there, and only then
+publishes:
+
+- Local filesystems (`LocalCommitter`): the staging folder is a hidden sibling of the output,
+  `.NAME.staging-RUNID`, on the same filesystem. Publishing is one atomic `renameat2(...,
+  RENAME_EXCHANGE)` that swaps it with the existing output (or one `rename` when there is no
+  output yet); the previous output, now at the staging path, is deleted afterwards. Where the
+  kernel or filesystem lacks RENAME_EXCHANGE, two renames are used and readers may briefly find
+  no output (still never a mix). A re-run replaces the whole directory, so no stale shard can
+  survive it.
+- Object stores and other Beam filesystems (`ObjectStoreCommitter`, gs://, s3://, ...), where
+  nothing renames atomically: staging is `OUT/_staging-RUNID/`; publishing copies the shards to
+  run-unique names (`part-RUNID-00000-of-00004.parquet`), then writes `_manifest.json` (one
+  object write, atomic on GCS and S3) listing exactly the committed files, then `_SUCCESS`, and
+  only then deletes files of earlier runs. The manifest is the source of truth there: vaewatch's
+  readers read the files it lists, and a plain glob may see two runs' files for the moments
+  between the copy and the clean-up.
+
+Debris of a crashed run (a staging folder) is hidden from readers by its `.`/`_` prefix and
+removed by the next run for the same output.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from model.errors import UserError
+
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+REJECTED_DIR = "_rejected"
+PART_PREFIX = "part"
+
+
+class OutputError(UserError):
+    """The output location cannot be used or a run's output does not add up."""
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
+@dataclass
+class Committed:
+    output: str
+    files: list[str]  # scored shards, relative to the output
+    rejected_files: list[str]  # relative to the output
+    rows_scored: int
+    rows_rejected: int
+
+
+def _count_rows(paths: list[str]) -> int:
+    total = 0
+    for path in paths:
+        with FileSystems.open(path) as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
+    return total
+
+
+def _is_vaewatch_output(listing: list[str]) -> bool:
+    names = {Path(p).name for p in listing}
+    return not listing or MANIFEST in names or SUCCESS in names
+
+
+class LocalCommitter:
+    """Stage in a hidden sibling folder, publish with one atomic directory exchange."""
+
+    def __init__(self, output: str, run_id: str):
+        self.output = str(Path(output).expanduser().absolute())
+        self.run_id = run_id
+        out = Path(self.output)
+        self.staging = str(out.parent / f".{out.name}.staging-{run_id}")
+
+    def prepare(self) -> None:
+        out = Path(self.output)
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"output {self.output!r} is a file; pass a directory for --output")
+        if out.is_dir() and not _is_vaewatch_output([str(p) for p in out.iterdir()]):
+            raise OutputError(
+                f"output {self.output!r} already holds files that vaewatch did not write (no "
+                f"{MANIFEST}); a run replaces its output directory as a whole, so choose a new "
+                "or empty directory"
+            )
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create {str(out.parent)!r}: {err.strerror}") from err
+        for debris in out.parent.glob(f".{out.name}.staging-*"):
+            shutil.rmtree(debris, ignore_errors=True)  # a crashed earlier run's staging folder
+        Path(self.staging).mkdir()
+
+    def staged_files(self) -> tuple[list[str], list[str]]:
+        root = Path(self.staging)
+        scored = sorted(str(p) for p in root.glob(f"{PART_PREFIX}-*.parquet"))
+        rejected = sorted(str(p) for p in (root / REJECTED_DIR).glob(f"{PART_PREFIX}-*.parquet"))
+        return scored, rejected
+
+    def publish(self, manifest: dict) -> Committed:
+        scored, rejected = self.staged_files()
+        committed = _check_counts(self.output, scored, rejected, manifest, self.staging)
+        root = Path(self.staging)
+        for debris in root.rglob("beam-temp-*"):
+            shutil.rmtree(debris, ignore_errors=True)
+        _write_manifest_and_success(str(root), manifest, committed)
+        out = Path(self.output)
+        if not out.exists():
+            os.rename(self.staging, self.output)
+        elif _exchange(self.staging, self.output):
+            shutil.rmtree(self.staging)  # now the previous output
+        else:
+            previous = out.parent / f".{out.name}.previous-{self.run_id}"
+            os.rename(self.output, previous)
+            os.rename(self.staging, self.output)
+            shutil.rmtree(previous)
+        return committed
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class ObjectStoreCommitter:
+    """Stage under OUT/_staging-RUNID/, publish by copy + manifest + clean-up."""
+
+    def __init__(self, output: str, run_id: str):
+        self.output = output.rstrip("/")
+        self.run_id = run_id
+        self.staging = FileSystems.join(self.output, f"_staging-{run_id}")
+
+    def prepare(self) -> None:
+        listing = _list(self.output)
+        visible = [p for p in listing if "/_staging-" not in p]
+        if visible and not _is_vaewatch_output(visible):
+            raise OutputError(
+                f"output {self.output!r} already holds files that vaewatch did not write (no "
+                f"{MANIFEST}); choose a new or empty location"
+            )
+        stale = sorted(
+            {
+                p.split("/_staging-")[0] + "/_staging-" + p.split("/_staging-")[1].split("/")[0]
+                for p in listing
+                if "/_staging-" in p
+            }
+        )
+        for folder in stale:
+            _delete_tree(folder)
+
+    def staged_files(self) -> tuple[list[str], list[str]]:
+        listing = _list(self.staging)
+        scored = sorted(
+            p
+            for p in listing
+            if Path(p).name.startswith(PART_PREFIX + "-")
+            and f"/{REJECTED_DIR}/" not in p
+            and "beam-temp" not in p
+        )
+        rejected = sorted(p for p in listing if f"/{REJECTED_DIR}/{PART_PREFIX}-" in p)
+        return scored, rejected
+
+    def publish(self, manifest: dict) -> Committed:
+        scored, rejected = self.staged_files()
+        committed = _check_counts(self.output, scored, rejected, manifest, self.staging)
+        sources, destinations = [], []
+        for group, paths in (("", scored), (REJECTED_DIR, rejected)):
+            for path in paths:
+                name = Path(path).name.replace(
+                    f"{PART_PREFIX}-", f"{PART_PREFIX}-{self.run_id}-", 1
+                )
+                target = (
+                    FileSystems.join(self.output, group, name)
+                    if group
+                    else FileSystems.join(self.output, name)
+                )
+                sources.append(path)
+                destinations.append(target)
+        if sources:
+            FileSystems.copy(sources, destinations)
+        committed.files = [
+            d[len(self.output) + 1 :] for d in destinations if f"/{REJECTED_DIR}/" not in d
+        ]
+        committed.rejected_files = [
+            d[len(self.output) + 1 :] for d in destinations if f"/{REJECTED_DIR}/" in d
+        ]
+        _write_manifest_and_success(self.output, manifest, committed)
+        keep = set(destinations) | {
+            FileSystems.join(self.output, MANIFEST),
+            FileSystems.join(self.output, SUCCESS),
+        }
+        old = [p for p in _list(self.output) if p not in keep and "/_staging-" not in p]
+        if old:
+            FileSystems.delete(old)
+        _delete_tree(self.staging)
+        return committed
+
+    def abort(self) -> None:
+        _delete_tree(self.staging)
+
+
+def _list(prefix: str) -> list[str]:
+    pattern = FileSystems.join(prefix, "**")
+    try:
+        return [m.path for result in FileSystems.match([pattern]) for m in result.metadata_list]
+    except Exception:  # noqa: BLE001 - a missing prefix is an empty listing on every store
+        return []
+
+
+def _delete_tree(prefix: str) -> None:
+    paths = _list(prefix)
+    if paths:
+        FileSystems.delete(paths)
+
+
+def _check_counts(output, scored, rejected, manifest, staging) -> Committed:
+    rows_scored, rows_rejected = _count_rows(scored), _count_rows(rejected)
+    rows_in = manifest["rows"]["in"]
+    if rows_scored + rows_rejected != rows_in:
+        raise OutputError(
+            f"run does not add up: {rows_in} rows in, {rows_scored} scored + {rows_rejected} "
+            f"rejected; nothing was committed to {output!r}"
+        )
+    return Committed(
+        output=output,
+        files=[Path(p).name for p in scored],
+        rejected_files=[f"{REJECTED_DIR}/{Path(p).name}" for p in rejected],
+        rows_scored=rows_scored,
+        rows_rejected=rows_rejected,
+    )
+
+
+def _write_manifest_and_success(root: str, manifest: dict, committed: Committed) -> None:
+    manifest["rows"].update(scored=committed.rows_scored, rejected=committed.rows_rejected)
+    manifest["files"] = committed.files
+    manifest["rejected_files"] = committed.rejected_files
+    text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    with FileSystems.create(FileSystems.join(root, MANIFEST)) as handle:
+        handle.write(text.encode())
+    with FileSystems.create(FileSystems.join(root, SUCCESS)) as handle:
+        handle.write(f"{manifest['run_id']}\n".encode())
+
+
+def committer_for(output: str, run_id: str) -> LocalCommitter | ObjectStoreCommitter:
+    scheme = FileSystems.get_scheme(output)
+    if scheme in (None, "file"):
+        return LocalCommitter(output.removeprefix("file://"), run_id)
+    return ObjectStoreCommitter(output, run_id)
+
+
+def read_manifest(output: str) -> dict | None:
+    """The committed manifest of an output, or None if it has no committed run."""
+    path = FileSystems.join(output, MANIFEST)
+    if not FileSystems.exists(FileSystems.join(output, SUCCESS)) or not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode())
