@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from jobs.cli import main
 from model import registry
-from tests.jobs.conftest import TRAIN_EXCLUDE
+from tests.conftest import TRAIN_EXCLUDE
 
 
 def _free_port() -> int:

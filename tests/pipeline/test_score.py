@@ -1,0 +1,236 @@
+"""The Beam scoring pipeline: exact scores, invariance, rejected rows, schema errors, layouts."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import main
+from model.estimators import score_records
+from model.scoring import SCORE_COLUMNS, Scorer, score_schema
+from pipeline.commit import MANIFEST, SUCCESS
+from pipeline.score import ScoreJob, run
+
+
+def _job(trained, tmp_path, source, name="out", **overrides):
+    job, _ = trained
+    return ScoreJob(
+        input=str(source),
+        output=str(tmp_path / name),
+        model="models:/transactions@champion",
+        tracking_uri=job.tracking_uri,
+        **overrides,
+    )
+
+
+def _scores(output) -> pa.Table:
+    return ds.dataset(str(output), format="parquet").to_table().sort_by("record_id")
+
+
+@pytest.fixture(scope="module")
+def default_run(trained, workspace, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("default-run")
+    result = run(_job(trained, tmp, workspace / "holdout"))
+    return result, tmp / "out"
+
+
+def test_scores_equal_the_direct_estimator(trained, workspace, default_run):
+    _, outcome = trained
+    result, out = default_run
+    table = pq.read_table(workspace / "holdout")
+    scored = _scores(out)
+    assert scored.num_rows == table.num_rows == result.manifest["rows"]["in"]
+    artifact = outcome.artifact
+    enc = artifact.spec.encode(table)
+    direct = score_records(
+        artifact.build("cpu"), enc.x, enc.mask, log_std=artifact.spec.continuous_log_std, k=64
+    )
+    np.testing.assert_allclose(
+        scored["log_likelihood"].to_numpy(), direct.log_likelihood.numpy(), rtol=1e-12, atol=0
+    )
+    np.testing.assert_allclose(scored["elbo"].to_numpy(), direct.elbo.numpy(), rtol=1e-12, atol=0)
+    latent = np.stack(scored["latent_mean"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(latent, direct.latent_mean.numpy(), rtol=1e-6)
+    native = Scorer(artifact, model_version="transactions/1", device="cpu").score(table)
+    assert scored["is_anomaly"].to_pylist() == native.scores["is_anomaly"].to_pylist()
+    assert scored["top_features"].to_pylist() == native.scores["top_features"].to_pylist()
+    np.testing.assert_allclose(
+        scored["score_percentile"].to_numpy(), native.scores["score_percentile"].to_numpy()
+    )
+
+
+def test_output_follows_the_contract(trained, default_run):
+    _, outcome = trained
+    result, out = default_run
+    files = {p.name for p in out.iterdir()}
+    parts = {f for f in files if f.startswith("part-") and f.endswith(".parquet")}
+    assert files - parts == {MANIFEST, SUCCESS, "_rejected"} and parts
+    parquet = pq.ParquetFile(out / result.committed.files[0])
+    expected = pa.schema([pa.field("record_id", pa.int64()), *score_schema(8)])
+    assert parquet.schema_arrow.equals(expected, check_metadata=False)
+    assert parquet.metadata.row_group(0).column(1).compression == "ZSTD"
+    meta = {k.decode(): v.decode() for k, v in parquet.schema_arrow.metadata.items()}
+    assert meta["vaewatch.model_uri"] == outcome.resolved.uri
+    assert meta["vaewatch.model_requested"] == "models:/transactions@champion"
+    assert (meta["vaewatch.k"], meta["vaewatch.samples"], meta["vaewatch.seed"]) == ("64", "1", "0")
+    assert meta["vaewatch.version"]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["model"]["version"] == outcome.resolved.version
+    assert manifest["rows"] == {"in": 5000, "scored": 5000, "rejected": 0}
+    assert manifest["inputs"][0]["size"] > 0 and manifest["runner"] == "local"
+    assert manifest["started"] <= manifest["finished"]
+    assert set(SCORE_COLUMNS) <= set(parquet.schema_arrow.names)
+    assert (out / SUCCESS).read_text().strip() == manifest["run_id"]
+
+
+def test_batch_size_and_worker_processes_do_not_change_scores(
+    trained, workspace, default_run, tmp_path
+):
+    _, out = default_run
+    reference = _scores(out)
+    small = _scores(
+        run(
+            _job(trained, tmp_path, workspace / "holdout", "small", batch_size=1_000)
+        ).committed.output
+    )
+    parallel = _scores(
+        run(
+            _job(trained, tmp_path, workspace / "holdout", "mp", workers=2, shards=3)
+        ).committed.output
+    )
+    for other in (small, parallel):
+        assert other["record_id"].to_pylist() == reference["record_id"].to_pylist()
+        np.testing.assert_allclose(
+            other["log_likelihood"].to_numpy(), reference["log_likelihood"].to_numpy(), rtol=1e-12
+        )
+        assert other["is_anomaly"].to_pylist() == reference["is_anomaly"].to_pylist()
+    assert len(list((tmp_path / "mp").glob("part-*.parquet"))) == 3
+
+
+def test_rejected_rows_are_counted_and_explained(trained, workspace, tmp_path):
+    table = pq.read_table(workspace / "holdout").slice(0, 10)
+    amount = table.column("amount").to_pylist()
+    amount[0] = float("inf")  # ±inf: cannot be scored
+    amount[1] = float("-inf")
+    amount[2] = float("nan")  # NaN: missing, marginalised, scored
+    amount[3] = None  # null: the same
+    table = table.set_column(table.schema.get_field_index("amount"), "amount", pa.array(amount))
+    features = [f.name for f in trained[1].artifact.spec.features]
+    for name in features:  # row 4: every feature null
+        values = table.column(name).to_pylist()
+        values[4] = None
+        column = pa.array(values, table.schema.field(name).type)
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    category = table.column("merchant_category").to_pylist()
+    category[5] = "never-seen-before"  # unseen category: the out-of-vocabulary bucket, scored
+    table = table.set_column(
+        table.schema.get_field_index("merchant_category"),
+        "merchant_category",
+        pa.array(category).dictionary_encode(),
+    )
+    source = tmp_path / "in"
+    source.mkdir()
+    pq.write_table(table, source / "bad.parquet")
+    result = run(_job(trained, tmp_path, source))
+    rows = result.manifest["rows"]
+    assert rows == {"in": 10, "scored": 7, "rejected": 3}
+    rejected = ds.dataset(str(tmp_path / "out" / "_rejected"), format="parquet").to_table()
+    got = dict(zip(rejected["record_id"].to_pylist(), rejected["reason"].to_pylist(), strict=True))
+    ids = table["record_id"].to_pylist()
+    assert got == {
+        ids[0]: "non_finite_value",
+        ids[1]: "non_finite_value",
+        ids[4]: "all_features_missing",
+    }
+    assert rejected["amount"].to_pylist()[:1] in ([float("inf")], [float("-inf")], [None])
+    scored = _scores(tmp_path / "out")
+    assert sorted(scored["record_id"].to_pylist()) == sorted(ids[i] for i in (2, 3, 5, 6, 7, 8, 9))
+    oov = scored.filter(pa.compute.equal(scored["record_id"], ids[5]))
+    assert oov["top_features"][0].as_py()[0]["feature"] == "merchant_category"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda t: t.drop_columns(["amount"]),
+            "model feature 'amount' (expected continuous) is missing",
+        ),
+        (
+            lambda t: t.set_column(
+                t.schema.get_field_index("amount"), "amount", pa.array(["x"] * t.num_rows)
+            ),
+            "model feature 'amount' expects a continuous column but the input has type string",
+        ),
+    ],
+)
+def test_schema_errors_exit_1_and_commit_nothing(trained, workspace, tmp_path, change, message):
+    job, _ = trained
+    source = tmp_path / "in"
+    source.mkdir()
+    pq.write_table(pq.read_table(workspace / "holdout").slice(0, 100), source / "a.parquet")
+    pq.write_table(
+        change(pq.read_table(workspace / "holdout").slice(100, 100)), source / "b.parquet"
+    )
+    result = CliRunner().invoke(
+        main,
+        [
+            "score", "--input", str(source), "--output", str(tmp_path / "out"),
+            "--model", "models:/transactions@champion", "--tracking-uri", job.tracking_uri,
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "b.parquet" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.staging-*"))
+
+
+def test_missing_model_and_foreign_output_are_clear_errors(trained, workspace, tmp_path):
+    job, _ = trained
+    base = ["score", "--input", str(workspace / "holdout"), "--tracking-uri", job.tracking_uri]
+    result = CliRunner().invoke(
+        main, [*base, "--output", str(tmp_path / "o"), "--model", "models:/nope@champion"]
+    )
+    assert (
+        result.exit_code == 1 and "not found" in result.output and "vaewatch train" in result.output
+    )
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "precious.csv").write_text("keep me")
+    result = CliRunner().invoke(
+        main, [*base, "--output", str(foreign), "--model", "models:/transactions@champion"]
+    )
+    assert result.exit_code == 1 and "vaewatch did not write" in result.output
+    assert (foreign / "precious.csv").read_text() == "keep me"
+
+
+def test_empty_file_many_small_files_and_many_row_groups(trained, workspace, tmp_path):
+    table = pq.read_table(workspace / "holdout")
+    source = tmp_path / "in"
+    source.mkdir()
+    pq.write_table(table.slice(0, 0), source / "empty.parquet")
+    for i in range(30):
+        pq.write_table(table.slice(i * 7, 7), source / f"small-{i:02d}.parquet")
+    pq.write_table(table.slice(1000, 3000), source / "groups.parquet", row_group_size=50)
+    assert pq.ParquetFile(source / "groups.parquet").num_row_groups == 60
+    result = run(_job(trained, tmp_path, source))
+    assert result.manifest["rows"] == {"in": 3210, "scored": 3210, "rejected": 0}
+    scored = _scores(tmp_path / "out")
+    expected = sorted(
+        table.slice(0, 210)["record_id"].to_pylist()
+        + table.slice(1000, 3000)["record_id"].to_pylist()
+    )
+    assert scored["record_id"].to_pylist() == expected
+    assert len(result.manifest["inputs"]) == 32
+
+    only_empty = tmp_path / "only-empty"
+    only_empty.mkdir()
+    pq.write_table(table.slice(0, 0), only_empty / "empty.parquet")
+    result = run(_job(trained, tmp_path, only_empty, "out-empty"))
+    assert result.manifest["rows"] == {"in": 0, "scored": 0, "rejected": 0}
+    assert ds.dataset(str(tmp_path / "out-empty"), format="parquet").count_rows() == 0
