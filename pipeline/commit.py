@@ -204,6 +204,11 @@ class ObjectStoreCommitter:
                 sources.append(path)
                 destinations.append(target)
         if sources:
+            for folder in {d.rsplit("/", 1)[0] for d in destinations}:
+                try:  # a no-op on object stores; local paths need the folder
+                    FileSystems.mkdirs(folder)
+                except OSError:
+                    pass  # already there
             FileSystems.copy(sources, destinations)
         committed.files = [
             d[len(self.output) + 1 :] for d in destinations if f"/{REJECTED_DIR}/" not in d
@@ -238,6 +243,11 @@ def _delete_tree(prefix: str) -> None:
     paths = _list(prefix)
     if paths:
         FileSystems.delete(paths)
+    try:  # local paths keep empty folders; object stores have none to delete
+        if FileSystems.exists(prefix):
+            FileSystems.delete([prefix])
+    except OSError:
+        pass
 
 
 def _check_counts(output, scored, rejected, manifest, staging) -> Committed:

@@ -171,7 +171,7 @@ def build(pipeline: beam.Pipeline, job: ScoreJob, plan: dict) -> None:
         )
     ).with_outputs(REJECTED_TAG, main="scored")
 
-    def write(pcoll, name, prefix, schema):
+    def write(pcoll, name, prefix, schema, shards):
         return (
             pcoll
             | f"Rechunk{name}" >> beam.ParDo(Rechunk(WRITE_CHUNK_ROWS))
@@ -181,19 +181,24 @@ def build(pipeline: beam.Pipeline, job: ScoreJob, plan: dict) -> None:
                 schema=schema,
                 codec=PARQUET_CODEC,
                 file_name_suffix=".parquet",
-                num_shards=job.shards,
+                num_shards=shards,
                 shard_name_template="-SSSSS-of-NNNNN",
             )
         )
 
     written_scored = write(
-        outputs.scored, "Scored", FileSystems.join(staging, PART_PREFIX), plan["scored_schema"]
+        outputs.scored,
+        "Scored",
+        FileSystems.join(staging, PART_PREFIX),
+        plan["scored_schema"],
+        job.shards,
     )
     written_rejected = write(
         outputs[REJECTED_TAG],
         "Rejected",
         FileSystems.join(staging, REJECTED_DIR, PART_PREFIX),
         plan["rejected_schema"],
+        0,  # usually few rows: let the runner decide
     )
     _ = (written_scored, written_rejected) | "CommitRun" >> CommitRun(
         plan["committer"], plan["manifest"]
