@@ -165,14 +165,12 @@ class ObjectStoreCommitter:
                 f"output {self.output!r} already holds files that vaewatch did not write (no "
                 f"{MANIFEST}); choose a new or empty location"
             )
-        stale = sorted(
-            {
-                p.split("/_staging-")[0] + "/_staging-" + p.split("/_staging-")[1].split("/")[0]
-                for p in listing
-                if "/_staging-" in p
-            }
-        )
-        for folder in stale:
+        stale = {
+            FileSystems.join(self.output, "_staging-" + p.split("/_staging-", 1)[1].split("/")[0])
+            for p in listing
+            if "/_staging-" in p
+        }
+        for folder in sorted(stale):
             _delete_tree(folder)
 
     def staged_files(self) -> tuple[list[str], list[str]]:
