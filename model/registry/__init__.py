@@ -21,7 +21,9 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ParamSchema, ParamSpec
 
 from model.artifact import CONFIG_FILE, ModelArtifact
 from model.errors import UserError
@@ -134,6 +136,20 @@ class TrainingRun:
                     artifacts={ARTIFACT_KEY: str(folder)},
                     registered_model_name=model_name,
                     pip_requirements=pip_requirements,
+                    # params only: the input columns are checked by the model itself, which
+                    # reports missing columns and bad types by name (MLflow's enforcement would
+                    # reject nullable integers and dictionary columns that are valid here)
+                    signature=ModelSignature(
+                        params=ParamSchema(
+                            [
+                                ParamSpec(
+                                    "model_version",
+                                    "string",
+                                    artifact.metadata.get("model_label", model_name),
+                                )
+                            ]
+                        )
+                    ),
                 )
             except MlflowException as err:
                 raise RegistryError(
