@@ -1,0 +1,184 @@
+"""End-to-end scoring throughput: `vaewatch score` (the Beam pipeline) against, in the same run,
+(a) the pure-torch estimator loop over the same Arrow batches with the same model, and
+(b) pyarrow read + write of the same data (the IO floor).
+
+    python bench/pipeline.py                    # 1M rows x 32 features, K=64; K sweep; workers
+    python bench/pipeline.py --rows 200000 --sweep-rows 50000   # quicker
+
+Data: Parquet files of 32 features (24 continuous with a low-rank structure, 4 boolean, 4
+categorical with 10 values) plus an id, 64k-row row groups. The model is the default VAEConfig
+(latent 8, hidden [128, 128]) trained briefly: throughput does not depend on how well it fits.
+Each configuration is timed once (these runs are long), baselines right next to the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run as `python bench/pipeline.py`, this file's folder comes first on sys.path and its name
+# would shadow the `pipeline` package.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from model.artifact import ModelArtifact, ScoringDefaults
+from model.calibration import Calibration
+from model.estimators import score_records
+from model.features import FeatureSpec
+from model.training import TrainConfig, train
+from model.vae import VAE, VAEConfig
+from pipeline.score import ScoreJob, run
+
+N_CONTINUOUS, N_BOOLEAN, N_CATEGORICAL = 24, 4, 4
+ROW_GROUP = 65_536
+
+
+def make_table(rows: int, seed: int, first_id: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(rows, 4))
+    loading = np.random.default_rng(0).normal(size=(4, N_CONTINUOUS))
+    cont = z @ loading + 0.3 * rng.normal(size=(rows, N_CONTINUOUS))
+    columns = {"record_id": pa.array(np.arange(first_id, first_id + rows, dtype=np.int64))}
+    for j in range(N_CONTINUOUS):
+        columns[f"c{j:02d}"] = pa.array(cont[:, j])
+    for j in range(N_BOOLEAN):
+        columns[f"b{j}"] = pa.array(z[:, j % 4] + 0.5 * rng.normal(size=rows) > 0)
+    letters = np.array(list("abcdefghij"), dtype=object)
+    for j in range(N_CATEGORICAL):
+        codes = np.clip(((z[:, j % 4] + 2.5) * 2).astype(int), 0, 9)
+        columns[f"k{j}"] = pa.array(letters[codes].tolist(), pa.string())
+    return pa.table(columns)
+
+
+def write_input(root: Path, rows: int, files: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    per_file = -(-rows // files)
+    for i in range(files):
+        n = min(per_file, rows - i * per_file)
+        if n <= 0:
+            break
+        table = make_table(n, seed=100 + i, first_id=i * per_file)
+        pq.write_table(table, root / f"part-{i:03d}.parquet", row_group_size=ROW_GROUP)
+    return root
+
+
+def make_model(folder: Path, k: int) -> ModelArtifact:
+    table = make_table(20_000, seed=1)
+    spec = FeatureSpec.fit(table, exclude=["record_id"])
+    enc = spec.encode(table)
+    model = VAE(VAEConfig.for_spec(spec))
+    train(model, enc.x, enc.mask, TrainConfig(epochs=2, device="cpu"))
+    s = score_records(model, enc.x[:4096], enc.mask[:4096], log_std=spec.continuous_log_std, k=8)
+    calibration = Calibration.fit(s.anomaly_score.numpy(), s.feature_nll.numpy())
+    artifact = ModelArtifact.from_model(
+        model, spec, calibration, scoring=ScoringDefaults(k=k), id_column="record_id"
+    )
+    artifact.save(folder)
+    return artifact
+
+
+def io_floor(source: Path, out: Path, columns: list[str]) -> float:
+    """Seconds to read the projected columns batch by batch and write them back (zstd)."""
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.glob("*.parquet")):
+        reader = pq.ParquetFile(path)
+        schema = pa.schema([reader.schema_arrow.field(c) for c in columns])
+        with pq.ParquetWriter(out / path.name, schema, compression="zstd") as writer:
+            for batch in reader.iter_batches(batch_size=ROW_GROUP, columns=columns):
+                writer.write_batch(batch)
+    return time.perf_counter() - started
+
+
+def torch_loop(source: Path, artifact: ModelArtifact, k: int) -> float:
+    """Seconds for read -> encode -> score_records over the same batches, nothing written."""
+    model = artifact.build("cpu")
+    spec = artifact.spec
+    log_std = spec.continuous_log_std
+    started = time.perf_counter()
+    for path in sorted(source.glob("*.parquet")):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP, columns=spec.names()):
+            enc = spec.encode(batch)
+            score_records(model, enc.x, enc.mask, log_std=log_std, k=k)
+    return time.perf_counter() - started
+
+
+def pipeline_run(source: Path, model: Path, out: Path, k: int, workers: int = 1) -> float:
+    started = time.perf_counter()
+    result = run(
+        ScoreJob(
+            input=str(source),
+            output=str(out),
+            model=str(model),
+            tracking_uri="unused",
+            k=k,
+            workers=workers,
+        )
+    )
+    seconds = time.perf_counter() - started
+    assert result.manifest["rows"]["in"] == result.manifest["rows"]["scored"]
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--sweep-rows", type=int, default=200_000)
+    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--workdir", default=None, help="default: a temporary directory")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vaewatch-bench-"))
+    threads = torch.get_num_threads()
+    print(
+        f"Run: date {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {threads} threads, {args.rows:,} rows x 32 features\n"
+    )
+    full = write_input(work / "full", args.rows, args.files)
+    sweep = write_input(work / "sweep", args.sweep_rows, max(1, args.files // 2))
+    model_dir = work / "model"
+    artifact = make_model(model_dir, k=64)
+    columns = artifact.spec.names()
+
+    print("| configuration | rows | seconds | rows/s | vs torch loop | vs IO floor |")
+    print("|---|---:|---:|---:|---:|---:|")
+
+    def row(name, rows, seconds, loop=None, floor=None):
+        rate = rows / seconds
+        vs_loop = f"{loop / seconds:.2f}x" if loop else ""
+        vs_floor = f"{floor / seconds:.2f}x" if floor else ""
+        print(
+            f"| {name} | {rows:,} | {seconds:.1f} | {rate:,.0f} | {vs_loop} | {vs_floor} |",
+            flush=True,
+        )
+
+    floor = io_floor(full, work / "io", [*columns, "record_id"])
+    row("pyarrow read + write (IO floor)", args.rows, floor)
+    loop = torch_loop(full, artifact, k=64)
+    row("torch estimator loop, K=64", args.rows, loop, floor=floor)
+    seconds = pipeline_run(full, model_dir, work / "out", k=64)
+    row("vaewatch score, K=64", args.rows, seconds, loop=loop, floor=floor)
+    seconds = pipeline_run(full, model_dir, work / "out-mp", k=64, workers=2)
+    row("vaewatch score, K=64, 2 worker processes", args.rows, seconds, loop=loop, floor=floor)
+    for k in (1, 16, 256):
+        loop_k = torch_loop(sweep, artifact, k=k)
+        row(f"torch estimator loop, K={k}", args.sweep_rows, loop_k)
+        seconds = pipeline_run(sweep, model_dir, work / f"out-k{k}", k=k)
+        row(f"vaewatch score, K={k}", args.sweep_rows, seconds, loop=loop_k)
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
