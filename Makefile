@@ -29,6 +29,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/estimators.py
+	$(BIN)/python bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -118,9 +118,12 @@ class Scorer:
                 reasons[encoded.problems == problem] = problem.reason
         rows = np.flatnonzero(ok)
         if rows.size:
-            index = torch.from_numpy(rows)
-            x = encoded.x[index].to(self.device, non_blocking=True)
-            mask = encoded.mask[index].to(self.device, non_blocking=True)
+            x, mask = encoded.x, encoded.mask
+            if rows.size < n:  # copy only when some rows are rejected (the rare case)
+                index = torch.from_numpy(rows)
+                x, mask = x[index], mask[index]
+            x = x.to(self.device, non_blocking=True)
+            mask = mask.to(self.device, non_blocking=True)
             scores = score_records(
                 self.model,
                 x,
@@ -136,7 +139,7 @@ class Scorer:
             finite = np.isfinite(log_likelihood) & np.isfinite(elbo)
             if not finite.all():
                 reasons[rows[~finite]] = NON_FINITE_SCORE
-            keep = np.flatnonzero(finite)
+            keep = slice(None) if finite.all() else np.flatnonzero(finite)
             table = self._columns(
                 elbo[keep],
                 log_likelihood[keep],

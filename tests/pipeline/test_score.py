@@ -234,3 +234,47 @@ def test_empty_file_many_small_files_and_many_row_groups(trained, workspace, tmp
     result = run(_job(trained, tmp_path, only_empty, "out-empty"))
     assert result.manifest["rows"] == {"in": 0, "scored": 0, "rejected": 0}
     assert ds.dataset(str(tmp_path / "out-empty"), format="parquet").count_rows() == 0
+
+
+def test_runner_options_and_pass_through():
+    from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptions
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from pipeline.score import _options
+
+    job = ScoreJob(input="x", output="y", model="m", tracking_uri="t", workers=3)
+    options, runner = _options(job)
+    assert isinstance(runner, FnApiRunner)  # in-process: never fetches the Prism binary
+    direct = options.view_as(DirectOptions)
+    assert (direct.direct_num_workers, direct.direct_running_mode) == (3, "multi_processing")
+    job = ScoreJob(
+        input="x",
+        output="y",
+        model="m",
+        tracking_uri="t",
+        runner="DataflowRunner",
+        beam_args=["--project", "p", "--region", "europe-west4"],
+    )
+    options, runner = _options(job)
+    assert runner is None and options.get_all_options()["runner"] == "DataflowRunner"
+    assert options.view_as(GoogleCloudOptions).region == "europe-west4"
+
+
+def test_cli_passes_arguments_after_double_dash_to_beam(monkeypatch):
+    import pipeline.score as score_module
+
+    seen = {}
+
+    def fake_run(job):
+        seen["job"] = job
+        raise score_module.UserError("stop here")
+
+    monkeypatch.setattr(score_module, "run", fake_run)
+    result = CliRunner().invoke(
+        main,
+        ["score", "--input", "i", "--output", "o", "--model", "models:/m@a", "--runner",
+         "FlinkRunner", "--", "--flink_master", "host:8081", "--parallelism", "4"],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "stop here" in result.output
+    assert seen["job"].runner == "FlinkRunner"
+    assert seen["job"].beam_args == ["--flink_master", "host:8081", "--parallelism", "4"]
