@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +44,7 @@ from pipeline.commit import (
 from pipeline.transforms import (
     REJECTED_TAG,
     WRITE_CHUNK_ROWS,
+    ModelSettings,
     Rechunk,
     ScoreBatches,
     rejected_schema,
@@ -155,13 +158,15 @@ def build(pipeline: beam.Pipeline, job: ScoreJob, plan: dict) -> None:
     )
     outputs = tables | "ScoreVAE" >> beam.ParDo(
         ScoreBatches(
-            model_location=plan["model_location"],
-            tracking_uri=job.tracking_uri,
-            model_version=plan["resolved"].label,
-            k=job.k,
-            samples=job.samples,
-            seed=job.seed,
-            threshold_quantile=job.threshold_quantile,
+            model=ModelSettings(
+                location=plan["model_location"],
+                tracking_uri=job.tracking_uri,
+                model_version=plan["resolved"].label,
+                k=job.k,
+                samples=job.samples,
+                seed=job.seed,
+                threshold_quantile=job.threshold_quantile,
+            ),
             batch_size=job.batch_size,
             input_schema=plan["input_schema"],
             keep=plan["keep"],
@@ -208,7 +213,12 @@ def build(pipeline: beam.Pipeline, job: ScoreJob, plan: dict) -> None:
 def plan(job: ScoreJob) -> dict:
     """Everything decided once at launch: files, model version, schemas, staging, manifest."""
     filesystem, files = resolve_files(job.input)
-    loaded = registry.load(job.model, job.tracking_uri)
+    download = tempfile.mkdtemp(prefix="vaewatch-model-")
+    try:
+        loaded = registry.load(job.model, job.tracking_uri, destination=download)
+    except Exception:
+        shutil.rmtree(download, ignore_errors=True)
+        raise
     artifact, resolved = loaded.artifact, loaded.resolved
     keep = list(job.keep) if job.keep is not None else []
     if job.keep is None and artifact.id_column:
@@ -265,6 +275,7 @@ def plan(job: ScoreJob) -> dict:
     }
     local = job.runner == LOCAL_RUNNER
     return {
+        "download": download,
         "files": files,
         "resolved": resolved,
         # local runs read the folder downloaded here; remote workers fetch the pinned version
@@ -284,18 +295,21 @@ def run(job: ScoreJob, pipeline: beam.Pipeline | None = None) -> ScoreResult:
     if job.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {job.batch_size}")
     settings = plan(job)
-    committer = settings["committer"]
-    committer.prepare()
-    if pipeline is None:
-        options, runner = _options(job)
-        pipeline = beam.Pipeline(runner=runner, options=options)
-    build(pipeline, job, settings)
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
-    except Exception:
-        committer.abort()
-        raise
+        committer = settings["committer"]
+        committer.prepare()
+        if pipeline is None:
+            options, runner = _options(job)
+            pipeline = beam.Pipeline(runner=runner, options=options)
+        build(pipeline, job, settings)
+        try:
+            result = pipeline.run()
+            result.wait_until_finish()
+        except Exception:
+            committer.abort()
+            raise
+    finally:
+        shutil.rmtree(settings["download"], ignore_errors=True)
     from pipeline.commit import read_manifest
 
     manifest = read_manifest(committer.output) or settings["manifest"]

@@ -9,6 +9,7 @@ Dataflow, Spark or Flink.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
@@ -32,33 +33,37 @@ class _ModelHandle:
         self.scorer = scorer
 
 
-def load_scorer(
-    model_location: str,
-    tracking_uri: str,
-    model_version: str,
-    k: int | None,
-    samples: int | None,
-    seed: int | None,
-    threshold_quantile: float | None,
-):
-    """Build a Scorer from a local model folder or a pinned models:/NAME/VERSION URI."""
-    from model import registry
-    from model.artifact import ModelArtifact
-    from model.scoring import Scorer
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model a worker loads and how it scores: plain values, so the DoFn pickles small
+    and `Shared` can key the process-wide scorer on it."""
 
-    if model_location.startswith("models:/"):
-        artifact = registry.load(model_location, tracking_uri).artifact
-    else:
-        artifact = ModelArtifact.load(model_location)
-    return Scorer(
-        artifact,
-        model_version=model_version,
-        device="auto",
-        k=k,
-        samples=samples,
-        seed=seed,
-        threshold_quantile=threshold_quantile,
-    )
+    location: str  # a local model folder, or a pinned models:/NAME/VERSION URI
+    tracking_uri: str
+    model_version: str  # the label written to the model_version column
+    k: int | None = None  # None: the model's defaults
+    samples: int | None = None
+    seed: int | None = None
+    threshold_quantile: float | None = None
+
+    def load(self):
+        from model import registry
+        from model.artifact import ModelArtifact
+        from model.scoring import Scorer
+
+        if self.location.startswith("models:/"):
+            artifact = registry.load(self.location, self.tracking_uri).artifact
+        else:
+            artifact = ModelArtifact.load(self.location)
+        return Scorer(
+            artifact,
+            model_version=self.model_version,
+            device="auto",
+            k=self.k,
+            samples=self.samples,
+            seed=self.seed,
+            threshold_quantile=self.threshold_quantile,
+        )
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -105,13 +110,7 @@ class ScoreBatches(_Buffered):
     def __init__(
         self,
         *,
-        model_location: str,
-        tracking_uri: str,
-        model_version: str,
-        k: int | None,
-        samples: int | None,
-        seed: int | None,
-        threshold_quantile: float | None,
+        model: ModelSettings,
         batch_size: int,
         input_schema: pa.Schema,
         keep: Sequence[str],
@@ -120,15 +119,7 @@ class ScoreBatches(_Buffered):
         torch_threads: int | None = None,
     ):
         super().__init__(batch_size)
-        self._settings = (
-            model_location,
-            tracking_uri,
-            model_version,
-            k,
-            samples,
-            seed,
-            threshold_quantile,
-        )
+        self._model = model
         self._input_schema = input_schema
         self._keep = list(keep)
         self._scored_schema = scored_schema
@@ -143,7 +134,7 @@ class ScoreBatches(_Buffered):
         if self._torch_threads:
             torch.set_num_threads(self._torch_threads)
         self._handle = self._shared.acquire(
-            lambda: _ModelHandle(load_scorer(*self._settings)), tag=self._settings
+            lambda: _ModelHandle(self._model.load()), tag=repr(self._model)
         )
 
     def process(self, table: pa.Table):
