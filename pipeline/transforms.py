@@ -86,12 +86,20 @@ class _Buffered(beam.DoFn):
         self._pending, self._pending_rows = [], 0
 
     def _take(self, table: pa.Table, final: bool) -> Iterator[pa.Table]:
+        """Whole batches of `rows` rows (and the remainder when `final`). Tables of another
+        schema (a file with other column types) are never merged: the pending rows go first."""
+        if (
+            table is not None
+            and self._pending
+            and not table.schema.equals(self._pending[0].schema, check_metadata=False)
+        ):
+            yield from self._take(None, final=True)
         if table is not None and table.num_rows:
             self._pending.append(table)
             self._pending_rows += table.num_rows
         if self._pending_rows == 0 or (self._pending_rows < self._rows and not final):
             return
-        combined = pa.concat_tables(self._pending, promote_options="default")
+        combined = pa.concat_tables(self._pending)
         cut = combined.num_rows if final else (combined.num_rows // self._rows) * self._rows
         for start in range(0, cut, self._rows):
             yield combined.slice(start, min(self._rows, cut - start))
@@ -152,8 +160,9 @@ class ScoreBatches(_Buffered):
                     yield windowed
 
     def _score(self, table: pa.Table):
+        """Scores `table` in its own column types (the encoder reads any numeric width); only
+        the kept and rejected columns are cast to the output schema."""
         try:
-            table = _conform(table, self._input_schema)
             result = self._handle.scorer.score(table)
         except (SchemaMismatchError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
             # a file whose columns cannot be read as the model's types: all its rows rejected
@@ -162,8 +171,17 @@ class ScoreBatches(_Buffered):
             return
         if result.scores.num_rows:
             kept = table.select(self._keep).take(pa.array(result.scored_rows))
-            columns = kept.columns + result.scores.columns
-            yield pa.Table.from_arrays(columns, schema=self._scored_schema)
+            keep_schema = pa.schema([self._scored_schema.field(c) for c in self._keep])
+            try:
+                kept = _conform(kept, keep_schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                # e.g. an id that overflows the output's id type: these rows cannot be written
+                rows = table.take(pa.array(result.scored_rows))
+                reasons = pa.array([f"keep_column_not_castable: {err}"] * rows.num_rows)
+                yield beam.pvalue.TaggedOutput(REJECTED_TAG, self._rejected(rows, reasons))
+            else:
+                columns = kept.columns + result.scores.columns
+                yield pa.Table.from_arrays(columns, schema=self._scored_schema)
         if len(result.rejected_rows):
             rows = table.take(pa.array(result.rejected_rows))
             yield beam.pvalue.TaggedOutput(REJECTED_TAG, self._rejected(rows, result.reasons))

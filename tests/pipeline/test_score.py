@@ -278,3 +278,39 @@ def test_cli_passes_arguments_after_double_dash_to_beam(monkeypatch):
     assert result.exit_code == 1 and "stop here" in result.output
     assert seen["job"].runner == "FlinkRunner"
     assert seen["job"].beam_args == ["--flink_master", "host:8081", "--parallelism", "4"]
+
+
+def test_files_with_other_numeric_widths_score_like_the_originals(trained, workspace, tmp_path):
+    """A later file with float32/int32 columns (a common drift) is scored, not rejected; the
+    scores match those of the same rows in their original types."""
+    table = pq.read_table(workspace / "holdout").slice(0, 300)
+    narrow = table.cast(
+        pa.schema(
+            [
+                pa.field(f.name, pa.int32())
+                if f.name in ("n_items", "record_id")
+                else pa.field(f.name, pa.float32())
+                if f.name == "hour"
+                else f
+                for f in table.schema
+            ]
+        )
+    )
+    source = tmp_path / "in"
+    source.mkdir()
+    pq.write_table(table.slice(0, 150), source / "a.parquet")
+    pq.write_table(narrow.slice(150, 150), source / "b.parquet")
+    result = run(_job(trained, tmp_path, source))
+    assert result.manifest["rows"] == {"in": 300, "scored": 300, "rejected": 0}
+    reference = run(_job(trained, tmp_path, workspace / "holdout", "reference"))
+    assert reference.manifest["rows"]["scored"] == 5000
+    got = _scores(tmp_path / "out")
+    want = _scores(tmp_path / "reference").slice(0, 300)
+    assert got["record_id"].to_pylist() == want["record_id"].to_pylist()
+    # hour lost precision in float32, so only rows 0-149 are bit-comparable
+    np.testing.assert_allclose(
+        got["log_likelihood"].to_numpy()[:150], want["log_likelihood"].to_numpy()[:150], rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        got["log_likelihood"].to_numpy()[150:], want["log_likelihood"].to_numpy()[150:], rtol=1e-4
+    )
