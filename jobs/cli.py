@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 import sys
 
 import click
@@ -10,6 +11,17 @@ import click
 from jobs import params
 from model.errors import UserError
 from model.version import package_version
+
+
+class _QuietBeamImports(logging.Filter):
+    """Beam's GCP modules warn at import time when the GCP client libraries are absent; that
+    is expected here and says nothing about the job, so it is kept off the user's terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_QuietBeamImports())
 
 
 class ExitCode(enum.IntEnum):
@@ -180,16 +192,7 @@ def score_command(ctx, **o) -> None:
         output=o["output"],
         model=o["model_uri"],
         tracking_uri=o["tracking_uri"] or registry.default_tracking_uri(),
-        k=o["k"],
-        samples=o["samples"],
-        seed=o["seed"],
-        batch_size=o["batch_size"],
-        keep=o["keep"],
-        threshold_quantile=o["threshold_quantile"],
-        runner=o["runner"],
-        workers=o["workers"],
-        shards=o["shards"],
-        beam_args=list(ctx.args),
+        **_score_options(o, ctx),
     )
     try:
         result = run(job)
@@ -202,6 +205,172 @@ def score_command(ctx, **o) -> None:
         err=True,
     )
     click.echo(result.committed.output)
+
+
+def _score_options(o: dict, ctx) -> dict:
+    return dict(
+        k=o["k"],
+        samples=o["samples"],
+        seed=o["seed"],
+        batch_size=o["batch_size"],
+        keep=o["keep"],
+        threshold_quantile=o["threshold_quantile"],
+        runner=o["runner"],
+        workers=o["workers"],
+        shards=o["shards"],
+        beam_args=list(ctx.args),
+    )
+
+
+@main.command(
+    "nightly", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
+)
+@params.date
+@params.from_date
+@params.to_date
+@params.input_root
+@params.output_root
+@params.model_uri
+@params.tracking_uri
+@params.force
+@params.k
+@params.samples
+@params.score_seed
+@params.score_batch_size
+@params.keep
+@params.threshold_quantile
+@params.runner
+@params.workers
+@params.shards
+@click.pass_context
+def nightly_command(ctx, **o) -> None:
+    """Score one day's partition (default: yesterday, UTC) or a --from/--to backfill.
+
+    Reads INPUT_ROOT/dt=DATE/ and commits OUTPUT_ROOT/dt=DATE/ atomically; a re-run replaces
+    the day, and a day already committed with the same model version is skipped unless
+    --force. The alias is pinned once for the whole run.
+    """
+    from jobs.nightly import NightlyJob, days_between, parse_date, run_nightly, yesterday_utc
+    from model import registry
+    from pipeline.score import ScoreJob
+
+    try:
+        if o["from_date"] or o["to_date"]:
+            if o["date"] or not (o["from_date"] and o["to_date"]):
+                raise UserError("a backfill needs both --from and --to, and no --date")
+            days = days_between(
+                parse_date(o["from_date"], "--from"), parse_date(o["to_date"], "--to")
+            )
+        else:
+            days = [parse_date(o["date"]) if o["date"] else yesterday_utc()]
+        tracking_uri = o["tracking_uri"] or registry.default_tracking_uri()
+        job = NightlyJob(
+            input_root=o["input_root"],
+            output_root=o["output_root"],
+            model=o["model_uri"],
+            tracking_uri=tracking_uri,
+            days=days,
+            force=o["force"],
+            score=ScoreJob("", "", "", tracking_uri, **_score_options(o, ctx)),
+        )
+        outcomes = run_nightly(job, echo=lambda line: click.echo(line, err=True))
+    except UserError as err:
+        raise JobFailed(str(err)) from err
+    for outcome in outcomes:
+        click.echo(outcome.output)
+
+
+@main.command("query")
+@click.argument("output")
+@click.argument("sql")
+@params.output_format
+@params.result_out
+def query_command(output, sql, output_format, result_out) -> None:
+    """Run SQL over the committed output in OUTPUT: a view `scores` (with a `dt` column).
+
+    Example: vaewatch query scores "SELECT dt, count(*) FROM scores GROUP BY dt"
+    """
+    import duckdb
+
+    from jobs.query import connect, write_result
+
+    try:
+        con = connect(output)
+        try:
+            result = con.sql(sql)
+        except duckdb.Error as err:
+            raise UserError(f"DuckDB rejected the query: {err}") from err
+        if result is None:
+            raise UserError("the SQL returned no result set; use a SELECT over `scores`")
+        write_result(result, output_format, result_out, echo=click.echo)
+    except UserError as err:
+        raise JobFailed(str(err)) from err
+
+
+@main.command("top")
+@click.argument("output")
+@params.top_date
+@params.top_n
+@params.output_format
+@params.result_out
+def top_command(output, date, limit, output_format, result_out) -> None:
+    """The most anomalous committed records in OUTPUT, with the features behind them."""
+    from jobs.nightly import parse_date
+    from jobs.query import connect, top, write_result
+
+    try:
+        day = parse_date(date) if date else None
+        write_result(top(connect(output), day, limit), output_format, result_out, click.echo)
+    except UserError as err:
+        raise JobFailed(str(err)) from err
+
+
+@main.command("summary")
+@click.argument("output")
+@params.output_format
+@params.result_out
+def summary_command(output, output_format, result_out) -> None:
+    """Per day: rows, anomalies, anomaly rate, score quantiles and model version."""
+    from jobs.query import connect, summary, write_result
+
+    try:
+        write_result(summary(connect(output)), output_format, result_out, click.echo)
+    except UserError as err:
+        raise JobFailed(str(err)) from err
+
+
+@main.group("models", invoke_without_command=True)
+@params.tracking_uri
+@click.pass_context
+def models_group(ctx, tracking_uri) -> None:
+    """List registered models: versions, aliases, data fingerprints and training metrics."""
+    from jobs.models import list_versions
+    from jobs.query import format_table
+    from model import registry
+
+    ctx.obj = tracking_uri or registry.default_tracking_uri()
+    if ctx.invoked_subcommand is None:
+        try:
+            columns, rows = list_versions(ctx.obj)
+        except UserError as err:
+            raise JobFailed(str(err)) from err
+        click.echo(format_table(columns, rows) if rows else "no registered models")
+
+
+@models_group.command("promote")
+@click.argument("name")
+@click.argument("version")
+@params.alias
+@click.pass_obj
+def promote_command(tracking_uri, name, version, alias) -> None:
+    """Point ALIAS (default champion) at VERSION of the registered model NAME."""
+    from jobs.models import promote
+
+    try:
+        promote(tracking_uri, name, version, alias)
+    except UserError as err:
+        raise JobFailed(str(err)) from err
+    click.echo(f"models:/{name}@{alias} -> models:/{name}/{version}")
 
 
 if __name__ == "__main__":

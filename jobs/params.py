@@ -306,3 +306,43 @@ shards = option(
     default=0,
     help="Number of scored output files (0: the runner decides).",
 )
+
+# ------------------------------------------------------------------ nightly and reading
+date = option(
+    "--date",
+    default=None,
+    show_default="yesterday (UTC)",
+    help="The day to score, YYYY-MM-DD: reads INPUT_ROOT/dt=DATE/, writes OUTPUT_ROOT/dt=DATE/.",
+)
+from_date = option(
+    "--from",
+    "from_date",
+    default=None,
+    help="Backfill: first day (YYYY-MM-DD), with --to; one committed partition per day.",
+)
+to_date = option("--to", "to_date", default=None, help="Backfill: last day (YYYY-MM-DD).")
+input_root = option(
+    "--input-root", required=True, help="Folder holding the dt=YYYY-MM-DD/ input partitions."
+)
+output_root = option(
+    "--output-root", required=True, help="Folder receiving the dt=YYYY-MM-DD/ scored partitions."
+)
+force = option(
+    "--force/--no-force",
+    default=False,
+    help="Re-score days already committed with the same model version.",
+)
+output_format = option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+    default="table",
+    help="Result format (parquet needs --out).",
+)
+result_out = option(
+    "--out", "result_out", default=None, help="Write the result to this file instead of stdout."
+)
+top_n = option("--limit", "-n", "limit", type=click.IntRange(min=1), default=20, help="Rows shown.")
+top_date = option(
+    "--date", default=None, help="Only this day (YYYY-MM-DD); default all committed days."
+)

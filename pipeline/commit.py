@@ -27,7 +27,9 @@ removed by the next run for the same output.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -274,6 +276,38 @@ def _write_manifest_and_success(root: str, manifest: dict, committed: Committed)
         handle.write(text.encode())
     with FileSystems.create(FileSystems.join(root, SUCCESS)) as handle:
         handle.write(f"{manifest['run_id']}\n".encode())
+
+
+@contextlib.contextmanager
+def output_lock(output: str):
+    """Hold an exclusive lock on a local output for the whole run, so a second run of the same
+    output fails at once with a clear message instead of racing it. The lock is an flock on a
+    hidden sibling file (released by the kernel if the process dies). Object stores have no
+    locks: there, two concurrent runs each stage their own files, and the run whose staging the
+    other removed fails its row-count check and publishes nothing (the loser is harmless)."""
+    if FileSystems.get_scheme(output) not in (None, "file"):
+        yield
+        return
+    out = Path(output.removeprefix("file://")).expanduser().absolute()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(out.parent / f".{out.name}.lock", "a")  # noqa: SIM115 - held until exit
+    except OSError as err:
+        raise OutputError(
+            f"cannot write next to the output {str(out)!r}: {err.strerror}; pass a writable "
+            "--output"
+        ) from err
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise OutputError(
+                f"another vaewatch run is writing {str(out)!r} right now (it holds "
+                f"{handle.name}); wait for it to finish, then re-run if needed"
+            ) from err
+        yield
+    finally:
+        handle.close()
 
 
 def committer_for(output: str, run_id: str) -> LocalCommitter | ObjectStoreCommitter:

@@ -40,6 +40,8 @@ from pipeline.commit import (
     Committed,
     committer_for,
     new_run_id,
+    output_lock,
+    read_manifest,
 )
 from pipeline.transforms import (
     REJECTED_TAG,
@@ -296,22 +298,25 @@ def run(job: ScoreJob, pipeline: beam.Pipeline | None = None) -> ScoreResult:
         raise UserError(f"--batch-size must be >= 1, got {job.batch_size}")
     settings = plan(job)
     try:
-        committer = settings["committer"]
-        committer.prepare()
-        if pipeline is None:
-            options, runner = _options(job)
-            pipeline = beam.Pipeline(runner=runner, options=options)
-        build(pipeline, job, settings)
-        try:
-            result = pipeline.run()
-            result.wait_until_finish()
-        except Exception:
-            committer.abort()
-            raise
+        with output_lock(job.output):
+            return _run_planned(job, settings, pipeline)
     finally:
         shutil.rmtree(settings["download"], ignore_errors=True)
-    from pipeline.commit import read_manifest
 
+
+def _run_planned(job: ScoreJob, settings: dict, pipeline: beam.Pipeline | None) -> ScoreResult:
+    committer = settings["committer"]
+    committer.prepare()
+    if pipeline is None:
+        options, runner = _options(job)
+        pipeline = beam.Pipeline(runner=runner, options=options)
+    build(pipeline, job, settings)
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception:
+        committer.abort()
+        raise
     manifest = read_manifest(committer.output) or settings["manifest"]
     committed = Committed(
         output=committer.output,

@@ -1,0 +1,66 @@
+"""`vaewatch models`: what is registered, and moving an alias."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from mlflow.exceptions import MlflowException
+
+from model import registry
+from model.errors import UserError
+
+COLUMNS = [
+    "name",
+    "version",
+    "aliases",
+    "created",
+    "val_iwae",
+    "threshold",
+    "epochs",
+    "data_rows",
+    "fingerprint",
+]
+
+
+def list_versions(tracking_uri: str) -> tuple[list[str], list[tuple]]:
+    client = registry.configure(tracking_uri)
+    rows = []
+    try:
+        for model in sorted(client.search_registered_models(), key=lambda m: m.name):
+            versions = client.search_model_versions(f"name = '{_quoted(model.name)}'")
+            aliases = client.get_registered_model(model.name).aliases  # alias -> version
+            for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
+                metrics = client.get_run(v.run_id).data.metrics if v.run_id else {}
+                created = dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.timezone.utc)
+                rows.append(
+                    (
+                        model.name,
+                        str(v.version),
+                        ",".join(sorted(a for a, n in aliases.items() if str(n) == str(v.version))),
+                        created.strftime("%Y-%m-%d %H:%M"),
+                        metrics.get("val_iwae"),
+                        metrics.get("calibration_threshold"),
+                        int(metrics["best_epoch"]) + 1 if "best_epoch" in metrics else None,
+                        v.tags.get("data_rows", ""),
+                        v.tags.get("data_fingerprint", ""),
+                    )
+                )
+    except MlflowException as err:
+        raise UserError(f"cannot list models at {tracking_uri!r}: {err.message}") from err
+    return COLUMNS, rows
+
+
+def promote(tracking_uri: str, name: str, version: str, alias: str) -> None:
+    client = registry.configure(tracking_uri)
+    try:
+        client.get_model_version(name, version)
+        client.set_registered_model_alias(name, alias, version)
+    except MlflowException as err:
+        raise UserError(
+            f"cannot point {alias!r} at version {version} of {name!r} at {tracking_uri!r}: "
+            f"{err.message}; `vaewatch models` lists what exists"
+        ) from err
+
+
+def _quoted(name: str) -> str:
+    return name.replace("'", "''")

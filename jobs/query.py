@@ -1,0 +1,148 @@
+"""Reading committed output with DuckDB: `query`, `top`, `summary`.
+
+Only committed runs are visible: a partition counts when it has `_SUCCESS` and a manifest, and
+only the files its manifest lists are read (so staging folders, debris of a crashed run and, on
+object stores, files of a run still being published are never seen). The view `scores` has every
+score column plus `dt` (the partition date; NULL for a plain `vaewatch score` output).
+
+No user text is pasted into SQL: file paths go to DuckDB as a Python list, dates and limits as
+bound parameters, and the only generated SQL literal is a partition date that has matched
+YYYY-MM-DD.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import sys
+from dataclasses import dataclass
+
+import duckdb
+from apache_beam.io.filesystems import FileSystems
+
+from jobs.nightly import DATE
+from model.errors import UserError
+from pipeline.commit import read_manifest
+
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+@dataclass
+class Partition:
+    day: dt.date | None
+    root: str
+    manifest: dict
+
+    @property
+    def files(self) -> list[str]:
+        return [FileSystems.join(self.root, f) for f in self.manifest.get("files", [])]
+
+
+def committed_partitions(output: str) -> list[Partition]:
+    """The committed runs under `output`: itself, or its dt=YYYY-MM-DD/ partitions."""
+    manifest = read_manifest(output)
+    if manifest is not None:
+        return [Partition(None, output, manifest)]
+    found = []
+    pattern = FileSystems.join(output, "dt=*", "_SUCCESS")
+    try:
+        matches = [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list]
+    except Exception:  # noqa: BLE001 - a missing folder is an empty match on every filesystem
+        matches = []
+    for success in sorted(matches):
+        root = success.rsplit("/", 1)[0]
+        name = root.rsplit("/", 1)[1]
+        if not DATE.fullmatch(name[3:]):
+            continue
+        manifest = read_manifest(root)
+        if manifest is not None:
+            found.append(Partition(dt.date.fromisoformat(name[3:]), root, manifest))
+    return found
+
+
+def connect(output: str) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the view `scores` over the committed output."""
+    partitions = committed_partitions(output)
+    if not partitions:
+        raise UserError(
+            f"no committed vaewatch output under {output!r} (no _SUCCESS + _manifest.json, "
+            "neither there nor in dt=YYYY-MM-DD/ folders); run `vaewatch score` or "
+            "`vaewatch nightly` first"
+        )
+    con = duckdb.connect()
+    relation = None
+    for p in partitions:
+        if not p.files:
+            continue
+        day = f"DATE '{p.day.isoformat()}'" if p.day else "NULL::DATE"  # validated above
+        part = con.read_parquet(p.files).project(f"*, {day} AS dt")
+        relation = part if relation is None else relation.union(part)
+    if relation is None:
+        raise UserError(f"the committed output under {output!r} has no scored rows")
+    relation.create_view("scores")
+    return con
+
+
+def write_result(result: duckdb.DuckDBPyRelation, fmt: str, out: str | None, echo=print) -> None:
+    if fmt == "parquet":
+        if not out:
+            raise UserError("--format parquet needs --out FILE.parquet")
+        result.write_parquet(out)
+        echo(f"wrote {out}")
+        return
+    columns = result.columns
+    rows = result.fetchall()
+    if fmt == "json":
+        for row in rows:
+            echo(json.dumps(dict(zip(columns, row, strict=True)), default=str))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout if out is None else open(out, "w", newline=""))  # noqa: SIM115
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        echo(format_table(columns, rows))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e6 else f"{value:.3f}"
+    if isinstance(value, list) and value and isinstance(value[0], dict) and "feature" in value[0]:
+        return ", ".join(f"{v['feature']} +{v['contribution']:.1f}" for v in value)
+    return "" if value is None else str(value)
+
+
+def format_table(columns: list[str], rows: list[tuple]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def top(con, day: dt.date | None, n: int) -> duckdb.DuckDBPyRelation:
+    """The n most anomalous records (of one day if given), with their top features."""
+    where = "WHERE dt = $day " if day else ""
+    params = {"day": day, "n": n} if day else {"n": n}
+    return con.sql(
+        "SELECT * EXCLUDE (latent_mean, latent_std, elbo, log_likelihood) FROM scores "
+        f"{where}ORDER BY anomaly_score DESC LIMIT $n",
+        params=params,
+    )
+
+
+def summary(con) -> duckdb.DuckDBPyRelation:
+    return con.sql(
+        """
+        SELECT dt,
+               count(*) AS rows,
+               sum(is_anomaly::INTEGER) AS anomalies,
+               round(avg(is_anomaly::INTEGER), 5) AS anomaly_rate,
+               quantile_cont(anomaly_score, 0.5) AS score_p50,
+               quantile_cont(anomaly_score, 0.99) AS score_p99,
+               max(anomaly_score) AS score_max,
+               string_agg(DISTINCT model_version::VARCHAR, ',') AS model_version
+        FROM scores GROUP BY dt ORDER BY dt
+        """
+    )
