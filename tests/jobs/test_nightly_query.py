@@ -1,0 +1,169 @@
+"""nightly, query, top, summary, models: on committed output only, counts exact."""
+
+import datetime as dt
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import main
+from jobs.nightly import parse_date
+from model.errors import UserError
+from pipeline.commit import output_lock, read_manifest
+from tests.conftest import write_days
+
+
+@pytest.fixture(scope="module")
+def partitions(tmp_path_factory):
+    root = tmp_path_factory.mktemp("partitions")
+    for i, day in enumerate(("2026-03-01", "2026-03-02", "2026-03-03")):
+        write_days(
+            root / "in" / f"dt={day}", days=1, rows=1_000 + 100 * i, anomaly_rate=0.02, seed=i
+        )
+    return root
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _nightly(trained, root, *extra, out="out"):
+    job, _ = trained
+    return _invoke(
+        "nightly", "--input-root", root / "in", "--output-root", root / out,
+        "--model", "models:/transactions@champion", "--tracking-uri", job.tracking_uri, *extra,
+    )  # fmt: skip
+
+
+def test_two_days_a_rerun_and_a_backfill(trained, partitions):
+    first = _nightly(trained, partitions, "--date", "2026-03-01")
+    assert first.exit_code == 0, first.output
+    second = _nightly(trained, partitions, "--date", "2026-03-02")
+    assert second.exit_code == 0, second.output
+    run_id = read_manifest(str(partitions / "out" / "dt=2026-03-01"))["run_id"]
+
+    again = _nightly(trained, partitions, "--date", "2026-03-01")  # same version: skipped
+    assert again.exit_code == 0 and "skipped" in again.output
+    assert read_manifest(str(partitions / "out" / "dt=2026-03-01"))["run_id"] == run_id
+    forced = _nightly(trained, partitions, "--date", "2026-03-01", "--force")  # replaced
+    assert forced.exit_code == 0, forced.output
+    assert read_manifest(str(partitions / "out" / "dt=2026-03-01"))["run_id"] != run_id
+
+    backfill = _nightly(trained, partitions, "--from", "2026-03-01", "--to", "2026-03-03")
+    assert backfill.exit_code == 0, backfill.output
+    assert backfill.output.count("skipped") == 2 and "2026-03-03: scored 1,200" in backfill.output
+
+    counts = _invoke(
+        "query", partitions / "out", "SELECT dt, count(*) AS n FROM scores GROUP BY dt ORDER BY dt",
+        "--format", "json",
+    )  # fmt: skip
+    assert counts.exit_code == 0, counts.output
+    got = [json.loads(line) for line in counts.output.strip().splitlines()]
+    assert got == [
+        {"dt": "2026-03-01", "n": 1000},
+        {"dt": "2026-03-02", "n": 1100},
+        {"dt": "2026-03-03", "n": 1200},
+    ]
+
+
+@pytest.fixture(scope="module")
+def committed(trained, partitions):
+    result = _nightly(trained, partitions, "--from", "2026-03-01", "--to", "2026-03-03", out="c")
+    assert result.exit_code == 0, result.output
+    return partitions / "c"
+
+
+def test_query_top_summary_see_committed_output_only(committed, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(committed, out)
+    # a crashed, uncommitted partition and staging debris: both invisible
+    crashed = out / "dt=2026-03-04"
+    crashed.mkdir()
+    pq.write_table(pq.read_table(out / "dt=2026-03-01"), crashed / "part-00000-of-00001.parquet")
+    (out / ".dt=2026-03-05.staging-abc").mkdir()
+    result = _invoke("query", out, "SELECT count(*) AS n FROM scores", "--format", "csv")
+    assert result.exit_code == 0 and result.output.split() == ["n", "3300"], result.output
+
+    summary = _invoke("summary", out, "--format", "json")
+    days = [json.loads(line) for line in summary.output.strip().splitlines()]
+    assert [d["dt"] for d in days] == ["2026-03-01", "2026-03-02", "2026-03-03"]
+    assert [d["rows"] for d in days] == [1000, 1100, 1200]
+    assert all(0 < d["anomaly_rate"] < 0.2 and d["model_version"] == "transactions/1" for d in days)
+
+    top = _invoke("top", out, "--date", "2026-03-02", "-n", "5", "--format", "json")
+    rows = [json.loads(line) for line in top.output.strip().splitlines()]
+    assert len(rows) == 5 and {r["dt"] for r in rows} == {"2026-03-02"}
+    scores = [r["anomaly_score"] for r in rows]
+    assert scores == sorted(scores, reverse=True) and rows[0]["top_features"]
+    table = _invoke("top", out, "-n", "3")
+    assert table.exit_code == 0 and "anomaly_score" in table.output and "+" in table.output
+
+
+def test_paths_with_quotes_and_bad_sql(committed, tmp_path):
+    odd = tmp_path / 'it\'s "odd"'
+    shutil.copytree(committed / "dt=2026-03-01", odd / "dt=2026-03-01")
+    result = _invoke("query", odd, "SELECT count(*) AS n FROM scores", "--format", "csv")
+    assert result.exit_code == 0 and result.output.split() == ["n", "1000"], result.output
+    bad = _invoke("query", odd, "SELEKT 1")
+    assert bad.exit_code == 1 and "DuckDB rejected the query" in bad.output
+    nothing = _invoke("query", tmp_path / "empty", "SELECT 1")
+    assert nothing.exit_code == 1 and "no committed vaewatch output" in nothing.output
+    parquet = _invoke(
+        "query", odd, "SELECT * FROM scores", "--format", "parquet", "--out", tmp_path / "r.parquet"
+    )
+    assert parquet.exit_code == 0 and pq.read_table(tmp_path / "r.parquet").num_rows == 1000
+
+
+def test_nightly_errors_are_exit_1(trained, partitions):
+    missing = _nightly(trained, partitions, "--date", "2026-04-01")
+    assert missing.exit_code == 1 and "dt=2026-04-01" in missing.output
+    assert "Traceback" not in missing.output
+    for bad in ("../../etc", "2026-02-30", "2026-3-1", "2026-03-01/x"):
+        result = _nightly(trained, partitions, "--date", bad)
+        assert result.exit_code == 1 and "--date" in result.output, bad
+    mixed = _nightly(trained, partitions, "--from", "2026-03-01")
+    assert mixed.exit_code == 1 and "both --from and --to" in mixed.output
+    backwards = _nightly(trained, partitions, "--from", "2026-03-03", "--to", "2026-03-01")
+    assert backwards.exit_code == 1 and "before" in backwards.output
+
+
+def test_parse_date_and_default_is_yesterday(monkeypatch):
+    assert parse_date("2026-03-01") == dt.date(2026, 3, 1)
+    with pytest.raises(UserError):
+        parse_date("2026-03-01T00:00")
+    from jobs import cli
+
+    command = cli.main.commands["nightly"]
+    assert (
+        command.make_context(
+            "nightly", ["--input-root", "a", "--output-root", "b", "--model", "m"]
+        ).params["date"]
+        is None
+    )
+
+
+def test_a_second_run_of_the_same_output_is_refused_while_one_runs(tmp_path):
+    with output_lock(str(tmp_path / "out")):
+        with pytest.raises(UserError, match="another vaewatch run is writing"):
+            with output_lock(str(tmp_path / "out")):
+                pass
+    with output_lock(str(tmp_path / "out")):  # released after the first run
+        pass
+
+
+def test_models_list_and_promote(trained):
+    job, outcome = trained
+    listed = _invoke("models", "--tracking-uri", job.tracking_uri)
+    assert listed.exit_code == 0, listed.output
+    line = next(row for row in listed.output.splitlines() if row.startswith("transactions "))
+    assert " champion " in line and outcome.artifact.metadata["data_fingerprint"]["digest"] in line
+    promoted = _invoke(
+        "models", "--tracking-uri", job.tracking_uri, "promote", "transactions",
+        outcome.resolved.version, "--alias", "staging",
+    )  # fmt: skip
+    assert promoted.exit_code == 0, promoted.output
+    assert "champion,staging" in _invoke("models", "--tracking-uri", job.tracking_uri).output
+    missing = _invoke("models", "--tracking-uri", job.tracking_uri, "promote", "transactions", "99")
+    assert missing.exit_code == 1 and "vaewatch models" in missing.output
