@@ -339,6 +339,21 @@ def summary_command(output, output_format, result_out) -> None:
         raise JobFailed(str(err)) from err
 
 
+@main.command("report")
+@click.argument("output")
+@params.report_out
+@params.top_n
+def report_command(output, report_out, limit) -> None:
+    """Write a self-contained HTML report (plots + the latest day's top anomalies)."""
+    from jobs.report import write
+
+    try:
+        path = write(output, report_out, top_n=limit)
+    except UserError as err:
+        raise JobFailed(str(err)) from err
+    click.echo(str(path))
+
+
 @main.group("models", invoke_without_command=True)
 @params.tracking_uri
 @click.pass_context

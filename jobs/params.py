@@ -346,3 +346,9 @@ top_n = option("--limit", "-n", "limit", type=click.IntRange(min=1), default=20,
 top_date = option(
     "--date", default=None, help="Only this day (YYYY-MM-DD); default all committed days."
 )
+report_out = option(
+    "--out",
+    "report_out",
+    default="vaewatch-report.html",
+    help="Where to write the HTML report (one self-contained file).",
+)

@@ -167,3 +167,23 @@ def test_models_list_and_promote(trained):
     assert "champion,staging" in _invoke("models", "--tracking-uri", job.tracking_uri).output
     missing = _invoke("models", "--tracking-uri", job.tracking_uri, "promote", "transactions", "99")
     assert missing.exit_code == 1 and "vaewatch models" in missing.output
+
+
+def test_report_embeds_valid_pngs_and_names_the_top_anomalies(committed, tmp_path):
+    import base64
+    import re
+
+    result = _invoke("report", committed, "--out", tmp_path / "report.html", "-n", "10")
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report.html").read_text()
+    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(images) == 4  # distribution, per day, latent projection, contributors
+    for data in images:
+        png = base64.b64decode(data)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    assert "<script" not in page and "http" not in page.split("<body>")[1]  # self-contained
+    top = _invoke("top", committed, "--date", "2026-03-03", "-n", "3", "--format", "json")
+    ids = [json.loads(line)["record_id"] for line in top.output.strip().splitlines()]
+    for record_id in ids:
+        assert f"<td>{record_id}</td>" in page
+    assert "Most anomalous records, 2026-03-03" in page

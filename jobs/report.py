@@ -1,0 +1,259 @@
+"""`vaewatch report`: one self-contained HTML page about the committed output.
+
+Plots (matplotlib, PNG embedded as data URIs, so the file can be mailed or attached to a ticket):
+the score distribution with the threshold, anomalies per day, a 2-D projection of latent means
+coloured by score, how often each feature is the top contributor of a flagged record, and the
+latest day's most anomalous records.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jobs.query import committed_partitions, connect  # noqa: E402
+from model.errors import UserError  # noqa: E402
+
+SAMPLE_ROWS = 100_000  # rows drawn for the distribution and projection plots
+BLUE, RED = "#3b6ea5", "#c8453b"
+CAPTIONS = {
+    "distribution": "Anomaly score = minus the IWAE log-likelihood of the record, in nats; red "
+    "records are above the threshold stored with the model.",
+    "per_day": "Bars: flagged records per partition; line: their share of the day's records.",
+    "latent": "Latent means projected on their first two principal components ({:,} sampled "
+    "records), coloured by anomaly score; flagged records ringed in red.",
+    "contributors": "For each flagged record, the feature whose -log p(x_j|z) most exceeds its "
+    "median on the calibration data.",
+}
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _style(ax) -> None:
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def score_distribution(scores: np.ndarray, threshold: float) -> str:
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), constrained_layout=True)
+    finite = scores[np.isfinite(scores)]
+    upper = max(np.quantile(finite, 0.999), threshold) * 1.15
+    clipped = np.clip(finite, None, upper)
+    bins = np.linspace(clipped.min(), upper, 80)
+    ax.hist(clipped[clipped <= threshold], bins=bins, color=BLUE, label="normal")
+    ax.hist(clipped[clipped > threshold], bins=bins, color=RED, label="flagged")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
+    ax.annotate(f"threshold {threshold:.1f}", (threshold, 0.95), xycoords=("data", "axes fraction"),
+                xytext=(4, 0), textcoords="offset points", fontsize=9, va="top")  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel("anomaly score (nats; the last bin holds everything above)")
+    ax.set_ylabel("records")
+    ax.legend(frameon=False)
+    _style(ax)
+    return _png(fig)
+
+
+def anomalies_per_day(days: list, rows: list[int], anomalies: list[int]) -> str:
+    fig, ax = plt.subplots(figsize=(7.5, 3.2), constrained_layout=True)
+    labels = [str(d) if d is not None else "all" for d in days]
+    x = np.arange(len(labels))
+    ax.bar(x, anomalies, color=RED, width=0.6)
+    ax.set_xticks(
+        x,
+        labels,
+        rotation=45 if len(labels) > 6 else 0,
+        ha="right" if len(labels) > 6 else "center",
+    )
+    ax.set_ylabel("flagged records")
+    twin = ax.twinx()
+    rate = np.asarray(anomalies) / np.maximum(1, np.asarray(rows))
+    twin.plot(x, 100 * rate, color="black", marker="o", linewidth=1.2)
+    twin.set_ylabel("anomaly rate (%)")
+    twin.set_ylim(0, max(1.0, 100 * rate.max() * 1.3))
+    twin.spines[["top"]].set_visible(False)
+    _style(ax)
+    return _png(fig)
+
+
+def latent_projection(latent: np.ndarray, scores: np.ndarray, flagged: np.ndarray) -> str:
+    """First two principal components of the latent means, coloured by anomaly score."""
+    centred = latent - latent.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T
+    fig, ax = plt.subplots(figsize=(8.5, 4.4), constrained_layout=True)
+    order = np.argsort(scores)  # anomalies drawn last, on top
+    # frame the bulk of the records: a few extreme anomalies would otherwise squeeze it
+    low, high = np.quantile(xy, 0.005, axis=0), np.quantile(xy, 0.995, axis=0)
+    pad = 0.25 * (high - low)
+    outside = int(np.sum(np.any((xy < low - pad) | (xy > high + pad), axis=1)))
+    colour = np.clip(scores, None, np.quantile(scores, 0.995))
+    points = ax.scatter(xy[order, 0], xy[order, 1], c=colour[order], s=4, cmap="viridis", alpha=0.7,
+                        linewidths=0)  # fmt: skip
+    ax.scatter(xy[flagged, 0], xy[flagged, 1], s=14, facecolors="none", edgecolors=RED,
+               linewidths=0.8, label="flagged")  # fmt: skip
+    fig.colorbar(points, ax=ax, label="anomaly score (nats)")
+    ax.set_xlim(low[0] - pad[0], high[0] + pad[0])
+    ax.set_ylim(low[1] - pad[1], high[1] + pad[1])
+    ax.set_xlabel("latent PC 1" + (f"   ({outside} records outside the frame)" if outside else ""))
+    ax.set_ylabel("latent PC 2")
+    ax.legend(frameon=False, loc="upper right")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _png(fig)
+
+
+def top_contributors(features: list[str], counts: list[int]) -> str:
+    fig, ax = plt.subplots(figsize=(7.5, 0.4 * len(features) + 1.2), constrained_layout=True)
+    y = np.arange(len(features))[::-1]
+    ax.barh(y, counts, color=BLUE)
+    ax.set_yticks(y, features)
+    ax.set_xlabel("flagged records where the feature contributes most")
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def _features_text(value) -> str:
+    return ", ".join(f"{f['feature']} +{f['contribution']:.1f}" for f in value or [])
+
+
+def build(output: str, top_n: int = 20) -> str:
+    """The report's HTML for the committed output under `output`."""
+    con = connect(output)
+    partitions = committed_partitions(output)
+    latest = partitions[-1].manifest
+    threshold = float(latest["threshold"])
+    per_day = con.sql(
+        "SELECT dt, count(*), sum(is_anomaly::INTEGER), "
+        "string_agg(DISTINCT model_version::VARCHAR, ',') FROM scores GROUP BY dt ORDER BY dt"
+    ).fetchall()
+    total = sum(r[1] for r in per_day)
+    flagged_total = sum(r[2] for r in per_day)
+    sample = con.sql(
+        f"SELECT anomaly_score, is_anomaly, latent_mean FROM scores USING SAMPLE {SAMPLE_ROWS} ROWS"
+    ).fetchnumpy()
+    scores = np.asarray(sample["anomaly_score"], dtype=np.float64)
+    flagged = np.asarray(sample["is_anomaly"], dtype=bool)
+    latent = np.stack([np.asarray(v, dtype=np.float64) for v in sample["latent_mean"]])
+    contributors = con.sql(
+        "SELECT top_features[1].feature AS feature, count(*) AS n FROM scores "
+        "WHERE is_anomaly AND len(top_features) > 0 GROUP BY feature ORDER BY n DESC, feature"
+    ).fetchall()
+    latest_day = per_day[-1][0]
+    where = "dt = $day" if latest_day is not None else "TRUE"
+    top = con.sql(
+        "SELECT * EXCLUDE (latent_mean, latent_std, elbo, log_likelihood, dt) FROM scores "
+        f"WHERE {where} "
+        "ORDER BY anomaly_score DESC LIMIT $n",
+        params={"day": latest_day, "n": top_n} if latest_day is not None else {"n": top_n},
+    )
+    top_columns, top_rows = top.columns, top.fetchall()
+    if not total:
+        raise UserError(f"the committed output under {output!r} has no scored rows to report on")
+
+    images = {
+        "distribution": score_distribution(scores, threshold),
+        "per_day": anomalies_per_day(
+            [r[0] for r in per_day], [r[1] for r in per_day], [r[2] for r in per_day]
+        ),
+        "latent": latent_projection(latent, scores, flagged),
+        "contributors": top_contributors([c[0] for c in contributors], [c[1] for c in contributors])
+        if contributors
+        else "",
+    }
+    model = latest["model"]
+    head = [
+        ("days", str(len(per_day))),
+        ("records scored", f"{total:,}"),
+        ("flagged", f"{flagged_total:,} ({flagged_total / total:.2%})"),
+        ("model", html.escape(model["uri"])),
+        ("threshold", f"{threshold:.2f} nats (q = {latest['threshold_quantile']})"),
+        ("IWAE samples", f"K = {latest['k']}, seed {latest['seed']}"),
+    ]
+    cards = "".join(
+        f'<div class="card"><div class="k">{k}</div><div class="v">{v}</div></div>' for k, v in head
+    )
+
+    def cell(column, value):
+        if column == "top_features":
+            return html.escape(_features_text(value))
+        if isinstance(value, float):
+            return f"{value:,.2f}" if column != "score_percentile" else f"{value:.3f}"
+        return html.escape("" if value is None else str(value))
+
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in top_columns)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{cell(c, v)}</td>" for c, v in zip(top_columns, row, strict=True))
+        + "</tr>"
+        for row in top_rows
+    )
+
+    def figure(key, title, caption):
+        if not images[key]:
+            return f"<section><h2>{title}</h2><p class='cap'>No flagged records yet.</p></section>"
+        return (
+            f"<section><h2>{title}</h2>"
+            f"<img alt='{title}' src='data:image/png;base64,{images[key]}'>"
+            f"<p class='cap'>{caption}</p></section>"
+        )
+
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>vaewatch report: {html.escape(output)}</title>
+<style>
+body {{ font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1f2328;
+       max-width: 1100px; margin: 2rem auto; padding: 0 1.5rem; background: #fafbfc; }}
+h1 {{ font-size: 1.6rem; margin-bottom: 0.2rem; }} h2 {{ font-size: 1.15rem; margin: 0 0 0.6rem; }}
+.sub {{ color: #57606a; margin-top: 0; }}
+.cards {{ display: grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap: 0.8rem;
+         margin: 1.2rem 0 1.6rem; }}
+.card {{ background: white; border: 1px solid #d8dee4; border-radius: 8px;
+         padding: 0.7rem 0.9rem; }}
+.k {{ color: #57606a; font-size: 0.8rem; text-transform: uppercase; letter-spacing: 0.04em; }}
+.v {{ font-size: 1.05rem; font-weight: 600; word-break: break-all; }}
+.grid {{ display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; }}
+section {{ background: white; border: 1px solid #d8dee4; border-radius: 8px; padding: 1rem 1.2rem;
+          margin-bottom: 1rem; }}
+img {{ max-width: 100%; }} .cap {{ color: #57606a; font-size: 0.85rem; margin: 0.3rem 0 0; }}
+table {{ border-collapse: collapse; width: 100%; font-size: 0.85rem; }}
+th, td {{ text-align: left; padding: 0.35rem 0.5rem; border-bottom: 1px solid #eaeef2; }}
+th {{ background: #f6f8fa; }} tr:hover td {{ background: #fff8e6; }}
+@media (max-width: 900px) {{ .grid {{ grid-template-columns: 1fr; }} }}
+</style></head><body>
+<h1>vaewatch report</h1>
+<p class="sub">{html.escape(output)} &middot; committed partitions only &middot; model version
+{html.escape(", ".join(sorted({r[3] for r in per_day if r[3]})))}</p>
+<div class="cards">{cards}</div>
+<div class="grid">
+{figure("distribution", "Score distribution", CAPTIONS["distribution"])}
+{figure("per_day", "Anomalies per day", CAPTIONS["per_day"])}
+</div>
+{figure("latent", "Where records sit in latent space", CAPTIONS["latent"].format(len(scores)))}
+{figure("contributors", "What makes records unusual", CAPTIONS["contributors"])}
+<section><h2>Most anomalous records, {html.escape(str(latest_day or "latest run"))}</h2>
+<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></section>
+</body></html>
+"""
+
+
+def write(output: str, destination: str | Path, top_n: int = 20) -> Path:
+    page = build(output, top_n)
+    destination = Path(destination)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_text(page, encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot write the report to {str(destination)!r}: {err.strerror}") from err
+    return destination
