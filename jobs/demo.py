@@ -1,9 +1,10 @@
-"""The whole loop on synthetic transactions, with nothing to configure.
+"""The whole loop on synthetic transactions, with nothing to configure and nothing running.
 
 Writes a few days of Parquet partitions (dt=YYYY-MM-DD/) with injected anomalies of known kinds,
-fits the feature spec and a VAE on the first day, scores the other days with the IWAE estimator,
-and prints the most anomalous records with the features that made them unusual, the detection
-quality per anomaly kind, and the ROC-AUC against the injected labels.
+trains a VAE on the first day and registers it in a local MLflow store (SQLite, inside the
+working directory), scores the other days with `nightly` (one committed partition per day),
+prints `top` and `summary`, writes the HTML report, and measures the ROC-AUC of the anomaly
+score against the injected labels.
 """
 
 from __future__ import annotations
@@ -14,16 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-import torch
 
+from jobs.nightly import NightlyJob, run_nightly
+from jobs.query import connect, format_table, summary, top
+from jobs.report import write as write_report
 from jobs.synthetic import LABEL_COLUMNS, transactions
-from model.estimators import DEFAULT_K, score_records
-from model.features import FeatureSpec
-from model.training import TrainConfig, train
-from model.vae import VAE, VAEConfig
+from jobs.train import TrainJob
+from jobs.train import run as train
+from model import registry
+from model.estimators import DEFAULT_K
+from model.training import TrainConfig
+from pipeline.score import ScoreJob
 
+MODEL_NAME = "vaewatch-demo"
 FIRST_DAY = dt.date(2026, 1, 1)
 
 
@@ -66,6 +71,7 @@ class DemoResult:
     roc_auc: float
     rows_scored: int
     seconds: float
+    report: Path
 
 
 def run(
@@ -79,56 +85,74 @@ def run(
     echo=print,
 ) -> DemoResult:
     started = time.perf_counter()
+    workdir = workdir.absolute()
     data_root = workdir / "input"
     paths = write_partitions(data_root, days, rows_per_day, seed)
     echo(f"wrote {days} daily partitions x {rows_per_day:,} rows under {data_root}")
 
-    train_table = pq.read_table(paths[0])
-    spec = FeatureSpec.fit(train_table, exclude=LABEL_COLUMNS)
-    echo(f"features: {', '.join(f'{f.name} ({f.kind.value})' for f in spec.features)}")
-    enc = spec.encode(train_table)
-    ok = torch.from_numpy(enc.ok)
-    model = VAE(VAEConfig.for_spec(spec))
-    config = TrainConfig(epochs=epochs, seed=seed)
-    result = train(
-        model,
-        enc.x[ok],
-        enc.mask[ok],
-        config,
-        on_epoch=lambda s: echo(
-            f"  epoch {s.epoch:3d}  train loss {s.train_loss:8.3f}  "
-            f"val elbo {s.val_elbo:8.3f}  ({s.seconds:.1f}s)"
+    tracking_uri = registry.default_tracking_uri(workdir)
+    trained = train(
+        TrainJob(
+            data=str(paths[0]),
+            model_name=MODEL_NAME,
+            tracking_uri=tracking_uri,
+            id_column="record_id",
+            exclude=[c for c in LABEL_COLUMNS if c != "record_id"],
+            train=TrainConfig(epochs=epochs, seed=seed, device="auto"),
+            k=k,
+            score_seed=seed,
+            progress=False,
+            artifact_location=(workdir / "mlruns").as_uri(),
         ),
+        echo=lambda line: echo("  " + line),
     )
-    echo(f"trained {len(result.history)} epochs, best epoch {result.best_epoch}")
-    model.eval()
+    echo(f"trained and registered {trained.resolved.uri} (tracking: {tracking_uri})")
 
-    scored = ds.dataset([str(p) for p in paths[1:]], format="parquet").to_table()
-    enc = spec.encode(scored)
-    scores = score_records(model, enc.x, enc.mask, log_std=spec.continuous_log_std, k=k, seed=seed)
-    anomaly = scores.anomaly_score.numpy()
-    labels = scored.column("is_injected_anomaly").to_numpy()
-    auc = roc_auc(anomaly, labels)
+    scored_days = [FIRST_DAY + dt.timedelta(days=i) for i in range(1, days)]
+    output_root = workdir / "scores"
+    run_nightly(
+        NightlyJob(
+            input_root=str(data_root),
+            output_root=str(output_root),
+            model=f"models:/{MODEL_NAME}@champion",
+            tracking_uri=tracking_uri,
+            days=scored_days,
+            force=True,
+            score=ScoreJob("", "", "", tracking_uri),
+        ),
+        echo=lambda line: echo("  nightly " + line),
+    )
 
-    kinds = np.asarray(scored.column("anomaly_kind").to_pylist(), dtype=object)
-    threshold = np.quantile(anomaly[~labels], 0.99)
-    echo(f"\nscored {scored.num_rows:,} rows of {days - 1} days with IWAE K={k}")
-    echo(f"threshold at the 99th percentile of normal scores: {threshold:.2f} nats")
+    con = connect(str(output_root))
+    echo("\nsummary (vaewatch summary):")
+    result = summary(con)
+    echo(format_table(result.columns, result.fetchall()))
+    echo("\nmost anomalous records (vaewatch top):")
+    result = top(con, None, 10)
+    echo(format_table(result.columns, result.fetchall()))
+
+    # Quality against the injected labels: join the committed scores back to the inputs.
+    labels = con.read_parquet([str(p) for p in paths[1:]]).select(
+        "record_id, is_injected_anomaly, anomaly_kind"
+    )
+    labels.create_view("labels")
+    joined = con.sql(
+        "SELECT s.anomaly_score, s.is_anomaly, l.is_injected_anomaly, l.anomaly_kind "
+        "FROM scores s JOIN labels l USING (record_id)"
+    ).fetchnumpy()
+    anomaly = np.asarray(joined["anomaly_score"], dtype=np.float64)
+    flagged = np.asarray(joined["is_anomaly"], dtype=bool)
+    injected = np.asarray(joined["is_injected_anomaly"], dtype=bool)
+    kinds = np.asarray(joined["anomaly_kind"], dtype=object)
+    auc = roc_auc(anomaly, injected)
+    echo("\nflagged by the stored threshold, per injected kind:")
     for kind in sorted(set(kinds) - {""}):
         rows = kinds == kind
-        echo(f"  {kind:<24} caught {np.mean(anomaly[rows] > threshold):6.1%} of {rows.sum()}")
+        echo(f"  {kind:<24} {np.mean(flagged[rows]):6.1%} of {rows.sum()}")
+    echo(f"  {'normal rows':<24} {np.mean(flagged[~injected]):6.1%} of {(~injected).sum()}")
 
-    names = spec.names()
-    top = np.argsort(-anomaly)[:10]
-    excess = scores.feature_nll.numpy() - np.median(scores.feature_nll.numpy(), axis=0)
-    echo("\nmost anomalous records:")
-    for row in top:
-        culprits = np.argsort(-excess[row])[:2]
-        why = ", ".join(f"{names[j]} +{excess[row, j]:.1f}" for j in culprits)
-        echo(
-            f"  id {scored.column('record_id')[row].as_py():>7}  score {anomaly[row]:8.2f}  "
-            f"kind {kinds[row] or 'normal':<22}  top features: {why}"
-        )
+    report = write_report(str(output_root), workdir / "report.html")
+    echo(f"\nreport: {report}")
     seconds = time.perf_counter() - started
-    echo(f"\nROC-AUC against the injected labels: {auc:.4f}   ({seconds:.0f}s end to end)")
-    return DemoResult(roc_auc=auc, rows_scored=scored.num_rows, seconds=seconds)
+    echo(f"ROC-AUC against the injected labels: {auc:.4f}   ({seconds:.0f}s end to end)")
+    return DemoResult(roc_auc=auc, rows_scored=len(anomaly), seconds=seconds, report=report)

@@ -51,6 +51,7 @@ class TrainJob:
     max_validation_rows: int = 200_000
     cache_bytes: int = 2 * 2**30
     progress: bool = True
+    artifact_location: str | None = None  # for a new experiment; None: MLflow's default
 
 
 @dataclass
@@ -160,7 +161,9 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
     vae_config = VAEConfig.for_spec(spec, latent_dim=job.latent_dim, hidden=list(job.hidden))
     model = VAE(vae_config)
 
-    with registry.TrainingRun(job.tracking_uri, job.experiment) as mlrun:
+    with registry.TrainingRun(
+        job.tracking_uri, job.experiment, artifact_location=job.artifact_location
+    ) as mlrun:
         params = {
             **{f"train.{k}": v for k, v in config.to_json().items()},
             **{f"vae.{k}": v for k, v in vae_config.to_json().items()},

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,10 +77,20 @@ class TrainingRun:
     """An MLflow run for one training job; use as a context manager (a failure marks the run
     FAILED). Log params and epochs as they come, then `register` the artifact."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None = None):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str | None = None,
+        artifact_location: str | None = None,
+    ):
+        """`artifact_location` is used only when the experiment is created (MLflow's default
+        for a SQLite store is ./mlruns in the working directory)."""
         self.tracking_uri = tracking_uri
         self.client = configure(tracking_uri)
         try:
+            if artifact_location and mlflow.get_experiment_by_name(experiment) is None:
+                mlflow.create_experiment(experiment, artifact_location=artifact_location)
             mlflow.set_experiment(experiment)
         except MlflowException as err:
             raise RegistryError(
@@ -129,28 +140,32 @@ class TrainingRun:
         it and tag it. Returns the concrete version."""
         with tempfile.TemporaryDirectory(prefix="vaewatch-artifact-") as tmp:
             folder = artifact.save(Path(tmp) / ARTIFACT_KEY)
-            try:
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=str(PYFUNC_CODE),
-                    artifacts={ARTIFACT_KEY: str(folder)},
-                    registered_model_name=model_name,
-                    pip_requirements=pip_requirements,
-                    # params only: the input columns are checked by the model itself, which
-                    # reports missing columns and bad types by name (MLflow's enforcement would
-                    # reject nullable integers and dictionary columns that are valid here)
-                    signature=ModelSignature(
-                        params=ParamSchema(
-                            [
-                                ParamSpec(
-                                    "model_version",
-                                    "string",
-                                    artifact.metadata.get("model_label", model_name),
-                                )
-                            ]
+            signature = ModelSignature(
+                # params only: the input columns are checked by the model itself, which reports
+                # missing columns and bad types by name (MLflow's enforcement would reject
+                # nullable integers and dictionary columns that are valid here)
+                params=ParamSchema(
+                    [
+                        ParamSpec(
+                            "model_version",
+                            "string",
+                            artifact.metadata.get("model_label", model_name),
                         )
-                    ),
+                    ]
                 )
+            )
+            try:
+                with warnings.catch_warnings():
+                    # no input example on purpose: it would run the model at logging time
+                    warnings.filterwarnings("ignore", message=".*input example was not provided")
+                    info = mlflow.pyfunc.log_model(
+                        name="model",
+                        python_model=str(PYFUNC_CODE),
+                        artifacts={ARTIFACT_KEY: str(folder)},
+                        registered_model_name=model_name,
+                        pip_requirements=pip_requirements,
+                        signature=signature,
+                    )
             except MlflowException as err:
                 raise RegistryError(
                     f"could not log or register model {model_name!r} at {self.tracking_uri!r}: "

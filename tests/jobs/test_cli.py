@@ -69,3 +69,7 @@ def test_demo_end_to_end_small(tmp_path):
     auc = float(result.output.rsplit("ROC-AUC against the injected labels:", 1)[1].split()[0])
     assert auc > 0.9, result.output
     assert (tmp_path / "input" / "dt=2026-01-02" / "part-0.parquet").exists()
+    assert (tmp_path / "scores" / "dt=2026-01-02" / "_SUCCESS").exists()  # nightly committed it
+    assert (tmp_path / "report.html").stat().st_size > 50_000
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlruns").is_dir()
+    assert "summary (vaewatch summary)" in result.output and "vaewatch top" in result.output
