@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import sys
@@ -34,6 +35,15 @@ class JobFailed(click.ClickException):
     """An expected failure: printed as one paragraph, exit code 1, no traceback."""
 
     exit_code = ExitCode.FAILED
+
+
+@contextlib.contextmanager
+def user_errors_exit_1():
+    """Turn a UserError (bad input, missing model, ...) into JobFailed: its message, exit 1."""
+    try:
+        yield
+    except UserError as err:
+        raise JobFailed(str(err)) from err
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -116,7 +126,7 @@ def train_command(**options) -> None:
     from model.training import TrainConfig
 
     o = options
-    try:
+    with user_errors_exit_1():
         job = TrainJob(
             data=o["data"],
             model_name=o["model_name"],
@@ -157,8 +167,6 @@ def train_command(**options) -> None:
             progress=sys.stderr.isatty() if o["progress"] is None else o["progress"],
         )
         outcome = run(job, echo=lambda line: click.echo(line, err=True))
-    except UserError as err:
-        raise JobFailed(str(err)) from err
     click.echo(outcome.resolved.uri)
 
 
@@ -194,10 +202,8 @@ def score_command(ctx, **o) -> None:
         tracking_uri=o["tracking_uri"] or registry.default_tracking_uri(),
         **_score_options(o, ctx),
     )
-    try:
+    with user_errors_exit_1():
         result = run(job)
-    except UserError as err:
-        raise JobFailed(str(err)) from err
     rows = result.manifest["rows"]
     click.echo(
         f"scored {rows['scored']:,} of {rows['in']:,} rows ({rows['rejected']:,} rejected) with "
@@ -254,7 +260,7 @@ def nightly_command(ctx, **o) -> None:
     from model import registry
     from pipeline.score import ScoreJob
 
-    try:
+    with user_errors_exit_1():
         if o["from_date"] or o["to_date"]:
             if o["date"] or not (o["from_date"] and o["to_date"]):
                 raise UserError("a backfill needs both --from and --to, and no --date")
@@ -274,8 +280,6 @@ def nightly_command(ctx, **o) -> None:
             score=ScoreJob("", "", "", tracking_uri, **_score_options(o, ctx)),
         )
         outcomes = run_nightly(job, echo=lambda line: click.echo(line, err=True))
-    except UserError as err:
-        raise JobFailed(str(err)) from err
     for outcome in outcomes:
         click.echo(outcome.output)
 
@@ -294,7 +298,7 @@ def query_command(output, sql, output_format, result_out) -> None:
 
     from jobs.query import connect, write_result
 
-    try:
+    with user_errors_exit_1():
         con = connect(output)
         try:
             result = con.sql(sql)
@@ -303,8 +307,6 @@ def query_command(output, sql, output_format, result_out) -> None:
         if result is None:
             raise UserError("the SQL returned no result set; use a SELECT over `scores`")
         write_result(result, output_format, result_out, echo=click.echo)
-    except UserError as err:
-        raise JobFailed(str(err)) from err
 
 
 @main.command("top")
@@ -318,11 +320,9 @@ def top_command(output, date, limit, output_format, result_out) -> None:
     from jobs.nightly import parse_date
     from jobs.query import connect, top, write_result
 
-    try:
+    with user_errors_exit_1():
         day = parse_date(date) if date else None
         write_result(top(connect(output), day, limit), output_format, result_out, click.echo)
-    except UserError as err:
-        raise JobFailed(str(err)) from err
 
 
 @main.command("summary")
@@ -333,10 +333,8 @@ def summary_command(output, output_format, result_out) -> None:
     """Per day: rows, anomalies, anomaly rate, score quantiles and model version."""
     from jobs.query import connect, summary, write_result
 
-    try:
+    with user_errors_exit_1():
         write_result(summary(connect(output)), output_format, result_out, click.echo)
-    except UserError as err:
-        raise JobFailed(str(err)) from err
 
 
 @main.command("report")
@@ -347,10 +345,8 @@ def report_command(output, report_out, limit) -> None:
     """Write a self-contained HTML report (plots + the latest day's top anomalies)."""
     from jobs.report import write
 
-    try:
+    with user_errors_exit_1():
         path = write(output, report_out, top_n=limit)
-    except UserError as err:
-        raise JobFailed(str(err)) from err
     click.echo(str(path))
 
 
@@ -365,10 +361,8 @@ def models_group(ctx, tracking_uri) -> None:
 
     ctx.obj = tracking_uri or registry.default_tracking_uri()
     if ctx.invoked_subcommand is None:
-        try:
+        with user_errors_exit_1():
             columns, rows = list_versions(ctx.obj)
-        except UserError as err:
-            raise JobFailed(str(err)) from err
         click.echo(format_table(columns, rows) if rows else "no registered models")
 
 
@@ -381,10 +375,8 @@ def promote_command(tracking_uri, name, version, alias) -> None:
     """Point ALIAS (default champion) at VERSION of the registered model NAME."""
     from jobs.models import promote
 
-    try:
+    with user_errors_exit_1():
         promote(tracking_uri, name, version, alias)
-    except UserError as err:
-        raise JobFailed(str(err)) from err
     click.echo(f"models:/{name}@{alias} -> models:/{name}/{version}")
 
 
