@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import os
 import sys
 
 import click
@@ -23,6 +24,15 @@ class _QuietBeamImports(logging.Filter):
 
 
 logging.getLogger().addFilter(_QuietBeamImports())
+
+# MLflow's HTTP client retries a failing request 7 times with exponential backoff by default
+# (minutes). vaewatch checks that the server answers first, so later requests need fewer
+# retries; the user's own settings win.
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
 
 
 class ExitCode(enum.IntEnum):
@@ -50,6 +60,8 @@ def user_errors_exit_1():
 @click.version_option(package_version(), prog_name="vaewatch")
 def main() -> None:
     """vaewatch: score tabular Parquet records by how unlikely they are under a VAE."""
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 @main.command()

@@ -115,6 +115,7 @@ class _Progress:
 
 def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
     started = time.perf_counter()
+    registry.check_reachable(job.tracking_uri)  # fail before reading any data, not after
     source = ParquetSource(job.data)
     for what, names in (
         ("--exclude", job.exclude),
