@@ -35,6 +35,11 @@ import torch
 from model.errors import UserError
 
 SPEC_FORMAT_VERSION = 1
+# Values further than this many training standard deviations from the mean cannot be scored in
+# float32: the Gaussian term (x - mu)^2 / sigma^2 overflows near (1e17)^2 with the variance
+# floor. 1e15 leaves margin; anything this far out (1e308 sent as a sentinel, say) is rejected
+# as value_out_of_range instead of producing a NaN score.
+MAX_STANDARDISED = 1e15
 
 
 class FeatureKind(str, enum.Enum):
@@ -56,6 +61,7 @@ class RowProblem(enum.IntEnum):
     OK = 0
     NON_FINITE = 1  # a continuous value is +inf or -inf
     ALL_MISSING = 2  # every model feature is null/NaN: there is nothing to score
+    OUT_OF_RANGE = 3  # a continuous value is over MAX_STANDARDISED training stds from the mean
 
     @property
     def reason(self) -> str:
@@ -63,6 +69,7 @@ class RowProblem(enum.IntEnum):
             RowProblem.OK: "",
             RowProblem.NON_FINITE: "non_finite_value",
             RowProblem.ALL_MISSING: "all_features_missing",
+            RowProblem.OUT_OF_RANGE: "value_out_of_range",
         }[self]
 
 
@@ -310,6 +317,7 @@ class FeatureSpec:
         x = np.zeros((n_rows, len(self.features)), dtype=np.float32)
         mask = np.zeros((n_rows, len(self.features)), dtype=bool)
         non_finite = np.zeros(n_rows, dtype=bool)
+        out_of_range = np.zeros(n_rows, dtype=bool)
         for j, f in enumerate(self.features):
             column = data.column(f.name)
             if f.kind is FeatureKind.CATEGORICAL:
@@ -326,12 +334,16 @@ class FeatureSpec:
                     non_finite |= inf
                     valid &= ~inf
                     values = (raw - f.mean) / f.std
+                    far = valid & (np.abs(values) > MAX_STANDARDISED)
+                    out_of_range |= far
+                    valid &= ~far
                 else:
                     values = raw
             x[:, j] = np.where(valid, values, 0.0)
             mask[:, j] = valid
         problems = np.zeros(n_rows, dtype=np.uint8)
         problems[~mask.any(axis=1)] = RowProblem.ALL_MISSING
+        problems[out_of_range] = RowProblem.OUT_OF_RANGE
         problems[non_finite] = RowProblem.NON_FINITE
         return EncodedBatch(torch.from_numpy(x), torch.from_numpy(mask), problems)
 

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from model.features import FeatureKind, FeatureSpec, RowProblem, SchemaMismatchError
 
@@ -92,6 +93,20 @@ def test_row_problems_inf_and_all_missing():
         RowProblem.OK,
     ]
     assert RowProblem.NON_FINITE.reason == "non_finite_value"
+
+
+def test_values_beyond_float32_reach_are_out_of_range():
+    spec = FeatureSpec.fit(pa.table({"v": [0.0, 1.0, 2.0, 3.0]}))  # mean 1.5, std ~1.118
+    limit = 1.5 + 1e15 * spec.features[0].std
+    enc = spec.encode(pa.table({"v": [1e308, -1e308, limit * 0.99, limit * 1.01, 1e9]}))
+    assert enc.problems.tolist() == [
+        RowProblem.OUT_OF_RANGE,
+        RowProblem.OUT_OF_RANGE,
+        RowProblem.OK,
+        RowProblem.OUT_OF_RANGE,
+        RowProblem.OK,
+    ]
+    assert torch.isfinite(enc.x).all() and RowProblem.OUT_OF_RANGE.reason == "value_out_of_range"
 
 
 def test_schema_errors_name_column_and_types(transactions_table):

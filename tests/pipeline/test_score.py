@@ -118,6 +118,8 @@ def test_rejected_rows_are_counted_and_explained(trained, workspace, tmp_path):
     amount[1] = float("-inf")
     amount[2] = float("nan")  # NaN: missing, marginalised, scored
     amount[3] = None  # null: the same
+    amount[6] = 1e308  # a sentinel far beyond float32: rejected, not a NaN score
+    amount[7] = 1e9  # absurd but representable: scored, and very anomalous
     table = table.set_column(table.schema.get_field_index("amount"), "amount", pa.array(amount))
     features = [f.name for f in trained[1].artifact.spec.features]
     for name in features:  # row 4: every feature null
@@ -137,7 +139,7 @@ def test_rejected_rows_are_counted_and_explained(trained, workspace, tmp_path):
     pq.write_table(table, source / "bad.parquet")
     result = run(_job(trained, tmp_path, source))
     rows = result.manifest["rows"]
-    assert rows == {"in": 10, "scored": 7, "rejected": 3}
+    assert rows == {"in": 10, "scored": 6, "rejected": 4}
     rejected = ds.dataset(str(tmp_path / "out" / "_rejected"), format="parquet").to_table()
     got = dict(zip(rejected["record_id"].to_pylist(), rejected["reason"].to_pylist(), strict=True))
     ids = table["record_id"].to_pylist()
@@ -145,10 +147,13 @@ def test_rejected_rows_are_counted_and_explained(trained, workspace, tmp_path):
         ids[0]: "non_finite_value",
         ids[1]: "non_finite_value",
         ids[4]: "all_features_missing",
+        ids[6]: "value_out_of_range",
     }
     assert rejected["amount"].to_pylist()[:1] in ([float("inf")], [float("-inf")], [None])
     scored = _scores(tmp_path / "out")
-    assert sorted(scored["record_id"].to_pylist()) == sorted(ids[i] for i in (2, 3, 5, 6, 7, 8, 9))
+    assert sorted(scored["record_id"].to_pylist()) == sorted(ids[i] for i in (2, 3, 5, 7, 8, 9))
+    absurd = scored.filter(pa.compute.equal(scored["record_id"], ids[7]))
+    assert absurd["is_anomaly"][0].as_py() and absurd["anomaly_score"][0].as_py() > 1e3
     oov = scored.filter(pa.compute.equal(scored["record_id"], ids[5]))
     assert oov["top_features"][0].as_py()[0]["feature"] == "merchant_category"
 
