@@ -223,10 +223,12 @@ def plan(job: ScoreJob) -> dict:
         raise
     artifact, resolved = loaded.artifact, loaded.resolved
     keep = list(job.keep) if job.keep is not None else []
+    input_schema = _check_inputs(files, filesystem, artifact.spec, keep)  # before any other read
     if job.keep is None and artifact.id_column:
         first = pq.read_schema(files[0].path, filesystem=filesystem)
-        keep = [artifact.id_column] if artifact.id_column in first.names else []
-    input_schema = _check_inputs(files, filesystem, artifact.spec, keep)
+        if artifact.id_column in first.names:
+            keep = [artifact.id_column]
+            input_schema = _check_inputs(files, filesystem, artifact.spec, keep)
     run_id = new_run_id()
     scoring = artifact.scoring
     k = job.k or scoring.k

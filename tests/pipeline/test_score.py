@@ -319,3 +319,19 @@ def test_files_with_other_numeric_widths_score_like_the_originals(trained, works
     np.testing.assert_allclose(
         got["log_likelihood"].to_numpy()[150:], want["log_likelihood"].to_numpy()[150:], rtol=1e-4
     )
+
+
+def test_a_file_that_is_not_parquet_is_a_clear_exit_1(trained, workspace, tmp_path):
+    job, _ = trained
+    source = tmp_path / "in"
+    source.mkdir()
+    (source / "a-not-parquet.parquet").write_text("hello")  # sorts first
+    pq.write_table(pq.read_table(workspace / "holdout").slice(0, 10), source / "b.parquet")
+    result = CliRunner().invoke(
+        main,
+        ["score", "--input", str(source), "--output", str(tmp_path / "out"),
+         "--model", "models:/transactions@champion", "--tracking-uri", job.tracking_uri],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "a-not-parquet.parquet" in result.output and "not readable Parquet" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
