@@ -108,6 +108,20 @@ def _check_inputs(files: list[InputFile], filesystem, spec, keep: Sequence[str])
     return pa.schema([first.field(c) for c in columns])
 
 
+def _first_unreadable(
+    files: list[InputFile], filesystem, columns: list[str]
+) -> tuple[str, str] | None:
+    """After a failed read: the first input file whose data pages do not decode, and why."""
+    for f in files:
+        try:
+            reader = pq.ParquetFile(f.path, filesystem=filesystem)
+            for _ in reader.iter_batches(batch_size=65_536, columns=columns):
+                pass
+        except (pa.ArrowException, OSError) as err:
+            return f.path, str(err).splitlines()[0]
+    return None
+
+
 def _rows_in(files: list[InputFile], filesystem) -> int:
     return sum(pq.ParquetFile(f.path, filesystem=filesystem).metadata.num_rows for f in files)
 
@@ -281,6 +295,7 @@ def plan(job: ScoreJob) -> dict:
     return {
         "download": download,
         "files": files,
+        "filesystem": filesystem,
         "resolved": resolved,
         # local runs read the folder downloaded here; remote workers fetch the pinned version
         "model_location": str(loaded.path) if local or resolved.local_path else resolved.uri,
@@ -316,8 +331,18 @@ def _run_planned(job: ScoreJob, settings: dict, pipeline: beam.Pipeline | None) 
     try:
         result = pipeline.run()
         result.wait_until_finish()
-    except Exception:
+    except Exception as err:
         committer.abort()
+        if "ReadParquet" in str(err):  # Beam names the failing step; find the file it read
+            unreadable = _first_unreadable(
+                settings["files"], settings["filesystem"], settings["input_schema"].names
+            )
+            if unreadable:
+                raise UserError(
+                    f"input file {unreadable[0]!r} cannot be read past its footer "
+                    f"({unreadable[1]}); it is corrupt or was truncated while being written. "
+                    "Nothing was committed; replace or remove the file and re-run."
+                ) from err
         raise
     manifest = read_manifest(committer.output) or settings["manifest"]
     committed = Committed(

@@ -335,3 +335,21 @@ def test_a_file_that_is_not_parquet_is_a_clear_exit_1(trained, workspace, tmp_pa
     assert result.exit_code == 1, result.output
     assert "a-not-parquet.parquet" in result.output and "not readable Parquet" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_file_corrupt_past_its_footer_is_a_clear_exit_1(trained, workspace, tmp_path):
+    job, _ = trained
+    source = tmp_path / "in"
+    source.mkdir()
+    pq.write_table(pq.read_table(workspace / "holdout").slice(0, 2000), source / "a.parquet")
+    data = (workspace / "holdout" / "part-0.parquet").read_bytes()
+    (source / "b.parquet").write_bytes(data[:4] + b"\0" * 1000 + data[1004:])  # pages zeroed
+    result = CliRunner().invoke(
+        main,
+        ["score", "--input", str(source), "--output", str(tmp_path / "out"),
+         "--model", "models:/transactions@champion", "--tracking-uri", job.tracking_uri],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "b.parquet" in result.output and "cannot be read past its footer" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.staging-*"))
