@@ -31,6 +31,16 @@ def _scores(output) -> pa.Table:
     return ds.dataset(str(output), format="parquet").to_table().sort_by("record_id")
 
 
+def _score_cli(trained, source, output):
+    """`vaewatch score` through the CLI, as a user runs it."""
+    job, _ = trained
+    return CliRunner().invoke(
+        main,
+        ["score", "--input", str(source), "--output", str(output),
+         "--model", "models:/transactions@champion", "--tracking-uri", job.tracking_uri],
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def default_run(trained, workspace, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("default-run")
@@ -174,20 +184,13 @@ def test_rejected_rows_are_counted_and_explained(trained, workspace, tmp_path):
     ],
 )
 def test_schema_errors_exit_1_and_commit_nothing(trained, workspace, tmp_path, change, message):
-    job, _ = trained
     source = tmp_path / "in"
     source.mkdir()
     pq.write_table(pq.read_table(workspace / "holdout").slice(0, 100), source / "a.parquet")
     pq.write_table(
         change(pq.read_table(workspace / "holdout").slice(100, 100)), source / "b.parquet"
     )
-    result = CliRunner().invoke(
-        main,
-        [
-            "score", "--input", str(source), "--output", str(tmp_path / "out"),
-            "--model", "models:/transactions@champion", "--tracking-uri", job.tracking_uri,
-        ],
-    )  # fmt: skip
+    result = _score_cli(trained, source, tmp_path / "out")
     assert result.exit_code == 1, result.output
     assert message in result.output and "b.parquet" in result.output
     assert "Traceback" not in result.output
@@ -322,33 +325,23 @@ def test_files_with_other_numeric_widths_score_like_the_originals(trained, works
 
 
 def test_a_file_that_is_not_parquet_is_a_clear_exit_1(trained, workspace, tmp_path):
-    job, _ = trained
     source = tmp_path / "in"
     source.mkdir()
     (source / "a-not-parquet.parquet").write_text("hello")  # sorts first
     pq.write_table(pq.read_table(workspace / "holdout").slice(0, 10), source / "b.parquet")
-    result = CliRunner().invoke(
-        main,
-        ["score", "--input", str(source), "--output", str(tmp_path / "out"),
-         "--model", "models:/transactions@champion", "--tracking-uri", job.tracking_uri],
-    )  # fmt: skip
+    result = _score_cli(trained, source, tmp_path / "out")
     assert result.exit_code == 1, result.output
     assert "a-not-parquet.parquet" in result.output and "not readable Parquet" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
 def test_a_file_corrupt_past_its_footer_is_a_clear_exit_1(trained, workspace, tmp_path):
-    job, _ = trained
     source = tmp_path / "in"
     source.mkdir()
     pq.write_table(pq.read_table(workspace / "holdout").slice(0, 2000), source / "a.parquet")
     data = (workspace / "holdout" / "part-0.parquet").read_bytes()
     (source / "b.parquet").write_bytes(data[:4] + b"\0" * 1000 + data[1004:])  # pages zeroed
-    result = CliRunner().invoke(
-        main,
-        ["score", "--input", str(source), "--output", str(tmp_path / "out"),
-         "--model", "models:/transactions@champion", "--tracking-uri", job.tracking_uri],
-    )  # fmt: skip
+    result = _score_cli(trained, source, tmp_path / "out")
     assert result.exit_code == 1, result.output
     assert "b.parquet" in result.output and "cannot be read past its footer" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
