@@ -187,15 +187,7 @@ def train_command(**options) -> None:
 @params.output
 @params.model_uri
 @params.tracking_uri
-@params.k
-@params.samples
-@params.score_seed
-@params.score_batch_size
-@params.keep
-@params.threshold_quantile
-@params.runner
-@params.workers
-@params.shards
+@params.scoring_options
 @click.pass_context
 def score_command(ctx, **o) -> None:
     """Score Parquet with a registered model in a Beam pipeline; commit OUTPUT atomically.
@@ -251,15 +243,7 @@ def _score_options(o: dict, ctx) -> dict:
 @params.model_uri
 @params.tracking_uri
 @params.force
-@params.k
-@params.samples
-@params.score_seed
-@params.score_batch_size
-@params.keep
-@params.threshold_quantile
-@params.runner
-@params.workers
-@params.shards
+@params.scoring_options
 @click.pass_context
 def nightly_command(ctx, **o) -> None:
     """Score one day's partition (default: yesterday, UTC) or a --from/--to backfill.

@@ -352,3 +352,22 @@ report_out = option(
     default="vaewatch-report.html",
     help="Where to write the HTML report (one self-contained file).",
 )
+
+
+def scoring_options(command):
+    """The options `score` and `nightly` share, applied in one place."""
+    for decorate in reversed(
+        [
+            k,
+            samples,
+            score_seed,
+            score_batch_size,
+            keep,
+            threshold_quantile,
+            runner,
+            workers,
+            shards,
+        ]
+    ):
+        command = decorate(command)
+    return command

@@ -104,11 +104,16 @@ def write_result(result: duckdb.DuckDBPyRelation, fmt: str, out: str | None, ech
         echo(format_table(columns, rows))
 
 
+def top_features_text(value) -> str:
+    """A top_features list as `amount +10.5, hour +3.2` (nats above the feature's baseline)."""
+    return ", ".join(f"{v['feature']} +{v['contribution']:.1f}" for v in value or [])
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e6 else f"{value:.3f}"
     if isinstance(value, list) and value and isinstance(value[0], dict) and "feature" in value[0]:
-        return ", ".join(f"{v['feature']} +{v['contribution']:.1f}" for v in value)
+        return top_features_text(value)
     return "" if value is None else str(value)
 
 

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jobs.query import committed_partitions, connect  # noqa: E402
+from jobs.query import committed_partitions, connect, top_features_text  # noqa: E402
 from model.errors import UserError  # noqa: E402
 
 SAMPLE_ROWS = 100_000  # rows drawn for the distribution and projection plots
@@ -125,10 +125,6 @@ def top_contributors(features: list[str], counts: list[int]) -> str:
     return _png(fig)
 
 
-def _features_text(value) -> str:
-    return ", ".join(f"{f['feature']} +{f['contribution']:.1f}" for f in value or [])
-
-
 def build(output: str, top_n: int = 20) -> str:
     """The report's HTML for the committed output under `output`."""
     con = connect(output)
@@ -188,7 +184,7 @@ def build(output: str, top_n: int = 20) -> str:
 
     def cell(column, value):
         if column == "top_features":
-            return html.escape(_features_text(value))
+            return html.escape(top_features_text(value))
         if isinstance(value, float):
             return f"{value:,.2f}" if column != "score_percentile" else f"{value:.3f}"
         return html.escape("" if value is None else str(value))

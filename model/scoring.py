@@ -45,6 +45,44 @@ def score_schema(latent_dim: int) -> pa.Schema:
 SCORE_COLUMNS = tuple(score_schema(1).names)
 
 
+@dataclass(frozen=True)
+class ScoringSettings:
+    """K, S, seed and threshold a run scores with: the caller's values, else the model's."""
+
+    k: int
+    samples: int
+    seed: int
+    threshold_quantile: float
+    threshold: float
+
+    @classmethod
+    def resolve(
+        cls,
+        artifact: ModelArtifact,
+        k: int | None = None,
+        samples: int | None = None,
+        seed: int | None = None,
+        threshold_quantile: float | None = None,
+    ) -> ScoringSettings:
+        defaults, calibration = artifact.scoring, artifact.calibration
+        k = defaults.k if k is None else k
+        samples = defaults.samples if samples is None else samples
+        if k < 1 or samples < 1:
+            raise UserError(f"K and S must be >= 1, got K={k}, S={samples}")
+        quantile = (
+            calibration.threshold_quantile
+            if threshold_quantile is None
+            else check_quantile(threshold_quantile)
+        )
+        return cls(
+            k=k,
+            samples=samples,
+            seed=defaults.seed if seed is None else seed,
+            threshold_quantile=quantile,
+            threshold=calibration.threshold(quantile),
+        )
+
+
 @dataclass
 class ScoredBatch:
     scores: pa.Table  # score columns for the rows that were scored, in input order
@@ -72,19 +110,10 @@ class Scorer:
         self.spec = artifact.spec
         self.device = resolve_device(device)
         self.model = artifact.build(self.device)
-        defaults = artifact.scoring
-        self.k = defaults.k if k is None else k
-        self.samples = defaults.samples if samples is None else samples
-        self.seed = defaults.seed if seed is None else seed
-        if self.k < 1 or self.samples < 1:
-            raise UserError(f"K and S must be >= 1, got K={self.k}, S={self.samples}")
+        settings = ScoringSettings.resolve(artifact, k, samples, seed, threshold_quantile)
+        self.k, self.samples, self.seed = settings.k, settings.samples, settings.seed
+        self.threshold_quantile, self.threshold = settings.threshold_quantile, settings.threshold
         calibration = artifact.calibration
-        self.threshold_quantile = (
-            calibration.threshold_quantile
-            if threshold_quantile is None
-            else check_quantile(threshold_quantile)
-        )
-        self.threshold = calibration.threshold(self.threshold_quantile)
         self.memory_budget = memory_budget
         self.model_version = model_version
         self.schema = score_schema(artifact.vae_config.latent_dim)

@@ -32,7 +32,7 @@ from model import registry
 from model.data import InputFile, resolve_files
 from model.errors import UserError
 from model.features import SchemaMismatchError
-from model.scoring import score_schema
+from model.scoring import ScoringSettings, score_schema
 from model.version import package_version
 from pipeline.commit import (
     PART_PREFIX,
@@ -85,14 +85,22 @@ def _local_threads(workers: int) -> int:
     return max(1, (cores or 1) // max(1, workers))
 
 
-def _check_inputs(files: list[InputFile], filesystem, spec, keep: Sequence[str]) -> pa.Schema:
-    """Every file's schema against the model, before any work. Returns the read schema."""
-    first = None
+def _check_inputs(
+    files: list[InputFile], filesystem, spec, keep: Sequence[str] | None, id_column: str | None
+) -> tuple[pa.Schema, list[str]]:
+    """Every file's schema against the model, before any work. Returns the read schema and the
+    kept columns (`keep`, or else the id column when the first file has it)."""
+    schemas = []
     for f in files:
         try:
-            schema = pq.read_schema(f.path, filesystem=filesystem)
+            schemas.append(pq.read_schema(f.path, filesystem=filesystem))
         except (pa.ArrowInvalid, OSError) as err:
             raise UserError(f"input file {f.path!r} is not readable Parquet: {err}") from err
+    first = schemas[0]
+    if keep is None:
+        keep = [id_column] if id_column and id_column in first.names else []
+    keep = list(keep)
+    for f, schema in zip(files, schemas, strict=True):
         try:
             spec.check_schema(schema)
         except SchemaMismatchError as err:
@@ -103,9 +111,8 @@ def _check_inputs(files: list[InputFile], filesystem, spec, keep: Sequence[str])
                 f"--keep column(s) {missing} are not in input file {f.path!r}; its columns are "
                 f"{schema.names}"
             )
-        first = first or schema
     columns = list(dict.fromkeys([*spec.names(), *keep]))
-    return pa.schema([first.field(c) for c in columns])
+    return pa.schema([first.field(c) for c in columns]), keep
 
 
 def _first_unreadable(
@@ -236,20 +243,15 @@ def plan(job: ScoreJob) -> dict:
         shutil.rmtree(download, ignore_errors=True)
         raise
     artifact, resolved = loaded.artifact, loaded.resolved
-    keep = list(job.keep) if job.keep is not None else []
-    input_schema = _check_inputs(files, filesystem, artifact.spec, keep)  # before any other read
-    if job.keep is None and artifact.id_column:
-        first = pq.read_schema(files[0].path, filesystem=filesystem)
-        if artifact.id_column in first.names:
-            keep = [artifact.id_column]
-            input_schema = _check_inputs(files, filesystem, artifact.spec, keep)
+    input_schema, keep = _check_inputs(
+        files, filesystem, artifact.spec, job.keep, artifact.id_column
+    )
     run_id = new_run_id()
-    scoring = artifact.scoring
-    k = job.k or scoring.k
-    samples = job.samples or scoring.samples
-    seed = scoring.seed if job.seed is None else job.seed
-    quantile = job.threshold_quantile or artifact.calibration.threshold_quantile
-    threshold = artifact.calibration.threshold(quantile)
+    settings = ScoringSettings.resolve(
+        artifact, job.k, job.samples, job.seed, job.threshold_quantile
+    )
+    k, samples, seed = settings.k, settings.samples, settings.seed
+    quantile, threshold = settings.threshold_quantile, settings.threshold
     started = dt.datetime.now(dt.timezone.utc).isoformat()
     metadata = {
         "vaewatch.model_uri": resolved.uri,
