@@ -7,7 +7,9 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+BENCH  := $(VENV)/.installed-bench
+
+.PHONY: venv demo test lint bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -27,9 +29,18 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: $(STAMP)
-	$(BIN)/python bench/estimators.py
-	$(BIN)/python bench/pipeline.py
+$(BENCH): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,spark,bench]"
+	touch $(BENCH)
+
+# Every benchmark in one go (about an hour on 2 cores); bench-quick: the same, smaller (< 10 min).
+BENCH_SCRIPTS := estimators pipeline throughput quality iwae_replication
+
+bench: $(BENCH)
+	for s in $(BENCH_SCRIPTS); do $(BIN)/python bench/$$s.py $(BENCH_ARGS) || exit 1; done
+
+bench-quick: $(BENCH)
+	$(MAKE) bench BENCH_ARGS=--quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -134,12 +134,17 @@ def pipeline_run(source: Path, model: Path, out: Path, k: int, workers: int = 1)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--sweep-rows", type=int, default=200_000)
+    parser.add_argument("--quick", action="store_true", help="200k rows, 50k in the K sweep")
+    parser.add_argument("--rows", type=int, default=None, help="default 1,000,000")
+    parser.add_argument("--sweep-rows", type=int, default=None, help="default 200,000")
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="K=64 loop/pipeline pairs")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
     args = parser.parse_args()
+    args.rows = args.rows or (200_000 if args.quick else 1_000_000)
+    args.sweep_rows = args.sweep_rows or (50_000 if args.quick else 200_000)
+    if args.quick:
+        args.repeats = 1
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vaewatch-bench-"))
     threads = torch.get_num_threads()
     print(

@@ -119,6 +119,7 @@ def demo(workdir, rows_per_day, days, epochs, seed, k) -> None:
 @params.free_bits
 @params.validation_fraction
 @params.patience
+@params.min_steps_per_epoch
 @params.seed
 @params.device
 @params.mixed_precision
@@ -165,6 +166,7 @@ def train_command(**options) -> None:
                 free_bits=o["free_bits"],
                 validation_fraction=o["validation_fraction"],
                 patience=o["patience"],
+                min_steps_per_epoch=o["min_steps_per_epoch"],
                 seed=o["seed"],
                 device=o["device"],
                 mixed_precision=o["mixed_precision"],

@@ -187,6 +187,12 @@ patience = option(
     default=5,
     help="Epochs without validation improvement before training stops.",
 )
+min_steps_per_epoch = option(
+    "--min-steps-per-epoch",
+    type=click.IntRange(min=1),
+    default=50,
+    help="Updates per epoch at least: a small table is passed over several times per epoch.",
+)
 device = option(
     "--device",
     default="auto",

@@ -8,6 +8,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import click
@@ -162,8 +163,11 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
     vae_config = VAEConfig.for_spec(spec, latent_dim=job.latent_dim, hidden=list(job.hidden))
     model = VAE(vae_config)
 
+    # an explicit run name: MLflow's generated names come from the global `random` state, which
+    # a seeded process repeats (every run of a benchmark was "overjoyed-slug-911")
+    run_name = f"{job.model_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}"
     with registry.TrainingRun(
-        job.tracking_uri, job.experiment, artifact_location=job.artifact_location
+        job.tracking_uri, job.experiment, artifact_location=job.artifact_location, run_name=run_name
     ) as mlrun:
         params = {
             **{f"train.{k}": v for k, v in config.to_json().items()},
@@ -186,7 +190,9 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
             "device": str(device),
         }
         mlrun.log_params(params)
-        progress = _Progress(job.progress, counts.rows_train, echo)
+        progress = _Progress(
+            job.progress, counts.rows_train * job.train.passes_per_epoch(counts.rows_train), echo
+        )
 
         def on_epoch(stats: EpochStats) -> None:
             progress.end_epoch(stats)

@@ -100,6 +100,9 @@ def _log_weights(model: VAE, posterior: Posterior, x, mask, eps: torch.Tensor):
 class IWAEResult:
     log_likelihood: torch.Tensor  # (B,) float64: log (1/K) sum_k w_k, original units
     feature_nll: torch.Tensor | None  # (B, F) float64: -log p(x_j|z) under normalised weights
+    # (B,) float64, original units: mean log p(x|z_s) over the first `reconstruction_samples`
+    # of the K samples (the ELBO's reconstruction term from the same decoder pass), or None
+    reconstruction: torch.Tensor | None = None
 
 
 def iwae(
@@ -114,15 +117,19 @@ def iwae(
     contributions: bool = False,
     eps: torch.Tensor | None = None,
     posterior: Posterior | None = None,
+    reconstruction_samples: int = 0,
 ) -> IWAEResult:
     """IWAE_K = log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k = mu + sigma * eps_k, per record.
 
     `eps` overrides the seeded common noise: (K, D), or (K, B, D) for independent draws per
     record (training); `posterior` reuses an encoder pass. Differentiable when called with grad
-    enabled (the IWAE training objective uses it).
+    enabled (the IWAE training objective uses it). `reconstruction_samples=S` (S <= K) also
+    returns the mean of log p(x|z_s) over the first S samples, so an ELBO can share this pass.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if reconstruction_samples > (eps.shape[0] if eps is not None else k):
+        raise ValueError(f"reconstruction_samples={reconstruction_samples} exceeds k={k}")
     model.check_input(x, mask)
     if eps is None:
         eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM)
@@ -134,18 +141,22 @@ def iwae(
     )
     log_norm = math.log(k)
 
-    lls, nlls = [], []
+    lls, nlls, recs = [], [], []
     for r0 in range(0, n_records, step_records):
         xs, ms = x[r0 : r0 + step_records], mask[r0 : r0 + step_records]
         post = (
             _slice(posterior, r0, step_records) if posterior is not None else model.encoder(xs, ms)
         )
         running_max = running_sum = weighted_nll = None
+        rec_sum = torch.zeros(xs.shape[0], dtype=torch.float64, device=x.device)
         for k0 in range(0, k, step_samples):
             eps_chunk = eps[k0 : k0 + step_samples]
             if eps_chunk.dim() == 3:
                 eps_chunk = eps_chunk[:, r0 : r0 + step_records]
             feature_lp, log_w = _log_weights(model, post, xs, ms, eps_chunk)
+            if k0 < reconstruction_samples:
+                take = reconstruction_samples - k0
+                rec_sum += feature_lp.total()[:take].to(torch.float64).sum(0)
             log_w = log_w.to(torch.float64)
             chunk_max = log_w.max(0).values  # (b,)
             new_max = chunk_max if running_max is None else torch.maximum(running_max, chunk_max)
@@ -167,7 +178,10 @@ def iwae(
                     )
             running_max = new_max
         ll = running_max + torch.log(running_sum) - log_norm
-        lls.append(ll - _jacobian(ms, log_std, n_cont))
+        jacobian = _jacobian(ms, log_std, n_cont)
+        lls.append(ll - jacobian)
+        if reconstruction_samples:
+            recs.append(rec_sum / reconstruction_samples - jacobian)
         if contributions:
             nll = weighted_nll / running_sum[:, None]
             if log_std is not None and n_cont:
@@ -176,6 +190,7 @@ def iwae(
     return IWAEResult(
         log_likelihood=torch.cat(lls),
         feature_nll=torch.cat(nlls) if contributions else None,
+        reconstruction=torch.cat(recs) if reconstruction_samples else None,
     )
 
 
@@ -258,14 +273,28 @@ def score_records(
     seed: int = DEFAULT_SEED,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> RecordScores:
-    """The production estimator: one encoder pass shared by the ELBO and the IWAE."""
+    """The production estimator: one encoder pass shared by the ELBO and the IWAE, and when
+    S <= K one decoder pass too: the ELBO's S samples are the first S of the IWAE's K (each
+    estimator stays unbiased for its own bound; at K=1 this halves the decoder work)."""
     with torch.inference_mode():
         posterior = model.encoder(x, mask)
         common = dict(seed=seed, log_std=log_std, memory_budget=memory_budget, posterior=posterior)
-        bound = elbo(model, x, mask, samples=samples, **common)
-        weighted = iwae(model, x, mask, k=k, contributions=True, **common)
+        shared = samples <= k
+        weighted = iwae(
+            model,
+            x,
+            mask,
+            k=k,
+            contributions=True,
+            reconstruction_samples=samples * shared,
+            **common,
+        )
+        if shared:
+            elbo_value = weighted.reconstruction - gaussian_kl(posterior).to(torch.float64)
+        else:
+            elbo_value = elbo(model, x, mask, samples=samples, **common).elbo
     return RecordScores(
-        elbo=bound.elbo,
+        elbo=elbo_value,
         log_likelihood=weighted.log_likelihood,
         latent_mean=posterior.mean.float(),
         latent_std=posterior.std.float(),

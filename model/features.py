@@ -80,6 +80,9 @@ class Feature:
     mean: float = 0.0  # continuous only: training mean, original units
     std: float = 1.0  # continuous only: training std (1.0 for a constant column)
     vocabulary: list[str] = field(default_factory=list)  # categorical only
+    # continuous only: the grid every training value lies on (1.0 for integer-valued columns,
+    # 0.01 for cents, ...; a power of ten <= 1), None when the values are not on such a grid
+    resolution: float | None = None
 
     @property
     def cardinality(self) -> int:
@@ -89,7 +92,7 @@ class Feature:
     def to_json(self) -> dict:
         out = {"name": self.name, "kind": self.kind.value}
         if self.kind is FeatureKind.CONTINUOUS:
-            out.update(mean=self.mean, std=self.std)
+            out.update(mean=self.mean, std=self.std, resolution=self.resolution)
         if self.kind is FeatureKind.CATEGORICAL:
             out["vocabulary"] = list(self.vocabulary)
         return out
@@ -102,6 +105,7 @@ class Feature:
             mean=float(d.get("mean", 0.0)),
             std=float(d.get("std", 1.0)),
             vocabulary=list(d.get("vocabulary", [])),
+            resolution=d.get("resolution"),
         )
 
 
@@ -186,6 +190,33 @@ class _RunningMoments:
         return std if std > 0.0 and math.isfinite(std) else 1.0
 
 
+class _Grid:
+    """The coarsest power of ten (10^0 down to 10^-6) that every finite value is a multiple of.
+
+    Counts, ages and pixel intensities are integers; prices are whole cents. A Gaussian decoder
+    can shrink its variance without limit on values that repeat exactly, and the likelihood of
+    such a column then measures float noise, not surprise; the resolution lets the model keep
+    its variance at or above the grid's own quantisation noise (r^2 / 12).
+    """
+
+    FINEST = -6
+
+    def __init__(self) -> None:
+        self.exponent = 0
+
+    def update(self, values: np.ndarray) -> None:
+        values = values[np.isfinite(values)]
+        while self.exponent >= self.FINEST and values.size:
+            q = values / 10.0**self.exponent
+            if np.all(np.abs(q - np.round(q)) <= 1e-9 * np.maximum(1.0, np.abs(q))):
+                return
+            self.exponent -= 1
+
+    @property
+    def resolution(self) -> float | None:
+        return 10.0**self.exponent if self.exponent >= self.FINEST else None
+
+
 @dataclass
 class FeatureSpec:
     features: list[Feature]  # grouped by kind in KIND_ORDER; this order is the tensor layout
@@ -226,6 +257,7 @@ class FeatureSpec:
         )
 
         moments = {n: _RunningMoments() for n, k in chosen if k is FeatureKind.CONTINUOUS}
+        grids = {n: _Grid() for n in moments}
         counts = {n: Counter() for n, k in chosen if k is FeatureKind.CATEGORICAL}
         observed = {n: 0 for n, _ in chosen}
         for batch in itertools.chain([first], batches):
@@ -236,6 +268,7 @@ class FeatureSpec:
                     values = _to_float64(column, name)
                     observed[name] -= int(np.isnan(values).sum()) - column.null_count
                     moments[name].update(values)
+                    grids[name].update(values)
                 elif kind is FeatureKind.CATEGORICAL:
                     vc = pc.value_counts(_to_string(column, name).drop_null())
                     for value, count in zip(
@@ -254,7 +287,9 @@ class FeatureSpec:
         for name, kind in chosen:
             if kind is FeatureKind.CONTINUOUS:
                 m = moments[name]
-                fitted.append(Feature(name, kind, mean=m.mean, std=m.std))
+                fitted.append(
+                    Feature(name, kind, mean=m.mean, std=m.std, resolution=grids[name].resolution)
+                )
             elif kind is FeatureKind.CATEGORICAL:
                 ranked = sorted(
                     (item for item in counts[name].items() if item[1] >= min_category_count),
@@ -277,6 +312,17 @@ class FeatureSpec:
     @property
     def category_sizes(self) -> list[int]:
         return [f.cardinality for f in self.features if f.kind is FeatureKind.CATEGORICAL]
+
+    @property
+    def quantisation_variance(self) -> list[float]:
+        """Per continuous feature, in standardised units: the variance of rounding to the
+        feature's grid, (resolution / std)^2 / 12, capped at 1 (the marginal's own variance);
+        0 for a feature not on a grid. The decoder never goes below it."""
+        return [
+            min(1.0, (f.resolution / f.std) ** 2 / 12.0) if f.resolution else 0.0
+            for f in self.features
+            if f.kind is FeatureKind.CONTINUOUS
+        ]
 
     @property
     def continuous_log_std(self) -> torch.Tensor:

@@ -69,6 +69,10 @@ class TrainConfig:
     free_bits: float = 0.0  # nats per latent dim below which KL is not penalised (0 = off)
     validation_fraction: float = 0.1  # held out for early stopping and calibration
     patience: int = 5  # epochs without validation improvement before stopping
+    # an epoch is at least this many updates: a small table is passed over several times per
+    # epoch, so 40 epochs of 80 rows are 2,000 updates, not 40 (measured on scikit-learn's wine
+    # and breast cancer: one pass per epoch stopped at 40 updates with no active latent units)
+    min_steps_per_epoch: int = 50
     min_delta: float = 1e-3  # nats/record that count as an improvement
     seed: int = 0  # drives init, the split, shuffling and the training noise
     device: str = "auto"  # "auto" picks CUDA when present
@@ -89,12 +93,24 @@ class TrainConfig:
             )
         if not 0.0 <= self.validation_trim < 0.5:
             raise ValueError(f"validation_trim must be in [0, 0.5), got {self.validation_trim}")
-        for name in ("epochs", "batch_size", "train_k", "validation_k", "patience"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "train_k",
+            "validation_k",
+            "patience",
+            "min_steps_per_epoch",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def passes_per_epoch(self, train_rows: int) -> int:
+        """How many passes over `train_rows` rows make one epoch (>= min_steps_per_epoch)."""
+        steps_per_pass = max(1, -(-train_rows // self.batch_size))
+        return max(1, -(-self.min_steps_per_epoch // steps_per_pass))
 
 
 @dataclass
@@ -389,11 +405,13 @@ def train(
     )
     result = TrainResult(device=str(device))
     best, best_state, stale = -math.inf, None, 0
+    passes = config.passes_per_epoch(data.counts.rows_train)
     for epoch in range(config.epochs):
         started = time.perf_counter()
         beta = min(1.0, (epoch + 1) / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0
         running, running_elbo, seen = 0.0, 0.0, 0
-        for x, mask_b in data.batches(config.batch_size, generator):
+        batches = (b for _ in range(passes) for b in data.batches(config.batch_size, generator))
+        for x, mask_b in batches:
             x, mask_b = x.to(device, non_blocking=True), mask_b.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss, plain = _loss(model, x, mask_b, config, beta, generator)

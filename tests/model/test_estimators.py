@@ -224,3 +224,26 @@ def test_categorical_normalisation_fast_and_safe_paths_agree_with_log_softmax(sp
     )
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_elbo_shares_the_iwae_decoder_pass_exactly(transactions_table):
+    """score_records' ELBO uses the first S of the IWAE's K samples: it must equal elbo() run
+    on exactly those samples, and fall back to elbo()'s own noise when S > K."""
+    from model.estimators import ELBO_STREAM, IWAE_STREAM, elbo
+
+    spec = FeatureSpec.fit(transactions_table, exclude=LABELS)
+    model = _model(spec).double()
+    enc = spec.encode(transactions_table.slice(0, 300))
+    x, mask, log_std = enc.x.double(), enc.mask, spec.continuous_log_std
+    d = model.config.latent_dim
+    with torch.no_grad():
+        for k, s in ((1, 1), (16, 4), (3, 5)):
+            scores = score_records(model, x, mask, log_std=log_std, k=k, samples=s, seed=9)
+            stream = IWAE_STREAM if s <= k else ELBO_STREAM
+            eps = noise(k if s <= k else s, d, 9, stream)[:s]
+            direct = elbo(model, x, mask, log_std=log_std, eps=eps).elbo
+            torch.testing.assert_close(scores.elbo, direct, rtol=1e-12, atol=1e-10)
+            ll = iwae(model, x, mask, k=k, seed=9, log_std=log_std).log_likelihood
+            torch.testing.assert_close(scores.log_likelihood, ll, rtol=1e-12, atol=1e-10)
+    with pytest.raises(ValueError, match="exceeds k"):
+        iwae(model, x, mask, k=2, reconstruction_samples=3)

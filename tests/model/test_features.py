@@ -137,3 +137,50 @@ def test_format_version_is_checked():
     payload = spec.to_json() | {"format_version": 99}
     with pytest.raises(ValueError, match="format_version 99"):
         FeatureSpec.from_json(payload)
+
+
+def test_grid_resolution_and_quantisation_variance():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 5, 1000).astype(np.float64)
+    table = pa.table(
+        {
+            "count": pa.array(counts.astype(np.int64)),  # integers -> 1
+            "pixel": pa.array(counts * 2.0),  # integer-valued floats -> 1
+            "price": pa.array(np.round(rng.uniform(0, 100, 1000), 2)),  # cents -> 0.01
+            "ratio": pa.array(rng.normal(size=1000)),  # on no grid -> None
+            "big": pa.array(counts * 1e6),  # multiples of 1e6 still report 1 (the cap)
+            "flag": pa.array(counts > 2),
+        }
+    )
+    spec = FeatureSpec.fit(table)
+    res = {f.name: f.resolution for f in spec.features if f.kind is FeatureKind.CONTINUOUS}
+    assert res == {"count": 1.0, "pixel": 1.0, "price": 0.01, "ratio": None, "big": 1.0}
+    std = {f.name: f.std for f in spec.features if f.kind is FeatureKind.CONTINUOUS}
+    expected = {
+        "count": (1.0 / std["count"]) ** 2 / 12,
+        "pixel": (1.0 / std["pixel"]) ** 2 / 12,
+        "price": (0.01 / std["price"]) ** 2 / 12,
+        "ratio": 0.0,
+        "big": (1.0 / std["big"]) ** 2 / 12,
+    }
+    names = spec.names(FeatureKind.CONTINUOUS)
+    assert spec.quantisation_variance == pytest.approx([expected[n] for n in names], rel=1e-12)
+    # a constant integer column (std falls back to 1) is capped at the marginal's variance
+    const = FeatureSpec.fit(pa.table({"c": pa.array([3, 3, 3])}))
+    assert const.quantisation_variance == [pytest.approx(1 / 12)]
+    tiny = FeatureSpec.fit(pa.table({"c": pa.array([0.0, 1.0] * 10)}))  # std 0.5 -> (2^2)/12
+    assert tiny.quantisation_variance == [pytest.approx(4 / 12)]
+    wide = FeatureSpec.fit(pa.table({"c": pa.array([0.0, 0.0, 0.0, 1.0] + [0.0] * 96)}))
+    assert wide.quantisation_variance == [1.0]  # (1 / 0.0995)^2 / 12 > 1: capped
+    assert FeatureSpec.loads(spec.dumps()) == spec
+
+
+def test_resolution_is_found_across_batches():
+    batches = [
+        pa.record_batch({"x": pa.array([1.0, 2.0, 3.0])}),
+        pa.record_batch({"x": pa.array([1.5, 2.25])}),  # 0.25 is not a multiple of 0.1
+        pa.record_batch({"x": pa.array([math.nan, 4.0])}),
+    ]
+    assert FeatureSpec.fit(iter(batches)).features[0].resolution == 0.01
+    batches[1] = pa.record_batch({"x": pa.array([1.5, 2.123456789])})
+    assert FeatureSpec.fit(iter(batches)).features[0].resolution is None

@@ -8,7 +8,7 @@ from jobs.demo import roc_auc
 from jobs.synthetic import LABEL_COLUMNS as LABELS
 from model.estimators import score_records
 from model.features import FeatureSpec
-from model.training import TrainConfig, split_indices, train, trimmed_mean
+from model.training import TrainConfig, TrainingData, split_indices, train, trimmed_mean
 from model.vae import VAE, VAEConfig
 
 
@@ -88,3 +88,44 @@ def test_trimmed_mean_by_hand():
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="objective must be"):
         TrainConfig(objective="wake-sleep")
+
+
+def test_small_tables_get_min_steps_per_epoch():
+    config = TrainConfig(batch_size=100, min_steps_per_epoch=50)
+    assert config.passes_per_epoch(80) == 50  # one step per pass
+    assert config.passes_per_epoch(1000) == 5  # 10 steps per pass
+    assert config.passes_per_epoch(1001) == 5  # 11 steps per pass -> 55 steps
+    assert config.passes_per_epoch(10_000) == 1
+    x = torch.randn(90, 3, dtype=torch.float64)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    steps = []
+    model = VAE(VAEConfig(n_continuous=3, hidden=[8])).double()
+    config = TrainConfig(
+        epochs=2, batch_size=16, min_steps_per_epoch=20, validation_fraction=0.2, device="cpu"
+    )
+    result = train(model, x, mask, config, on_step=lambda rows, loss: steps.append(rows))
+    rows = TrainingData.from_tensors(x, mask, 0.2, config.seed).counts.rows_train
+    passes = config.passes_per_epoch(rows)
+    assert passes * -(-rows // 16) >= 20 > (passes - 1) * -(-rows // 16)
+    assert len(steps) == len(result.history) * passes * -(-rows // 16)
+    assert sum(steps) == len(result.history) * passes * rows
+
+
+def test_decoder_variance_floor_is_per_feature_and_old_configs_load():
+    config = VAEConfig(n_continuous=3, hidden=[4], variance_floor=[0.0, 0.25, 2e-5])
+    model = VAE(config)
+    raw = torch.full((2, 3), -30.0)
+    log_var = model.decoder.log_variance(raw)
+    expected = torch.log(torch.tensor([1e-4, 0.25, 1e-4]))  # max(min_variance, floor)
+    torch.testing.assert_close(log_var, expected.expand(2, 3))
+    high = model.decoder.log_variance(torch.full((1, 3), 50.0))
+    torch.testing.assert_close(high, torch.full((1, 3), float(np.log(1e4))))
+    # a config written before the floor existed has no key: the scalar floor applies
+    old = config.to_json()
+    del old["variance_floor"]
+    legacy = VAE(VAEConfig.from_json(old))
+    torch.testing.assert_close(
+        legacy.decoder.log_variance(raw), torch.full((2, 3), float(np.log(1e-4)))
+    )
+    with pytest.raises(ValueError, match="variance_floor has 2 entries"):
+        VAE(VAEConfig(n_continuous=3, hidden=[4], variance_floor=[0.1, 0.1]))
