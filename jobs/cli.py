@@ -25,6 +25,22 @@ class _QuietBeamImports(logging.Filter):
 
 logging.getLogger().addFilter(_QuietBeamImports())
 
+
+class _OneLineBeamErrors(logging.Filter):
+    """Beam logs a failing step's traceback before re-raising it; vaewatch turns the failures
+    a user can cause (a corrupt file, a full disk) into one clear message, so the log keeps
+    Beam's one-line summary and drops the stack. VAEWATCH_DEBUG=1 keeps it; an unexpected
+    error still ends in its own traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not os.environ.get("VAEWATCH_DEBUG"):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker"):
+    logging.getLogger(_name).addFilter(_OneLineBeamErrors())
+
 # MLflow's HTTP client retries a failing request 7 times with exponential backoff by default
 # (minutes). vaewatch checks that the server answers first, so later requests need fewer
 # retries; the user's own settings win.

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from model import registry
 from model.data import InputError, resolve_files
 from model.errors import UserError
+from pipeline import faults
 from pipeline.commit import read_manifest
 from pipeline.score import ScoreJob, run
 
@@ -112,4 +113,5 @@ def run_nightly(job: NightlyJob, echo: Callable[[str], None] = print) -> list[Da
         outcomes.append(
             DayOutcome(day, "scored", rows["in"], rows["scored"], rows["rejected"], out)
         )
+        faults.point("nightly:day-committed")
     return outcomes

@@ -3,7 +3,8 @@
     config.json           format version, vaewatch version, the VAE config, the feature spec
                           (normalisation, vocabularies), calibration (score quantiles, threshold,
                           per-feature baselines), scoring defaults (K, S, seed), the id column,
-                          training config, history and data fingerprint
+                          training config, history and data fingerprint, and the sha256 of
+                          weights.safetensors (checked at every load)
     weights.safetensors   the state dict (safetensors: a header + raw tensors, no code runs)
 
 A model trained on a GPU loads anywhere: tensors are read onto the CPU, then moved.
@@ -11,6 +12,7 @@ A model trained on a GPU loads anywhere: tensors are read onto the CPU, then mov
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,14 @@ from model.vae import VAE, VAEConfig
 ARTIFACT_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ArtifactError(UserError):
@@ -79,11 +89,14 @@ class ModelArtifact:
         }
 
     def save(self, directory: str | Path) -> Path:
+        """Weights first, then config.json with the weights' sha256: a loader can tell a
+        corrupted or swapped weights file from the one this config was saved with."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.config_json(), indent=2, sort_keys=True, allow_nan=False)
-        (directory / CONFIG_FILE).write_text(text + "\n")
         save_file(self.state_dict, str(directory / WEIGHTS_FILE))
+        config = {**self.config_json(), "weights_sha256": sha256_file(directory / WEIGHTS_FILE)}
+        text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
+        (directory / CONFIG_FILE).write_text(text + "\n")
         return directory
 
     @classmethod
@@ -105,10 +118,25 @@ class ModelArtifact:
                 f"model folder {str(directory)!r} has format_version {version!r}; this vaewatch "
                 f"reads {ARTIFACT_FORMAT_VERSION}. Retrain the model or upgrade vaewatch."
             )
+        weights = directory / WEIGHTS_FILE
+        expected = config.get("weights_sha256")
+        if expected is not None and sha256_file(weights) != expected:
+            raise ArtifactError(
+                f"{weights} does not match the sha256 recorded in its {CONFIG_FILE} "
+                f"(expected {expected}, found {sha256_file(weights)}): the file was corrupted "
+                "or replaced after the model was saved. Re-download it, or re-register the model."
+            )
+        try:
+            state_dict = load_file(str(weights), device="cpu")
+        except Exception as err:  # safetensors raises its own error type for a bad header
+            raise ArtifactError(
+                f"{weights} is not a readable safetensors file ({err}); re-download it, or "
+                "re-register the model"
+            ) from err
         return cls(
             spec=FeatureSpec.from_json(config["features"]),
             vae_config=VAEConfig.from_json(config["vae"]),
-            state_dict=load_file(str(directory / WEIGHTS_FILE), device="cpu"),
+            state_dict=state_dict,
             calibration=Calibration.from_json(config["calibration"]),
             scoring=ScoringDefaults(**config["scoring"]),
             id_column=config.get("id_column"),

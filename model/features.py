@@ -137,9 +137,12 @@ def _kind_of(arrow_type: pa.DataType) -> FeatureKind | None:
 
 
 def _to_float64(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
-    """A numeric/boolean column as float64 numpy, nulls as NaN."""
+    """A numeric/boolean column as float64 numpy, nulls as NaN. Integers beyond 2^53 round to
+    the nearest float64 (a safe cast would refuse the whole batch for one such value; found by
+    the hostile-input property test)."""
     try:
-        as_float = pc.cast(column, pa.float64())
+        options = pc.CastOptions(pa.float64(), allow_float_truncate=True)
+        as_float = pc.cast(column, options=options)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise SchemaMismatchError(
             f"column {name!r} has type {column.type}, which cannot be read as a number: {err}"

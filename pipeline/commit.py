@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from model.errors import UserError
+from pipeline import faults
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
@@ -131,19 +132,24 @@ class LocalCommitter:
     def publish(self, manifest: dict) -> Committed:
         scored, rejected = self.staged_files()
         committed = _check_counts(self.output, scored, rejected, manifest, self.staging)
+        faults.point("commit:counted")
         root = Path(self.staging)
         for debris in root.rglob("beam-temp-*"):
             shutil.rmtree(debris, ignore_errors=True)
         _write_manifest_and_success(str(root), manifest, committed)
+        faults.point("commit:success")
         out = Path(self.output)
         if not out.exists():
             os.rename(self.staging, self.output)
+            faults.point("commit:exchanged")
         elif _exchange(self.staging, self.output):
+            faults.point("commit:exchanged")
             shutil.rmtree(self.staging)  # now the previous output
         else:
             previous = out.parent / f".{out.name}.previous-{self.run_id}"
             os.rename(self.output, previous)
             os.rename(self.staging, self.output)
+            faults.point("commit:exchanged")
             shutil.rmtree(previous)
         return committed
 
@@ -274,6 +280,7 @@ def _write_manifest_and_success(root: str, manifest: dict, committed: Committed)
     text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
     with FileSystems.create(FileSystems.join(root, MANIFEST)) as handle:
         handle.write(text.encode())
+    faults.point("commit:manifest")
     with FileSystems.create(FileSystems.join(root, SUCCESS)) as handle:
         handle.write(f"{manifest['run_id']}\n".encode())
 

@@ -14,6 +14,7 @@ launcher resolves the input files, the model alias and the schema once, before a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -34,15 +35,18 @@ from model.errors import UserError
 from model.features import SchemaMismatchError
 from model.scoring import ScoringSettings, score_schema
 from model.version import package_version
+from pipeline import faults
 from pipeline.commit import (
     PART_PREFIX,
     REJECTED_DIR,
     Committed,
+    OutputError,
     committer_for,
     new_run_id,
     output_lock,
     read_manifest,
 )
+from pipeline.loopback import loopback_only
 from pipeline.transforms import (
     REJECTED_TAG,
     WRITE_CHUNK_ROWS,
@@ -202,7 +206,8 @@ def build(pipeline: beam.Pipeline, job: ScoreJob, plan: dict) -> None:
     def write(pcoll, name, prefix, schema, shards):
         return (
             pcoll
-            | f"Rechunk{name}" >> beam.ParDo(Rechunk(WRITE_CHUNK_ROWS))
+            | f"Rechunk{name}"
+            >> beam.ParDo(Rechunk(WRITE_CHUNK_ROWS, crash_point=f"write:{name.lower()}"))
             | f"Write{name}"
             >> WriteToParquetBatched(
                 prefix,
@@ -316,6 +321,7 @@ def run(job: ScoreJob, pipeline: beam.Pipeline | None = None) -> ScoreResult:
     if job.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {job.batch_size}")
     settings = plan(job)
+    faults.point("launch:planned")
     try:
         with output_lock(job.output):
             return _run_planned(job, settings, pipeline)
@@ -323,18 +329,51 @@ def run(job: ScoreJob, pipeline: beam.Pipeline | None = None) -> ScoreResult:
         shutil.rmtree(settings["download"], ignore_errors=True)
 
 
+_STORAGE_FIXES = {
+    "no space left on device": "Free space there or choose another --output, then re-run.",
+    "the file system is read-only": "Choose a writable --output, then re-run.",
+    "permission denied": "Give this user write access to the output's folder, or choose "
+    "another --output, then re-run.",
+    "disk quota exceeded": "Raise the quota or choose another --output, then re-run.",
+}
+_STORAGE_ERRNOS = {
+    "[Errno 28]": "no space left on device",
+    "[Errno 30]": "the file system is read-only",
+    "[Errno 13]": "permission denied",
+    "[Errno 122]": "disk quota exceeded",
+}
+
+
+def _storage_problem(message: str) -> str | None:
+    """Beam re-raises a worker's OSError as text; find the storage errno in it."""
+    for marker, problem in _STORAGE_ERRNOS.items():
+        if marker in message:
+            return problem
+    return None
+
+
 def _run_planned(job: ScoreJob, settings: dict, pipeline: beam.Pipeline | None) -> ScoreResult:
     committer = settings["committer"]
     committer.prepare()
+    faults.point("launch:staged")
     if pipeline is None:
         options, runner = _options(job)
         pipeline = beam.Pipeline(runner=runner, options=options)
     build(pipeline, job, settings)
+    local = job.runner == LOCAL_RUNNER
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
+        with loopback_only() if local else contextlib.nullcontext():
+            result = pipeline.run()
+            result.wait_until_finish()
     except Exception as err:
         committer.abort()
+        problem = _storage_problem(str(err))
+        if problem and "ReadParquet" not in str(err):
+            raise OutputError(
+                f"writing the output {job.output!r} failed: {problem}. Nothing was committed "
+                "(the staged files were removed; an earlier output there is untouched). "
+                f"{_STORAGE_FIXES[problem]}"
+            ) from err
         if "ReadParquet" in str(err):  # Beam names the failing step; find the file it read
             unreadable = _first_unreadable(
                 settings["files"], settings["filesystem"], settings["input_schema"].names

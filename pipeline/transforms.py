@@ -20,6 +20,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from model.features import SchemaMismatchError
 from model.scoring import REASON_COLUMN
+from pipeline import faults
 
 REJECTED_TAG = "rejected"
 SCHEMA_MISMATCH = "schema_mismatch"
@@ -146,6 +147,7 @@ class ScoreBatches(_Buffered):
         )
 
     def process(self, table: pa.Table):
+        faults.point("read:batch")
         for batch in self._take(table, final=False):
             yield from self._score(batch)
 
@@ -164,6 +166,7 @@ class ScoreBatches(_Buffered):
         the kept and rejected columns are cast to the output schema."""
         try:
             result = self._handle.scorer.score(table)
+            faults.point("score:batch")
         except (SchemaMismatchError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
             # a file whose columns cannot be read as the model's types: all its rows rejected
             reasons = pa.array([f"{SCHEMA_MISMATCH}: {err}"] * table.num_rows, pa.string())
@@ -199,14 +202,22 @@ class ScoreBatches(_Buffered):
 
 class Rechunk(_Buffered):
     """Re-chunks a stream of small tables into tables of at least `rows` rows (per bundle),
-    so the Parquet writer makes large row groups."""
+    so the Parquet writer makes large row groups. `crash_point` names the fault point reached
+    after each chunk (the fused writer has written it into its temporary file by then)."""
+
+    def __init__(self, rows: int, crash_point: str = ""):
+        super().__init__(rows)
+        self._crash_point = crash_point
 
     def process(self, table: pa.Table):
-        yield from self._take(table, final=False)
+        for chunk in self._take(table, final=False):
+            yield chunk
+            faults.point(self._crash_point)
 
     def finish_bundle(self):
         for chunk in self._take(None, final=True):
             yield WindowedValue(chunk, MIN_TIMESTAMP, [GlobalWindow()])
+            faults.point(self._crash_point)
 
 
 def rejected_schema(input_schema: pa.Schema) -> pa.Schema:

@@ -29,12 +29,13 @@ from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec
 
-from model.artifact import CONFIG_FILE, ModelArtifact
+from model.artifact import CONFIG_FILE, ArtifactError, ModelArtifact, sha256_file
 from model.errors import UserError
 from model.registry.pyfunc_model import ARTIFACT_KEY
 
 DEFAULT_EXPERIMENT = "vaewatch"
 DEFAULT_ALIAS = "champion"
+ARTIFACT_DIGEST_TAG = "artifact_sha256"  # sha256 of the registered config.json
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?/?$")
 
@@ -177,6 +178,9 @@ class TrainingRun:
         it and tag it. Returns the concrete version."""
         with tempfile.TemporaryDirectory(prefix="vaewatch-artifact-") as tmp:
             folder = artifact.save(Path(tmp) / ARTIFACT_KEY)
+            # config.json carries the weights' sha256, so its own digest pins both files;
+            # kept in the registry, apart from the artifact store it protects
+            tags = {**(tags or {}), ARTIFACT_DIGEST_TAG: sha256_file(folder / CONFIG_FILE)}
             signature = ModelSignature(
                 # params only: the input columns are checked by the model itself, which reports
                 # missing columns and bad types by name (MLflow's enforcement would reject
@@ -210,7 +214,7 @@ class TrainingRun:
                 ) from err
         version = str(info.registered_model_version)
         self.client.set_registered_model_alias(model_name, alias, version)
-        for key, value in (tags or {}).items():
+        for key, value in tags.items():
             self.client.set_model_version_tag(model_name, version, key, str(value))
         return ResolvedModel(
             name=model_name,
@@ -291,7 +295,26 @@ def fetch(resolved: ResolvedModel, tracking_uri: str, destination: str | Path) -
         raise ModelNotFoundError(
             f"{resolved.uri} has no vaewatch {CONFIG_FILE}: it was not registered by vaewatch"
         )
+    _verify_digest(resolved, candidates[0], tracking_uri)
     return candidates[0].parent
+
+
+def _verify_digest(resolved: ResolvedModel, config: Path, tracking_uri: str) -> None:
+    """The downloaded config.json must be the one registered (it pins the weights' digest)."""
+    try:
+        tags = configure(tracking_uri).get_model_version(resolved.name, resolved.version).tags
+    except MlflowException as err:
+        raise RegistryError(f"cannot read the tags of {resolved.uri}: {err.message}") from err
+    expected = tags.get(ARTIFACT_DIGEST_TAG)
+    if expected is None:
+        return  # registered before digests were recorded
+    found = sha256_file(config)
+    if found != expected:
+        raise ArtifactError(
+            f"the artifact of {resolved.uri} was modified after registration: its {CONFIG_FILE} "
+            f"has sha256 {found}, the registry recorded {expected} (tag {ARTIFACT_DIGEST_TAG}). "
+            "Do not score with it: restore the artifact store, or train and register again."
+        )
 
 
 @dataclass

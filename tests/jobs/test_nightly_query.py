@@ -102,7 +102,7 @@ def test_query_top_summary_see_committed_output_only(committed, tmp_path):
 
 
 def test_paths_with_quotes_and_bad_sql(committed, tmp_path):
-    odd = tmp_path / 'it\'s "odd"'
+    odd = tmp_path / 'it\'s "odd"; --'
     shutil.copytree(committed / "dt=2026-03-01", odd / "dt=2026-03-01")
     result = _invoke("query", odd, "SELECT count(*) AS n FROM scores", "--format", "csv")
     assert result.exit_code == 0 and result.output.split() == ["n", "1000"], result.output
