@@ -102,16 +102,19 @@ def io_floor(source: Path, out: Path, columns: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def torch_loop(source: Path, artifact: ModelArtifact, k: int) -> float:
+def torch_loop(source: Path, artifact: ModelArtifact, k: int, device: str = "cpu") -> float:
     """Seconds for read -> encode -> score_records over the same batches, nothing written."""
-    model = artifact.build("cpu")
+    model = artifact.build(device)
     spec = artifact.spec
-    log_std = spec.continuous_log_std
+    log_std = spec.continuous_log_std.to(device)
     started = time.perf_counter()
     for path in sorted(source.glob("*.parquet")):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP, columns=spec.names()):
             enc = spec.encode(batch)
-            score_records(model, enc.x, enc.mask, log_std=log_std, k=k)
+            s = score_records(model, enc.x.to(device), enc.mask.to(device), log_std=log_std, k=k)
+            s.log_likelihood.cpu()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 

@@ -130,7 +130,7 @@ def child(args) -> dict:
             x = (enc.x.to(device), enc.mask.to(device))
         else:
             x = _matrix(table, artifact.spec)
-            fitted = _fit_peer(method, x, work)
+            fitted = _fit_peer(method, x)
         del table
     # one untimed call on 4,096 rows first, for every in-process scorer (first-call allocation
     # and thread start-up are not throughput); the pipeline's fixed cost stays in its figure
@@ -147,7 +147,7 @@ def child(args) -> dict:
         if method == "io":
             bp.io_floor(source, work / f"io-{os.getpid()}", [*artifact.spec.names()])
         elif method == "loop":
-            _loop(source, artifact, k, device)
+            bp.torch_loop(source, artifact, k, device)
         elif method == "memory":
             _in_memory(*x, artifact, k, device)
         elif method == "pipeline":
@@ -186,25 +186,7 @@ def _in_memory(x, mask, artifact, k: int, device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _loop(source: Path, artifact, k: int, device: str) -> None:
-    import pyarrow.parquet as pq
-    import torch
-
-    from model.estimators import score_records
-
-    model = artifact.build(device)
-    spec = artifact.spec
-    log_std = spec.continuous_log_std.to(device)
-    for path in sorted(source.glob("*.parquet")):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=spec.names()):
-            enc = spec.encode(batch)
-            s = score_records(model, enc.x.to(device), enc.mask.to(device), log_std=log_std, k=k)
-            s.log_likelihood.cpu()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _fit_peer(method: str, x, work: Path):
+def _fit_peer(method: str, x):
     import contextlib
     import io
     import warnings
