@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from model.estimators import DEFAULT_MEMORY_BUDGET, elbo, iwae, score_records
-from model.vae import VAE, VAEConfig
+from vaewatch.model.estimators import DEFAULT_MEMORY_BUDGET, elbo, iwae, score_records
+from vaewatch.model.vae import VAE, VAEConfig
 
 N_CONTINUOUS, N_BOOLEAN, CATEGORIES = 24, 4, [11, 11, 11, 11]
 

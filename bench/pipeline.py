@@ -33,13 +33,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from model.artifact import ModelArtifact, ScoringDefaults
-from model.calibration import Calibration
-from model.estimators import score_records
-from model.features import FeatureSpec
-from model.training import TrainConfig, train
-from model.vae import VAE, VAEConfig
-from pipeline.score import ScoreJob, run
+from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
+from vaewatch.model.calibration import Calibration
+from vaewatch.model.estimators import score_records
+from vaewatch.model.features import FeatureSpec
+from vaewatch.model.training import TrainConfig, train
+from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.pipeline.score import ScoreJob, ScoreOptions, run
 
 N_CONTINUOUS, N_BOOLEAN, N_CATEGORICAL = 24, 4, 4
 ROW_GROUP = 65_536
@@ -126,12 +126,11 @@ def pipeline_run(source: Path, model: Path, out: Path, k: int, workers: int = 1)
             output=str(out),
             model=str(model),
             tracking_uri="unused",
-            k=k,
-            workers=workers,
+            options=ScoreOptions(k=k, workers=workers),
         )
     )
     seconds = time.perf_counter() - started
-    assert result.manifest["rows"]["in"] == result.manifest["rows"]["scored"]
+    assert result.manifest.rows.rows_in == result.manifest.rows.scored
     return seconds
 
 

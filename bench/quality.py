@@ -61,12 +61,13 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from jobs.train import TrainJob
-from jobs.train import run as train_run
-from model import registry
-from model.training import TrainConfig
-from pipeline.score import ScoreJob
-from pipeline.score import run as score_run
+from vaewatch.jobs.train import TrainJob
+from vaewatch.jobs.train import run as train_run
+from vaewatch.model import registry
+from vaewatch.model.fit import FitConfig
+from vaewatch.model.training import TrainConfig
+from vaewatch.pipeline.score import ScoreJob
+from vaewatch.pipeline.score import run as score_run
 
 METHODS = [
     "vaewatch IWAE",
@@ -158,8 +159,7 @@ def vaewatch_scores(split: Split, seed: int, work: Path, tracking_uri: str) -> d
             data=str(folder / "train"),
             model_name=name,
             tracking_uri=tracking_uri,
-            id_column="record_id",
-            train=TrainConfig(seed=seed),
+            fit=FitConfig(id_column="record_id", train=TrainConfig(seed=seed)),
             progress=False,
         ),
         echo=lambda _: None,
@@ -172,7 +172,7 @@ def vaewatch_scores(split: Split, seed: int, work: Path, tracking_uri: str) -> d
             tracking_uri=tracking_uri,
         )
     )
-    rows = result.manifest["rows"]
+    rows = result.manifest.rows.to_json()
     assert rows["in"] == rows["scored"] + rows["rejected"] == len(split.test), rows
     table = pq.read_table(
         folder / "scores", columns=["record_id", "anomaly_score", "elbo"]

@@ -59,7 +59,7 @@ def _matrix(table, spec):
     import numpy as np
     import pyarrow.compute as pc
 
-    from model.features import FeatureKind
+    from vaewatch.model.features import FeatureKind
 
     parts = []
     for f in spec.features:
@@ -117,7 +117,7 @@ def child(args) -> dict:
     bp = _bench_pipeline()
     work = Path(args.workdir)
     source, model_dir = work / "input", work / "model"
-    from model.artifact import ModelArtifact
+    from vaewatch.model.artifact import ModelArtifact
 
     artifact = ModelArtifact.load(model_dir)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in source.glob("*.parquet"))
@@ -173,7 +173,7 @@ def _in_memory(x, mask, artifact, k: int, device: str) -> None:
     PyOD's decision_function on an in-memory matrix."""
     import torch
 
-    from model.estimators import score_records
+    from vaewatch.model.estimators import score_records
 
     model = artifact.build(device)
     log_std = artifact.spec.continuous_log_std.to(device)

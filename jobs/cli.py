@@ -10,9 +10,9 @@ import sys
 
 import click
 
-from jobs import params
-from model.errors import UserError
-from model.version import package_version
+from vaewatch.jobs import params
+from vaewatch.model.errors import UserError
+from vaewatch.model.version import package_version
 
 
 class _QuietBeamImports(logging.Filter):
@@ -86,11 +86,10 @@ def main() -> None:
 @params.days
 @params.epochs
 @params.seed
-@params.k
+@params.demo_k
 def demo(workdir, rows_per_day, days, epochs, seed, k) -> None:
     """Run the whole loop on generated data: partitions, training, IWAE scoring, ROC-AUC."""
-    from jobs.demo import run
-    from model.estimators import DEFAULT_K
+    from vaewatch.jobs.demo import run
 
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +104,7 @@ def demo(workdir, rows_per_day, days, epochs, seed, k) -> None:
         days=days,
         epochs=epochs,
         seed=seed,
-        k=k or DEFAULT_K,
+        k=k,
         echo=click.echo,
     )
 
@@ -150,18 +149,32 @@ def train_command(**options) -> None:
 
     Prints the model URI (models:/NAME/VERSION) on the last line of stdout.
     """
-    from jobs.train import TrainJob, run
-    from model import registry
-    from model.training import TrainConfig
+    from vaewatch.jobs.train import TrainJob, run
+    from vaewatch.model import registry
+    from vaewatch.model.artifact import ScoringDefaults
+    from vaewatch.model.fit import FitConfig
+    from vaewatch.model.training import TrainConfig
 
     o = options
     with user_errors_exit_1():
-        job = TrainJob(
-            data=o["data"],
-            model_name=o["model_name"],
-            tracking_uri=o["tracking_uri"] or registry.default_tracking_uri(),
-            experiment=o["experiment"],
-            alias=o["alias"],
+        train = TrainConfig(
+            epochs=o["epochs"],
+            batch_size=o["batch_size"],
+            learning_rate=o["learning_rate"],
+            weight_decay=o["weight_decay"],
+            objective=o["objective"],
+            train_k=o["train_k"],
+            kl_warmup_epochs=o["kl_warmup_epochs"],
+            free_bits=o["free_bits"],
+            validation_fraction=o["validation_fraction"],
+            patience=o["patience"],
+            min_steps_per_epoch=o["min_steps_per_epoch"],
+            seed=o["seed"],
+            device=o["device"],
+            mixed_precision=o["mixed_precision"],
+            validation_k=o["k"],
+        )
+        fit = FitConfig(
             id_column=o["id_column"],
             exclude=o["exclude"],
             features=o["features"],
@@ -171,29 +184,19 @@ def train_command(**options) -> None:
             min_category_count=o["min_category_count"],
             latent_dim=o["latent_dim"],
             hidden=o["hidden"],
-            train=TrainConfig(
-                epochs=o["epochs"],
-                batch_size=o["batch_size"],
-                learning_rate=o["learning_rate"],
-                weight_decay=o["weight_decay"],
-                objective=o["objective"],
-                train_k=o["train_k"],
-                kl_warmup_epochs=o["kl_warmup_epochs"],
-                free_bits=o["free_bits"],
-                validation_fraction=o["validation_fraction"],
-                patience=o["patience"],
-                min_steps_per_epoch=o["min_steps_per_epoch"],
-                seed=o["seed"],
-                device=o["device"],
-                mixed_precision=o["mixed_precision"],
-                validation_k=o["k"],
-            ),
-            k=o["k"],
-            samples=o["samples"],
-            score_seed=o["seed"],
+            train=train,
+            scoring=ScoringDefaults(k=o["k"], samples=o["samples"], seed=o["seed"]),
             threshold_quantile=o["threshold_quantile"],
             max_validation_rows=o["max_validation_rows"],
             cache_bytes=o["cache_mib"] * 2**20,
+        )
+        job = TrainJob(
+            data=o["data"],
+            model_name=o["model_name"],
+            tracking_uri=o["tracking_uri"] or registry.default_tracking_uri(),
+            fit=fit,
+            experiment=o["experiment"],
+            alias=o["alias"],
             progress=sys.stderr.isatty() if o["progress"] is None else o["progress"],
         )
         outcome = run(job, echo=lambda line: click.echo(line, err=True))
@@ -214,29 +217,31 @@ def score_command(ctx, **o) -> None:
     not be scored, with a reason), OUTPUT/_manifest.json and OUTPUT/_SUCCESS. Arguments after
     `--` are passed to Beam as pipeline options (e.g. -- --project p --region r).
     """
-    from model import registry
-    from pipeline.score import ScoreJob, run
+    from vaewatch.model import registry
+    from vaewatch.pipeline.score import ScoreJob, run
 
-    job = ScoreJob(
-        input=o["input_path"],
-        output=o["output"],
-        model=o["model_uri"],
-        tracking_uri=o["tracking_uri"] or registry.default_tracking_uri(),
-        **_score_options(o, ctx),
-    )
     with user_errors_exit_1():
+        job = ScoreJob(
+            input=o["input_path"],
+            output=o["output"],
+            model=o["model_uri"],
+            tracking_uri=o["tracking_uri"] or registry.default_tracking_uri(),
+            options=_score_options(o, ctx),
+        )
         result = run(job)
-    rows = result.manifest["rows"]
+    rows = result.manifest.rows
     click.echo(
-        f"scored {rows['scored']:,} of {rows['in']:,} rows ({rows['rejected']:,} rejected) with "
-        f"{result.manifest['model']['uri']} -> {result.committed.output}",
+        f"scored {rows.scored:,} of {rows.rows_in:,} rows ({rows.rejected:,} rejected) with "
+        f"{result.manifest.model.uri} -> {result.output}",
         err=True,
     )
-    click.echo(result.committed.output)
+    click.echo(result.output)
 
 
-def _score_options(o: dict, ctx) -> dict:
-    return dict(
+def _score_options(o: dict, ctx):
+    from vaewatch.pipeline.plan import ScoreOptions
+
+    return ScoreOptions(
         k=o["k"],
         samples=o["samples"],
         seed=o["seed"],
@@ -246,7 +251,7 @@ def _score_options(o: dict, ctx) -> dict:
         runner=o["runner"],
         workers=o["workers"],
         shards=o["shards"],
-        beam_args=list(ctx.args),
+        beam_args=tuple(ctx.args),
     )
 
 
@@ -270,28 +275,18 @@ def nightly_command(ctx, **o) -> None:
     the day, and a day already committed with the same model version is skipped unless
     --force. The alias is pinned once for the whole run.
     """
-    from jobs.nightly import NightlyJob, days_between, parse_date, run_nightly, yesterday_utc
-    from model import registry
-    from pipeline.score import ScoreJob
+    from vaewatch.jobs.nightly import NightlyJob, days_to_score, run_nightly
+    from vaewatch.model import registry
 
     with user_errors_exit_1():
-        if o["from_date"] or o["to_date"]:
-            if o["date"] or not (o["from_date"] and o["to_date"]):
-                raise UserError("a backfill needs both --from and --to, and no --date")
-            days = days_between(
-                parse_date(o["from_date"], "--from"), parse_date(o["to_date"], "--to")
-            )
-        else:
-            days = [parse_date(o["date"]) if o["date"] else yesterday_utc()]
-        tracking_uri = o["tracking_uri"] or registry.default_tracking_uri()
         job = NightlyJob(
             input_root=o["input_root"],
             output_root=o["output_root"],
             model=o["model_uri"],
-            tracking_uri=tracking_uri,
-            days=days,
+            tracking_uri=o["tracking_uri"] or registry.default_tracking_uri(),
+            days=days_to_score(o["date"], o["from_date"], o["to_date"]),
             force=o["force"],
-            score=ScoreJob("", "", "", tracking_uri, **_score_options(o, ctx)),
+            options=_score_options(o, ctx),
         )
         outcomes = run_nightly(job, echo=lambda line: click.echo(line, err=True))
     for outcome in outcomes:
@@ -310,7 +305,7 @@ def query_command(output, sql, output_format, result_out) -> None:
     """
     import duckdb
 
-    from jobs.query import connect, write_result
+    from vaewatch.jobs.query import connect, write_result
 
     with user_errors_exit_1():
         con = connect(output)
@@ -331,8 +326,8 @@ def query_command(output, sql, output_format, result_out) -> None:
 @params.result_out
 def top_command(output, date, limit, output_format, result_out) -> None:
     """The most anomalous committed records in OUTPUT, with the features behind them."""
-    from jobs.nightly import parse_date
-    from jobs.query import connect, top, write_result
+    from vaewatch.jobs.nightly import parse_date
+    from vaewatch.jobs.query import connect, top, write_result
 
     with user_errors_exit_1():
         day = parse_date(date) if date else None
@@ -345,7 +340,7 @@ def top_command(output, date, limit, output_format, result_out) -> None:
 @params.result_out
 def summary_command(output, output_format, result_out) -> None:
     """Per day: rows, anomalies, anomaly rate, score quantiles and model version."""
-    from jobs.query import connect, summary, write_result
+    from vaewatch.jobs.query import connect, summary, write_result
 
     with user_errors_exit_1():
         write_result(summary(connect(output)), output_format, result_out, click.echo)
@@ -357,7 +352,7 @@ def summary_command(output, output_format, result_out) -> None:
 @params.top_n
 def report_command(output, report_out, limit) -> None:
     """Write a self-contained HTML report (plots + the latest day's top anomalies)."""
-    from jobs.report import write
+    from vaewatch.jobs.report import write
 
     with user_errors_exit_1():
         path = write(output, report_out, top_n=limit)
@@ -369,9 +364,9 @@ def report_command(output, report_out, limit) -> None:
 @click.pass_context
 def models_group(ctx, tracking_uri) -> None:
     """List registered models: versions, aliases, data fingerprints and training metrics."""
-    from jobs.models import list_versions
-    from jobs.query import format_table
-    from model import registry
+    from vaewatch.jobs.models import list_versions
+    from vaewatch.jobs.query import format_table
+    from vaewatch.model import registry
 
     ctx.obj = tracking_uri or registry.default_tracking_uri()
     if ctx.invoked_subcommand is None:
@@ -387,7 +382,7 @@ def models_group(ctx, tracking_uri) -> None:
 @click.pass_obj
 def promote_command(tracking_uri, name, version, alias) -> None:
     """Point ALIAS (default champion) at VERSION of the registered model NAME."""
-    from jobs.models import promote
+    from vaewatch.jobs.models import promote
 
     with user_errors_exit_1():
         promote(tracking_uri, name, version, alias)

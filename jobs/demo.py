@@ -17,35 +17,22 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from jobs.nightly import NightlyJob, run_nightly
-from jobs.query import connect, format_table, summary, top
-from jobs.report import write as write_report
-from jobs.synthetic import LABEL_COLUMNS, transactions
-from jobs.train import TrainJob
-from jobs.train import run as train
-from model import registry
-from model.estimators import DEFAULT_K
-from model.training import TrainConfig
-from pipeline.score import ScoreJob
+from vaewatch.jobs.nightly import NightlyJob, run_nightly
+from vaewatch.jobs.query import connect, format_table, summary, top
+from vaewatch.jobs.report import write as write_report
+from vaewatch.jobs.train import TrainJob
+from vaewatch.jobs.train import run as train
+from vaewatch.model import registry
+from vaewatch.model.artifact import ScoringDefaults
+from vaewatch.model.estimators import DEFAULT_K
+from vaewatch.model.fit import FitConfig
+from vaewatch.model.metrics import roc_auc
+from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
+from vaewatch.model.training import TrainConfig
+from vaewatch.pipeline.plan import ScoreOptions
 
 MODEL_NAME = "vaewatch-demo"
 FIRST_DAY = dt.date(2026, 1, 1)
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U, ties counted half)."""
-    labels = labels.astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"ROC-AUC needs both classes; got {n_pos} positives and {n_neg} negatives")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    average = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(average, counts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def write_partitions(root: Path, days: int, rows_per_day: int, seed: int) -> list[Path]:
@@ -96,11 +83,12 @@ def run(
             data=str(paths[0]),
             model_name=MODEL_NAME,
             tracking_uri=tracking_uri,
-            id_column="record_id",
-            exclude=[c for c in LABEL_COLUMNS if c != "record_id"],
-            train=TrainConfig(epochs=epochs, seed=seed, device="auto"),
-            k=k,
-            score_seed=seed,
+            fit=FitConfig(
+                id_column="record_id",
+                exclude=[c for c in LABEL_COLUMNS if c != "record_id"],
+                train=TrainConfig(epochs=epochs, seed=seed, device="auto"),
+                scoring=ScoringDefaults(k=k, seed=seed),
+            ),
             progress=False,
             artifact_location=(workdir / "mlruns").as_uri(),
         ),
@@ -118,7 +106,7 @@ def run(
             tracking_uri=tracking_uri,
             days=scored_days,
             force=True,
-            score=ScoreJob("", "", "", tracking_uri),
+            options=ScoreOptions(),
         ),
         echo=lambda line: echo("  nightly " + line),
     )

@@ -6,8 +6,8 @@ import datetime as dt
 
 from mlflow.exceptions import MlflowException
 
-from model import registry
-from model.errors import UserError
+from vaewatch.model import registry
+from vaewatch.model.errors import UserError
 
 COLUMNS = [
     "name",

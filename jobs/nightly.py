@@ -10,14 +10,15 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from model import registry
-from model.data import InputError, resolve_files
-from model.errors import UserError
-from pipeline import faults
-from pipeline.commit import read_manifest
-from pipeline.score import ScoreJob, run
+from vaewatch.model import registry
+from vaewatch.model.data import InputError, resolve_files
+from vaewatch.model.errors import UserError
+from vaewatch.pipeline import faults
+from vaewatch.pipeline.commit import read_manifest
+from vaewatch.pipeline.plan import ScoreJob, ScoreOptions
+from vaewatch.pipeline.score import run
 
 DATE = re.compile(r"\d{4}-\d{2}-\d{2}")  # exactly this: no path separators, no "..", no spaces
 MAX_BACKFILL_DAYS = 3660
@@ -42,8 +43,18 @@ def days_between(first: dt.date, last: dt.date) -> list[dt.date]:
     return [first + dt.timedelta(days=i) for i in range(count)]
 
 
-def yesterday_utc() -> dt.date:
-    return dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)
+def yesterday_utc(now: dt.datetime | None = None) -> dt.date:
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return now.astimezone(dt.timezone.utc).date() - dt.timedelta(days=1)
+
+
+def days_to_score(date: str | None, from_date: str | None, to_date: str | None) -> list[dt.date]:
+    """The days a nightly run scores: --date, a --from/--to backfill, or yesterday (UTC)."""
+    if from_date or to_date:
+        if date or not (from_date and to_date):
+            raise UserError("a backfill needs both --from and --to, and no --date")
+        return days_between(parse_date(from_date, "--from"), parse_date(to_date, "--to"))
+    return [parse_date(date) if date else yesterday_utc()]
 
 
 def partition(root: str, day: dt.date) -> str:
@@ -58,7 +69,7 @@ class NightlyJob:
     tracking_uri: str
     days: Sequence[dt.date]
     force: bool = False
-    score: ScoreJob = field(default_factory=lambda: ScoreJob("", "", "", ""))  # shared options
+    options: ScoreOptions = field(default_factory=ScoreOptions)
 
 
 @dataclass
@@ -89,29 +100,27 @@ def run_nightly(job: NightlyJob, echo: Callable[[str], None] = print) -> list[Da
     for day in job.days:
         out = partition(job.output_root, day)
         committed = read_manifest(out)
-        if committed and committed["model"]["uri"] == pinned.uri and not job.force:
-            rows = committed["rows"]
+        if committed and committed.model.uri == pinned.uri and not job.force:
+            rows = committed.rows
             echo(f"{day}: already committed with {pinned.uri}; skipped (--force re-scores)")
             outcomes.append(
-                DayOutcome(day, "skipped", rows["in"], rows["scored"], rows["rejected"], out)
+                DayOutcome(day, "skipped", rows.rows_in, rows.scored, rows.rejected, out)
             )
             continue
         result = run(
-            replace(
-                job.score,
+            ScoreJob(
                 input=partition(job.input_root, day),
                 output=out,
                 model=pinned.uri,
                 tracking_uri=job.tracking_uri,
+                options=job.options,
             )
         )
-        rows = result.manifest["rows"]
+        rows = result.manifest.rows
         echo(
-            f"{day}: scored {rows['scored']:,} of {rows['in']:,} rows "
-            f"({rows['rejected']:,} rejected) -> {out}"
+            f"{day}: scored {rows.scored:,} of {rows.rows_in:,} rows "
+            f"({rows.rejected:,} rejected) -> {out}"
         )
-        outcomes.append(
-            DayOutcome(day, "scored", rows["in"], rows["scored"], rows["rejected"], out)
-        )
+        outcomes.append(DayOutcome(day, "scored", rows.rows_in, rows.scored, rows.rejected, out))
         faults.point("nightly:day-committed")
     return outcomes

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from vaewatch.model import defaults
+
 ENV_PREFIX = "VAEWATCH_"
 
 
@@ -27,25 +29,38 @@ workdir = option(
 rows_per_day = option(
     "--rows-per-day",
     type=click.IntRange(min=500),
-    default=20_000,
+    default=defaults.DEMO_ROWS_PER_DAY,
     help="Synthetic rows generated per daily partition.",
 )
 days = option(
     "--days",
     type=click.IntRange(min=2),
-    default=4,
+    default=defaults.DEMO_DAYS,
     help="Daily partitions to generate: the first trains the model, the rest are scored.",
 )
-seed = option("--seed", type=int, default=0, help="Seed for data, training and scoring noise.")
-epochs = option("--epochs", type=click.IntRange(min=1), default=30, help="Maximum training epochs.")
+seed = option(
+    "--seed", type=int, default=defaults.SEED, help="Seed for data, training and scoring noise."
+)
+epochs = option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=defaults.DEMO_EPOCHS,
+    help="Maximum training epochs.",
+)
 train_epochs = option(
-    "--epochs", type=click.IntRange(min=1), default=40, help="Maximum training epochs."
+    "--epochs", type=click.IntRange(min=1), default=defaults.EPOCHS, help="Maximum training epochs."
 )
 k = option(
     "--k",
     type=click.IntRange(min=1),
     default=None,
     help="IWAE importance samples per record (default: the model's).",
+)
+demo_k = option(
+    "--k",
+    type=click.IntRange(min=1),
+    default=defaults.K,
+    help="IWAE importance samples per record, at calibration and at scoring.",
 )
 
 
@@ -83,12 +98,14 @@ tracking_uri = option(
     help="MLflow tracking and registry URI (http://host:5000, sqlite:///path.db, ...).",
 )
 experiment = option(
-    "--experiment", default="vaewatch", help="MLflow experiment the training run is logged under."
+    "--experiment",
+    default=defaults.EXPERIMENT,
+    help="MLflow experiment the training run is logged under.",
 )
 model_name = option(
     "--model-name", required=True, help="Registered model name; each training adds a version."
 )
-alias = option("--alias", default="champion", help="Registry alias pointed at the new version.")
+alias = option("--alias", default=defaults.ALIAS, help="Registry alias pointed at the new version.")
 
 # ------------------------------------------------------------------ data and features
 data = option(
@@ -127,80 +144,98 @@ continuous = option(
 max_categories = option(
     "--max-categories",
     type=click.IntRange(min=1),
-    default=1000,
+    default=defaults.MAX_CATEGORIES,
     help="Largest vocabulary per categorical column; rarer values share the out-of-vocabulary "
     "bucket.",
 )
 min_category_count = option(
     "--min-category-count",
     type=click.IntRange(min=1),
-    default=1,
+    default=defaults.MIN_CATEGORY_COUNT,
     help="A category needs this many training rows to get its own vocabulary entry.",
 )
 
 # ------------------------------------------------------------------ model and training
 latent_dim = option(
-    "--latent-dim", type=click.IntRange(min=1), default=8, help="Latent dimensions."
+    "--latent-dim",
+    type=click.IntRange(min=1),
+    default=defaults.LATENT_DIM,
+    help="Latent dimensions.",
 )
 hidden = option(
-    "--hidden", type=IntList(), default="128,128", help="Encoder/decoder hidden widths."
+    "--hidden",
+    type=IntList(),
+    default=",".join(map(str, defaults.HIDDEN)),
+    help="Encoder/decoder hidden widths.",
 )
 batch_size = option(
-    "--batch-size", type=click.IntRange(min=1), default=256, help="Training mini-batch rows."
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=defaults.BATCH_SIZE,
+    help="Training mini-batch rows.",
 )
 learning_rate = option(
-    "--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Adam step."
+    "--learning-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=defaults.LEARNING_RATE,
+    help="Adam step.",
 )
 weight_decay = option(
-    "--weight-decay", type=click.FloatRange(min=0), default=0.0, help="Adam weight decay."
+    "--weight-decay",
+    type=click.FloatRange(min=0),
+    default=defaults.WEIGHT_DECAY,
+    help="Adam weight decay.",
 )
 objective = option(
     "--objective",
     type=click.Choice(["elbo", "iwae"]),
-    default="elbo",
+    default=defaults.OBJECTIVE,
     help="Training objective: the ELBO, or the importance-weighted bound with --train-k samples.",
 )
 train_k = option(
-    "--train-k", type=click.IntRange(min=1), default=5, help="IWAE samples for --objective iwae."
+    "--train-k",
+    type=click.IntRange(min=1),
+    default=defaults.TRAIN_K,
+    help="IWAE samples for --objective iwae.",
 )
 kl_warmup_epochs = option(
     "--kl-warmup-epochs",
     type=click.IntRange(min=0),
-    default=5,
+    default=defaults.KL_WARMUP_EPOCHS,
     help="Epochs over which the KL weight rises from 0 to 1 (ELBO objective).",
 )
 free_bits = option(
     "--free-bits",
     type=click.FloatRange(min=0),
-    default=0.0,
+    default=defaults.FREE_BITS,
     help="Nats per latent dimension of KL that are not penalised (0 = off).",
 )
 validation_fraction = option(
     "--validation-fraction",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.1,
+    default=defaults.VALIDATION_FRACTION,
     help="Rows held out (by seeded hash) for early stopping and calibration.",
 )
 patience = option(
     "--patience",
     type=click.IntRange(min=1),
-    default=5,
+    default=defaults.PATIENCE,
     help="Epochs without validation improvement before training stops.",
 )
 min_steps_per_epoch = option(
     "--min-steps-per-epoch",
     type=click.IntRange(min=1),
-    default=50,
+    default=defaults.MIN_STEPS_PER_EPOCH,
     help="Updates per epoch at least: a small table is passed over several times per epoch.",
 )
 device = option(
     "--device",
-    default="auto",
+    default=defaults.DEVICE,
     help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
 )
 mixed_precision = option(
     "--mixed-precision/--no-mixed-precision",
-    default=True,
+    default=defaults.MIXED_PRECISION,
     help="bfloat16 autocast when training on CUDA (no effect on CPU).",
 )
 samples = option(
@@ -213,18 +248,18 @@ threshold_quantile = option(
     "--threshold-quantile",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=None,
-    help="Quantile of validation scores where is_anomaly starts (training default: 0.99).",
+    help="Quantile of validation scores where is_anomaly starts (default: the model's).",
 )
 max_validation_rows = option(
     "--max-validation-rows",
     type=click.IntRange(min=100),
-    default=200_000,
+    default=defaults.MAX_VALIDATION_ROWS,
     help="Held-out rows kept in memory for validation and calibration (a seeded sample).",
 )
 cache_bytes = option(
     "--cache-mib",
     type=click.IntRange(min=0),
-    default=2048,
+    default=defaults.CACHE_BYTES // 2**20,
     help="Keep encoded training rows in memory up to this size; larger data is streamed from "
     "Parquet every epoch.",
 )
@@ -237,20 +272,20 @@ progress = option(
 score_k = option(
     "--k",
     type=click.IntRange(min=1),
-    default=64,
+    default=defaults.K,
     help="IWAE samples per record the model scores with (used for calibration, stored with the "
     "model as its default).",
 )
 score_samples = option(
     "--samples",
     type=click.IntRange(min=1),
-    default=1,
+    default=defaults.SAMPLES,
     help="ELBO samples per record the model scores with (stored as its default).",
 )
 train_threshold_quantile = option(
     "--threshold-quantile",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.99,
+    default=defaults.THRESHOLD_QUANTILE,
     help="Quantile of validation anomaly scores stored as the model's is_anomaly threshold.",
 )
 
@@ -291,7 +326,7 @@ score_seed = option(
 score_batch_size = option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=65_536,
+    default=defaults.SCORE_BATCH_SIZE,
     help="Rows scored per model call (scores do not depend on it).",
 )
 runner = option(

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import duckdb
 from apache_beam.io.filesystems import FileSystems
 
-from jobs.nightly import DATE
-from model.errors import UserError
-from pipeline.commit import read_manifest
+from vaewatch.jobs.nightly import DATE
+from vaewatch.model.contract import Manifest
+from vaewatch.model.errors import UserError
+from vaewatch.pipeline.commit import match_paths, read_manifest
 
 FORMATS = ("table", "csv", "json", "parquet")
 
@@ -32,11 +33,11 @@ FORMATS = ("table", "csv", "json", "parquet")
 class Partition:
     day: dt.date | None
     root: str
-    manifest: dict
+    manifest: Manifest
 
     @property
     def files(self) -> list[str]:
-        return [FileSystems.join(self.root, f) for f in self.manifest.get("files", [])]
+        return [FileSystems.join(self.root, f) for f in self.manifest.files]
 
 
 def committed_partitions(output: str) -> list[Partition]:
@@ -45,12 +46,7 @@ def committed_partitions(output: str) -> list[Partition]:
     if manifest is not None:
         return [Partition(None, output, manifest)]
     found = []
-    pattern = FileSystems.join(output, "dt=*", "_SUCCESS")
-    try:
-        matches = [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list]
-    except Exception:  # noqa: BLE001 - a missing folder is an empty match on every filesystem
-        matches = []
-    for success in sorted(matches):
+    for success in sorted(match_paths(FileSystems.join(output, "dt=*", "_SUCCESS"))):
         root = success.rsplit("/", 1)[0]
         name = root.rsplit("/", 1)[1]
         if not DATE.fullmatch(name[3:]):

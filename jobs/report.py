@@ -19,8 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jobs.query import committed_partitions, connect, top_features_text  # noqa: E402
-from model.errors import UserError  # noqa: E402
+from vaewatch.jobs.query import committed_partitions, connect, top_features_text  # noqa: E402
+from vaewatch.model.errors import UserError  # noqa: E402
 
 SAMPLE_ROWS = 100_000  # rows drawn for the distribution and projection plots
 BLUE, RED = "#3b6ea5", "#c8453b"
@@ -130,12 +130,14 @@ def build(output: str, top_n: int = 20) -> str:
     con = connect(output)
     partitions = committed_partitions(output)
     latest = partitions[-1].manifest
-    threshold = float(latest["threshold"])
+    threshold = latest.threshold
     per_day = con.sql(
         "SELECT dt, count(*), sum(is_anomaly::INTEGER), "
         "string_agg(DISTINCT model_version::VARCHAR, ',') FROM scores GROUP BY dt ORDER BY dt"
     ).fetchall()
     total = sum(r[1] for r in per_day)
+    if not total:
+        raise UserError(f"the committed output under {output!r} has no scored rows to report on")
     flagged_total = sum(r[2] for r in per_day)
     sample = con.sql(
         f"SELECT anomaly_score, is_anomaly, latent_mean FROM scores USING SAMPLE {SAMPLE_ROWS} ROWS"
@@ -156,8 +158,6 @@ def build(output: str, top_n: int = 20) -> str:
         params={"day": latest_day, "n": top_n} if latest_day is not None else {"n": top_n},
     )
     top_columns, top_rows = top.columns, top.fetchall()
-    if not total:
-        raise UserError(f"the committed output under {output!r} has no scored rows to report on")
 
     images = {
         "distribution": score_distribution(scores, threshold),
@@ -169,14 +169,14 @@ def build(output: str, top_n: int = 20) -> str:
         if contributors
         else "",
     }
-    model = latest["model"]
+    model = latest.model
     head = [
         ("days", str(len(per_day))),
         ("records scored", f"{total:,}"),
         ("flagged", f"{flagged_total:,} ({flagged_total / total:.2%})"),
-        ("model", html.escape(model["uri"])),
-        ("threshold", f"{threshold:.2f} nats (q = {latest['threshold_quantile']})"),
-        ("IWAE samples", f"K = {latest['k']}, seed {latest['seed']}"),
+        ("model", html.escape(model.uri)),
+        ("threshold", f"{threshold:.2f} nats (q = {latest.threshold_quantile})"),
+        ("IWAE samples", f"K = {latest.k}, seed {latest.seed}"),
     ]
     cards = "".join(
         f'<div class="card"><div class="k">{k}</div><div class="v">{v}</div></div>' for k, v in head

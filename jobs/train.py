@@ -1,4 +1,8 @@
-"""`vaewatch train`: Parquet -> feature spec -> VAE -> calibration -> MLflow model version."""
+"""`vaewatch train`: `model.fit` wrapped in an MLflow run, then a registered model version.
+
+The fitting itself (spec, network, calibration, artifact) is model/fit.py; this module logs
+parameters, per-epoch metrics, plots and JSON to the run, and registers the artifact.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,20 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 import mlflow
-import numpy as np
 import torch
 
-from jobs import plots
-from model import registry
-from model.artifact import ModelArtifact, ScoringDefaults
-from model.calibration import DEFAULT_THRESHOLD_QUANTILE, Calibration
-from model.data import ParquetSource
-from model.estimators import DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_SEED, score_records
-from model.features import FeatureSpec
-from model.training import EpochStats, TrainConfig, TrainingData, resolve_device, train
-from model.vae import VAE, VAEConfig
-from model.version import package_version
+from vaewatch.jobs import plots
+from vaewatch.model import registry
+from vaewatch.model.fit import FitConfig, FitResult, Prepared, fit
+from vaewatch.model.training import EpochStats
+from vaewatch.model.version import package_version
 
 
 @dataclass
@@ -33,24 +31,9 @@ class TrainJob:
     data: str
     model_name: str
     tracking_uri: str
+    fit: FitConfig = field(default_factory=FitConfig)
     experiment: str = registry.DEFAULT_EXPERIMENT
     alias: str = registry.DEFAULT_ALIAS
-    id_column: str | None = None
-    exclude: Sequence[str] = ()
-    features: Sequence[str] | None = None
-    categorical: Sequence[str] = ()
-    continuous: Sequence[str] = ()
-    max_categories: int = 1000
-    min_category_count: int = 1
-    latent_dim: int = 8
-    hidden: Sequence[int] = (128, 128)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    k: int = DEFAULT_K
-    samples: int = DEFAULT_SAMPLES
-    score_seed: int = DEFAULT_SEED
-    threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE
-    max_validation_rows: int = 200_000
-    cache_bytes: int = 2 * 2**30
     progress: bool = True
     artifact_location: str | None = None  # for a new experiment; None: MLflow's default
 
@@ -58,11 +41,23 @@ class TrainJob:
 @dataclass
 class TrainOutcome:
     resolved: registry.ResolvedModel
-    artifact: ModelArtifact
-    model: VAE
-    history: list[EpochStats]
-    best_epoch: int
-    calibration_scores: np.ndarray
+    fitted: FitResult
+
+    @property
+    def artifact(self):
+        return self.fitted.artifact
+
+    @property
+    def model(self):
+        return self.fitted.model
+
+    @property
+    def history(self):
+        return self.fitted.history
+
+    @property
+    def calibration_scores(self):
+        return self.fitted.calibration_scores
 
 
 def _pip_requirements() -> list[str]:
@@ -83,7 +78,7 @@ def _pip_requirements() -> list[str]:
 class _Progress:
     """A click progress bar per epoch with the live loss; silent when disabled."""
 
-    def __init__(self, enabled: bool, rows_per_epoch: int, echo: Callable[[str], None]):
+    def __init__(self, enabled: bool, echo: Callable[[str], None], rows_per_epoch: int = 0):
         self.enabled, self.rows, self.echo = enabled, rows_per_epoch, echo
         self.bar, self.epoch, self.loss = None, 0, float("nan")
 
@@ -117,82 +112,20 @@ class _Progress:
 def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
     started = time.perf_counter()
     registry.check_reachable(job.tracking_uri)  # fail before reading any data, not after
-    source = ParquetSource(job.data)
-    for what, names in (
-        ("--exclude", job.exclude),
-        ("--features", job.features or ()),
-        ("--categorical", job.categorical),
-        ("--continuous", job.continuous),
-        ("--id-column", [job.id_column] if job.id_column else []),
-    ):
-        source.check_columns(names, what)
-    fingerprint = source.fingerprint()
-    echo(
-        f"data: {len(fingerprint.files)} file(s), {fingerprint.rows:,} rows, "
-        f"{fingerprint.total_bytes / 2**20:.1f} MiB (fingerprint {fingerprint.digest})"
-    )
-    exclude = [*job.exclude, *([job.id_column] if job.id_column else [])]
-    features = None if job.features is None else [f for f in job.features if f != job.id_column]
-    spec = FeatureSpec.fit(
-        (batch for _, batch in source.batches()),
-        exclude=exclude,
-        features=features,
-        categorical=job.categorical,
-        continuous=job.continuous,
-        max_categories=job.max_categories,
-        min_category_count=job.min_category_count,
-    )
-    echo("features: " + ", ".join(f"{f.name} ({f.kind.value})" for f in spec.features))
-    config = job.train
-    data = TrainingData.from_parquet(
-        source,
-        spec,
-        validation_fraction=config.validation_fraction,
-        seed=config.seed,
-        max_validation_rows=job.max_validation_rows,
-        cache_bytes=job.cache_bytes,
-    )
-    counts = data.counts
-    echo(
-        f"rows: {counts.rows_train:,} train, {counts.rows_held_out:,} held out "
-        f"({counts.rows_validation:,} kept for validation), {counts.rows_unusable:,} unusable; "
-        f"{'cached in memory' if data.cached else 'streamed from Parquet each epoch'}"
-    )
-    device = resolve_device(config.device)
-    echo(f"device: {device}")
-    vae_config = VAEConfig.for_spec(spec, latent_dim=job.latent_dim, hidden=list(job.hidden))
-    model = VAE(vae_config)
-
+    config = job.fit
     # an explicit run name: MLflow's generated names come from the global `random` state, which
     # a seeded process repeats (every run of a benchmark was "overjoyed-slug-911")
     run_name = f"{job.model_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}"
     with registry.TrainingRun(
         job.tracking_uri, job.experiment, artifact_location=job.artifact_location, run_name=run_name
     ) as mlrun:
-        params = {
-            **{f"train.{k}": v for k, v in config.to_json().items()},
-            **{f"vae.{k}": v for k, v in vae_config.to_json().items()},
-            "score.k": job.k,
-            "score.samples": job.samples,
-            "score.seed": job.score_seed,
-            "threshold_quantile": job.threshold_quantile,
-            "features.count": len(spec.features),
-            "features.names": ",".join(spec.names()),
-            "features.max_categories": job.max_categories,
-            "features.min_category_count": job.min_category_count,
-            "id_column": job.id_column or "",
-            "data.location": job.data,
-            "data.files": len(fingerprint.files),
-            "data.bytes": fingerprint.total_bytes,
-            "data.rows": fingerprint.rows,
-            "data.digest": fingerprint.digest,
-            **{f"rows.{k}": v for k, v in counts.to_json().items()},
-            "device": str(device),
-        }
-        mlrun.log_params(params)
-        progress = _Progress(
-            job.progress, counts.rows_train * job.train.passes_per_epoch(counts.rows_train), echo
-        )
+        progress = _Progress(job.progress, echo)
+
+        def on_prepared(prepared: Prepared) -> None:
+            _describe(prepared, echo)
+            mlrun.log_params(_params(job, prepared))
+            counts = prepared.counts
+            progress.rows = counts.rows_train * config.train.passes_per_epoch(counts.rows_train)
 
         def on_epoch(stats: EpochStats) -> None:
             progress.end_epoch(stats)
@@ -208,82 +141,31 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
             metrics.update({f"kl_dim_{u}": v for u, v in enumerate(stats.kl_per_dim)})
             mlrun.log_metrics(metrics, step=stats.epoch)
 
-        result = train(model, data, config=config, on_epoch=on_epoch, on_step=progress.step)
-        echo(f"trained {len(result.history)} epochs; best epoch {result.best_epoch}")
-
-        # Calibration: the validation sample scored exactly as production will score it.
-        scores = _score_in_chunks(model, data, spec, job, device)
-        calibration = Calibration.fit(
-            scores["anomaly_score"], scores["feature_nll"], job.threshold_quantile
+        fitted = fit(
+            job.data, config, on_prepared=on_prepared, on_epoch=on_epoch, on_step=progress.step
         )
+        artifact, calibration = fitted.artifact, fitted.artifact.calibration
         threshold = calibration.threshold()
+        echo(f"trained {len(fitted.history)} epochs; best epoch {fitted.best_epoch}")
         echo(
-            f"calibration: {calibration.rows:,} validation rows, IWAE K={job.k}; threshold "
-            f"{threshold:.3f} nats at quantile {job.threshold_quantile}"
+            f"calibration: {calibration.rows:,} validation rows, IWAE K={config.scoring.k}; "
+            f"threshold {threshold:.3f} nats at quantile {config.threshold_quantile}"
         )
         mlrun.log_metrics(
             {
-                "best_epoch": result.best_epoch,
+                "best_epoch": fitted.best_epoch,
                 "calibration_threshold": threshold,
                 "calibration_median_score": calibration.threshold(0.5),
                 "calibration_rows": calibration.rows,
             }
         )
-        best = result.history[result.best_epoch]
-        artifact = ModelArtifact.from_model(
-            model,
-            spec,
-            calibration,
-            scoring=ScoringDefaults(k=job.k, samples=job.samples, seed=job.score_seed),
-            id_column=job.id_column,
-            metadata={
-                "model_name": job.model_name,
-                "model_label": f"{job.model_name}/run-{mlrun.run_id[:12]}",
-                "run_id": mlrun.run_id,
-                "vaewatch_version": package_version(),
-                "torch_version": torch.__version__,
-                "trained_on": str(device),
-                "train_config": config.to_json(),
-                "best_epoch": result.best_epoch,
-                "best_val_elbo": best.val_elbo,
-                "best_val_iwae": best.val_iwae,
-                "epochs_run": len(result.history),
-                "rows": counts.to_json(),
-                "data_fingerprint": fingerprint.to_json(),
-            },
+        artifact.metadata.update(
+            model_name=job.model_name,
+            model_label=f"{job.model_name}/run-{mlrun.run_id[:12]}",
+            run_id=mlrun.run_id,
         )
-        with tempfile.TemporaryDirectory(prefix="vaewatch-train-") as tmp:
-            tmp = Path(tmp)
-            (tmp / "config.json").write_text(
-                json.dumps(artifact.config_json(), indent=2, sort_keys=True) + "\n"
-            )
-            (tmp / "history.json").write_text(
-                json.dumps([h.to_json() for h in result.history], indent=2) + "\n"
-            )
-            (tmp / "data_fingerprint.json").write_text(
-                json.dumps(fingerprint.to_json(), indent=2) + "\n"
-            )
-            mlrun.log_files(
-                {
-                    "": tmp / "config.json",
-                    "diagnostics": tmp / "history.json",
-                    "data": tmp / "data_fingerprint.json",
-                    "plots": plots.loss_curves(
-                        result.history, result.best_epoch, tmp / "loss_curves.png"
-                    ),
-                }
-            )
-            mlrun.log_files(
-                {
-                    "plots": plots.score_histogram(
-                        scores["anomaly_score"],
-                        threshold,
-                        job.threshold_quantile,
-                        tmp / "score_histogram.png",
-                        f"{job.model_name}: validation anomaly scores",
-                    )
-                }
-            )
+        _log_files(mlrun, job, fitted, threshold)
+        fingerprint = fitted.prepared.fingerprint
         resolved = mlrun.register(
             artifact,
             job.model_name,
@@ -292,30 +174,84 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
                 "data_fingerprint": fingerprint.digest,
                 "data_rows": fingerprint.rows,
                 "vaewatch_version": package_version(),
-                "trained_on": str(device),
+                "trained_on": str(fitted.prepared.device),
             },
             pip_requirements=_pip_requirements(),
         )
     echo(f"registered {resolved.uri} (alias @{job.alias}) in {time.perf_counter() - started:.0f}s")
-    return TrainOutcome(
-        resolved=resolved,
-        artifact=artifact,
-        model=model,
-        history=result.history,
-        best_epoch=result.best_epoch,
-        calibration_scores=scores["anomaly_score"],
+    return TrainOutcome(resolved=resolved, fitted=fitted)
+
+
+def _describe(prepared: Prepared, echo: Callable[[str], None]) -> None:
+    fingerprint, counts = prepared.fingerprint, prepared.counts
+    echo(
+        f"data: {len(fingerprint.files)} file(s), {fingerprint.rows:,} rows, "
+        f"{fingerprint.total_bytes / 2**20:.1f} MiB (fingerprint {fingerprint.digest})"
     )
+    echo("features: " + ", ".join(f"{f.name} ({f.kind.value})" for f in prepared.spec.features))
+    echo(
+        f"rows: {counts.rows_train:,} train, {counts.rows_held_out:,} held out "
+        f"({counts.rows_validation:,} kept for validation), {counts.rows_unusable:,} unusable; "
+        f"{'cached in memory' if prepared.cached else 'streamed from Parquet each epoch'}"
+    )
+    echo(f"device: {prepared.device}")
 
 
-def _score_in_chunks(model: VAE, data: TrainingData, spec: FeatureSpec, job: TrainJob, device):
-    anomaly, nll = [], []
-    log_std = spec.continuous_log_std.to(device)
-    for start in range(0, data.x_val.shape[0], 65_536):
-        x = data.x_val[start : start + 65_536].to(device)
-        m = data.m_val[start : start + 65_536].to(device)
-        s = score_records(
-            model, x, m, log_std=log_std, k=job.k, samples=job.samples, seed=job.score_seed
+def _params(job: TrainJob, prepared: Prepared) -> dict:
+    config, fingerprint, spec = job.fit, prepared.fingerprint, prepared.spec
+    return {
+        **{f"train.{k}": v for k, v in config.train.to_json().items()},
+        **{f"vae.{k}": v for k, v in prepared.vae_config.to_json().items()},
+        "score.k": config.scoring.k,
+        "score.samples": config.scoring.samples,
+        "score.seed": config.scoring.seed,
+        "threshold_quantile": config.threshold_quantile,
+        "features.count": len(spec.features),
+        "features.names": ",".join(spec.names()),
+        "features.max_categories": config.max_categories,
+        "features.min_category_count": config.min_category_count,
+        "id_column": config.id_column or "",
+        "data.location": job.data,
+        "data.files": len(fingerprint.files),
+        "data.bytes": fingerprint.total_bytes,
+        "data.rows": fingerprint.rows,
+        "data.digest": fingerprint.digest,
+        **{f"rows.{k}": v for k, v in prepared.counts.to_json().items()},
+        "device": str(prepared.device),
+    }
+
+
+def _log_files(mlrun: registry.TrainingRun, job: TrainJob, fitted: FitResult, threshold) -> None:
+    artifact = fitted.artifact
+    with tempfile.TemporaryDirectory(prefix="vaewatch-train-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "config.json").write_text(
+            json.dumps(artifact.config_json(), indent=2, sort_keys=True) + "\n"
         )
-        anomaly.append(s.anomaly_score.cpu().numpy())
-        nll.append(s.feature_nll.cpu().numpy())
-    return {"anomaly_score": np.concatenate(anomaly), "feature_nll": np.concatenate(nll)}
+        (tmp / "history.json").write_text(
+            json.dumps([h.to_json() for h in fitted.history], indent=2) + "\n"
+        )
+        (tmp / "data_fingerprint.json").write_text(
+            json.dumps(fitted.prepared.fingerprint.to_json(), indent=2) + "\n"
+        )
+        mlrun.log_files(
+            {
+                "": tmp / "config.json",
+                "diagnostics": tmp / "history.json",
+                "data": tmp / "data_fingerprint.json",
+                "plots": plots.loss_curves(
+                    fitted.history, fitted.best_epoch, tmp / "loss_curves.png"
+                ),
+            }
+        )
+        mlrun.log_files(
+            {
+                "plots": plots.score_histogram(
+                    fitted.calibration_scores,
+                    threshold,
+                    job.fit.threshold_quantile,
+                    tmp / "score_histogram.png",
+                    f"{job.model_name}: validation anomaly scores",
+                )
+            }
+        )

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.calibration import DEFAULT_TOP_FEATURES, Calibration
-from model.errors import UserError
-from model.estimators import DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_SEED
-from model.features import FeatureSpec
-from model.vae import VAE, VAEConfig
+from vaewatch.model.calibration import DEFAULT_TOP_FEATURES, Calibration
+from vaewatch.model.errors import UserError
+from vaewatch.model.estimators import DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_SEED
+from vaewatch.model.features import FeatureSpec
+from vaewatch.model.vae import VAE, VAEConfig
 
 ARTIFACT_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

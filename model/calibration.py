@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from model.errors import UserError
+from vaewatch.model import defaults
+from vaewatch.model.contract import TOP_FEATURE_TYPE
+from vaewatch.model.errors import UserError
 
-DEFAULT_THRESHOLD_QUANTILE = 0.99  # flags ~1% of normal records; overridable at scoring
-DEFAULT_TOP_FEATURES = 3  # features reported per record in top_features
+DEFAULT_THRESHOLD_QUANTILE = defaults.THRESHOLD_QUANTILE
+DEFAULT_TOP_FEATURES = defaults.TOP_FEATURES
 
 
 def quantile_levels() -> np.ndarray:
@@ -102,11 +104,6 @@ def check_quantile(quantile: float) -> float:
     if not 0.0 < quantile < 1.0:
         raise UserError(f"threshold quantile must be in (0, 1), got {quantile}")
     return float(quantile)
-
-
-TOP_FEATURE_TYPE = pa.list_(
-    pa.struct([pa.field("feature", pa.string()), pa.field("contribution", pa.float64())])
-)
 
 
 def top_features(

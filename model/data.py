@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from model.errors import UserError
+from vaewatch.model.errors import UserError
 
 GLOB_CHARS = frozenset("*?[")
 DEFAULT_READ_BATCH_ROWS = 65_536  # large enough to amortise Python per batch, small in memory
@@ -118,6 +118,18 @@ def resolve_files(location: str | Sequence[str]) -> tuple[pafs.FileSystem, list[
     return filesystem, [found[p] for p in sorted(found)]
 
 
+def read_footers(files: Sequence[InputFile], filesystem) -> list[pq.FileMetaData]:
+    """Each file's Parquet footer (schema, row groups, row count), read once; no data read.
+    A file that is not Parquet is an InputError naming it."""
+    footers = []
+    for f in files:
+        try:
+            footers.append(pq.ParquetFile(f.path, filesystem=filesystem).metadata)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise InputError(f"input file {f.path!r} is not readable Parquet: {err}") from err
+    return footers
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     """What a model was trained on: enough to tell later whether the data changed."""
@@ -148,6 +160,7 @@ class ParquetSource:
     def __init__(self, location: str | Sequence[str]):
         self.location = location
         self.filesystem, self.files = resolve_files(location)
+        self._footers: list[pq.FileMetaData] | None = None
         try:
             self.dataset = ds.dataset(
                 [f.path for f in self.files], format="parquet", filesystem=self.filesystem
@@ -184,15 +197,9 @@ class ParquetSource:
 
     def file_rows(self) -> list[int]:
         """Rows per file, from the footers (no data read)."""
-        try:
-            return [
-                pq.ParquetFile(f.path, filesystem=self.filesystem).metadata.num_rows
-                for f in self.files
-            ]
-        except (pa.ArrowInvalid, OSError) as err:
-            raise InputError(
-                f"cannot read a Parquet footer under {self.location!r}: {err}"
-            ) from err
+        if self._footers is None:
+            self._footers = read_footers(self.files, self.filesystem)
+        return [footer.num_rows for footer in self._footers]
 
     def batches(
         self,

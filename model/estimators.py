@@ -1,5 +1,16 @@
 """Per-record likelihood estimators: the ELBO and the importance-weighted bound (IWAE).
 
+One core, `weight_chunks`, runs the encoder and the decoder over (sample, record) chunks and
+yields, per chunk, each feature's log p(x_j|z_k) and each sample's log-weight
+log w_k = log p(x, z_k) - log q(z_k|x). Everything else is a reduction of it:
+
+- `iwae`: log-mean-exp of the K log-weights (a running logsumexp over sample chunks), with
+  the attribution (each feature's -log p(x_j|z) under the self-normalised weights, an online
+  softmax) and the ELBO's reconstruction term over the first S samples of the same pass;
+- `elbo`: the mean over S samples of log p(x|z_s), minus the analytic KL;
+- the training objectives (model/training.py): the same two reductions with fresh noise per
+  record and gradients on.
+
 Every function returns one value per record (never a batch mean), in nats of the record in its
 *original* units: the model works on standardised continuous features, so each observed
 continuous feature j adds back log|d x_std / d x| = -log std_j.
@@ -11,26 +22,29 @@ whatever the batch it arrives in, the device or the number of workers. Each reco
 unbiased estimate; what is shared is only the noise across records, so errors of different
 records are correlated (which keeps rankings stable, a property we want for anomaly scores).
 
-Memory. The decoder runs on (samples x records) pairs. `plan_chunks` turns a byte budget into a
-number of records and of samples per step; the IWAE is accumulated with a running logsumexp (and
-the per-feature attribution with an online softmax), so peak memory is bounded by the budget and
-never grows with K.
+Memory. `plan_chunks` turns a byte budget into a number of records and of samples per step, so
+peak memory is bounded by the budget and never grows with K.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from model.vae import LOG_2PI, VAE, Posterior, gaussian_kl
+from vaewatch.model import defaults
+from vaewatch.model.vae import LOG_2PI, VAE, FeatureLogProbs, Posterior, gaussian_kl
 
-DEFAULT_K = 64  # IWAE samples: the bound is within ~0.1 nat of log p(x) on our benchmarks at 64
-DEFAULT_SAMPLES = 1  # ELBO samples: the ELBO is reported for diagnostics; IWAE is the score
-DEFAULT_SEED = 0
+DEFAULT_K = defaults.K
+DEFAULT_SAMPLES = defaults.SAMPLES
+DEFAULT_SEED = defaults.SEED
 DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes of decoder intermediates per step; 64 MiB measured
 # faster than 256 MiB on CPU (bench/estimators.py --budgets): chunks stay cache- and malloc-friendly
+UNBOUNDED = 2**62  # a budget that never splits (training: one pass per mini-batch)
+
+IWAE_STREAM, ELBO_STREAM = 1, 2
 
 
 def noise(count: int, latent_dim: int, seed: int, stream: int) -> torch.Tensor:
@@ -42,9 +56,6 @@ def noise(count: int, latent_dim: int, seed: int, stream: int) -> torch.Tensor:
     generator = torch.Generator(device="cpu")
     generator.manual_seed((int(seed) * 1_000_003 + stream) % (2**63 - 1))
     return torch.randn((count, latent_dim), generator=generator, dtype=torch.float64)
-
-
-IWAE_STREAM, ELBO_STREAM = 1, 2
 
 
 def bytes_per_pair(model: VAE, dtype: torch.dtype = torch.float32) -> int:
@@ -74,7 +85,7 @@ def plan_chunks(n_records: int, n_samples: int, pair_bytes: int, budget: int) ->
     return records, samples
 
 
-def _jacobian(mask: torch.Tensor, log_std: torch.Tensor | None, n_continuous: int) -> torch.Tensor:
+def jacobian(mask: torch.Tensor, log_std: torch.Tensor | None, n_continuous: int) -> torch.Tensor:
     """Per record: sum over observed continuous features of log std_j (to subtract). (B,) float64"""
     if log_std is None or n_continuous == 0:
         return torch.zeros(mask.shape[0], dtype=torch.float64, device=mask.device)
@@ -82,20 +93,78 @@ def _jacobian(mask: torch.Tensor, log_std: torch.Tensor | None, n_continuous: in
     return observed @ log_std.to(device=mask.device, dtype=torch.float64)
 
 
-def _log_weights(model: VAE, posterior: Posterior, x, mask, eps: torch.Tensor):
-    """eps (k, D) shared by every record, or (k, B, D) one draw per record -> per-feature
-    log p(x_j|z) by kind, each (k, B, F_kind), and log w = log p(x,z) - log q(z|x) (k, B)."""
-    eps = eps.to(device=x.device, dtype=posterior.mean.dtype)
+# ------------------------------------------------------------------------------ the core
+def reparameterise(posterior: Posterior, eps: torch.Tensor) -> torch.Tensor:
+    """z = mean + std * eps: eps (k, D) shared by every record (common random numbers), or
+    (k, B, D) one draw per record. -> (k, B, D)"""
+    eps = eps.to(device=posterior.mean.device, dtype=posterior.mean.dtype)
     if eps.dim() == 2:
-        eps = eps[:, None, :]  # (k, 1, D): common random numbers
-    z = posterior.mean + posterior.std * eps  # (k, B, D)
-    feature_lp = model.decoder.log_prob(z, x, mask)  # per kind, (k, B, F_kind)
+        eps = eps[:, None, :]
+    return posterior.mean + posterior.std * eps
+
+
+@dataclass
+class SampleChunk:
+    """Samples [start, start + k) of one record chunk, standardised units."""
+
+    start: int
+    feature_lp: FeatureLogProbs  # log p(x_j|z_k) by kind, each (k, b, F_kind)
+    log_w: torch.Tensor  # (k, b): log p(x, z_k) - log q(z_k|x)
+
+
+@dataclass
+class RecordChunk:
+    """Records [start, start + b) of the batch, with their posterior and sample chunks."""
+
+    start: int
+    mask: torch.Tensor  # (b, F)
+    posterior: Posterior  # (b, D)
+    samples: Iterator[SampleChunk]  # consume in order, once
+
+
+def weight_chunks(
+    model: VAE,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    eps: torch.Tensor,
+    *,
+    posterior: Posterior | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Iterator[RecordChunk]:
+    """The one place where z is sampled and p(x, z) / q(z|x) evaluated. `eps` is (K, D) common
+    noise or (K, B, D) noise per record; `posterior` reuses an encoder pass over all of x."""
+    model.check_input(x, mask)
+    n_records, n_samples = x.shape[0], eps.shape[0]
+    step_records, step_samples = plan_chunks(
+        n_records, n_samples, bytes_per_pair(model, x.dtype), memory_budget
+    )
+    for r0 in range(0, n_records, step_records):
+        xs, ms = x[r0 : r0 + step_records], mask[r0 : r0 + step_records]
+        if posterior is None:
+            post = model.encoder(xs, ms)
+        else:
+            post = Posterior(
+                posterior.mean[r0 : r0 + step_records], posterior.log_var[r0 : r0 + step_records]
+            )
+        eps_records = eps if eps.dim() == 2 else eps[:, r0 : r0 + step_records]
+        yield RecordChunk(
+            r0, ms, post, _sample_chunks(model, post, xs, ms, eps_records, step_samples)
+        )
+
+
+def _sample_chunks(model: VAE, post: Posterior, x, mask, eps, step: int) -> Iterator[SampleChunk]:
     d = model.config.latent_dim
-    log_prior = -0.5 * (d * LOG_2PI + (z * z).sum(-1))  # (k, B)
-    log_q = -0.5 * (d * LOG_2PI + posterior.log_var.sum(-1) + (eps * eps).sum(-1))
-    return feature_lp, feature_lp.total() + log_prior - log_q
+    for k0 in range(0, eps.shape[0], step):
+        e = eps[k0 : k0 + step].to(device=x.device, dtype=post.mean.dtype)
+        z = reparameterise(post, e)  # (k, b, D)
+        feature_lp = model.decoder.log_prob(z, x, mask)
+        log_prior = -0.5 * (d * LOG_2PI + (z * z).sum(-1))  # (k, b)
+        e = e if e.dim() == 3 else e[:, None, :]
+        log_q = -0.5 * (d * LOG_2PI + post.log_var.sum(-1) + (e * e).sum(-1))
+        yield SampleChunk(k0, feature_lp, feature_lp.total() + log_prior - log_q)
 
 
+# ------------------------------------------------------------------------------ reductions
 @dataclass
 class IWAEResult:
     log_likelihood: torch.Tensor  # (B,) float64: log (1/K) sum_k w_k, original units
@@ -128,64 +197,47 @@ def iwae(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if reconstruction_samples > (eps.shape[0] if eps is not None else k):
-        raise ValueError(f"reconstruction_samples={reconstruction_samples} exceeds k={k}")
-    model.check_input(x, mask)
     if eps is None:
         eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM)
     k = eps.shape[0]
-    n_records = x.shape[0]
+    if reconstruction_samples > k:
+        raise ValueError(f"reconstruction_samples={reconstruction_samples} exceeds k={k}")
     n_cont = model.config.n_continuous
-    step_records, step_samples = plan_chunks(
-        n_records, k, bytes_per_pair(model, x.dtype), memory_budget
-    )
-    log_norm = math.log(k)
-
     lls, nlls, recs = [], [], []
-    for r0 in range(0, n_records, step_records):
-        xs, ms = x[r0 : r0 + step_records], mask[r0 : r0 + step_records]
-        post = (
-            _slice(posterior, r0, step_records) if posterior is not None else model.encoder(xs, ms)
-        )
+    for chunk in weight_chunks(
+        model, x, mask, eps, posterior=posterior, memory_budget=memory_budget
+    ):
         running_max = running_sum = weighted_nll = None
-        rec_sum = torch.zeros(xs.shape[0], dtype=torch.float64, device=x.device)
-        for k0 in range(0, k, step_samples):
-            eps_chunk = eps[k0 : k0 + step_samples]
-            if eps_chunk.dim() == 3:
-                eps_chunk = eps_chunk[:, r0 : r0 + step_records]
-            feature_lp, log_w = _log_weights(model, post, xs, ms, eps_chunk)
-            if k0 < reconstruction_samples:
-                take = reconstruction_samples - k0
-                rec_sum += feature_lp.total()[:take].to(torch.float64).sum(0)
-            log_w = log_w.to(torch.float64)
+        rec_sum = torch.zeros(chunk.mask.shape[0], dtype=torch.float64, device=x.device)
+        for s in chunk.samples:
+            if s.start < reconstruction_samples:
+                take = reconstruction_samples - s.start
+                rec_sum += s.feature_lp.total()[:take].to(torch.float64).sum(0)
+            log_w = s.log_w.to(torch.float64)
             chunk_max = log_w.max(0).values  # (b,)
             new_max = chunk_max if running_max is None else torch.maximum(running_max, chunk_max)
             scaled = torch.exp(log_w - new_max)  # (k, b)
-            if running_sum is None:
-                running_sum = scaled.sum(0)
-            else:
-                running_sum = running_sum * torch.exp(running_max - new_max) + scaled.sum(0)
+            rescale = None if running_max is None else torch.exp(running_max - new_max)
+            total = scaled.sum(0)
+            running_sum = total if rescale is None else running_sum * rescale + total
             if contributions:
                 # sum_k scaled_k * log p(x_j|z_k), reduced in the model's dtype (one pass)
-                stacked = feature_lp.stacked()  # (k, b, F), only built when attribution is asked
+                stacked = s.feature_lp.stacked()  # (k, b, F), only built when attribution is asked
                 weights = scaled.to(stacked.dtype).unsqueeze(-1)  # (k, b, 1)
                 chunk_nll = -(stacked * weights).sum(0).to(torch.float64)  # (b, F)
-                if weighted_nll is None:
-                    weighted_nll = chunk_nll
-                else:
-                    weighted_nll = (
-                        weighted_nll * torch.exp(running_max - new_max)[:, None] + chunk_nll
-                    )
+                weighted_nll = (
+                    chunk_nll if rescale is None else weighted_nll * rescale[:, None] + chunk_nll
+                )
             running_max = new_max
-        ll = running_max + torch.log(running_sum) - log_norm
-        jacobian = _jacobian(ms, log_std, n_cont)
-        lls.append(ll - jacobian)
+        correction = jacobian(chunk.mask, log_std, n_cont)
+        lls.append(running_max + torch.log(running_sum) - math.log(k) - correction)
         if reconstruction_samples:
-            recs.append(rec_sum / reconstruction_samples - jacobian)
+            recs.append(rec_sum / reconstruction_samples - correction)
         if contributions:
             nll = weighted_nll / running_sum[:, None]
             if log_std is not None and n_cont:
-                nll[:, :n_cont] += ms[:, :n_cont].to(torch.float64) * log_std.to(nll.device)
+                observed = chunk.mask[:, :n_cont].to(torch.float64)
+                nll[:, :n_cont] += observed * log_std.to(device=nll.device, dtype=torch.float64)
             nlls.append(nll)
     return IWAEResult(
         log_likelihood=torch.cat(lls),
@@ -213,38 +265,22 @@ def elbo(
     eps: torch.Tensor | None = None,
     posterior: Posterior | None = None,
 ) -> ELBOResult:
-    """ELBO = (1/S) sum_s log p(x|z_s) - KL(q||p), the KL analytic, per record."""
+    """ELBO = (1/S) sum_s log p(x|z_s) - KL(q||p), the KL analytic, per record. `eps` is
+    (S, D) common noise or (S, B, D) noise per record."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    model.check_input(x, mask)
     if eps is None:
         eps = noise(samples, model.config.latent_dim, seed, ELBO_STREAM)
-    n_samples = eps.shape[0]
-    n_records = x.shape[0]
-    step_records, step_samples = plan_chunks(
-        n_records, n_samples, bytes_per_pair(model, x.dtype), memory_budget
-    )
     recs, kls = [], []
-    for r0 in range(0, n_records, step_records):
-        xs, ms = x[r0 : r0 + step_records], mask[r0 : r0 + step_records]
-        post = (
-            _slice(posterior, r0, step_records) if posterior is not None else model.encoder(xs, ms)
-        )
-        total = torch.zeros(xs.shape[0], dtype=torch.float64, device=x.device)
-        for s0 in range(0, n_samples, step_samples):
-            e = eps[s0 : s0 + step_samples].to(device=x.device, dtype=post.mean.dtype)
-            z = post.mean + post.std * e[:, None, :]
-            total = total + model.decoder.log_prob(z, xs, ms).total().to(torch.float64).sum(0)
-        recs.append(total / n_samples - _jacobian(ms, log_std, model.config.n_continuous))
-        kls.append(gaussian_kl(post).to(torch.float64))
+    for chunk in weight_chunks(
+        model, x, mask, eps, posterior=posterior, memory_budget=memory_budget
+    ):
+        total = sum(s.feature_lp.total().to(torch.float64).sum(0) for s in chunk.samples)
+        correction = jacobian(chunk.mask, log_std, model.config.n_continuous)
+        recs.append(total / eps.shape[0] - correction)
+        kls.append(gaussian_kl(chunk.posterior).to(torch.float64))
     reconstruction, kl = torch.cat(recs), torch.cat(kls)
     return ELBOResult(elbo=reconstruction - kl, reconstruction=reconstruction, kl=kl)
-
-
-def _slice(posterior: Posterior, start: int, length: int) -> Posterior:
-    return Posterior(
-        posterior.mean[start : start + length], posterior.log_var[start : start + length]
-    )
 
 
 @dataclass

@@ -32,7 +32,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from model.errors import UserError
+from vaewatch.model import defaults
+from vaewatch.model.columns import (
+    KIND_ORDER,
+    FeatureKind,
+    Grid,
+    RunningMoments,
+    SchemaMismatchError,
+    choose_columns,
+    kind_of,
+    to_float64,
+    to_string,
+)
+from vaewatch.model.contract import RejectReason
+from vaewatch.model.errors import UserError
 
 SPEC_FORMAT_VERSION = 1
 # Values further than this many training standard deviations from the mean cannot be scored in
@@ -40,19 +53,8 @@ SPEC_FORMAT_VERSION = 1
 # floor. 1e15 leaves margin; anything this far out (1e308 sent as a sentinel, say) is rejected
 # as value_out_of_range instead of producing a NaN score.
 MAX_STANDARDISED = 1e15
-
-
-class FeatureKind(str, enum.Enum):
-    CONTINUOUS = "continuous"
-    BOOLEAN = "boolean"
-    CATEGORICAL = "categorical"
-
-
-KIND_ORDER = (FeatureKind.CONTINUOUS, FeatureKind.BOOLEAN, FeatureKind.CATEGORICAL)
-
-
-class SchemaMismatchError(UserError):
-    """A column the model needs is missing from the data, or has a type it cannot use."""
+DEFAULT_MAX_CATEGORIES = defaults.MAX_CATEGORIES
+DEFAULT_MIN_CATEGORY_COUNT = defaults.MIN_CATEGORY_COUNT
 
 
 class RowProblem(enum.IntEnum):
@@ -64,12 +66,12 @@ class RowProblem(enum.IntEnum):
     OUT_OF_RANGE = 3  # a continuous value is over MAX_STANDARDISED training stds from the mean
 
     @property
-    def reason(self) -> str:
+    def reason(self) -> RejectReason | None:
         return {
-            RowProblem.OK: "",
-            RowProblem.NON_FINITE: "non_finite_value",
-            RowProblem.ALL_MISSING: "all_features_missing",
-            RowProblem.OUT_OF_RANGE: "value_out_of_range",
+            RowProblem.OK: None,
+            RowProblem.NON_FINITE: RejectReason.NON_FINITE_VALUE,
+            RowProblem.ALL_MISSING: RejectReason.ALL_FEATURES_MISSING,
+            RowProblem.OUT_OF_RANGE: RejectReason.VALUE_OUT_OF_RANGE,
         }[self]
 
 
@@ -120,106 +122,6 @@ class EncodedBatch:
         return self.problems == RowProblem.OK
 
 
-def _kind_of(arrow_type: pa.DataType) -> FeatureKind | None:
-    if pa.types.is_boolean(arrow_type):
-        return FeatureKind.BOOLEAN
-    if pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type):
-        return FeatureKind.CONTINUOUS
-    if pa.types.is_decimal(arrow_type):
-        return FeatureKind.CONTINUOUS
-    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
-        return FeatureKind.CATEGORICAL
-    if pa.types.is_dictionary(arrow_type) and (
-        pa.types.is_string(arrow_type.value_type) or pa.types.is_large_string(arrow_type.value_type)
-    ):
-        return FeatureKind.CATEGORICAL
-    return None  # timestamps, binary, nested: never features unless the user says otherwise
-
-
-def _to_float64(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
-    """A numeric/boolean column as float64 numpy, nulls as NaN. Integers beyond 2^53 round to
-    the nearest float64 (a safe cast would refuse the whole batch for one such value; found by
-    the hostile-input property test)."""
-    try:
-        options = pc.CastOptions(pa.float64(), allow_float_truncate=True)
-        as_float = pc.cast(column, options=options)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-        raise SchemaMismatchError(
-            f"column {name!r} has type {column.type}, which cannot be read as a number: {err}"
-        ) from err
-    return np.asarray(pc.fill_null(as_float, math.nan).to_numpy(zero_copy_only=False))
-
-
-def _to_string(column: pa.ChunkedArray | pa.Array, name: str) -> pa.Array:
-    """A categorical column as a plain string array (dictionary decoded, numbers formatted)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if pa.types.is_dictionary(column.type):
-        column = column.dictionary_decode()
-    try:
-        return pc.cast(column, pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-        raise SchemaMismatchError(
-            f"column {name!r} has type {column.type}, which cannot be read as a category: {err}"
-        ) from err
-
-
-class _RunningMoments:
-    """Streaming mean and variance (Chan et al. parallel update), exact in float64."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean = 0.0
-        self.m2 = 0.0
-
-    def update(self, values: np.ndarray) -> None:
-        values = values[np.isfinite(values)]
-        n_b = values.size
-        if n_b == 0:
-            return
-        mean_b = float(values.mean())
-        m2_b = float(((values - mean_b) ** 2).sum())
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean += delta * n_b / n
-        self.m2 += m2_b + delta * delta * self.n * n_b / n
-        self.n = n
-
-    @property
-    def std(self) -> float:
-        if self.n < 2:
-            return 1.0
-        std = math.sqrt(self.m2 / self.n)
-        return std if std > 0.0 and math.isfinite(std) else 1.0
-
-
-class _Grid:
-    """The coarsest power of ten (10^0 down to 10^-6) that every finite value is a multiple of.
-
-    Counts, ages and pixel intensities are integers; prices are whole cents. A Gaussian decoder
-    can shrink its variance without limit on values that repeat exactly, and the likelihood of
-    such a column then measures float noise, not surprise; the resolution lets the model keep
-    its variance at or above the grid's own quantisation noise (r^2 / 12).
-    """
-
-    FINEST = -6
-
-    def __init__(self) -> None:
-        self.exponent = 0
-
-    def update(self, values: np.ndarray) -> None:
-        values = values[np.isfinite(values)]
-        while self.exponent >= self.FINEST and values.size:
-            q = values / 10.0**self.exponent
-            if np.all(np.abs(q - np.round(q)) <= 1e-9 * np.maximum(1.0, np.abs(q))):
-                return
-            self.exponent -= 1
-
-    @property
-    def resolution(self) -> float | None:
-        return 10.0**self.exponent if self.exponent >= self.FINEST else None
-
-
 @dataclass
 class FeatureSpec:
     features: list[Feature]  # grouped by kind in KIND_ORDER; this order is the tensor layout
@@ -234,8 +136,8 @@ class FeatureSpec:
         features: Sequence[str] | None = None,
         categorical: Sequence[str] = (),
         continuous: Sequence[str] = (),
-        max_categories: int = 1000,
-        min_category_count: int = 1,
+        max_categories: int = DEFAULT_MAX_CATEGORIES,
+        min_category_count: int = DEFAULT_MIN_CATEGORY_COUNT,
     ) -> FeatureSpec:
         """Fit from a table or a stream of record batches (one pass, bounded memory).
 
@@ -251,7 +153,7 @@ class FeatureSpec:
         if first is None:
             raise UserError("cannot fit a FeatureSpec on no data: the input has no record batches")
         schema = first.schema
-        chosen = _choose_columns(
+        chosen = choose_columns(
             schema,
             exclude=exclude,
             features=features,
@@ -259,8 +161,8 @@ class FeatureSpec:
             continuous=continuous,
         )
 
-        moments = {n: _RunningMoments() for n, k in chosen if k is FeatureKind.CONTINUOUS}
-        grids = {n: _Grid() for n in moments}
+        moments = {n: RunningMoments() for n, k in chosen if k is FeatureKind.CONTINUOUS}
+        grids = {n: Grid() for n in moments}
         counts = {n: Counter() for n, k in chosen if k is FeatureKind.CATEGORICAL}
         observed = {n: 0 for n, _ in chosen}
         for batch in itertools.chain([first], batches):
@@ -268,12 +170,12 @@ class FeatureSpec:
                 column = batch.column(name)
                 observed[name] += len(column) - column.null_count
                 if kind is FeatureKind.CONTINUOUS:
-                    values = _to_float64(column, name)
+                    values = to_float64(column, name)
                     observed[name] -= int(np.isnan(values).sum()) - column.null_count
                     moments[name].update(values)
                     grids[name].update(values)
                 elif kind is FeatureKind.CATEGORICAL:
-                    vc = pc.value_counts(_to_string(column, name).drop_null())
+                    vc = pc.value_counts(to_string(column, name).drop_null())
                     for value, count in zip(
                         vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True
                     ):
@@ -348,10 +250,10 @@ class FeatureSpec:
             found = schema.field(index).type
             compatible = {
                 FeatureKind.CONTINUOUS: lambda t: (
-                    _kind_of(t) in (FeatureKind.CONTINUOUS, FeatureKind.BOOLEAN)
+                    kind_of(t) in (FeatureKind.CONTINUOUS, FeatureKind.BOOLEAN)
                 ),
-                FeatureKind.BOOLEAN: lambda t: _kind_of(t) is FeatureKind.BOOLEAN,
-                FeatureKind.CATEGORICAL: lambda t: _kind_of(t) is not None or pa.types.is_null(t),
+                FeatureKind.BOOLEAN: lambda t: kind_of(t) is FeatureKind.BOOLEAN,
+                FeatureKind.CATEGORICAL: lambda t: kind_of(t) is not None or pa.types.is_null(t),
             }[f.kind]
             if not (compatible(found) or pa.types.is_null(found)):
                 raise SchemaMismatchError(
@@ -370,13 +272,13 @@ class FeatureSpec:
         for j, f in enumerate(self.features):
             column = data.column(f.name)
             if f.kind is FeatureKind.CATEGORICAL:
-                strings = _to_string(column, f.name)
+                strings = to_string(column, f.name)
                 valid = np.asarray(strings.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
                 codes = pc.index_in(strings, value_set=pa.array(f.vocabulary, type=pa.string()))
                 codes = pc.fill_null(codes, len(f.vocabulary))  # unseen -> the OOV bucket
                 values = np.asarray(codes.to_numpy(zero_copy_only=False), dtype=np.float32)
             else:
-                raw = _to_float64(column, f.name)
+                raw = to_float64(column, f.name)
                 valid = ~np.isnan(raw)
                 if f.kind is FeatureKind.CONTINUOUS:
                     inf = np.isinf(raw)
@@ -436,59 +338,3 @@ def _as_batches(data) -> Iterable[pa.RecordBatch]:
     if isinstance(data, pa.RecordBatch):
         return iter([data])
     return iter(data)
-
-
-def _choose_columns(
-    schema: pa.Schema,
-    *,
-    exclude: Sequence[str],
-    features: Sequence[str] | None,
-    categorical: Sequence[str],
-    continuous: Sequence[str] = (),
-) -> list[tuple[str, FeatureKind]]:
-    for group, names in (
-        ("exclude", exclude),
-        ("features", features or ()),
-        ("categorical", categorical),
-        ("continuous", continuous),
-    ):
-        missing = [n for n in names if n not in schema.names]
-        if missing:
-            raise SchemaMismatchError(
-                f"{group} names column(s) {missing} that are not in the data; "
-                f"the data has columns {schema.names}"
-            )
-    both = sorted(set(categorical) & set(continuous))
-    if both:
-        raise SchemaMismatchError(f"column(s) {both} are named both categorical and continuous")
-    for name in continuous:
-        arrow_type = schema.field(name).type
-        if _kind_of(arrow_type) is not FeatureKind.CONTINUOUS:
-            raise SchemaMismatchError(
-                f"column {name!r} is named continuous but has type {arrow_type}, which is not "
-                "numeric; cast it to a number in the data, or drop it from --continuous "
-                "(string columns are modelled as categorical)"
-            )
-    names = list(features) if features is not None else list(schema.names)
-    names += [n for n in continuous if n not in names]
-    chosen = []
-    for name in names:
-        if name in exclude:
-            continue
-        arrow_type = schema.field(name).type
-        kind = FeatureKind.CATEGORICAL if name in categorical else _kind_of(arrow_type)
-        if kind is None:
-            if features is not None:
-                raise SchemaMismatchError(
-                    f"column {name!r} has type {arrow_type}, which vaewatch cannot model; "
-                    "use numeric, boolean or string columns, or drop it from --features"
-                )
-            continue  # silently skipped only when the user did not ask for it
-        chosen.append((name, kind))
-    if not chosen:
-        raise SchemaMismatchError(
-            f"no usable feature columns: the data has {schema.names} (types "
-            f"{[str(t) for t in schema.types]}); after exclusions nothing numeric, boolean or "
-            "string is left"
-        )
-    return chosen

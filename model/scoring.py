@@ -3,7 +3,7 @@ and the MLflow pyfunc model.
 
 `Scorer.score(batch)` encodes the batch, sends rows that cannot be scored to the rejected side
 with a reason, runs the production estimator on the rest and returns the output contract's
-columns as Arrow. The output schema is defined here, once.
+columns as Arrow. The output columns are those of model/contract.py.
 """
 
 from __future__ import annotations
@@ -14,35 +14,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from model.artifact import ModelArtifact
-from model.calibration import TOP_FEATURE_TYPE, check_quantile, top_features
-from model.errors import UserError
-from model.estimators import DEFAULT_MEMORY_BUDGET, score_records
-from model.features import RowProblem
-from model.training import resolve_device
-
-REASON_COLUMN = "reason"
-NON_FINITE_SCORE = "non_finite_score"  # the model returned NaN/inf for the row
-
-
-def score_schema(latent_dim: int) -> pa.Schema:
-    """The score columns of the output contract, in order (pass-through columns come first)."""
-    return pa.schema(
-        [
-            pa.field("elbo", pa.float64()),
-            pa.field("log_likelihood", pa.float64()),
-            pa.field("anomaly_score", pa.float64()),
-            pa.field("score_percentile", pa.float64()),
-            pa.field("is_anomaly", pa.bool_()),
-            pa.field("latent_mean", pa.list_(pa.float32(), latent_dim)),
-            pa.field("latent_std", pa.list_(pa.float32(), latent_dim)),
-            pa.field("top_features", TOP_FEATURE_TYPE),
-            pa.field("model_version", pa.dictionary(pa.int32(), pa.string())),
-        ]
-    )
-
-
-SCORE_COLUMNS = tuple(score_schema(1).names)
+from vaewatch.model.artifact import ModelArtifact
+from vaewatch.model.calibration import check_quantile, top_features
+from vaewatch.model.contract import RejectReason, score_schema
+from vaewatch.model.device import resolve_device
+from vaewatch.model.errors import UserError
+from vaewatch.model.estimators import DEFAULT_MEMORY_BUDGET, score_records
+from vaewatch.model.features import RowProblem
 
 
 @dataclass(frozen=True)
@@ -143,8 +121,8 @@ class Scorer:
         ok = encoded.ok
         reasons = np.full(n, "", dtype=object)
         for problem in RowProblem:
-            if problem is not RowProblem.OK:
-                reasons[encoded.problems == problem] = problem.reason
+            if problem.reason is not None:
+                reasons[encoded.problems == problem] = problem.reason.value
         rows = np.flatnonzero(ok)
         if rows.size:
             x, mask = encoded.x, encoded.mask
@@ -167,7 +145,7 @@ class Scorer:
             elbo = scores.elbo.cpu().numpy()
             finite = np.isfinite(log_likelihood) & np.isfinite(elbo)
             if not finite.all():
-                reasons[rows[~finite]] = NON_FINITE_SCORE
+                reasons[rows[~finite]] = RejectReason.NON_FINITE_SCORE.value
             keep = slice(None) if finite.all() else np.flatnonzero(finite)
             table = self._columns(
                 elbo[keep],

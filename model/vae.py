@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.features import FeatureKind, FeatureSpec
+from vaewatch.model import defaults
+from vaewatch.model.features import FeatureKind, FeatureSpec
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -24,8 +25,8 @@ class VAEConfig:
     n_continuous: int = 0  # Gaussian features, standardised
     n_boolean: int = 0  # Bernoulli features
     category_sizes: list[int] = field(default_factory=list)  # classes per categorical, OOV included
-    latent_dim: int = 8  # enough for the handful of factors tabular data usually has
-    hidden: list[int] = field(default_factory=lambda: [128, 128])  # encoder and decoder widths
+    latent_dim: int = defaults.LATENT_DIM  # reasons for both: model/defaults.py
+    hidden: list[int] = field(default_factory=lambda: list(defaults.HIDDEN))
     activation: str = "relu"  # cheapest on CPU: SiLU cost 19% of IWAE time for no quality gain seen
     min_variance: float = 1e-4  # Gaussian variance floor (std units): stops densities blowing up
     # per continuous feature, a higher floor where the values lie on a grid (integers, cents):
@@ -222,15 +223,6 @@ class Decoder(nn.Module):
         )
 
 
-@dataclass
-class VAEOutput:
-    """Per-record terms of one reparameterised pass (standardised units); shapes (B,)."""
-
-    reconstruction: torch.Tensor  # mean over samples of log p(x|z)
-    kl: torch.Tensor  # KL(q(z|x) || N(0, I)), analytic
-    elbo: torch.Tensor  # reconstruction - kl
-
-
 def gaussian_kl_dims(posterior: Posterior) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) per record and latent dimension, analytic. (B, D)"""
     return 0.5 * (posterior.mean**2 + posterior.log_var.exp() - 1.0 - posterior.log_var)
@@ -260,13 +252,3 @@ class VAE(nn.Module):
             raise ValueError(f"batch has shape {tuple(x.shape)}, model expects (B, {n}) features")
         if mask.shape != x.shape:
             raise ValueError(f"mask has shape {tuple(mask.shape)}, x has {tuple(x.shape)}")
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, samples: int = 1) -> VAEOutput:
-        """Reparameterised ELBO terms with fresh noise, for training."""
-        self.check_input(x, mask)
-        posterior = self.encoder(x, mask)
-        eps = torch.randn((samples, *posterior.mean.shape), dtype=x.dtype, device=x.device)
-        z = posterior.mean + posterior.std * eps  # (S, B, D)
-        reconstruction = self.decoder.log_prob(z, x, mask).total().mean(0)
-        kl = gaussian_kl(posterior)
-        return VAEOutput(reconstruction=reconstruction, kl=kl, elbo=reconstruction - kl)

@@ -29,19 +29,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import datetime as dt
 import fcntl
 import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
-from model.errors import UserError
-from pipeline import faults
+from vaewatch.model.contract import Manifest
+from vaewatch.model.errors import UserError
+from vaewatch.pipeline import faults
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
@@ -72,15 +75,6 @@ def _exchange(a: str, b: str) -> bool:
     if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem cannot exchange
         return False
     raise OSError(err, os.strerror(err), a)
-
-
-@dataclass
-class Committed:
-    output: str
-    files: list[str]  # scored shards, relative to the output
-    rejected_files: list[str]  # relative to the output
-    rows_scored: int
-    rows_rejected: int
 
 
 def _count_rows(paths: list[str]) -> int:
@@ -129,14 +123,18 @@ class LocalCommitter:
         rejected = sorted(str(p) for p in (root / REJECTED_DIR).glob(f"{PART_PREFIX}-*.parquet"))
         return scored, rejected
 
-    def publish(self, manifest: dict) -> Committed:
+    def publish(self, manifest: Manifest) -> Manifest:
+        """Publish the staged run; publishing it again after success returns the same result."""
+        done = _already_published(self.output, manifest)
+        if done is not None and not Path(self.staging).exists():
+            return done
         scored, rejected = self.staged_files()
-        committed = _check_counts(self.output, scored, rejected, manifest, self.staging)
+        committed = _check_counts(self.output, scored, rejected, manifest)
         faults.point("commit:counted")
         root = Path(self.staging)
         for debris in root.rglob("beam-temp-*"):
             shutil.rmtree(debris, ignore_errors=True)
-        _write_manifest_and_success(str(root), manifest, committed)
+        _write_manifest_and_success(str(root), committed)
         faults.point("commit:success")
         out = Path(self.output)
         if not out.exists():
@@ -166,7 +164,7 @@ class ObjectStoreCommitter:
         self.staging = FileSystems.join(self.output, f"_staging-{run_id}")
 
     def prepare(self) -> None:
-        listing = _list(self.output)
+        listing = list_files(self.output)
         visible = [p for p in listing if "/_staging-" not in p]
         if visible and not _is_vaewatch_output(visible):
             raise OutputError(
@@ -182,7 +180,7 @@ class ObjectStoreCommitter:
             _delete_tree(folder)
 
     def staged_files(self) -> tuple[list[str], list[str]]:
-        listing = _list(self.staging)
+        listing = list_files(self.staging)
         scored = sorted(
             p
             for p in listing
@@ -193,9 +191,15 @@ class ObjectStoreCommitter:
         rejected = sorted(p for p in listing if f"/{REJECTED_DIR}/{PART_PREFIX}-" in p)
         return scored, rejected
 
-    def publish(self, manifest: dict) -> Committed:
+    def publish(self, manifest: Manifest) -> Manifest:
+        """Publish the staged run; publishing it again after success returns the same result."""
+        done = _already_published(self.output, manifest)
+        if done is not None:
+            _delete_tree(self.staging)
+            return done
         scored, rejected = self.staged_files()
-        committed = _check_counts(self.output, scored, rejected, manifest, self.staging)
+        committed = _check_counts(self.output, scored, rejected, manifest)
+        faults.point("commit:counted")
         sources, destinations = [], []
         for group, paths in (("", scored), (REJECTED_DIR, rejected)):
             for path in paths:
@@ -216,18 +220,21 @@ class ObjectStoreCommitter:
                 except OSError:
                     pass  # already there
             FileSystems.copy(sources, destinations)
-        committed.files = [
-            d[len(self.output) + 1 :] for d in destinations if f"/{REJECTED_DIR}/" not in d
-        ]
-        committed.rejected_files = [
-            d[len(self.output) + 1 :] for d in destinations if f"/{REJECTED_DIR}/" in d
-        ]
-        _write_manifest_and_success(self.output, manifest, committed)
+        committed = dataclasses.replace(
+            committed,
+            files=tuple(
+                d[len(self.output) + 1 :] for d in destinations if f"/{REJECTED_DIR}/" not in d
+            ),
+            rejected_files=tuple(
+                d[len(self.output) + 1 :] for d in destinations if f"/{REJECTED_DIR}/" in d
+            ),
+        )
+        _write_manifest_and_success(self.output, committed)
         keep = set(destinations) | {
             FileSystems.join(self.output, MANIFEST),
             FileSystems.join(self.output, SUCCESS),
         }
-        old = [p for p in _list(self.output) if p not in keep and "/_staging-" not in p]
+        old = [p for p in list_files(self.output) if p not in keep and "/_staging-" not in p]
         if old:
             FileSystems.delete(old)
         _delete_tree(self.staging)
@@ -237,16 +244,26 @@ class ObjectStoreCommitter:
         _delete_tree(self.staging)
 
 
-def _list(prefix: str) -> list[str]:
-    pattern = FileSystems.join(prefix, "**")
+def list_files(prefix: str) -> list[str]:
+    """Every file below `prefix`; [] when nothing is there."""
+    return match_paths(FileSystems.join(prefix, "**"))
+
+
+def match_paths(pattern: str) -> list[str]:
+    """The files a glob matches; [] when nothing is there. Any other failure of the store
+    (permissions, an unreachable endpoint) is raised, never read as "empty"."""
     try:
-        return [m.path for result in FileSystems.match([pattern]) for m in result.metadata_list]
-    except Exception:  # noqa: BLE001 - a missing prefix is an empty listing on every store
-        return []
+        results = FileSystems.match([pattern])
+    except BeamIOError as err:
+        causes = list(err.exception_details.values())
+        if causes and all(isinstance(c, FileNotFoundError) for c in causes):
+            return []
+        raise
+    return [m.path for result in results for m in result.metadata_list]
 
 
 def _delete_tree(prefix: str) -> None:
-    paths = _list(prefix)
+    paths = list_files(prefix)
     if paths:
         FileSystems.delete(paths)
     try:  # local paths keep empty folders; object stores have none to delete
@@ -256,33 +273,36 @@ def _delete_tree(prefix: str) -> None:
         pass
 
 
-def _check_counts(output, scored, rejected, manifest, staging) -> Committed:
+def _check_counts(output: str, scored, rejected, manifest: Manifest) -> Manifest:
     rows_scored, rows_rejected = _count_rows(scored), _count_rows(rejected)
-    rows_in = manifest["rows"]["in"]
+    rows_in = manifest.rows.rows_in
     if rows_scored + rows_rejected != rows_in:
         raise OutputError(
             f"run does not add up: {rows_in} rows in, {rows_scored} scored + {rows_rejected} "
             f"rejected; nothing was committed to {output!r}"
         )
-    return Committed(
-        output=output,
+    return manifest.committed(
+        scored=rows_scored,
+        rejected=rows_rejected,
         files=[Path(p).name for p in scored],
         rejected_files=[f"{REJECTED_DIR}/{Path(p).name}" for p in rejected],
-        rows_scored=rows_scored,
-        rows_rejected=rows_rejected,
+        finished=dt.datetime.now(dt.timezone.utc).isoformat(),
     )
 
 
-def _write_manifest_and_success(root: str, manifest: dict, committed: Committed) -> None:
-    manifest["rows"].update(scored=committed.rows_scored, rejected=committed.rows_rejected)
-    manifest["files"] = committed.files
-    manifest["rejected_files"] = committed.rejected_files
-    text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
+def _write_manifest_and_success(root: str, committed: Manifest) -> None:
+    text = json.dumps(committed.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n"
     with FileSystems.create(FileSystems.join(root, MANIFEST)) as handle:
         handle.write(text.encode())
     faults.point("commit:manifest")
     with FileSystems.create(FileSystems.join(root, SUCCESS)) as handle:
-        handle.write(f"{manifest['run_id']}\n".encode())
+        handle.write(f"{committed.run_id}\n".encode())
+
+
+def _already_published(output: str, manifest: Manifest) -> Manifest | None:
+    """The committed manifest when this very run (same run id) is what `output` holds."""
+    committed = read_manifest(output)
+    return committed if committed is not None and committed.run_id == manifest.run_id else None
 
 
 @contextlib.contextmanager
@@ -324,10 +344,10 @@ def committer_for(output: str, run_id: str) -> LocalCommitter | ObjectStoreCommi
     return ObjectStoreCommitter(output, run_id)
 
 
-def read_manifest(output: str) -> dict | None:
+def read_manifest(output: str) -> Manifest | None:
     """The committed manifest of an output, or None if it has no committed run."""
     path = FileSystems.join(output, MANIFEST)
     if not FileSystems.exists(FileSystems.join(output, SUCCESS)) or not FileSystems.exists(path):
         return None
     with FileSystems.open(path) as handle:
-        return json.loads(handle.read().decode())
+        return Manifest.from_json(json.loads(handle.read().decode()))

@@ -1,396 +1,263 @@
-"""The scoring pipeline: read -> score -> write scored / write rejected -> commit.
+"""The scoring pipeline: read -> score -> write scored / write rejected; then the commit.
 
 ```
 ListInputs (Create: the files resolved at launch)
-  -> ReadParquet (ReadAllFromParquetBatched, projected to features + kept columns)
-  -> ScoreVAE (ScoreBatches: batches of --batch-size, model loaded once per worker)
-       -> RechunkScored   -> WriteScored   (WriteToParquetBatched, zstd) --\\
-       -> RechunkRejected -> WriteRejected (WriteToParquetBatched, zstd) ---> CommitRun
+  -> ScoreParquet
+       ReadParquet (ReadParquetTables: row-group splits, projected to features + kept columns)
+       -> ScoreRecords (Rebatch to --batch-size rows, ScoreBatches: model loaded once per worker)
+            -> scored   -> RechunkScored   -> WriteScored   (WriteToParquetBatched, zstd)
+            -> rejected -> RechunkRejected -> WriteRejected (WriteToParquetBatched, zstd)
 ```
 
-Everything a worker needs travels in the transforms (paths, the pinned model, settings); the
-launcher resolves the input files, the model alias and the schema once, before any work.
+The pipeline only stages files. The commit (row counts checked, manifest, `_SUCCESS`, the
+atomic exchange) runs in the launcher once the runner reports success, so a bundle Beam retries
+on a worker can never publish twice; `publish` is idempotent besides.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import os
+import errno
 import shutil
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.parquetio import ReadAllFromParquetBatched, WriteToParquetBatched
+from apache_beam.io.parquetio import WriteToParquetBatched
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from model import registry
-from model.data import InputFile, resolve_files
-from model.errors import UserError
-from model.features import SchemaMismatchError
-from model.scoring import ScoringSettings, score_schema
-from model.version import package_version
-from pipeline import faults
-from pipeline.commit import (
-    PART_PREFIX,
-    REJECTED_DIR,
-    Committed,
-    OutputError,
-    committer_for,
-    new_run_id,
-    output_lock,
-    read_manifest,
-)
-from pipeline.loopback import loopback_only
-from pipeline.transforms import (
+from vaewatch.model.contract import Manifest, rejected_schema
+from vaewatch.model.errors import UserError
+from vaewatch.pipeline import faults
+from vaewatch.pipeline.commit import PART_PREFIX, REJECTED_DIR, OutputError, output_lock
+from vaewatch.pipeline.loopback import loopback_only
+from vaewatch.pipeline.plan import LOCAL_RUNNER, ScoreJob, ScoreOptions, ScorePlan, make_plan
+from vaewatch.pipeline.transforms import (
     REJECTED_TAG,
+    SCORED_TAG,
     WRITE_CHUNK_ROWS,
     ModelSettings,
-    Rechunk,
-    ScoreBatches,
-    rejected_schema,
+    ReadParquetTables,
+    Rebatch,
+    ScoreRecords,
+    pass_then,
 )
 
-LOCAL_RUNNER = "local"  # Beam's in-process FnApiRunner: never fetches anything from the network
 PARQUET_CODEC = "zstd"  # Beam's default is no compression
+__all__ = ["ScoreJob", "ScoreOptions", "ScoreParquet", "ScoreResult", "build", "run"]
 
 
-@dataclass
-class ScoreJob:
-    input: str | Sequence[str]
-    output: str
-    model: str  # models:/NAME@ALIAS, models:/NAME/VERSION, or a local model folder
-    tracking_uri: str
-    k: int | None = None  # None: the model's defaults
-    samples: int | None = None
-    seed: int | None = None
-    batch_size: int = 65_536
-    keep: Sequence[str] | None = None  # None: the model's id column, when the input has it
-    threshold_quantile: float | None = None
-    runner: str = LOCAL_RUNNER
-    workers: int = 1  # local runner: >1 runs that many worker processes
-    shards: int = 0  # output files; 0 lets the runner decide
-    beam_args: Sequence[str] = field(default_factory=list)
+class ScoreParquet(beam.PTransform):
+    """PCollection[str] of Parquet paths -> scored and rejected Parquet files.
 
+    Returns {"scored": PCollection of written scored files, "rejected": ... of rejected files}.
+    The files are plain Beam sink output under the two prefixes; `vaewatch score` stages them
+    and commits them atomically afterwards, a Beam user may do as they wish.
+    """
 
-@dataclass
-class ScoreResult:
-    manifest: dict
-    committed: Committed
-
-
-def _local_threads(workers: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, workers))
-
-
-def _check_inputs(
-    files: list[InputFile], filesystem, spec, keep: Sequence[str] | None, id_column: str | None
-) -> tuple[pa.Schema, list[str]]:
-    """Every file's schema against the model, before any work. Returns the read schema and the
-    kept columns (`keep`, or else the id column when the first file has it)."""
-    schemas = []
-    for f in files:
-        try:
-            schemas.append(pq.read_schema(f.path, filesystem=filesystem))
-        except (pa.ArrowInvalid, OSError) as err:
-            raise UserError(f"input file {f.path!r} is not readable Parquet: {err}") from err
-    first = schemas[0]
-    if keep is None:
-        keep = [id_column] if id_column and id_column in first.names else []
-    keep = list(keep)
-    for f, schema in zip(files, schemas, strict=True):
-        try:
-            spec.check_schema(schema)
-        except SchemaMismatchError as err:
-            raise SchemaMismatchError(f"in input file {f.path!r}: {err}") from err
-        missing = [c for c in keep if c not in schema.names]
-        if missing:
-            raise SchemaMismatchError(
-                f"--keep column(s) {missing} are not in input file {f.path!r}; its columns are "
-                f"{schema.names}"
-            )
-    columns = list(dict.fromkeys([*spec.names(), *keep]))
-    return pa.schema([first.field(c) for c in columns]), keep
-
-
-def _first_unreadable(
-    files: list[InputFile], filesystem, columns: list[str]
-) -> tuple[str, str] | None:
-    """After a failed read: the first input file whose data pages do not decode, and why."""
-    for f in files:
-        try:
-            reader = pq.ParquetFile(f.path, filesystem=filesystem)
-            for _ in reader.iter_batches(batch_size=65_536, columns=columns):
-                pass
-        except (pa.ArrowException, OSError) as err:
-            return f.path, str(err).splitlines()[0]
-    return None
-
-
-def _rows_in(files: list[InputFile], filesystem) -> int:
-    return sum(pq.ParquetFile(f.path, filesystem=filesystem).metadata.num_rows for f in files)
-
-
-class CommitRun(beam.PTransform):
-    """Waits for both writes to finish, then publishes the staged run once (see commit.py)."""
-
-    def __init__(self, committer, manifest: dict):
+    def __init__(
+        self,
+        model: ModelSettings,
+        *,
+        input_schema: pa.Schema,
+        scored_schema: pa.Schema,
+        scored_prefix: str,
+        rejected_prefix: str,
+        keep: Sequence[str] = (),
+        batch_size: int,
+        shards: int = 0,
+        torch_threads: int | None = None,
+    ):
         super().__init__()
-        self._committer = committer
-        self._manifest = manifest
+        self._model, self._keep = model, list(keep)
+        self._input_schema, self._scored_schema = input_schema, scored_schema
+        self._prefixes = {SCORED_TAG: scored_prefix, REJECTED_TAG: rejected_prefix}
+        self._batch_size, self._shards, self._threads = batch_size, shards, torch_threads
 
-    def expand(self, written):
-        committer, manifest = self._committer, self._manifest
-
-        def commit(_written_files):
-            manifest["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
-            yield committer.publish(manifest)
-
-        return (
-            written
-            | "FlattenWritten" >> beam.Flatten()
-            | "CollectWritten" >> beam.combiners.ToList()
-            | "Publish" >> beam.FlatMap(commit)
-        )
-
-
-def _options(job: ScoreJob) -> tuple[PipelineOptions, object]:
-    """Pipeline options and the runner object (None: let Beam pick from --runner)."""
-    options = PipelineOptions(list(job.beam_args))
-    if job.runner == LOCAL_RUNNER:
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-        direct = options.view_as(DirectOptions)
-        direct.direct_num_workers = job.workers
-        direct.direct_running_mode = "multi_processing" if job.workers > 1 else "in_memory"
-        return options, FnApiRunner()
-    options.view_as(StandardOptions).runner = job.runner
-    return options, None
-
-
-def build(pipeline: beam.Pipeline, job: ScoreJob, plan: dict) -> None:
-    """Attach the scoring transforms to `pipeline` (separate from `run` so tests can drive it)."""
-    staging = plan["committer"].staging
-    paths = [f.path for f in plan["files"]]
-    tables = (
-        pipeline
-        | "ListInputs" >> beam.Create(paths)
-        | "ReadParquet" >> ReadAllFromParquetBatched(columns=plan["input_schema"].names)
-    )
-    outputs = tables | "ScoreVAE" >> beam.ParDo(
-        ScoreBatches(
-            model=ModelSettings(
-                location=plan["model_location"],
-                tracking_uri=job.tracking_uri,
-                model_version=plan["resolved"].label,
-                k=job.k,
-                samples=job.samples,
-                seed=job.seed,
-                threshold_quantile=job.threshold_quantile,
-            ),
-            batch_size=job.batch_size,
-            input_schema=plan["input_schema"],
-            keep=plan["keep"],
-            scored_schema=plan["scored_schema"],
-            rejected_schema=plan["rejected_schema"],
-            torch_threads=plan["torch_threads"],
-        )
-    ).with_outputs(REJECTED_TAG, main="scored")
-
-    def write(pcoll, name, prefix, schema, shards):
-        return (
-            pcoll
-            | f"Rechunk{name}"
-            >> beam.ParDo(Rechunk(WRITE_CHUNK_ROWS, crash_point=f"write:{name.lower()}"))
-            | f"Write{name}"
-            >> WriteToParquetBatched(
-                prefix,
-                schema=schema,
-                codec=PARQUET_CODEC,
-                file_name_suffix=".parquet",
-                num_shards=shards,
-                shard_name_template="-SSSSS-of-NNNNN",
+    def expand(self, paths):
+        outputs = (
+            paths
+            | "ReadParquet" >> ReadParquetTables(self._input_schema.names)
+            | "ScoreRecords"
+            >> ScoreRecords(
+                self._model,
+                input_schema=self._input_schema,
+                scored_schema=self._scored_schema,
+                keep=self._keep,
+                batch_size=self._batch_size,
+                torch_threads=self._threads,
             )
         )
+        rejected = rejected_schema(self._input_schema).with_metadata(self._scored_schema.metadata)
+        written = {}
+        for tag, schema, shards in (
+            (SCORED_TAG, self._scored_schema, self._shards),
+            (REJECTED_TAG, rejected, 0),  # usually few rows: let the runner decide
+        ):
+            name = tag.capitalize()
+            written[tag] = (
+                outputs[tag]
+                | f"Rechunk{name}" >> Rebatch(WRITE_CHUNK_ROWS)
+                | f"Written{name}" >> beam.FlatMap(pass_then, f"write:{tag}")
+                | f"Write{name}"
+                >> WriteToParquetBatched(
+                    self._prefixes[tag],
+                    schema=schema,
+                    codec=PARQUET_CODEC,
+                    file_name_suffix=".parquet",
+                    num_shards=shards,
+                    shard_name_template="-SSSSS-of-NNNNN",
+                )
+            )
+        return written
 
-    written_scored = write(
-        outputs.scored,
-        "Scored",
-        FileSystems.join(staging, PART_PREFIX),
-        plan["scored_schema"],
-        job.shards,
-    )
-    written_rejected = write(
-        outputs[REJECTED_TAG],
-        "Rejected",
-        FileSystems.join(staging, REJECTED_DIR, PART_PREFIX),
-        plan["rejected_schema"],
-        0,  # usually few rows: let the runner decide
-    )
-    _ = (written_scored, written_rejected) | "CommitRun" >> CommitRun(
-        plan["committer"], plan["manifest"]
+
+@dataclass(frozen=True)
+class ScoreResult:
+    manifest: Manifest  # the committed manifest: counts, files, model, settings
+    output: str  # the committed output location
+
+
+def build(pipeline: beam.Pipeline, plan: ScorePlan):
+    """Attach the scoring transforms to `pipeline` (tests drive it with a TestPipeline)."""
+    staging = plan.committer.staging
+    return (
+        pipeline
+        | "ListInputs" >> beam.Create([f.path for f in plan.files])
+        | "ScoreParquet"
+        >> ScoreParquet(
+            plan.model,
+            input_schema=plan.input_schema,
+            scored_schema=plan.scored_schema,
+            scored_prefix=FileSystems.join(staging, PART_PREFIX),
+            rejected_prefix=FileSystems.join(staging, REJECTED_DIR, PART_PREFIX),
+            keep=plan.keep,
+            batch_size=plan.job.options.batch_size,
+            shards=plan.job.options.shards,
+            torch_threads=plan.torch_threads,
+        )
     )
 
 
-def plan(job: ScoreJob) -> dict:
-    """Everything decided once at launch: files, model version, schemas, staging, manifest."""
-    filesystem, files = resolve_files(job.input)
-    download = tempfile.mkdtemp(prefix="vaewatch-model-")
-    try:
-        loaded = registry.load(job.model, job.tracking_uri, destination=download)
-    except Exception:
-        shutil.rmtree(download, ignore_errors=True)
-        raise
-    artifact, resolved = loaded.artifact, loaded.resolved
-    input_schema, keep = _check_inputs(
-        files, filesystem, artifact.spec, job.keep, artifact.id_column
-    )
-    run_id = new_run_id()
-    settings = ScoringSettings.resolve(
-        artifact, job.k, job.samples, job.seed, job.threshold_quantile
-    )
-    k, samples, seed = settings.k, settings.samples, settings.seed
-    quantile, threshold = settings.threshold_quantile, settings.threshold
-    started = dt.datetime.now(dt.timezone.utc).isoformat()
-    metadata = {
-        "vaewatch.model_uri": resolved.uri,
-        "vaewatch.model_requested": resolved.requested,
-        "vaewatch.model_version": resolved.label,
-        "vaewatch.k": str(k),
-        "vaewatch.samples": str(samples),
-        "vaewatch.seed": str(seed),
-        "vaewatch.threshold_quantile": str(quantile),
-        "vaewatch.threshold": repr(threshold),
-        "vaewatch.version": package_version(),
-        "vaewatch.run_id": run_id,
-    }
-    scores = score_schema(artifact.vae_config.latent_dim)
-    scored_schema = pa.schema([*[input_schema.field(c) for c in keep], *scores]).with_metadata(
-        metadata
-    )
-    committer = committer_for(job.output, run_id)
-    manifest = {
-        "run_id": run_id,
-        "model": {
-            "requested": resolved.requested,
-            "uri": resolved.uri,
-            "name": resolved.name,
-            "version": resolved.version,
-            "run_id": resolved.run_id,
-        },
-        "inputs": [{"path": f.path, "size": f.size, "modified": f.modified} for f in files],
-        "rows": {"in": _rows_in(files, filesystem)},
-        "k": k,
-        "samples": samples,
-        "seed": seed,
-        "threshold_quantile": quantile,
-        "threshold": threshold,
-        "batch_size": job.batch_size,
-        "runner": job.runner,
-        "workers": job.workers,
-        "keep": keep,
-        "started": started,
-        "vaewatch_version": package_version(),
-    }
-    local = job.runner == LOCAL_RUNNER
-    return {
-        "download": download,
-        "files": files,
-        "filesystem": filesystem,
-        "resolved": resolved,
-        # local runs read the folder downloaded here; remote workers fetch the pinned version
-        "model_location": str(loaded.path) if local or resolved.local_path else resolved.uri,
-        "keep": keep,
-        "input_schema": input_schema,
-        "scored_schema": scored_schema,
-        "rejected_schema": rejected_schema(input_schema).with_metadata(metadata),
-        "committer": committer,
-        "manifest": manifest,
-        "torch_threads": _local_threads(job.workers) if local else None,
-    }
+def pipeline_options(job: ScoreJob) -> tuple[PipelineOptions, object]:
+    """Beam options from the arguments after `--`, and the runner object (None: let Beam pick
+    the runner named by --runner)."""
+    options = PipelineOptions(list(job.options.beam_args))
+    if job.options.runner != LOCAL_RUNNER:
+        options.view_as(StandardOptions).runner = job.options.runner
+        return options, None
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    direct = options.view_as(DirectOptions)
+    direct.direct_num_workers = job.options.workers
+    direct.direct_running_mode = "multi_processing" if job.options.workers > 1 else "in_memory"
+    return options, FnApiRunner()
 
 
 def run(job: ScoreJob, pipeline: beam.Pipeline | None = None) -> ScoreResult:
     """Plan, run and commit. `pipeline` (e.g. a TestPipeline) replaces the configured one."""
-    if job.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {job.batch_size}")
-    settings = plan(job)
+    plan = make_plan(job)
     faults.point("launch:planned")
     try:
         with output_lock(job.output):
-            return _run_planned(job, settings, pipeline)
+            plan.committer.prepare()
+            faults.point("launch:staged")
+            if pipeline is None:
+                options, runner = pipeline_options(job)
+                pipeline = beam.Pipeline(runner=runner, options=options)
+            build(pipeline, plan)
+            try:
+                with loopback_only() if job.options.local else contextlib.nullcontext():
+                    pipeline.run().wait_until_finish()
+            except Exception as err:
+                plan.committer.abort()
+                explained = explain_failure(err, plan)
+                if explained is None:
+                    raise
+                raise explained from err
+            committed = plan.committer.publish(plan.manifest)
     finally:
-        shutil.rmtree(settings["download"], ignore_errors=True)
+        shutil.rmtree(plan.download, ignore_errors=True)
+    return ScoreResult(manifest=committed, output=plan.committer.output)
 
 
-_STORAGE_FIXES = {
-    "no space left on device": "Free space there or choose another --output, then re-run.",
-    "the file system is read-only": "Choose a writable --output, then re-run.",
-    "permission denied": "Give this user write access to the output's folder, or choose "
-    "another --output, then re-run.",
-    "disk quota exceeded": "Raise the quota or choose another --output, then re-run.",
-}
-_STORAGE_ERRNOS = {
-    "[Errno 28]": "no space left on device",
-    "[Errno 30]": "the file system is read-only",
-    "[Errno 13]": "permission denied",
-    "[Errno 122]": "disk quota exceeded",
+# ------------------------------------------------------------------------------ failures
+STORAGE_PROBLEMS = {
+    errno.ENOSPC: ("no space left on device", "Free space there or choose another --output"),
+    errno.EROFS: ("the file system is read-only", "Choose a writable --output"),
+    errno.EACCES: (
+        "permission denied",
+        "Give this user write access to the output's folder, or choose another --output",
+    ),
+    errno.EDQUOT: ("disk quota exceeded", "Raise the quota or choose another --output"),
 }
 
 
-def _storage_problem(message: str) -> str | None:
-    """Beam re-raises a worker's OSError as text; find the storage errno in it."""
-    for marker, problem in _STORAGE_ERRNOS.items():
-        if marker in message:
-            return problem
+def _chain(err: BaseException):
+    """The exception, its causes and contexts (Beam re-raises a worker's error with the
+    original as its context)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def explain_failure(err: BaseException, plan: ScorePlan) -> UserError | None:
+    """A failed run, told by exception types: a UserError raised on a worker (a corrupt input
+    file), a storage OSError (full, read-only, forbidden output). When the runner carried the
+    error across a process boundary as text, the launcher re-checks: it reads the inputs, then
+    writes a probe file where the output is staged. None: not a failure a user can fix."""
+    for cause in _chain(err):
+        if isinstance(cause, UserError):
+            return cause
+    for cause in _chain(err):
+        if isinstance(cause, OSError) and cause.errno in STORAGE_PROBLEMS:
+            return _storage_error(plan, cause.errno)
+    unreadable = _first_unreadable(plan)
+    if unreadable is not None:
+        return unreadable
+    code = _probe_output(plan)
+    return _storage_error(plan, code) if code is not None else None
+
+
+def _storage_error(plan: ScorePlan, code: int) -> OutputError:
+    problem, fix = STORAGE_PROBLEMS[code]
+    return OutputError(
+        f"writing the output {plan.job.output!r} failed: {problem}. Nothing was committed "
+        "(the staged files were removed; an earlier output there is untouched). "
+        f"{fix}, then re-run."
+    )
+
+
+def _first_unreadable(plan: ScorePlan) -> UserError | None:
+    """The first input file whose data pages do not decode, read here with pyarrow."""
+    for f in plan.files:
+        try:
+            reader = pq.ParquetFile(f.path, filesystem=plan.filesystem)
+            for _ in reader.iter_batches(batch_size=65_536, columns=plan.input_schema.names):
+                pass
+        except (pa.ArrowException, OSError) as err:
+            return UserError(
+                f"input file {f.path!r} cannot be read past its footer "
+                f"({str(err).splitlines()[0]}); it is corrupt or was truncated while being "
+                "written. Nothing was committed; replace or remove the file and re-run."
+            )
     return None
 
 
-def _run_planned(job: ScoreJob, settings: dict, pipeline: beam.Pipeline | None) -> ScoreResult:
-    committer = settings["committer"]
-    committer.prepare()
-    faults.point("launch:staged")
-    if pipeline is None:
-        options, runner = _options(job)
-        pipeline = beam.Pipeline(runner=runner, options=options)
-    build(pipeline, job, settings)
-    local = job.runner == LOCAL_RUNNER
+def _probe_output(plan: ScorePlan) -> int | None:
+    """The errno of writing a small file where the run stages its output, or None."""
+    probe = plan.committer.staging + "-probe"
     try:
-        with loopback_only() if local else contextlib.nullcontext():
-            result = pipeline.run()
-            result.wait_until_finish()
-    except Exception as err:
-        committer.abort()
-        problem = _storage_problem(str(err))
-        if problem and "ReadParquet" not in str(err):
-            raise OutputError(
-                f"writing the output {job.output!r} failed: {problem}. Nothing was committed "
-                "(the staged files were removed; an earlier output there is untouched). "
-                f"{_STORAGE_FIXES[problem]}"
-            ) from err
-        if "ReadParquet" in str(err):  # Beam names the failing step; find the file it read
-            unreadable = _first_unreadable(
-                settings["files"], settings["filesystem"], settings["input_schema"].names
-            )
-            if unreadable:
-                raise UserError(
-                    f"input file {unreadable[0]!r} cannot be read past its footer "
-                    f"({unreadable[1]}); it is corrupt or was truncated while being written. "
-                    "Nothing was committed; replace or remove the file and re-run."
-                ) from err
-        raise
-    manifest = read_manifest(committer.output) or settings["manifest"]
-    committed = Committed(
-        output=committer.output,
-        files=manifest.get("files", []),
-        rejected_files=manifest.get("rejected_files", []),
-        rows_scored=manifest["rows"].get("scored", 0),
-        rows_rejected=manifest["rows"].get("rejected", 0),
-    )
-    return ScoreResult(manifest=manifest, committed=committed)
+        with FileSystems.create(probe) as handle:
+            handle.write(b"\0" * 65_536)
+    except OSError as err:
+        return err.errno if err.errno in STORAGE_PROBLEMS else None
+    finally:
+        with contextlib.suppress(OSError):
+            FileSystems.delete([probe])
+    return None

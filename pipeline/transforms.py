@@ -1,9 +1,17 @@
-"""The scoring pipeline's DoFns and composite transforms. Arrow tables in, Arrow tables out.
+"""The scoring pipeline's transforms: Parquet files -> Arrow tables -> scored / rejected tables.
 
-Nothing here holds module-level state or local-only handles: DoFns carry plain settings and
-load the model in `setup`, once per worker process (shared across threads with Beam's
-`Shared`), so the same pipeline runs on the in-process runner, multi-processing workers,
-Dataflow, Spark or Flink.
+Composite transforms a Beam user can apply in their own pipeline:
+
+- `ReadParquetTables`: file paths -> Arrow tables (one per row-group batch), projected to the
+  columns asked for; a file that does not decode fails with `CorruptInputError` naming it;
+- `Rebatch`: Arrow tables -> tables of at most `rows` rows (Beam's `BatchElements` sized in
+  rows, so batches never cross a window or a bundle by hand);
+- `ScoreRecords`: Arrow tables -> a tuple of tagged outputs, `scored` (kept columns + score
+  columns) and `rejected` (input columns + `reason`), the model loaded once per worker process.
+
+Nothing here holds module-level state or local-only handles: DoFns carry plain settings and load
+the model in `setup` (shared across threads with Beam's `Shared`), so the same transforms run on
+the in-process runner, multi-processing workers, Dataflow, Spark or Flink.
 """
 
 from __future__ import annotations
@@ -13,18 +21,65 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.transforms.window import GlobalWindow
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
 
-from model.features import SchemaMismatchError
-from model.scoring import REASON_COLUMN
-from pipeline import faults
+from vaewatch.model import defaults
+from vaewatch.model.contract import RejectReason, rejected_schema
+from vaewatch.model.errors import UserError
+from vaewatch.model.features import SchemaMismatchError
+from vaewatch.pipeline import faults
 
+SCORED_TAG = "scored"
 REJECTED_TAG = "rejected"
-SCHEMA_MISMATCH = "schema_mismatch"
+DEFAULT_BATCH_SIZE = defaults.SCORE_BATCH_SIZE
 WRITE_CHUNK_ROWS = 65_536  # rows per written table: large row groups, few Python calls
+READ_BATCH_ROWS = 65_536  # rows per table read from a file
+ROW_GROUPS_PER_SPLIT = 4  # a large file is read by several workers, a few row groups each
+METRICS_NAMESPACE = "vaewatch"
+_CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
+
+
+class CorruptInputError(UserError):
+    """An input file whose data pages do not decode (its footer was fine at launch)."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model a worker loads and how it scores: plain values, so the DoFn pickles small
+    and `Shared` can key the process-wide scorer on it."""
+
+    location: str  # a local model folder, or a pinned models:/NAME/VERSION URI
+    tracking_uri: str = ""  # needed for models:/ URIs
+    model_version: str = ""  # the label written to the model_version column ("": the model's)
+    k: int | None = None  # None: the model's defaults
+    samples: int | None = None
+    seed: int | None = None
+    threshold_quantile: float | None = None
+
+    def load_artifact(self):
+        from vaewatch.model import registry
+        from vaewatch.model.artifact import ModelArtifact
+
+        if self.location.startswith("models:/"):
+            return registry.load(self.location, self.tracking_uri).artifact
+        return ModelArtifact.load(self.location)
+
+    def load(self):
+        from vaewatch.model.scoring import Scorer
+
+        artifact = self.load_artifact()
+        return Scorer(
+            artifact,
+            model_version=self.model_version or artifact.metadata.get("model_label", "vaewatch"),
+            device="auto",
+            k=self.k,
+            samples=self.samples,
+            seed=self.seed,
+            threshold_quantile=self.threshold_quantile,
+        )
 
 
 class _ModelHandle:
@@ -34,40 +89,7 @@ class _ModelHandle:
         self.scorer = scorer
 
 
-@dataclass(frozen=True)
-class ModelSettings:
-    """Which model a worker loads and how it scores: plain values, so the DoFn pickles small
-    and `Shared` can key the process-wide scorer on it."""
-
-    location: str  # a local model folder, or a pinned models:/NAME/VERSION URI
-    tracking_uri: str
-    model_version: str  # the label written to the model_version column
-    k: int | None = None  # None: the model's defaults
-    samples: int | None = None
-    seed: int | None = None
-    threshold_quantile: float | None = None
-
-    def load(self):
-        from model import registry
-        from model.artifact import ModelArtifact
-        from model.scoring import Scorer
-
-        if self.location.startswith("models:/"):
-            artifact = registry.load(self.location, self.tracking_uri).artifact
-        else:
-            artifact = ModelArtifact.load(self.location)
-        return Scorer(
-            artifact,
-            model_version=self.model_version,
-            device="auto",
-            k=self.k,
-            samples=self.samples,
-            seed=self.seed,
-            threshold_quantile=self.threshold_quantile,
-        )
-
-
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Select and cast `table` to `schema` (files may differ in integer width or nullability)."""
     table = table.select(schema.names)
     if table.schema.equals(schema, check_metadata=False):
@@ -75,67 +97,123 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return table.cast(schema)
 
 
-class _Buffered(beam.DoFn):
-    """Accumulates input tables within a bundle until `rows` rows, then handles them."""
+# ------------------------------------------------------------------------------ reading
+class _ReadRowGroups(beam.DoFn):
+    """(path, [row group indices]) -> Arrow tables of at most READ_BATCH_ROWS rows."""
+
+    def __init__(self, columns: Sequence[str]):
+        self._columns = list(columns)
+
+    def process(self, split: tuple[str, list[int]]):
+        path, row_groups = split
+        try:
+            with FileSystems.open(path) as handle:
+                reader = pq.ParquetFile(handle)
+                for batch in reader.iter_batches(
+                    READ_BATCH_ROWS, row_groups=row_groups, columns=self._columns
+                ):
+                    if batch.num_rows:
+                        yield pa.Table.from_batches([batch])
+        except (pa.ArrowException, OSError) as err:
+            raise CorruptInputError(
+                f"input file {path!r} cannot be read past its footer "
+                f"({str(err).splitlines()[0]}); it is corrupt or was truncated while being "
+                "written. Nothing was committed; replace or remove the file and re-run."
+            ) from err
+
+
+def _row_group_splits(path: str) -> Iterator[tuple[str, list[int]]]:
+    with FileSystems.open(path) as handle:
+        groups = pq.ParquetFile(handle).metadata.num_row_groups
+    for start in range(0, max(groups, 1), ROW_GROUPS_PER_SPLIT):
+        yield path, list(range(start, min(start + ROW_GROUPS_PER_SPLIT, groups)))
+
+
+class ReadParquetTables(beam.PTransform):
+    """PCollection[str] of Parquet paths -> PCollection[pa.Table] projected to `columns`.
+    Files are split by row groups and redistributed, so a large file is read in parallel."""
+
+    def __init__(self, columns: Sequence[str]):
+        super().__init__()
+        self._columns = list(columns)
+
+    def expand(self, paths):
+        return (
+            paths
+            | "SplitRowGroups" >> beam.FlatMap(_row_group_splits)
+            | "Redistribute" >> beam.Reshuffle()
+            | "ReadRowGroups" >> beam.ParDo(_ReadRowGroups(self._columns))
+        )
+
+
+# ------------------------------------------------------------------------------ batching
+def _slices(table: pa.Table, rows: int) -> Iterator[pa.Table]:
+    for start in range(0, table.num_rows, rows):
+        yield table.slice(start, rows)
+
+
+def _concat_by_schema(tables: list[pa.Table]) -> Iterator[pa.Table]:
+    """Concatenate consecutive tables of one schema (a file with other column types is never
+    merged with another: its rows are scored, or rejected, in its own types)."""
+    run: list[pa.Table] = []
+    for table in tables:
+        if run and not table.schema.equals(run[0].schema, check_metadata=False):
+            yield pa.concat_tables(run)
+            run = []
+        run.append(table)
+    if run:
+        yield pa.concat_tables(run)
+
+
+class Rebatch(beam.PTransform):
+    """Arrow tables -> tables of at most `rows` rows, for large model calls and row groups."""
 
     def __init__(self, rows: int):
+        super().__init__()
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
         self._rows = rows
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
 
-    def start_bundle(self):
-        self._pending, self._pending_rows = [], 0
-
-    def _take(self, table: pa.Table, final: bool) -> Iterator[pa.Table]:
-        """Whole batches of `rows` rows (and the remainder when `final`). Tables of another
-        schema (a file with other column types) are never merged: the pending rows go first."""
-        if (
-            table is not None
-            and self._pending
-            and not table.schema.equals(self._pending[0].schema, check_metadata=False)
-        ):
-            yield from self._take(None, final=True)
-        if table is not None and table.num_rows:
-            self._pending.append(table)
-            self._pending_rows += table.num_rows
-        if self._pending_rows == 0 or (self._pending_rows < self._rows and not final):
-            return
-        combined = pa.concat_tables(self._pending)
-        cut = combined.num_rows if final else (combined.num_rows // self._rows) * self._rows
-        for start in range(0, cut, self._rows):
-            yield combined.slice(start, min(self._rows, cut - start))
-        rest = combined.slice(cut)
-        self._pending = [rest] if rest.num_rows else []
-        self._pending_rows = rest.num_rows
+    def expand(self, tables):
+        rows = self._rows
+        return (
+            tables
+            | "Split" >> beam.FlatMap(_slices, rows)
+            | "Batch"
+            >> beam.BatchElements(
+                min_batch_size=rows,
+                max_batch_size=rows,
+                element_size_fn=lambda table: table.num_rows,
+                record_metrics=False,
+            )
+            | "Concat" >> beam.FlatMap(_concat_by_schema)
+        )
 
 
-class ScoreBatches(_Buffered):
-    """Scores Arrow tables in batches of `batch_size` rows.
-
-    Main output: the kept columns + the score columns (one table per batch). Tagged output
-    `rejected`: the rows that cannot be scored, with their input columns and a `reason`.
-    """
+# ------------------------------------------------------------------------------ scoring
+class ScoreBatches(beam.DoFn):
+    """Scores each Arrow table it receives. Main output: the kept columns + the score columns;
+    tagged output `rejected`: the rows that cannot be scored, input columns + `reason`."""
 
     def __init__(
         self,
         *,
         model: ModelSettings,
-        batch_size: int,
         input_schema: pa.Schema,
         keep: Sequence[str],
         scored_schema: pa.Schema,
-        rejected_schema: pa.Schema,
         torch_threads: int | None = None,
     ):
-        super().__init__(batch_size)
         self._model = model
         self._input_schema = input_schema
         self._keep = list(keep)
         self._scored_schema = scored_schema
-        self._rejected_schema = rejected_schema
+        self._rejected_schema = rejected_schema(input_schema).with_metadata(scored_schema.metadata)
         self._torch_threads = torch_threads
         self._shared = Shared()
         self._handle = None
+        self._rows_in = Metrics.counter(METRICS_NAMESPACE, "rows_in")
+        self._rows_scored = Metrics.counter(METRICS_NAMESPACE, "rows_scored")
 
     def setup(self):
         import torch
@@ -148,51 +226,42 @@ class ScoreBatches(_Buffered):
 
     def process(self, table: pa.Table):
         faults.point("read:batch")
-        for batch in self._take(table, final=False):
-            yield from self._score(batch)
-
-    def finish_bundle(self):
-        for batch in self._take(None, final=True):
-            for out in self._score(batch):
-                value = out.value if isinstance(out, beam.pvalue.TaggedOutput) else out
-                windowed = WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
-                if isinstance(out, beam.pvalue.TaggedOutput):
-                    yield beam.pvalue.TaggedOutput(REJECTED_TAG, windowed)
-                else:
-                    yield windowed
-
-    def _score(self, table: pa.Table):
-        """Scores `table` in its own column types (the encoder reads any numeric width); only
-        the kept and rejected columns are cast to the output schema."""
+        self._rows_in.inc(table.num_rows)
         try:
             result = self._handle.scorer.score(table)
             faults.point("score:batch")
-        except (SchemaMismatchError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        except (SchemaMismatchError, *_CAST_ERRORS) as err:
             # a file whose columns cannot be read as the model's types: all its rows rejected
-            reasons = pa.array([f"{SCHEMA_MISMATCH}: {err}"] * table.num_rows, pa.string())
-            yield beam.pvalue.TaggedOutput(REJECTED_TAG, self._rejected(table, reasons))
+            yield self._rejected(table, RejectReason.SCHEMA_MISMATCH, err)
             return
         if result.scores.num_rows:
             kept = table.select(self._keep).take(pa.array(result.scored_rows))
             keep_schema = pa.schema([self._scored_schema.field(c) for c in self._keep])
             try:
-                kept = _conform(kept, keep_schema)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                kept = conform(kept, keep_schema)
+            except _CAST_ERRORS as err:
                 # e.g. an id that overflows the output's id type: these rows cannot be written
                 rows = table.take(pa.array(result.scored_rows))
-                reasons = pa.array([f"keep_column_not_castable: {err}"] * rows.num_rows)
-                yield beam.pvalue.TaggedOutput(REJECTED_TAG, self._rejected(rows, reasons))
+                yield self._rejected(rows, RejectReason.KEEP_COLUMN_NOT_CASTABLE, err)
             else:
+                self._rows_scored.inc(kept.num_rows)
                 columns = kept.columns + result.scores.columns
                 yield pa.Table.from_arrays(columns, schema=self._scored_schema)
         if len(result.rejected_rows):
             rows = table.take(pa.array(result.rejected_rows))
-            yield beam.pvalue.TaggedOutput(REJECTED_TAG, self._rejected(rows, result.reasons))
+            for reason, count in zip(*_counts(result.reasons), strict=True):
+                Metrics.counter(METRICS_NAMESPACE, f"rows_rejected_{reason}").inc(count)
+            yield beam.pvalue.TaggedOutput(REJECTED_TAG, self._with_reasons(rows, result.reasons))
 
-    def _rejected(self, rows: pa.Table, reasons: pa.Array) -> pa.Table:
+    def _rejected(self, rows: pa.Table, reason: RejectReason, err: Exception):
+        Metrics.counter(METRICS_NAMESPACE, f"rows_rejected_{reason.value}").inc(rows.num_rows)
+        reasons = pa.array([reason.with_detail(err)] * rows.num_rows, pa.string())
+        return beam.pvalue.TaggedOutput(REJECTED_TAG, self._with_reasons(rows, reasons))
+
+    def _with_reasons(self, rows: pa.Table, reasons: pa.Array) -> pa.Table:
         try:
-            rows = _conform(rows, self._input_schema)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            rows = conform(rows, self._input_schema)
+        except _CAST_ERRORS:
             rows = pa.Table.from_arrays(
                 [pa.nulls(rows.num_rows, f.type) for f in self._input_schema],
                 schema=self._input_schema,
@@ -200,25 +269,48 @@ class ScoreBatches(_Buffered):
         return pa.Table.from_arrays([*rows.columns, reasons], schema=self._rejected_schema)
 
 
-class Rechunk(_Buffered):
-    """Re-chunks a stream of small tables into tables of at least `rows` rows (per bundle),
-    so the Parquet writer makes large row groups. `crash_point` names the fault point reached
-    after each chunk (the fused writer has written it into its temporary file by then)."""
-
-    def __init__(self, rows: int, crash_point: str = ""):
-        super().__init__(rows)
-        self._crash_point = crash_point
-
-    def process(self, table: pa.Table):
-        for chunk in self._take(table, final=False):
-            yield chunk
-            faults.point(self._crash_point)
-
-    def finish_bundle(self):
-        for chunk in self._take(None, final=True):
-            yield WindowedValue(chunk, MIN_TIMESTAMP, [GlobalWindow()])
-            faults.point(self._crash_point)
+def _counts(reasons: pa.Array) -> tuple[list[str], list[int]]:
+    counted = reasons.value_counts()
+    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
 
 
-def rejected_schema(input_schema: pa.Schema) -> pa.Schema:
-    return pa.schema([*input_schema, pa.field(REASON_COLUMN, pa.string())])
+class ScoreRecords(beam.PTransform):
+    """PCollection[pa.Table] -> tagged outputs `scored` and `rejected` (a DoOutputsTuple).
+
+    `scored_schema` is the kept input columns followed by `model.contract.score_schema(d)`
+    (with any Parquet metadata to write); `input_schema` the columns the rejected side keeps.
+    """
+
+    def __init__(
+        self,
+        model: ModelSettings,
+        *,
+        input_schema: pa.Schema,
+        scored_schema: pa.Schema,
+        keep: Sequence[str] = (),
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        torch_threads: int | None = None,
+    ):
+        super().__init__()
+        self._score = ScoreBatches(
+            model=model,
+            input_schema=input_schema,
+            keep=keep,
+            scored_schema=scored_schema,
+            torch_threads=torch_threads,
+        )
+        self._batch_size = batch_size
+
+    def expand(self, tables):
+        return (
+            tables
+            | "BatchRows" >> Rebatch(self._batch_size)
+            | "ScoreVAE" >> beam.ParDo(self._score).with_outputs(REJECTED_TAG, main=SCORED_TAG)
+        )
+
+
+def pass_then(table: pa.Table, point: str) -> Iterator[pa.Table]:
+    """Hands `table` downstream, then reaches the named fault point (the fused writer has
+    written the table into its temporary file by then)."""
+    yield table
+    faults.point(point)

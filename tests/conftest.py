@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.synthetic import LABEL_COLUMNS, transactions
+from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
 
 TRAIN_EXCLUDE = tuple(c for c in LABEL_COLUMNS if c != "record_id")
 
@@ -31,9 +31,10 @@ def workspace(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(workspace):
     """One model trained and registered through the training job (shared by the tests)."""
-    from jobs.train import TrainJob, run
-    from model import registry
-    from model.training import TrainConfig
+    from vaewatch.jobs.train import TrainJob, run
+    from vaewatch.model import registry
+    from vaewatch.model.fit import FitConfig
+    from vaewatch.model.training import TrainConfig
 
     previous = Path.cwd()
     os.chdir(workspace)
@@ -42,9 +43,11 @@ def trained(workspace):
             data=str(workspace / "train" / "*.parquet"),
             model_name="transactions",
             tracking_uri=registry.default_tracking_uri(workspace),
-            id_column="record_id",
-            exclude=TRAIN_EXCLUDE,
-            train=TrainConfig(epochs=25, seed=0, device="cpu"),
+            fit=FitConfig(
+                id_column="record_id",
+                exclude=TRAIN_EXCLUDE,
+                train=TrainConfig(epochs=25, seed=0, device="cpu"),
+            ),
             progress=False,
         )
         outcome = run(job, echo=lambda _: None)

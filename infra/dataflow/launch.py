@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import main
+from vaewatch.jobs.cli import main
 
 TEMPLATE_PARAMETERS = ("input", "output", "model", "tracking_uri", "k")
 

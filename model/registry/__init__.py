@@ -29,12 +29,13 @@ from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec
 
-from model.artifact import CONFIG_FILE, ArtifactError, ModelArtifact, sha256_file
-from model.errors import UserError
-from model.registry.pyfunc_model import ARTIFACT_KEY
+from vaewatch.model import defaults
+from vaewatch.model.artifact import CONFIG_FILE, ArtifactError, ModelArtifact, sha256_file
+from vaewatch.model.errors import UserError
+from vaewatch.model.registry.pyfunc_model import ARTIFACT_KEY
 
-DEFAULT_EXPERIMENT = "vaewatch"
-DEFAULT_ALIAS = "champion"
+DEFAULT_EXPERIMENT = defaults.EXPERIMENT
+DEFAULT_ALIAS = defaults.ALIAS
 ARTIFACT_DIGEST_TAG = "artifact_sha256"  # sha256 of the registered config.json
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?/?$")

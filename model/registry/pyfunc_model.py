@@ -5,8 +5,9 @@ so loading works with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. The weights and
 from the model's `vaewatch` artifact folder (config.json + weights.safetensors).
 
 `predict(pandas.DataFrame)` returns one row per input row with the score columns of the output
-contract plus `reject_reason`: empty for scored rows; for a row that cannot be scored (every
-feature missing, +-inf, a non-finite score) the scores are null and the reason says why.
+contract plus `reason` (the rejected output's column): empty for scored rows; for a row that
+cannot be scored (every feature missing, +-inf, a non-finite score) the scores are null and
+the reason says why.
 Params: `model_version` (the label written in the model_version column).
 """
 
@@ -17,11 +18,11 @@ import pandas as pd
 import pyarrow as pa
 from mlflow.models import set_model
 
-from model.artifact import ModelArtifact
-from model.scoring import SCORE_COLUMNS, Scorer
+from vaewatch.model.artifact import ModelArtifact
+from vaewatch.model.contract import REASON_COLUMN, SCORE_COLUMNS
+from vaewatch.model.scoring import Scorer
 
 ARTIFACT_KEY = "vaewatch"
-REJECT_REASON = "reject_reason"
 
 
 class VaewatchModel(mlflow.pyfunc.PythonModel):
@@ -42,9 +43,9 @@ class VaewatchModel(mlflow.pyfunc.PythonModel):
         scored["model_version"] = scored["model_version"].astype(object)
         scored.index = result.scored_rows
         out = scored.reindex(range(table.num_rows))
-        out[REJECT_REASON] = ""
-        out.loc[result.rejected_rows, REJECT_REASON] = result.reasons.to_pylist()
-        return out[[*SCORE_COLUMNS, REJECT_REASON]].reset_index(drop=True)
+        out[REASON_COLUMN] = ""
+        out.loc[result.rejected_rows, REASON_COLUMN] = result.reasons.to_pylist()
+        return out[[*SCORE_COLUMNS, REASON_COLUMN]].reset_index(drop=True)
 
 
 set_model(VaewatchModel())

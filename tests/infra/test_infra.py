@@ -11,7 +11,7 @@ import click
 import pytest
 import yaml
 
-from jobs.cli import main
+from vaewatch.jobs.cli import main
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 SUBCOMMANDS = "|".join(sorted(main.commands))

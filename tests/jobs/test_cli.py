@@ -3,8 +3,8 @@
 import click
 from click.testing import CliRunner
 
-from jobs.cli import main
-from jobs.params import ENV_PREFIX
+from vaewatch.jobs.cli import main
+from vaewatch.jobs.params import ENV_PREFIX
 
 
 def _commands(group: click.Group, prefix=()):

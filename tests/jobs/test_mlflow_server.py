@@ -13,9 +13,9 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import main
-from model import registry
 from tests.conftest import TRAIN_EXCLUDE
+from vaewatch.jobs.cli import main
+from vaewatch.model import registry
 
 
 def _free_port() -> int:

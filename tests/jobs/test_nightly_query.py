@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import main
-from jobs.nightly import parse_date
-from model.errors import UserError
-from pipeline.commit import output_lock, read_manifest
 from tests.conftest import write_days
+from vaewatch.jobs.cli import main
+from vaewatch.jobs.nightly import parse_date
+from vaewatch.model.errors import UserError
+from vaewatch.pipeline.commit import output_lock, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +42,14 @@ def test_two_days_a_rerun_and_a_backfill(trained, partitions):
     assert first.exit_code == 0, first.output
     second = _nightly(trained, partitions, "--date", "2026-03-02")
     assert second.exit_code == 0, second.output
-    run_id = read_manifest(str(partitions / "out" / "dt=2026-03-01"))["run_id"]
+    run_id = read_manifest(str(partitions / "out" / "dt=2026-03-01")).run_id
 
     again = _nightly(trained, partitions, "--date", "2026-03-01")  # same version: skipped
     assert again.exit_code == 0 and "skipped" in again.output
-    assert read_manifest(str(partitions / "out" / "dt=2026-03-01"))["run_id"] == run_id
+    assert read_manifest(str(partitions / "out" / "dt=2026-03-01")).run_id == run_id
     forced = _nightly(trained, partitions, "--date", "2026-03-01", "--force")  # replaced
     assert forced.exit_code == 0, forced.output
-    assert read_manifest(str(partitions / "out" / "dt=2026-03-01"))["run_id"] != run_id
+    assert read_manifest(str(partitions / "out" / "dt=2026-03-01")).run_id != run_id
 
     backfill = _nightly(trained, partitions, "--from", "2026-03-01", "--to", "2026-03-03")
     assert backfill.exit_code == 0, backfill.output
@@ -133,7 +133,7 @@ def test_parse_date_and_default_is_yesterday(monkeypatch):
     assert parse_date("2026-03-01") == dt.date(2026, 3, 1)
     with pytest.raises(UserError):
         parse_date("2026-03-01T00:00")
-    from jobs import cli
+    from vaewatch.jobs import cli
 
     command = cli.main.commands["nightly"]
     assert (

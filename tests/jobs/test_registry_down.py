@@ -4,8 +4,8 @@ import socket
 
 from click.testing import CliRunner
 
-from jobs.cli import main
 from tests.conftest import TRAIN_EXCLUDE
+from vaewatch.jobs.cli import main
 
 
 def _closed_port() -> int:

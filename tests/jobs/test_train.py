@@ -13,11 +13,12 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from jobs.cli import main
-from jobs.demo import roc_auc
-from model import registry
-from model.estimators import score_records
-from model.scoring import SCORE_COLUMNS, Scorer
+from vaewatch.jobs.cli import main
+from vaewatch.model import registry
+from vaewatch.model.contract import SCORE_COLUMNS
+from vaewatch.model.estimators import score_records
+from vaewatch.model.metrics import roc_auc
+from vaewatch.model.scoring import Scorer
 
 
 def test_registered_with_alias_tags_params_metrics_and_plots(trained):
@@ -100,7 +101,7 @@ def test_pyfunc_loads_with_pickle_disallowed_and_equals_native_scoring(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     predicted = pq.read_table(out).to_pandas()
-    assert list(predicted.columns) == [*SCORE_COLUMNS, "reject_reason"]
+    assert list(predicted.columns) == [*SCORE_COLUMNS, "reason"]
 
     table = pq.read_table(holdout).slice(0, 500)
     native = Scorer(outcome.artifact, model_version="x", device="cpu").score(table)
@@ -117,7 +118,7 @@ def test_pyfunc_loads_with_pickle_disallowed_and_equals_native_scoring(
         native.scores["is_anomaly"].to_numpy(),
     )
     assert predicted["top_features"][rows[0]].tolist() == native.scores["top_features"][0].as_py()
-    assert (predicted["reject_reason"].to_numpy()[rows] == "").all()
+    assert (predicted["reason"].to_numpy()[rows] == "").all()
 
 
 def test_pickled_models_are_refused_under_the_same_setting(tmp_path, monkeypatch):

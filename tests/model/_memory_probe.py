@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from model.estimators import iwae
-from model.vae import VAE, VAEConfig
+from vaewatch.model.estimators import iwae
+from vaewatch.model.vae import VAE, VAEConfig
 
 
 def _status_kib(field: str) -> int:

@@ -1,6 +1,6 @@
 import pytest
 
-from jobs.synthetic import transactions
+from vaewatch.model.synthetic import transactions
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from model.features import Feature, FeatureKind, FeatureSpec
-from model.vae import VAE, VAEConfig
+from vaewatch.model.features import Feature, FeatureKind, FeatureSpec
+from vaewatch.model.vae import VAE, VAEConfig
 
 
 @dataclass

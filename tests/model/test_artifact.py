@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.synthetic import LABEL_COLUMNS
-from model.artifact import ArtifactError, ModelArtifact, ScoringDefaults
-from model.calibration import Calibration
-from model.estimators import score_records
-from model.features import FeatureSpec
-from model.vae import VAE, VAEConfig
+from vaewatch.model.artifact import ArtifactError, ModelArtifact, ScoringDefaults
+from vaewatch.model.calibration import Calibration
+from vaewatch.model.estimators import score_records
+from vaewatch.model.features import FeatureSpec
+from vaewatch.model.synthetic import LABEL_COLUMNS
+from vaewatch.model.vae import VAE, VAEConfig
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from model.calibration import Calibration, quantile_levels, top_features
-from model.errors import UserError
+from vaewatch.model.calibration import Calibration, quantile_levels, top_features
+from vaewatch.model.errors import UserError
 
 
 @pytest.fixture(scope="module")

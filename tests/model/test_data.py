@@ -6,11 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.synthetic import LABEL_COLUMNS, transactions
-from model.data import InputError, ParquetSource, resolve_files
-from model.features import FeatureSpec
-from model.training import TrainConfig, TrainingData, row_uniforms, train
-from model.vae import VAE, VAEConfig
+from vaewatch.model.data import InputError, ParquetSource, resolve_files
+from vaewatch.model.features import FeatureSpec
+from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
+from vaewatch.model.training import TrainConfig, train
+from vaewatch.model.training_data import TrainingData, row_uniforms
+from vaewatch.model.vae import VAE, VAEConfig
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from jobs.synthetic import LABEL_COLUMNS as LABELS
-from model.estimators import bytes_per_pair, iwae, noise, plan_chunks, score_records
-from model.features import FeatureSpec
-from model.vae import VAE, VAEConfig
+from vaewatch.model.estimators import bytes_per_pair, iwae, noise, plan_chunks, score_records
+from vaewatch.model.features import FeatureSpec
+from vaewatch.model.synthetic import LABEL_COLUMNS as LABELS
+from vaewatch.model.vae import VAE, VAEConfig
 
 
 def _model(spec: FeatureSpec, seed: int = 0, **overrides) -> VAE:
@@ -229,7 +229,7 @@ def test_categorical_normalisation_fast_and_safe_paths_agree_with_log_softmax(sp
 def test_elbo_shares_the_iwae_decoder_pass_exactly(transactions_table):
     """score_records' ELBO uses the first S of the IWAE's K samples: it must equal elbo() run
     on exactly those samples, and fall back to elbo()'s own noise when S > K."""
-    from model.estimators import ELBO_STREAM, IWAE_STREAM, elbo
+    from vaewatch.model.estimators import ELBO_STREAM, IWAE_STREAM, elbo
 
     spec = FeatureSpec.fit(transactions_table, exclude=LABELS)
     model = _model(spec).double()

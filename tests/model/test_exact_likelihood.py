@@ -5,8 +5,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from model.estimators import elbo, iwae, noise
 from tests.model.ppca import make_ppca
+from vaewatch.model.estimators import elbo, iwae, noise
 
 N_RECORDS = 200
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from model.features import FeatureKind, FeatureSpec, RowProblem, SchemaMismatchError
+from vaewatch.model.features import FeatureKind, FeatureSpec, RowProblem, SchemaMismatchError
 
 LABELS = ["record_id", "is_injected_anomaly", "anomaly_kind"]
 

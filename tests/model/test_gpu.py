@@ -7,13 +7,13 @@ import time
 import pytest
 import torch
 
-from jobs.synthetic import LABEL_COLUMNS, transactions
-from model.artifact import ModelArtifact
-from model.calibration import Calibration
-from model.estimators import score_records
-from model.features import FeatureSpec
-from model.training import TrainConfig, train
-from model.vae import VAE, VAEConfig
+from vaewatch.model.artifact import ModelArtifact
+from vaewatch.model.calibration import Calibration
+from vaewatch.model.estimators import score_records
+from vaewatch.model.features import FeatureSpec
+from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
+from vaewatch.model.training import TrainConfig, train
+from vaewatch.model.vae import VAE, VAEConfig
 
 pytestmark = pytest.mark.cuda
 

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.demo import roc_auc
-from jobs.synthetic import LABEL_COLUMNS as LABELS
-from model.estimators import score_records
-from model.features import FeatureSpec
-from model.training import TrainConfig, TrainingData, split_indices, train, trimmed_mean
-from model.vae import VAE, VAEConfig
+from vaewatch.model.estimators import score_records
+from vaewatch.model.features import FeatureSpec
+from vaewatch.model.metrics import roc_auc
+from vaewatch.model.synthetic import LABEL_COLUMNS as LABELS
+from vaewatch.model.training import TrainConfig, train, trimmed_mean
+from vaewatch.model.training_data import TrainingData, split_indices
+from vaewatch.model.vae import VAE, VAEConfig
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.commit import MANIFEST, SUCCESS, ObjectStoreCommitter, read_manifest
-from pipeline.score import ScoreJob, run
 from tests.conftest import write_days
+from vaewatch.pipeline.commit import MANIFEST, SUCCESS, ObjectStoreCommitter, read_manifest
+from vaewatch.pipeline.score import ScoreJob, ScoreOptions, run
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def big_input(tmp_path_factory):
 def _launch(trained, source, output, *extra):
     job, _ = trained
     command = [
-        sys.executable, "-m", "jobs.cli", "score",
+        sys.executable, "-m", "vaewatch.jobs.cli", "score",
         "--input", str(source), "--output", str(output),
         "--model", "models:/transactions@champion", "--tracking-uri", job.tracking_uri,
         *extra,
@@ -76,16 +76,16 @@ def test_killed_run_commits_nothing_and_a_rerun_completes(trained, big_input, tm
     assert again.wait(timeout=300) == 0, again.stdout.read()[-3000:]
     assert len(list(out.glob("part-*.parquet"))) == 2
     assert ds.dataset(str(out), format="parquet").count_rows() == 100_000
-    assert read_manifest(str(out))["run_id"] != committed["run_id"]
+    assert read_manifest(str(out)).run_id != committed.run_id
 
 
 def test_object_store_protocol_on_a_local_path(trained, workspace, tmp_path, monkeypatch):
     """The copy + manifest protocol used for gs:// and s3://, exercised through Beam's
     FileSystems on a local path: the manifest lists exactly the committed files and a re-run
     deletes the previous run's files."""
-    import pipeline.score as score_module
+    import vaewatch.pipeline.plan as plan_module
 
-    monkeypatch.setattr(score_module, "committer_for", ObjectStoreCommitter)
+    monkeypatch.setattr(plan_module, "committer_for", ObjectStoreCommitter)
     job, _ = trained
     out = tmp_path / "store"
 
@@ -96,18 +96,18 @@ def test_object_store_protocol_on_a_local_path(trained, workspace, tmp_path, mon
                 output=str(out),
                 model="models:/transactions@champion",
                 tracking_uri=job.tracking_uri,
-                shards=shards,
+                options=ScoreOptions(shards=shards),
             )
         )
 
     first = once(3)
     files = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert len(files) == 3 and all(first.manifest["run_id"] in f for f in files)
-    assert sorted(first.manifest["files"]) == files
+    assert len(files) == 3 and all(first.manifest.run_id in f for f in files)
+    assert sorted(first.manifest.files) == files
     assert (out / SUCCESS).exists() and (out / MANIFEST).exists()
     second = once(2)
     files = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert len(files) == 2 and all(second.manifest["run_id"] in f for f in files)
+    assert len(files) == 2 and all(second.manifest.run_id in f for f in files)
     assert not list(out.glob("_staging-*"))
-    total = sum(pq.ParquetFile(out / f).metadata.num_rows for f in second.manifest["files"])
-    assert total == second.manifest["rows"]["scored"] == 5_000
+    total = sum(pq.ParquetFile(out / f).metadata.num_rows for f in second.manifest.files)
+    assert total == second.manifest.rows.scored == 5_000

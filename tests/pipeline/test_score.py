@@ -9,11 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import main
-from model.estimators import score_records
-from model.scoring import SCORE_COLUMNS, Scorer, score_schema
-from pipeline.commit import MANIFEST, SUCCESS
-from pipeline.score import ScoreJob, run
+from vaewatch.jobs.cli import main
+from vaewatch.model.contract import SCORE_COLUMNS, Manifest, score_schema
+from vaewatch.model.estimators import score_records
+from vaewatch.model.scoring import Scorer
+from vaewatch.pipeline.commit import MANIFEST, SUCCESS
+from vaewatch.pipeline.score import ScoreJob, ScoreOptions, run
 
 
 def _job(trained, tmp_path, source, name="out", **overrides):
@@ -23,7 +24,7 @@ def _job(trained, tmp_path, source, name="out", **overrides):
         output=str(tmp_path / name),
         model="models:/transactions@champion",
         tracking_uri=job.tracking_uri,
-        **overrides,
+        options=ScoreOptions(**overrides),
     )
 
 
@@ -53,7 +54,7 @@ def test_scores_equal_the_direct_estimator(trained, workspace, default_run):
     result, out = default_run
     table = pq.read_table(workspace / "holdout")
     scored = _scores(out)
-    assert scored.num_rows == table.num_rows == result.manifest["rows"]["in"]
+    assert scored.num_rows == table.num_rows == result.manifest.rows.rows_in
     artifact = outcome.artifact
     enc = artifact.spec.encode(table)
     direct = score_records(
@@ -79,7 +80,7 @@ def test_output_follows_the_contract(trained, default_run):
     files = {p.name for p in out.iterdir()}
     parts = {f for f in files if f.startswith("part-") and f.endswith(".parquet")}
     assert files - parts == {MANIFEST, SUCCESS, "_rejected"} and parts
-    parquet = pq.ParquetFile(out / result.committed.files[0])
+    parquet = pq.ParquetFile(out / result.manifest.files[0])
     expected = pa.schema([pa.field("record_id", pa.int64()), *score_schema(8)])
     assert parquet.schema_arrow.equals(expected, check_metadata=False)
     assert parquet.metadata.row_group(0).column(1).compression == "ZSTD"
@@ -89,10 +90,13 @@ def test_output_follows_the_contract(trained, default_run):
     assert (meta["vaewatch.k"], meta["vaewatch.samples"], meta["vaewatch.seed"]) == ("64", "1", "0")
     assert meta["vaewatch.version"]
     manifest = json.loads((out / MANIFEST).read_text())
+    # the JSON itself is the contract: plain keys a reader in any language can follow
     assert manifest["model"]["version"] == outcome.resolved.version
     assert manifest["rows"] == {"in": 5000, "scored": 5000, "rejected": 0}
     assert manifest["inputs"][0]["size"] > 0 and manifest["runner"] == "local"
     assert manifest["started"] <= manifest["finished"]
+    assert manifest["files"] == list(result.manifest.files) == [f.name for f in out.glob("part-*")]
+    assert Manifest.from_json(manifest) == result.manifest
     assert set(SCORE_COLUMNS) <= set(parquet.schema_arrow.names)
     assert (out / SUCCESS).read_text().strip() == manifest["run_id"]
 
@@ -105,12 +109,12 @@ def test_batch_size_and_worker_processes_do_not_change_scores(
     small = _scores(
         run(
             _job(trained, tmp_path, workspace / "holdout", "small", batch_size=1_000)
-        ).committed.output
+        ).output
     )
     parallel = _scores(
         run(
             _job(trained, tmp_path, workspace / "holdout", "mp", workers=2, shards=3)
-        ).committed.output
+        ).output
     )
     for other in (small, parallel):
         assert other["record_id"].to_pylist() == reference["record_id"].to_pylist()
@@ -148,7 +152,7 @@ def test_rejected_rows_are_counted_and_explained(trained, workspace, tmp_path):
     source.mkdir()
     pq.write_table(table, source / "bad.parquet")
     result = run(_job(trained, tmp_path, source))
-    rows = result.manifest["rows"]
+    rows = result.manifest.rows.to_json()
     assert rows == {"in": 10, "scored": 6, "rejected": 4}
     rejected = ds.dataset(str(tmp_path / "out" / "_rejected"), format="parquet").to_table()
     got = dict(zip(rejected["record_id"].to_pylist(), rejected["reason"].to_pylist(), strict=True))
@@ -227,20 +231,20 @@ def test_empty_file_many_small_files_and_many_row_groups(trained, workspace, tmp
     pq.write_table(table.slice(1000, 3000), source / "groups.parquet", row_group_size=50)
     assert pq.ParquetFile(source / "groups.parquet").num_row_groups == 60
     result = run(_job(trained, tmp_path, source))
-    assert result.manifest["rows"] == {"in": 3210, "scored": 3210, "rejected": 0}
+    assert result.manifest.rows.to_json() == {"in": 3210, "scored": 3210, "rejected": 0}
     scored = _scores(tmp_path / "out")
     expected = sorted(
         table.slice(0, 210)["record_id"].to_pylist()
         + table.slice(1000, 3000)["record_id"].to_pylist()
     )
     assert scored["record_id"].to_pylist() == expected
-    assert len(result.manifest["inputs"]) == 32
+    assert len(result.manifest.inputs) == 32
 
     only_empty = tmp_path / "only-empty"
     only_empty.mkdir()
     pq.write_table(table.slice(0, 0), only_empty / "empty.parquet")
     result = run(_job(trained, tmp_path, only_empty, "out-empty"))
-    assert result.manifest["rows"] == {"in": 0, "scored": 0, "rejected": 0}
+    assert result.manifest.rows.to_json() == {"in": 0, "scored": 0, "rejected": 0}
     assert ds.dataset(str(tmp_path / "out-empty"), format="parquet").count_rows() == 0
 
 
@@ -248,10 +252,12 @@ def test_runner_options_and_pass_through():
     from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptions
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from pipeline.score import _options
+    from vaewatch.pipeline.score import pipeline_options
 
-    job = ScoreJob(input="x", output="y", model="m", tracking_uri="t", workers=3)
-    options, runner = _options(job)
+    job = ScoreJob(
+        input="x", output="y", model="m", tracking_uri="t", options=ScoreOptions(workers=3)
+    )
+    options, runner = pipeline_options(job)
     assert isinstance(runner, FnApiRunner)  # in-process: never fetches the Prism binary
     direct = options.view_as(DirectOptions)
     assert (direct.direct_num_workers, direct.direct_running_mode) == (3, "multi_processing")
@@ -260,16 +266,17 @@ def test_runner_options_and_pass_through():
         output="y",
         model="m",
         tracking_uri="t",
-        runner="DataflowRunner",
-        beam_args=["--project", "p", "--region", "europe-west4"],
+        options=ScoreOptions(
+            runner="DataflowRunner", beam_args=["--project", "p", "--region", "europe-west4"]
+        ),
     )
-    options, runner = _options(job)
+    options, runner = pipeline_options(job)
     assert runner is None and options.get_all_options()["runner"] == "DataflowRunner"
     assert options.view_as(GoogleCloudOptions).region == "europe-west4"
 
 
 def test_cli_passes_arguments_after_double_dash_to_beam(monkeypatch):
-    import pipeline.score as score_module
+    import vaewatch.pipeline.score as score_module
 
     seen = {}
 
@@ -284,8 +291,8 @@ def test_cli_passes_arguments_after_double_dash_to_beam(monkeypatch):
          "FlinkRunner", "--", "--flink_master", "host:8081", "--parallelism", "4"],
     )  # fmt: skip
     assert result.exit_code == 1 and "stop here" in result.output
-    assert seen["job"].runner == "FlinkRunner"
-    assert seen["job"].beam_args == ["--flink_master", "host:8081", "--parallelism", "4"]
+    assert seen["job"].options.runner == "FlinkRunner"
+    assert seen["job"].options.beam_args == ("--flink_master", "host:8081", "--parallelism", "4")
 
 
 def test_files_with_other_numeric_widths_score_like_the_originals(trained, workspace, tmp_path):
@@ -309,9 +316,9 @@ def test_files_with_other_numeric_widths_score_like_the_originals(trained, works
     pq.write_table(table.slice(0, 150), source / "a.parquet")
     pq.write_table(narrow.slice(150, 150), source / "b.parquet")
     result = run(_job(trained, tmp_path, source))
-    assert result.manifest["rows"] == {"in": 300, "scored": 300, "rejected": 0}
+    assert result.manifest.rows.to_json() == {"in": 300, "scored": 300, "rejected": 0}
     reference = run(_job(trained, tmp_path, workspace / "holdout", "reference"))
-    assert reference.manifest["rows"]["scored"] == 5000
+    assert reference.manifest.rows.scored == 5000
     got = _scores(tmp_path / "out")
     want = _scores(tmp_path / "reference").slice(0, 300)
     assert got["record_id"].to_pylist() == want["record_id"].to_pylist()

@@ -10,7 +10,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.score import ScoreJob, run
+from vaewatch.pipeline.score import ScoreJob, run
 
 pyspark = pytest.importorskip("pyspark", reason="pip install 'vaewatch[spark]'")
 
@@ -18,7 +18,7 @@ RESULT_TYPE = (
     "struct<elbo: double, log_likelihood: double, anomaly_score: double, "
     "score_percentile: double, is_anomaly: boolean, latent_mean: array<float>, "
     "latent_std: array<float>, top_features: array<struct<feature: string, "
-    "contribution: double>>, model_version: string, reject_reason: string>"
+    "contribution: double>>, model_version: string, reason: string>"
 )
 
 
@@ -62,9 +62,7 @@ def test_spark_udf_scores_equal_the_beam_pipeline(spark, trained, workspace, tmp
         outcome.resolved.uri,
         result_type=RESULT_TYPE,
         env_manager="local",
-        params={
-            "model_version": beam_result.manifest["model"]["name"] + "/" + outcome.resolved.version
-        },
+        params={"model_version": beam_result.manifest.model.name + "/" + outcome.resolved.version},
     )
     frame = spark.read.parquet(str(source / "rows.parquet"))
     scored = (
@@ -83,4 +81,4 @@ def test_spark_udf_scores_equal_the_beam_pipeline(spark, trained, workspace, tmp
     assert scored["model_version"].tolist() == beam["model_version"].to_pylist()
     first = [dict(r) for r in scored["top_features"][0]]
     assert first == beam["top_features"][0].as_py()
-    assert (scored["reject_reason"] == "").all()
+    assert (scored["reason"] == "").all()

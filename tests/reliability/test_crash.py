@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import faults
-from pipeline.commit import MANIFEST, REJECTED_DIR, SUCCESS, read_manifest
-from pipeline.score import ScoreJob, run
 from tests.conftest import write_days
+from vaewatch.pipeline import faults
+from vaewatch.pipeline.commit import MANIFEST, REJECTED_DIR, SUCCESS, read_manifest
+from vaewatch.pipeline.score import ScoreJob, ScoreOptions, run
 
 SCORE_POINTS = [p for p in faults.POINTS if not p.startswith("nightly:")]
 MODEL = "models:/transactions@champion"
@@ -39,8 +39,9 @@ def _with_bad_rows(root, every=400):
 
 @pytest.fixture(scope="module")
 def crash_input(tmp_path_factory):
-    root = write_days(tmp_path_factory.mktemp("crash-in"), days=3, rows=3_000, anomaly_rate=0.02,
-                      seed=31)  # fmt: skip
+    root = write_days(
+        tmp_path_factory.mktemp("crash-in"), days=3, rows=3_000, anomaly_rate=0.02, seed=31
+    )
     return _with_bad_rows(root)
 
 
@@ -49,8 +50,15 @@ def baseline(trained, crash_input, tmp_path_factory):
     """A complete earlier output, copied in before the runs that must leave it untouched."""
     job, _ = trained
     out = tmp_path_factory.mktemp("baseline") / "out"
-    run(ScoreJob(input=str(crash_input), output=str(out), model=MODEL,
-                 tracking_uri=job.tracking_uri, k=4))  # fmt: skip
+    run(
+        ScoreJob(
+            input=str(crash_input),
+            output=str(out),
+            model=MODEL,
+            tracking_uri=job.tracking_uri,
+            options=ScoreOptions(k=4),
+        )
+    )
     return out
 
 
@@ -61,7 +69,7 @@ def _env(point, mark):
 
 
 def _run_cli(args, env, timeout=300):
-    command = [sys.executable, "-m", "jobs.cli", *map(str, args)]
+    command = [sys.executable, "-m", "vaewatch.jobs.cli", *map(str, args)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -75,12 +83,12 @@ def visible(out):
     manifest = read_manifest(str(out))
     scored = sorted(p.name for p in out.glob("*.parquet"))
     rejected = sorted(f"{REJECTED_DIR}/{p.name}" for p in (out / REJECTED_DIR).glob("*.parquet"))
-    assert scored == sorted(manifest["files"]), "unlisted or missing scored files"
-    assert rejected == sorted(manifest["rejected_files"]), "unlisted or missing rejected files"
+    assert scored == sorted(manifest.files), "unlisted or missing scored files"
+    assert rejected == sorted(manifest.rejected_files), "unlisted or missing rejected files"
     rows = sum(pq.ParquetFile(out / f).metadata.num_rows for f in scored)
     bad = sum(pq.ParquetFile(out / f).metadata.num_rows for f in rejected)
-    assert (rows, bad) == (manifest["rows"]["scored"], manifest["rows"]["rejected"])
-    assert rows + bad == manifest["rows"]["in"]
+    assert (rows, bad) == (manifest.rows.scored, manifest.rows.rejected)
+    assert rows + bad == manifest.rows.rows_in
     assert not [n for n in names if n.startswith("beam-temp") or n.endswith(".tmp")]
     return manifest
 
@@ -106,8 +114,7 @@ def exactly_once(out, root):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", SCORE_POINTS)
-def test_sigkill_at_every_point_of_a_score_run(point, trained, crash_input, baseline,
-                                               tmp_path):  # fmt: skip
+def test_sigkill_at_every_point_of_a_score_run(point, trained, crash_input, baseline, tmp_path):
     job, _ = trained
     out = tmp_path / "out"
     # half the points start from a committed earlier output, half from none; the exchange
@@ -118,10 +125,23 @@ def test_sigkill_at_every_point_of_a_score_run(point, trained, crash_input, base
         previous = read_manifest(str(out))
     mark = tmp_path / "mark"
     done = _run_cli(
-        ["score", "--input", crash_input, "--output", out, "--model", MODEL,
-         "--tracking-uri", job.tracking_uri, "--k", "4", "--batch-size", "1000"],
+        [
+            "score",
+            "--input",
+            crash_input,
+            "--output",
+            out,
+            "--model",
+            MODEL,
+            "--tracking-uri",
+            job.tracking_uri,
+            "--k",
+            "4",
+            "--batch-size",
+            "1000",
+        ],
         _env(point, mark),
-    )  # fmt: skip
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     assert mark.read_text().splitlines()[0].startswith(point + "@")
 
@@ -131,17 +151,24 @@ def test_sigkill_at_every_point_of_a_score_run(point, trained, crash_input, base
 
     seen = visible(out)
     if point == "commit:exchanged":  # published: the new output is complete; old one aside
-        assert seen is not None and seen["run_id"] != previous["run_id"]
+        assert seen is not None and seen.run_id != previous.run_id
     elif previous is None:
         assert seen is None
     else:
         assert seen == previous
 
     # the re-run finishes the job: exact rows, each once, no debris left beside the output
-    result = run(ScoreJob(input=str(crash_input), output=str(out), model=MODEL,
-                          tracking_uri=job.tracking_uri, k=4))  # fmt: skip
-    assert visible(out)["run_id"] == result.manifest["run_id"]
-    assert result.manifest["rows"]["in"] == 9_000
+    result = run(
+        ScoreJob(
+            input=str(crash_input),
+            output=str(out),
+            model=MODEL,
+            tracking_uri=job.tracking_uri,
+            options=ScoreOptions(k=4),
+        )
+    )
+    assert visible(out).run_id == result.manifest.run_id
+    assert result.manifest.rows.rows_in == 9_000
     exactly_once(out, crash_input)
     assert not list(tmp_path.glob(".out.staging-*")) and not list(tmp_path.glob(".out.prev*"))
 
@@ -153,15 +180,29 @@ DAYS = ("2026-05-01", "2026-05-02", "2026-05-03")
 def nightly_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("nightly-in")
     for i, day in enumerate(DAYS):
-        _with_bad_rows(write_days(root / f"dt={day}", days=1, rows=1_500, anomaly_rate=0.02,
-                                  seed=50 + i), every=300)  # fmt: skip
+        _with_bad_rows(
+            write_days(root / f"dt={day}", days=1, rows=1_500, anomaly_rate=0.02, seed=50 + i),
+            every=300,
+        )
     return root
 
 
 def _nightly_args(trained, root, out, *extra):
     job, _ = trained
-    return ["nightly", "--input-root", root, "--output-root", out, "--model", MODEL,
-            "--tracking-uri", job.tracking_uri, "--k", "4", *extra]  # fmt: skip
+    return [
+        "nightly",
+        "--input-root",
+        root,
+        "--output-root",
+        out,
+        "--model",
+        MODEL,
+        "--tracking-uri",
+        job.tracking_uri,
+        "--k",
+        "4",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -185,7 +226,7 @@ def test_sigkill_in_a_backfill(point, committed_days, trained, nightly_root, tmp
         seen = visible(out / f"dt={day}")
         assert (seen is not None) == (i < committed_days), (day, seen)
         if seen:
-            runs[day] = seen["run_id"]
+            runs[day] = seen.run_id
             exactly_once(out / f"dt={day}", nightly_root / f"dt={day}")
 
     again = _run_cli(args, dict(os.environ))
@@ -194,7 +235,7 @@ def test_sigkill_in_a_backfill(point, committed_days, trained, nightly_root, tmp
         manifest = visible(out / f"dt={day}")
         exactly_once(out / f"dt={day}", nightly_root / f"dt={day}")
         if i < committed_days:  # completed days stay committed and are skipped, not redone
-            assert manifest["run_id"] == runs[day]
+            assert manifest.run_id == runs[day]
             assert f"{day}: already committed" in again.stderr
         else:
             assert f"{day}: scored" in again.stderr

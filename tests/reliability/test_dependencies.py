@@ -15,13 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import main
-from jobs.train import TrainJob
-from jobs.train import run as train_run
-from model import registry
-from model.training import TrainConfig
-from pipeline.commit import read_manifest
 from tests.conftest import TRAIN_EXCLUDE
+from vaewatch.jobs.cli import main
+from vaewatch.jobs.train import TrainJob
+from vaewatch.jobs.train import run as train_run
+from vaewatch.model import registry
+from vaewatch.model.fit import FitConfig
+from vaewatch.model.training import TrainConfig
+from vaewatch.pipeline.commit import read_manifest
 
 
 def _score(tracking_uri, source, out, model="models:/transactions@champion", *extra):
@@ -94,8 +95,9 @@ def fragile(workspace, tmp_path_factory):
     try:
         job = TrainJob(
             data=str(workspace / "train" / "part-0.parquet"), model_name="fragile",
-            tracking_uri=registry.default_tracking_uri(workspace), id_column="record_id",
-            exclude=TRAIN_EXCLUDE, train=TrainConfig(epochs=1, device="cpu"), progress=False,
+            tracking_uri=registry.default_tracking_uri(workspace), progress=False,
+            fit=FitConfig(id_column="record_id", exclude=TRAIN_EXCLUDE,
+                          train=TrainConfig(epochs=1, device="cpu")),
         )  # fmt: skip
         outcome = train_run(job, echo=lambda _: None)
     finally:
@@ -217,7 +219,7 @@ def test_concurrent_nightly_runs_of_the_same_date(trained, workspace, tmp_path):
     day.mkdir(parents=True)
     pq.write_table(pq.read_table(workspace / "holdout"), day / "part-0.parquet")
     command = [
-        sys.executable, "-m", "jobs.cli", "nightly", "--input-root", str(tmp_path / "in"),
+        sys.executable, "-m", "vaewatch.jobs.cli", "nightly", "--input-root", str(tmp_path / "in"),
         "--output-root", str(tmp_path / "out"), "--date", "2026-06-01", "--k", "16",
         "--model", "models:/transactions@champion", "--tracking-uri", job.tracking_uri,
     ]  # fmt: skip
@@ -234,6 +236,6 @@ def test_concurrent_nightly_runs_of_the_same_date(trained, workspace, tmp_path):
         codes == [0, 0] and any("already committed" in err for _, err in results)
     ), results
     manifest = read_manifest(str(tmp_path / "out" / "dt=2026-06-01"))
-    assert manifest["rows"]["in"] == manifest["rows"]["scored"] + manifest["rows"]["rejected"]
-    assert manifest["rows"]["in"] == 5_000
-    assert pq.read_table(tmp_path / "out" / "dt=2026-06-01").num_rows == manifest["rows"]["scored"]
+    assert manifest.rows.rows_in == manifest.rows.scored + manifest.rows.rejected
+    assert manifest.rows.rows_in == 5_000
+    assert pq.read_table(tmp_path / "out" / "dt=2026-06-01").num_rows == manifest.rows.scored

@@ -17,17 +17,19 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobs.cli import main
-from model.artifact import ModelArtifact, ScoringDefaults
-from model.calibration import Calibration
-from model.estimators import score_records
-from model.features import FeatureSpec
-from model.scoring import NON_FINITE_SCORE, Scorer
-from model.training import TrainConfig, train
-from model.vae import VAE, VAEConfig
-from pipeline.commit import REJECTED_DIR, read_manifest
+from vaewatch.jobs.cli import main
+from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
+from vaewatch.model.calibration import Calibration
+from vaewatch.model.contract import RejectReason
+from vaewatch.model.estimators import score_records
+from vaewatch.model.features import FeatureSpec
+from vaewatch.model.scoring import Scorer
+from vaewatch.model.training import TrainConfig, train
+from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.pipeline.commit import REJECTED_DIR, read_manifest
 
-REASONS = {"non_finite_value", "all_features_missing", "value_out_of_range", NON_FINITE_SCORE}
+REASONS = {"non_finite_value", "all_features_missing", "value_out_of_range", "non_finite_score"}
+assert REASONS <= {r.value for r in RejectReason}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def committed(result, source, out):
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     manifest = read_manifest(str(out))
-    rows = manifest["rows"]
+    rows = manifest.rows.to_json()
     assert rows["in"] == rows["scored"] + rows["rejected"] == _rows_written(source)
     assert pq.read_table(out).num_rows == rows["scored"]
     if rows["rejected"]:
@@ -150,7 +152,7 @@ def test_schemas_that_differ_harmlessly_are_scored(trained, clean, tmp_path):
     )
     pq.write_table(plain, src / "d.parquet")
     manifest = committed(_score(trained, src, tmp_path / "out"), src, tmp_path / "out")
-    assert manifest["rows"]["scored"] == 1_600
+    assert manifest.rows.scored == 1_600
 
 
 def test_unicode_feature_names_train_and_score(tmp_path):
@@ -299,8 +301,8 @@ def test_ten_thousand_tiny_files(trained, clean, tmp_path):
         pq.write_table(clean.slice(i % 1_990, 1 + i % 3), src / f"part-{i:05d}.parquet")
     result = _score(trained, src, tmp_path / "out")
     manifest = committed(result, src, tmp_path / "out")
-    assert len(manifest["inputs"]) == 10_000
-    assert manifest["rows"]["in"] == sum(1 + i % 3 for i in range(10_000))
+    assert len(manifest.inputs) == 10_000
+    assert manifest.rows.rows_in == sum(1 + i % 3 for i in range(10_000))
 
 
 @pytest.mark.slow
@@ -336,7 +338,7 @@ def test_a_2gb_file_is_streamed_in_bounded_memory(trained, workspace, tmp_path):
     probe = (
         "import resource, runpy, sys\n"
         f"sys.argv = ['vaewatch', *{args!r}]\n"
-        "try:\n    runpy.run_module('jobs.cli', run_name='__main__')\n"
+        "try:\n    runpy.run_module('vaewatch.jobs.cli', run_name='__main__')\n"
         "except SystemExit as e:\n    code = e.code\n"
         "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, code)\n"
     )
@@ -347,8 +349,8 @@ def test_a_2gb_file_is_streamed_in_bounded_memory(trained, workspace, tmp_path):
     assert last[0] == "PEAK" and last[2] in ("0", "None"), done.stderr[-3000:]
     peak = int(last[1]) * 1024
     manifest = read_manifest(str(tmp_path / "out"))
-    assert manifest["rows"]["in"] == groups * rows_per_group
-    assert manifest["rows"]["scored"] + manifest["rows"]["rejected"] == manifest["rows"]["in"]
-    print(f"2 GiB file: {size / 2**30:.2f} GiB, {manifest['rows']['in']:,} rows, "
+    assert manifest.rows.rows_in == groups * rows_per_group
+    assert manifest.rows.scored + manifest.rows.rejected == manifest.rows.rows_in
+    print(f"2 GiB file: {size / 2**30:.2f} GiB, {manifest.rows.rows_in:,} rows, "
           f"peak RSS {peak / 2**20:.0f} MiB")  # fmt: skip
     assert peak < size * 3 / 4, f"peak RSS {peak / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB file"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipeline.score import ScoreJob, run
+from vaewatch.pipeline.score import ScoreJob, ScoreOptions, run
 
 
 def _listening_addresses() -> set[str]:
@@ -52,9 +52,15 @@ def test_multi_process_workers_listen_on_loopback_only(trained, workspace, tmp_p
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        run(ScoreJob(input=str(workspace / "holdout"), output=str(tmp_path / "out"),
-                     model="models:/transactions@champion", tracking_uri=job.tracking_uri,
-                     k=4, workers=2))  # fmt: skip
+        run(
+            ScoreJob(
+                input=str(workspace / "holdout"),
+                output=str(tmp_path / "out"),
+                model="models:/transactions@champion",
+                tracking_uri=job.tracking_uri,
+                options=ScoreOptions(k=4, workers=2),
+            )
+        )
     finally:
         done.set()
         watcher.join()

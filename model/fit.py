@@ -1,0 +1,182 @@
+"""Fitting a model artifact from Parquet: feature spec -> VAE -> calibration -> `ModelArtifact`.
+
+`fit(source, FitConfig())` is the whole of it, with no MLflow and no CLI: the `train` command
+wraps it with run logging and registration, tests and benchmarks call it directly.
+
+Calibration scores the held-out validation sample exactly as production will score it (the
+same estimator, K, S and seed), so `score_percentile` and `is_anomaly` mean the same thing at
+training and at scoring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vaewatch.model import defaults
+from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
+from vaewatch.model.calibration import DEFAULT_THRESHOLD_QUANTILE, Calibration
+from vaewatch.model.data import Fingerprint, ParquetSource
+from vaewatch.model.device import resolve_device
+from vaewatch.model.estimators import score_records
+from vaewatch.model.features import DEFAULT_MAX_CATEGORIES, DEFAULT_MIN_CATEGORY_COUNT, FeatureSpec
+from vaewatch.model.training import EpochStats, TrainConfig, train
+from vaewatch.model.training_data import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_MAX_VALIDATION_ROWS,
+    DataCounts,
+    TrainingData,
+)
+from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.version import package_version
+
+CALIBRATION_CHUNK_ROWS = 65_536  # validation rows scored per call when calibrating
+
+
+@dataclass
+class FitConfig:
+    """Everything `fit` needs besides the data. Defaults are the CLI's defaults."""
+
+    id_column: str | None = None  # kept in outputs, never a feature
+    exclude: Sequence[str] = ()  # columns that are not features
+    features: Sequence[str] | None = None  # only these features (None: every usable column)
+    categorical: Sequence[str] = ()  # integer columns to model as categories
+    continuous: Sequence[str] = ()  # columns that must be numeric
+    max_categories: int = DEFAULT_MAX_CATEGORIES
+    min_category_count: int = DEFAULT_MIN_CATEGORY_COUNT
+    latent_dim: int = defaults.LATENT_DIM
+    hidden: Sequence[int] = defaults.HIDDEN
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scoring: ScoringDefaults = field(default_factory=ScoringDefaults)  # K, S, seed at scoring
+    threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE
+    max_validation_rows: int = DEFAULT_MAX_VALIDATION_ROWS
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+
+    def checked_columns(self) -> list[tuple[str, Sequence[str]]]:
+        """(option, columns) pairs that must exist in the data."""
+        return [
+            ("--exclude", self.exclude),
+            ("--features", self.features or ()),
+            ("--categorical", self.categorical),
+            ("--continuous", self.continuous),
+            ("--id-column", [self.id_column] if self.id_column else []),
+        ]
+
+
+@dataclass
+class Prepared:
+    """The data side of a fit, known before the first epoch (for logging)."""
+
+    fingerprint: Fingerprint
+    spec: FeatureSpec
+    counts: DataCounts
+    cached: bool  # training rows held in memory (else streamed from Parquet every epoch)
+    vae_config: VAEConfig
+    device: torch.device
+
+
+@dataclass
+class FitResult:
+    artifact: ModelArtifact
+    model: VAE  # the trained network, in eval mode, on the training device
+    history: list[EpochStats]
+    best_epoch: int
+    calibration_scores: np.ndarray  # anomaly scores of the calibration rows
+    prepared: Prepared
+
+
+def fit(
+    source: ParquetSource | str | Sequence[str],
+    config: FitConfig | None = None,
+    *,
+    on_prepared: Callable[[Prepared], None] | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> FitResult:
+    """Fit a feature spec and a VAE on `source`, calibrate on the held-out rows, and return
+    the artifact (`metadata` holds the training record; callers add names and run ids)."""
+    config = config or FitConfig()
+    source = source if isinstance(source, ParquetSource) else ParquetSource(source)
+    for what, names in config.checked_columns():
+        source.check_columns(names, what)
+    fingerprint = source.fingerprint()
+    id_column = config.id_column
+    exclude = [*config.exclude, *([id_column] if id_column else [])]
+    features = None if config.features is None else [f for f in config.features if f != id_column]
+    spec = FeatureSpec.fit(
+        (batch for _, batch in source.batches()),
+        exclude=exclude,
+        features=features,
+        categorical=config.categorical,
+        continuous=config.continuous,
+        max_categories=config.max_categories,
+        min_category_count=config.min_category_count,
+    )
+    train_config = config.train
+    data = TrainingData.from_parquet(
+        source,
+        spec,
+        validation_fraction=train_config.validation_fraction,
+        seed=train_config.seed,
+        max_validation_rows=config.max_validation_rows,
+        cache_bytes=config.cache_bytes,
+    )
+    device = resolve_device(train_config.device)
+    vae_config = VAEConfig.for_spec(spec, latent_dim=config.latent_dim, hidden=list(config.hidden))
+    prepared = Prepared(fingerprint, spec, data.counts, data.cached, vae_config, device)
+    if on_prepared is not None:
+        on_prepared(prepared)
+
+    model = VAE(vae_config)
+    result = train(model, data, config=train_config, on_epoch=on_epoch, on_step=on_step)
+    scores, feature_nll = calibration_scores(model, data, spec, config.scoring, device)
+    calibration = Calibration.fit(scores, feature_nll, config.threshold_quantile)
+    best = result.history[result.best_epoch]
+    artifact = ModelArtifact.from_model(
+        model,
+        spec,
+        calibration,
+        scoring=config.scoring,
+        id_column=id_column,
+        metadata={
+            "vaewatch_version": package_version(),
+            "torch_version": torch.__version__,
+            "trained_on": str(device),
+            "train_config": train_config.to_json(),
+            "best_epoch": result.best_epoch,
+            "best_val_elbo": best.val_elbo,
+            "best_val_iwae": best.val_iwae,
+            "epochs_run": len(result.history),
+            "rows": data.counts.to_json(),
+            "data_fingerprint": fingerprint.to_json(),
+        },
+    )
+    return FitResult(
+        artifact=artifact,
+        model=model,
+        history=result.history,
+        best_epoch=result.best_epoch,
+        calibration_scores=scores,
+        prepared=prepared,
+    )
+
+
+def calibration_scores(
+    model: VAE, data: TrainingData, spec: FeatureSpec, scoring: ScoringDefaults, device
+) -> tuple[np.ndarray, np.ndarray]:
+    """(anomaly scores, per-feature -log p(x_j|z)) of the validation rows, scored as in
+    production."""
+    anomaly, nll = [], []
+    log_std = spec.continuous_log_std.to(device)
+    for start in range(0, data.x_val.shape[0], CALIBRATION_CHUNK_ROWS):
+        x = data.x_val[start : start + CALIBRATION_CHUNK_ROWS].to(device)
+        m = data.m_val[start : start + CALIBRATION_CHUNK_ROWS].to(device)
+        s = score_records(
+            model, x, m, log_std=log_std, k=scoring.k, samples=scoring.samples, seed=scoring.seed
+        )
+        anomaly.append(s.anomaly_score.cpu().numpy())
+        nll.append(s.feature_nll.cpu().numpy())
+    return np.concatenate(anomaly), np.concatenate(nll)
