@@ -107,14 +107,10 @@ def test_batch_size_and_worker_processes_do_not_change_scores(
     _, out = default_run
     reference = _scores(out)
     small = _scores(
-        run(
-            _job(trained, tmp_path, workspace / "holdout", "small", batch_size=1_000)
-        ).output
+        run(_job(trained, tmp_path, workspace / "holdout", "small", batch_size=1_000)).output
     )
     parallel = _scores(
-        run(
-            _job(trained, tmp_path, workspace / "holdout", "mp", workers=2, shards=3)
-        ).output
+        run(_job(trained, tmp_path, workspace / "holdout", "mp", workers=2, shards=3)).output
     )
     for other in (small, parallel):
         assert other["record_id"].to_pylist() == reference["record_id"].to_pylist()
