@@ -16,7 +16,7 @@ import torch
 
 from vaewatch.model.artifact import ModelArtifact
 from vaewatch.model.calibration import check_quantile, top_features
-from vaewatch.model.contract import RejectReason, score_schema
+from vaewatch.model.contract import REASON_COLUMN, RejectReason, score_schema
 from vaewatch.model.device import resolve_device
 from vaewatch.model.errors import UserError
 from vaewatch.model.estimators import DEFAULT_MEMORY_BUDGET, score_records
@@ -67,6 +67,18 @@ class ScoredBatch:
     scored_rows: np.ndarray  # (n_scored,) int64 positions of those rows in the input batch
     rejected_rows: np.ndarray  # (n_rejected,) int64 positions of the rejected rows
     reasons: pa.Array  # (n_rejected,) string: why each rejected row was not scored
+    num_rows: int  # rows in the input batch
+
+    def aligned(self) -> pa.Table:
+        """One row per input row, in input order: the score columns (null where the row was
+        rejected) and `reason` ("" where it was scored). What the pyfunc and the RunInference
+        handler return."""
+        index = np.full(self.num_rows, -1, dtype=np.int64)
+        index[self.scored_rows] = np.arange(len(self.scored_rows))
+        scores = self.scores.take(pa.array(index, mask=index < 0))
+        reasons = np.full(self.num_rows, "", dtype=object)
+        reasons[self.rejected_rows] = self.reasons.to_numpy(zero_copy_only=False)
+        return scores.append_column(REASON_COLUMN, pa.array(reasons, pa.string()))
 
 
 class Scorer:
@@ -173,6 +185,7 @@ class Scorer:
             scored_rows=rows.astype(np.int64),
             rejected_rows=rejected.astype(np.int64),
             reasons=pa.array(reasons[rejected].tolist(), type=pa.string()),
+            num_rows=n,
         )
 
     def _columns(

@@ -38,14 +38,9 @@ class VaewatchModel(mlflow.pyfunc.PythonModel):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         table = pa.Table.from_pandas(frame, preserve_index=False)
         version = str(params["model_version"]) if params and params.get("model_version") else None
-        result = self.scorer.score(table, model_version=version)
-        scored = result.scores.to_pandas()
-        scored["model_version"] = scored["model_version"].astype(object)
-        scored.index = result.scored_rows
-        out = scored.reindex(range(table.num_rows))
-        out[REASON_COLUMN] = ""
-        out.loc[result.rejected_rows, REASON_COLUMN] = result.reasons.to_pylist()
-        return out[[*SCORE_COLUMNS, REASON_COLUMN]].reset_index(drop=True)
+        out = self.scorer.score(table, model_version=version).aligned().to_pandas()
+        out["model_version"] = out["model_version"].astype(object)
+        return out[[*SCORE_COLUMNS, REASON_COLUMN]]
 
 
 set_model(VaewatchModel())

@@ -1,0 +1,145 @@
+"""A registered vaewatch model in Beam's own ML APIs: `RunInference` and `AnomalyDetection`.
+
+```python
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.ml.anomaly.transforms import AnomalyDetection
+from vaewatch.pipeline.inference import VaewatchModelHandler, vaewatch_detector
+
+rows | RunInference(VaewatchModelHandler("models:/transactions/3", tracking_uri))
+rows | AnomalyDetection(vaewatch_detector("models:/transactions/3", tracking_uri))
+```
+
+`VaewatchModelHandler` takes examples that are Arrow tables or record batches (each a batch of
+records: the fast path), `beam.Row`s or dicts (one record each). A batch of examples becomes one
+Arrow table and one `Scorer.score` call; each example gets back a `PredictionResult` whose
+`inference` is, for a table, an Arrow table with one row per input row (the score columns,
+null where the row was rejected, and `reason`), for a record, a dict of the same columns.
+
+The constructor stores settings only; `load_model` runs on the worker, once per process (Beam
+shares it across threads), and reads config.json + safetensors weights: nothing is unpickled,
+unlike Beam's PyOD adapter, which `pickle.load`s its model file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.ml.anomaly.base import AnomalyPrediction
+from apache_beam.ml.anomaly.detectors.offline import OfflineDetector
+from apache_beam.ml.anomaly.thresholds import FixedThreshold
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult
+
+from vaewatch.model.contract import REASON_COLUMN
+from vaewatch.model.scoring import Scorer, ScoringSettings
+from vaewatch.pipeline.transforms import METRICS_NAMESPACE, ModelSettings
+
+Example = pa.Table | pa.RecordBatch | beam.Row | dict
+
+
+class VaewatchModelHandler(ModelHandler[Example, PredictionResult, Scorer]):
+    """RunInference over a vaewatch model: a pinned `models:/NAME/VERSION` URI (resolved with
+    `tracking_uri`) or a local model folder."""
+
+    def __init__(
+        self,
+        model_uri: str,
+        tracking_uri: str = "",
+        *,
+        k: int | None = None,
+        samples: int | None = None,
+        seed: int | None = None,
+        threshold_quantile: float | None = None,
+        model_version: str = "",
+        min_batch_size: int = 1,
+        max_batch_size: int = 4096,
+    ):
+        super().__init__()
+        self._settings = ModelSettings(
+            location=model_uri,
+            tracking_uri=tracking_uri,
+            model_version=model_version,
+            k=k,
+            samples=samples,
+            seed=seed,
+            threshold_quantile=threshold_quantile,
+        )
+        self._batching = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
+
+    def load_model(self) -> Scorer:
+        return self._settings.load()
+
+    def run_inference(
+        self,
+        batch: Sequence[Example],
+        model: Scorer,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        tables = [_as_table(example) for example in batch]
+        scored = model.score(pa.concat_tables(tables, promote_options="permissive")).aligned()
+        start = 0
+        for example, table in zip(batch, tables, strict=True):
+            rows = scored.slice(start, table.num_rows)
+            start += table.num_rows
+            record = not isinstance(example, pa.Table | pa.RecordBatch)
+            yield PredictionResult(
+                example=example,
+                inference=rows.to_pylist()[0] if record else rows,
+                model_id=self._settings.location,
+            )
+
+    def batch_elements_kwargs(self) -> dict:
+        return dict(self._batching)
+
+    def get_num_bytes(self, batch: Sequence[Example]) -> int:
+        return sum(_as_table(example).nbytes for example in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return METRICS_NAMESPACE
+
+    def threshold(self) -> float:
+        """The anomaly-score threshold these settings flag at (reads the model's config on the
+        calling machine, as a launcher does once)."""
+        artifact = self._settings.load_artifact()
+        settings = self._settings
+        return ScoringSettings.resolve(
+            artifact, settings.k, settings.samples, settings.seed, settings.threshold_quantile
+        ).threshold
+
+
+def _as_table(example: Example) -> pa.Table:
+    if isinstance(example, pa.Table):
+        return example
+    if isinstance(example, pa.RecordBatch):
+        return pa.Table.from_batches([example])
+    if hasattr(example, "_asdict"):  # a beam.Row, or the NamedTuple Beam infers from rows
+        return pa.Table.from_pylist([example._asdict()])
+    if hasattr(example, "as_dict"):
+        return pa.Table.from_pylist([example.as_dict()])
+    return pa.Table.from_pylist([dict(example)])
+
+
+def to_anomaly_prediction(keyed: tuple[Any, PredictionResult]) -> tuple[Any, AnomalyPrediction]:
+    """(key, PredictionResult of one record) -> (key, AnomalyPrediction): the anomaly score
+    (None for a rejected record, which Beam's thresholds leave unlabelled) and the reason."""
+    key, prediction = keyed
+    columns = prediction.inference
+    return key, AnomalyPrediction(score=columns["anomaly_score"], info=columns[REASON_COLUMN])
+
+
+def vaewatch_detector(
+    model_uri: str, tracking_uri: str = "", *, features: Sequence[str] | None = None, **kwargs
+) -> OfflineDetector:
+    """An offline detector for Beam's `AnomalyDetection`: scores with the model, labels with
+    the threshold stored in it (`threshold_quantile=` overrides the quantile). `kwargs` go to
+    `VaewatchModelHandler`."""
+    handler = VaewatchModelHandler(model_uri, tracking_uri, **kwargs)
+    keyed = KeyedModelHandler(handler).with_postprocess_fn(to_anomaly_prediction)
+    return OfflineDetector(
+        keyed,
+        threshold_criterion=FixedThreshold(handler.threshold()),
+        model_id=f"vaewatch:{model_uri}",
+        features=features,
+    )

@@ -1,0 +1,228 @@
+"""The Beam-native API: the composite transforms in a user's own pipeline (TestPipeline +
+assert_that), RunInference with the model handler, and Beam's AnomalyDetection."""
+
+import pickle
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.ml.anomaly.base import AnomalyResult
+from apache_beam.ml.anomaly.transforms import AnomalyDetection
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from vaewatch.model.contract import REASON_COLUMN, SCORE_COLUMNS, RejectReason, score_schema
+from vaewatch.model.scoring import Scorer
+from vaewatch.pipeline.inference import VaewatchModelHandler, vaewatch_detector
+from vaewatch.pipeline.transforms import (
+    REJECTED_TAG,
+    SCORED_TAG,
+    CorruptInputError,
+    ModelSettings,
+    ReadParquetTables,
+    Rebatch,
+    ScoreRecords,
+)
+
+MODEL = "models:/transactions/1"
+
+
+def _table(n: int, start: int = 0, wide: bool = False) -> pa.Table:
+    values = pa.array(range(start, start + n), pa.int64() if wide else pa.int32())
+    return pa.table({"v": values})
+
+
+def test_rebatch_bounds_rows_and_never_merges_schemas():
+    tables = [_table(7), _table(3, 7), _table(25, 10), _table(4, 35, wide=True), _table(1, 39)]
+
+    def check(batches):
+        assert all(b.num_rows <= 10 for b in batches), [b.num_rows for b in batches]
+        assert all(len(set(map(str, b.schema.types))) == 1 for b in batches)
+        values = sorted(v for b in batches for v in b["v"].to_pylist())
+        assert values == list(range(40))
+        wide = [b for b in batches if b.schema.field("v").type == pa.int64()]
+        assert sum(b.num_rows for b in wide) == 4  # the int64 rows stayed on their own
+
+    with TestPipeline() as p:
+        out = p | beam.Create(tables, reshuffle=False) | Rebatch(10)
+        assert_that(out | beam.combiners.ToList(), lambda lists: check(lists[0]))
+
+
+@pytest.fixture(scope="module")
+def holdout(workspace):
+    table = pq.read_table(next((workspace / "holdout").glob("*.parquet"))).slice(0, 600)
+    # two unscorable rows: every feature missing, and an infinite amount
+    features = [c for c in table.column_names if c not in ("record_id",)]
+    broken = table.slice(0, 2).to_pylist()
+    for row in broken:
+        for name in features:
+            row[name] = None
+    broken[1]["amount"] = float("inf")
+    broken[0]["record_id"], broken[1]["record_id"] = 10**9, 10**9 + 1
+    return pa.concat_tables([table, pa.Table.from_pylist(broken, schema=table.schema)])
+
+
+@pytest.fixture(scope="module")
+def scorer(trained):
+    _, outcome = trained
+    return Scorer(outcome.artifact, model_version="transactions/1", device="cpu")
+
+
+def test_score_records_in_a_user_pipeline(trained, holdout, scorer):
+    job, outcome = trained
+    input_schema = holdout.schema
+    scored_schema = pa.schema([input_schema.field("record_id"), *score_schema(8)])
+    expected = scorer.score(holdout)
+    expected_ll = dict(
+        zip(
+            holdout["record_id"].take(pa.array(expected.scored_rows)).to_pylist(),
+            expected.scores["log_likelihood"].to_pylist(),
+            strict=True,
+        )
+    )
+    with TestPipeline() as p:
+        outputs = (
+            p
+            | beam.Create([holdout.slice(0, 250), holdout.slice(250)], reshuffle=False)
+            | ScoreRecords(
+                ModelSettings(MODEL, job.tracking_uri, model_version="transactions/1"),
+                input_schema=input_schema,
+                scored_schema=scored_schema,
+                keep=["record_id"],
+                batch_size=128,
+            )
+        )
+        scored = outputs[SCORED_TAG] | "ScoredRows" >> beam.FlatMap(
+            lambda t: zip(t["record_id"].to_pylist(), t["log_likelihood"].to_pylist(), strict=True)
+        )
+        rejected = outputs[REJECTED_TAG] | "RejectedRows" >> beam.FlatMap(
+            lambda t: t[REASON_COLUMN].to_pylist()
+        )
+        # scores do not depend on the batching: one direct call's, to float rounding
+        assert_that(scored | beam.combiners.ToList(), _close_to(expected_ll), label="Scores")
+        assert_that(
+            rejected,
+            equal_to([RejectReason.ALL_FEATURES_MISSING.value, "non_finite_value"]),
+            label="Rejected",
+        )
+
+
+def _close_to(expected: dict):
+    def check(lists):
+        got = dict(lists[0])
+        assert got.keys() == expected.keys(), f"{len(got)} ids, expected {len(expected)}"
+        keys = sorted(expected)
+        np.testing.assert_allclose([got[k] for k in keys], [expected[k] for k in keys], rtol=1e-12)
+
+    return check
+
+
+def test_read_parquet_tables_projects_and_names_a_corrupt_file(workspace, tmp_path):
+    good = next((workspace / "holdout").glob("*.parquet"))
+
+    def check(lists):
+        [tables] = lists
+        assert sum(n for _, n in tables) == 5_000
+        assert all(columns == ["record_id", "amount"] for columns, _ in tables)
+
+    with TestPipeline() as p:
+        tables = p | beam.Create([str(good)]) | ReadParquetTables(["record_id", "amount"])
+        shapes = tables | beam.Map(lambda t: (t.column_names, t.num_rows))
+        assert_that(shapes | beam.combiners.ToList(), check)
+    data = good.read_bytes()
+    footer = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(data[:4] + bytes(footer - 4) + data[footer:])  # pages zeroed, footer intact
+    with pytest.raises(CorruptInputError, match="bad.parquet"):
+        with TestPipeline() as p:
+            _ = p | beam.Create([str(bad)]) | ReadParquetTables(["record_id", "amount"])
+
+
+def test_run_inference_with_the_model_handler(trained, holdout, scorer):
+    job, _ = trained
+    handler = VaewatchModelHandler(MODEL, job.tracking_uri, model_version="transactions/1")
+    assert len(pickle.dumps(handler)) < 4096  # settings only: the model is loaded on the worker
+    expected = scorer.score(holdout).aligned()
+    records = holdout.slice(0, 40).to_pylist()
+    rows = [beam.Row(**r) for r in records[:20]]  # beam.Row examples, and dicts below
+
+    def check_tables(results):
+        [result] = results
+        assert result.inference.column_names == [*SCORE_COLUMNS, REASON_COLUMN]
+        got = result.inference["log_likelihood"].to_numpy(zero_copy_only=False)
+        want = expected["log_likelihood"].to_numpy(zero_copy_only=False)
+        np.testing.assert_array_equal(got, want)  # nan where rejected, in both
+        assert result.inference[REASON_COLUMN].to_pylist()[-2:] == [
+            "all_features_missing",
+            "non_finite_value",
+        ]
+
+    def check_records(results):
+        # a record goes through Python values (an int32 column comes back int64, a float32
+        # one float64), so its score may differ from the table's in the last float32 digits
+        got = {_field(r.example, "record_id"): r.inference for r in results}
+        ids = holdout["record_id"].to_pylist()[:40]
+        assert sorted(got) == sorted(ids)
+        want = expected.slice(0, 40).to_pylist()
+        np.testing.assert_allclose(
+            [got[i]["log_likelihood"] for i in ids], [w["log_likelihood"] for w in want], rtol=1e-6
+        )
+        assert [got[i]["is_anomaly"] for i in ids] == [w["is_anomaly"] for w in want]
+
+    with TestPipeline() as p:
+        tables = p | "Tables" >> beam.Create([holdout], reshuffle=False)
+        from_tables = tables | "InferTables" >> RunInference(handler)
+        assert_that(from_tables | "AllTables" >> beam.combiners.ToList(),
+                    lambda lists: check_tables(lists[0]), label="Tables")  # fmt: skip
+        examples = (
+            p | "Rows" >> beam.Create(rows),
+            p | "Dicts" >> beam.Create(records[20:]),
+        ) | beam.Flatten()
+        from_rows = examples | "InferRecords" >> RunInference(handler)
+        assert_that(from_rows | "AllRecords" >> beam.combiners.ToList(),
+                    lambda lists: check_records(lists[0]), label="Records")  # fmt: skip
+
+
+def _field(example, name):
+    return example[name] if isinstance(example, dict) else getattr(example, name)
+
+
+def test_beam_anomaly_detection_with_the_vaewatch_detector(trained, holdout, scorer):
+    job, outcome = trained
+    detector = vaewatch_detector(MODEL, job.tracking_uri, model_version="transactions/1")
+    threshold = outcome.artifact.calibration.threshold()
+    expected = scorer.score(holdout).aligned().to_pylist()
+    want = dict(zip(holdout["record_id"].to_pylist(), expected, strict=True))
+
+    def check(lists):
+        got = {}
+        for key, result in lists[0]:
+            assert isinstance(result, AnomalyResult)
+            [prediction] = result.predictions
+            assert prediction.threshold == threshold
+            got[key] = prediction
+        assert sorted(got) == sorted(want)
+        scored = [k for k in want if want[k]["anomaly_score"] is not None]
+        np.testing.assert_allclose(
+            [got[k].score for k in scored], [want[k]["anomaly_score"] for k in scored], rtol=1e-6
+        )
+        assert [got[k].label for k in scored] == [int(want[k]["is_anomaly"]) for k in scored]
+        assert sum(got[k].label for k in scored) > 5  # the holdout holds flagged records
+        rejected = [k for k in want if k not in scored]
+        assert [(got[k].score, got[k].label, got[k].info) for k in rejected] == [
+            (None, None, "all_features_missing"),
+            (None, None, "non_finite_value"),
+        ]
+
+    features = [c for c in holdout.column_names if c != "record_id"]
+    with TestPipeline() as p:
+        keyed = (
+            p
+            | beam.Create(holdout.to_pylist())
+            | beam.Map(lambda r: (r["record_id"], beam.Row(**{f: r[f] for f in features})))
+        )
+        results = keyed | AnomalyDetection(detector)
+        assert_that(results | beam.combiners.ToList(), check)
