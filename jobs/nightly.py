@@ -48,13 +48,18 @@ def yesterday_utc(now: dt.datetime | None = None) -> dt.date:
     return now.astimezone(dt.timezone.utc).date() - dt.timedelta(days=1)
 
 
-def days_to_score(date: str | None, from_date: str | None, to_date: str | None) -> list[dt.date]:
+def days_to_score(
+    date: str | None,
+    from_date: str | None,
+    to_date: str | None,
+    now: dt.datetime | None = None,
+) -> list[dt.date]:
     """The days a nightly run scores: --date, a --from/--to backfill, or yesterday (UTC)."""
     if from_date or to_date:
         if date or not (from_date and to_date):
             raise UserError("a backfill needs both --from and --to, and no --date")
         return days_between(parse_date(from_date, "--from"), parse_date(to_date, "--to"))
-    return [parse_date(date) if date else yesterday_utc()]
+    return [parse_date(date) if date else yesterday_utc(now)]
 
 
 def partition(root: str, day: dt.date) -> str:

@@ -20,7 +20,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -235,23 +237,30 @@ class ScoreBatches(beam.DoFn):
             yield self._rejected(table, RejectReason.SCHEMA_MISMATCH, err)
             return
         if result.scores.num_rows:
-            kept = table.select(self._keep).take(pa.array(result.scored_rows))
-            keep_schema = pa.schema([self._scored_schema.field(c) for c in self._keep])
-            try:
-                kept = conform(kept, keep_schema)
-            except _CAST_ERRORS as err:
-                # e.g. an id that overflows the output's id type: these rows cannot be written
-                rows = table.take(pa.array(result.scored_rows))
-                yield self._rejected(rows, RejectReason.KEEP_COLUMN_NOT_CASTABLE, err)
-            else:
-                self._rows_scored.inc(kept.num_rows)
-                columns = kept.columns + result.scores.columns
-                yield pa.Table.from_arrays(columns, schema=self._scored_schema)
+            yield from self._scored(table, result)
         if len(result.rejected_rows):
             rows = table.take(pa.array(result.rejected_rows))
             for reason, count in zip(*_counts(result.reasons), strict=True):
                 Metrics.counter(METRICS_NAMESPACE, f"rows_rejected_{reason}").inc(count)
             yield beam.pvalue.TaggedOutput(REJECTED_TAG, self._with_reasons(rows, result.reasons))
+
+    def _scored(self, table: pa.Table, result):
+        """The kept columns cast to the output's types beside the scores. A row whose kept
+        value the output type cannot hold (an id that overflows it) is rejected, alone."""
+        kept = table.select(self._keep).take(pa.array(result.scored_rows))
+        keep_schema = pa.schema([self._scored_schema.field(c) for c in self._keep])
+        scores = result.scores
+        try:
+            kept = conform(kept, keep_schema)
+        except _CAST_ERRORS as err:
+            fits = _castable_rows(kept, keep_schema)
+            misfits = pa.array(result.scored_rows[~fits])
+            yield self._rejected(table.take(misfits), RejectReason.KEEP_COLUMN_NOT_CASTABLE, err)
+            mask = pa.array(fits)
+            kept, scores = conform(kept.filter(mask), keep_schema), scores.filter(mask)
+        if kept.num_rows:
+            self._rows_scored.inc(kept.num_rows)
+            yield pa.Table.from_arrays(kept.columns + scores.columns, schema=self._scored_schema)
 
     def _rejected(self, rows: pa.Table, reason: RejectReason, err: Exception):
         Metrics.counter(METRICS_NAMESPACE, f"rows_rejected_{reason.value}").inc(rows.num_rows)
@@ -267,6 +276,22 @@ class ScoreBatches(beam.DoFn):
                 schema=self._input_schema,
             )  # the values do not fit the declared types; the reason says why
         return pa.Table.from_arrays([*rows.columns, reasons], schema=self._rejected_schema)
+
+
+def _castable_rows(table: pa.Table, schema: pa.Schema) -> np.ndarray:
+    """(n,) bool: rows whose every value survives a cast to `schema` and back unchanged.
+    Where even an unchecked cast is impossible, no row is castable."""
+    fits = np.ones(table.num_rows, dtype=bool)
+    for field in schema:
+        column = table[field.name]
+        try:
+            there = pc.cast(column, field.type, safe=False)
+            back = pc.cast(there, column.type, safe=False)
+        except _CAST_ERRORS:
+            return np.zeros(table.num_rows, dtype=bool)
+        same = pc.fill_null(pc.equal(back, column), True)  # nulls cast to nulls
+        fits &= same.to_numpy(zero_copy_only=False)
+    return fits
 
 
 def _counts(reasons: pa.Array) -> tuple[list[str], list[int]]:

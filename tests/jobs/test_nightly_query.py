@@ -130,18 +130,38 @@ def test_nightly_errors_are_exit_1(trained, partitions):
 
 
 def test_parse_date_and_default_is_yesterday(monkeypatch):
+    from vaewatch.jobs import nightly
+
     assert parse_date("2026-03-01") == dt.date(2026, 3, 1)
     with pytest.raises(UserError):
         parse_date("2026-03-01T00:00")
-    from vaewatch.jobs import cli
+    # 00:30 on 1 March in UTC+2 is 22:30 on 28 February in UTC: yesterday is 27 February
+    plus_two = dt.timezone(dt.timedelta(hours=2))
+    now = dt.datetime(2026, 3, 1, 0, 30, tzinfo=plus_two)
+    assert nightly.days_to_score(None, None, None, now=now) == [dt.date(2026, 2, 27)]
+    assert nightly.days_to_score(None, "2026-02-27", "2026-03-01") == [
+        dt.date(2026, 2, 27),
+        dt.date(2026, 2, 28),
+        dt.date(2026, 3, 1),
+    ]
+    with pytest.raises(UserError, match="both --from and --to"):
+        nightly.days_to_score("2026-03-01", "2026-02-27", None)
+    # the command with no --date scores yesterday by the UTC clock
+    seen = {}
 
-    command = cli.main.commands["nightly"]
-    assert (
-        command.make_context(
-            "nightly", ["--input-root", "a", "--output-root", "b", "--model", "m"]
-        ).params["date"]
-        is None
+    def fake_run(job, echo):
+        seen["days"] = job.days
+        return []
+
+    monkeypatch.setattr(nightly, "run_nightly", fake_run)
+    before = dt.datetime.now(dt.timezone.utc).date()
+    result = CliRunner().invoke(
+        main, ["nightly", "--input-root", "a", "--output-root", "b", "--model", "m"]
     )
+    after = dt.datetime.now(dt.timezone.utc).date()
+    assert result.exit_code == 0, result.output
+    assert seen["days"][0] in {before - dt.timedelta(days=1), after - dt.timedelta(days=1)}
+    assert len(seen["days"]) == 1
 
 
 def test_a_second_run_of_the_same_output_is_refused_while_one_runs(tmp_path):

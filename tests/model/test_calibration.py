@@ -37,9 +37,14 @@ def test_percentile_is_the_empirical_cdf(calibration):
 
 
 def test_ties_map_to_the_middle_of_their_levels():
+    """50 ones and 50 twos. numpy's linear quantile sits at position q * 99, so it is exactly
+    1.0 for q <= 49/99 = 0.4949..: on the 0.001 grid, levels 0.000 .. 0.494. A score of 1.0 is
+    that plateau, whose middle is (0 + 0.494) / 2 = 24.7 %. At q = 0.5 the position is 49.5,
+    halfway between the last one and the first two: exactly 1.5, at level 0.5 alone (50 %)."""
     cal = Calibration.fit(np.array([1.0] * 50 + [2.0] * 50), np.zeros((100, 1)))
-    assert cal.percentile(np.array([1.0]))[0] == pytest.approx(24.75, abs=0.1)
-    assert cal.percentile(np.array([1.5]))[0] == pytest.approx(49.75, abs=0.3)
+    assert cal.percentile(np.array([1.0]))[0] == pytest.approx(24.7, abs=1e-9)
+    assert cal.percentile(np.array([1.5]))[0] == pytest.approx(50.0, abs=1e-9)
+    assert cal.percentile(np.array([2.0]))[0] == pytest.approx(50 * (0.506 + 1.0), abs=1e-9)
 
 
 def test_json_round_trip_and_levels(calibration):

@@ -226,3 +226,73 @@ def test_beam_anomaly_detection_with_the_vaewatch_detector(trained, holdout, sco
         )
         results = keyed | AnomalyDetection(detector)
         assert_that(results | beam.combiners.ToList(), check)
+
+
+def test_a_file_of_the_wrong_types_is_rejected_as_schema_mismatch(trained, holdout):
+    """Beam users apply ScoreRecords without vaewatch's launch-time schema check: a batch
+    whose columns cannot be read as the model's types is rejected whole, with the reason."""
+    table = holdout.slice(0, 30)
+    amounts = pa.array([f"{v} EUR" for v in table["amount"].to_pylist()])
+    broken = table.set_column(table.schema.get_field_index("amount"), "amount", amounts)
+    scored_schema = pa.schema([broken.schema.field("record_id"), *score_schema(8)])
+    job, _ = trained
+    with TestPipeline() as p:
+        outputs = (
+            p
+            | beam.Create([broken], reshuffle=False)
+            | ScoreRecords(
+                ModelSettings(MODEL, job.tracking_uri, model_version="transactions/1"),
+                input_schema=broken.schema,
+                scored_schema=scored_schema,
+                keep=["record_id"],
+            )
+        )
+        reasons = outputs[REJECTED_TAG] | beam.FlatMap(lambda t: t[REASON_COLUMN].to_pylist())
+        scored = outputs[SCORED_TAG] | "Scored" >> beam.FlatMap(lambda t: [t.num_rows])
+        assert_that(
+            reasons | beam.combiners.ToList(),
+            lambda lists: (
+                len(lists[0]) == 30
+                and all(r.startswith("schema_mismatch: ") and "amount" in r for r in lists[0])
+                or pytest.fail(f"reasons {lists[0][:3]}")
+            ),
+            label="Reasons",
+        )
+        assert_that(scored, equal_to([]), label="NothingScored")
+
+
+def test_an_id_the_output_type_cannot_hold_is_rejected_not_lost(trained, holdout):
+    """The output declares record_id int32; rows whose id does not fit are rejected with
+    keep_column_not_castable (their input values kept), the others scored."""
+    table = holdout.slice(0, 30)
+    ids = pa.array([2**40 + i if i % 3 == 0 else i for i in range(30)], pa.int64())
+    table = table.set_column(table.schema.get_field_index("record_id"), "record_id", ids)
+    scored_schema = pa.schema([pa.field("record_id", pa.int32()), *score_schema(8)])
+    job, _ = trained
+    with TestPipeline() as p:
+        outputs = (
+            p
+            | beam.Create([table.slice(0, 15), table.slice(15)], reshuffle=False)
+            | ScoreRecords(
+                ModelSettings(MODEL, job.tracking_uri, model_version="transactions/1"),
+                input_schema=table.schema,
+                scored_schema=scored_schema,
+                keep=["record_id"],
+                batch_size=15,
+            )
+        )
+        rejected = outputs[REJECTED_TAG] | beam.FlatMap(
+            lambda t: zip(t["record_id"].to_pylist(), t[REASON_COLUMN].to_pylist(), strict=True)
+        )
+        scored = outputs[SCORED_TAG] | "Ids" >> beam.FlatMap(lambda t: t["record_id"].to_pylist())
+        assert_that(
+            rejected | "RejectedIds" >> beam.Map(lambda pair: pair[0]),
+            equal_to([i for i in ids.to_pylist() if i >= 2**31]),
+            label="Rejected",
+        )
+        assert_that(
+            rejected | "Codes" >> beam.Map(lambda pair: pair[1].split(":")[0]),
+            equal_to([RejectReason.KEEP_COLUMN_NOT_CASTABLE.value] * 10),
+            label="Codes",
+        )
+        assert_that(scored, equal_to([i for i in range(30) if i % 3]), label="Scored")

@@ -6,12 +6,19 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import write_days
-from vaewatch.pipeline.commit import MANIFEST, SUCCESS, ObjectStoreCommitter, read_manifest
+from vaewatch.pipeline.commit import (
+    MANIFEST,
+    SUCCESS,
+    LocalCommitter,
+    ObjectStoreCommitter,
+    read_manifest,
+)
 from vaewatch.pipeline.score import ScoreJob, ScoreOptions, run
 
 
@@ -111,3 +118,59 @@ def test_object_store_protocol_on_a_local_path(trained, workspace, tmp_path, mon
     assert not list(out.glob("_staging-*"))
     total = sum(pq.ParquetFile(out / f).metadata.num_rows for f in second.manifest.files)
     assert total == second.manifest.rows.scored == 5_000
+
+
+@pytest.mark.parametrize("committer", [LocalCommitter, ObjectStoreCommitter])
+def test_publishing_again_after_success_changes_nothing(
+    trained, workspace, tmp_path, monkeypatch, committer
+):
+    """A runner may retry the step that published (a bundle retried after success): the
+    second publish finds its own run committed and returns it, touching nothing."""
+    import vaewatch.pipeline.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "committer_for", committer)
+    job, _ = trained
+    out = tmp_path / "out"
+    result = run(
+        ScoreJob(
+            input=str(workspace / "holdout"),
+            output=str(out),
+            model="models:/transactions@champion",
+            tracking_uri=job.tracking_uri,
+            options=ScoreOptions(k=4),
+        )
+    )
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    again = committer(str(out), result.manifest.run_id).publish(result.manifest)
+    assert again == result.manifest
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == before
+    assert read_manifest(str(out)) == result.manifest
+
+
+def test_report_on_an_output_without_scored_rows_is_a_clear_error(trained, workspace, tmp_path):
+    from click.testing import CliRunner
+
+    from vaewatch.jobs.cli import main
+
+    job, _ = trained
+    table = pq.read_table(workspace / "holdout").slice(0, 20)
+    for name in table.column_names:
+        if name != "record_id":
+            column = table.schema.get_field_index(name)
+            table = table.set_column(column, name, pa.nulls(20, table.schema.field(name).type))
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "empty.parquet")
+    result = run(
+        ScoreJob(
+            input=str(tmp_path / "in"),
+            output=str(tmp_path / "out"),
+            model="models:/transactions@champion",
+            tracking_uri=job.tracking_uri,
+        )
+    )
+    assert result.manifest.rows.to_json() == {"in": 20, "scored": 0, "rejected": 20}
+    report = CliRunner().invoke(
+        main, ["report", str(tmp_path / "out"), "--out", str(tmp_path / "r.html")]
+    )
+    assert report.exit_code == 1, report.output
+    assert "has no scored rows" in report.output and "Traceback" not in report.output
