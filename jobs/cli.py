@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from vaewatch.jobs import params
+from vaewatch.jobs import params, train_params
 from vaewatch.model.errors import UserError
 from vaewatch.model.version import package_version
 
@@ -110,40 +110,12 @@ def demo(workdir, rows_per_day, days, epochs, seed, k) -> None:
 
 
 @main.command("train")
-@params.data
+@train_params.data
 @params.model_name
 @params.tracking_uri
 @params.experiment
 @params.alias
-@params.id_column
-@params.exclude
-@params.features
-@params.categorical
-@params.continuous
-@params.max_categories
-@params.min_category_count
-@params.latent_dim
-@params.hidden
-@params.train_epochs
-@params.batch_size
-@params.learning_rate
-@params.weight_decay
-@params.objective
-@params.train_k
-@params.kl_warmup_epochs
-@params.free_bits
-@params.validation_fraction
-@params.patience
-@params.min_steps_per_epoch
-@params.seed
-@params.device
-@params.mixed_precision
-@params.score_k
-@params.score_samples
-@params.train_threshold_quantile
-@params.max_validation_rows
-@params.cache_bytes
-@params.progress
+@train_params.training_options
 def train_command(**options) -> None:
     """Train a VAE on Parquet, log the run to MLflow, register a model version, set an alias.
 

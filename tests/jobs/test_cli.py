@@ -73,3 +73,54 @@ def test_demo_end_to_end_small(tmp_path):
     assert (tmp_path / "report.html").stat().st_size > 50_000
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlruns").is_dir()
     assert "summary (vaewatch summary)" in result.output and "vaewatch top" in result.output
+
+
+def _defaults(command: str, *args: str) -> dict:
+    return main.commands[command].make_context(command, list(args)).params
+
+
+def test_option_defaults_are_the_code_defaults():
+    """What --help shows is what the code does: every default an option has equals the field
+    of the dataclass (or constant) that receives it."""
+    from dataclasses import asdict
+
+    from vaewatch.model.artifact import ScoringDefaults
+    from vaewatch.model.fit import FitConfig
+    from vaewatch.model.training import TrainConfig
+    from vaewatch.pipeline.plan import ScoreOptions
+
+    train = _defaults("train", "--data", "d", "--model-name", "m")
+    fit, train_config, scoring = FitConfig(), TrainConfig(), ScoringDefaults()
+    for name, value in asdict(train_config).items():
+        if name in train:
+            assert train[name] == value, name
+    not_options = {"min_delta", "validation_k", "validation_trim"}
+    assert {n for n in asdict(train_config) if n not in train} == not_options
+    for name in ("latent_dim", "max_categories", "min_category_count", "max_validation_rows"):
+        assert train[name] == getattr(fit, name), name
+    assert tuple(train["hidden"]) == tuple(fit.hidden)
+    assert train["cache_mib"] * 2**20 == fit.cache_bytes
+    assert train["threshold_quantile"] == fit.threshold_quantile
+    assert (train["k"], train["samples"], train["seed"]) == (
+        scoring.k,
+        scoring.samples,
+        train_config.seed,
+    )
+    assert train_config.validation_k == scoring.k  # validation IWAE at the scoring K
+    from vaewatch.model import registry
+
+    assert (train["experiment"], train["alias"]) == (
+        registry.DEFAULT_EXPERIMENT,
+        registry.DEFAULT_ALIAS,
+    )
+    options = ScoreOptions()
+    for command, args in (
+        ("score", ["--input", "i", "--output", "o", "--model", "m"]),
+        ("nightly", ["--input-root", "i", "--output-root", "o", "--model", "m"]),
+    ):
+        given = _defaults(command, *args)
+        for name in ("k", "samples", "seed", "batch_size", "keep", "threshold_quantile",
+                     "runner", "workers", "shards"):  # fmt: skip
+            assert given[name] == getattr(options, name), (command, name)
+    demo = _defaults("demo")
+    assert demo["k"] == scoring.k and demo["seed"] == train_config.seed

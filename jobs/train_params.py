@@ -1,0 +1,218 @@
+"""The options of `vaewatch train`: data and features, the network, training, calibration."""
+
+from __future__ import annotations
+
+import click
+
+from vaewatch.jobs.params import CommaList, IntList, option, seed, train_epochs
+from vaewatch.model import defaults
+
+# ------------------------------------------------------------------ data and features
+data = option(
+    "--data",
+    required=True,
+    help="Training Parquet: a file, a directory (every *.parquet below it) or a glob; local "
+    "paths or any URI pyarrow reads (s3://, gs://, hdfs://).",
+)
+id_column = option(
+    "--id-column", default=None, help="Record id column: kept in outputs, never a feature."
+)
+exclude = option(
+    "--exclude",
+    type=CommaList(),
+    default="",
+    help="Columns that are not features (comma-separated).",
+)
+features = option(
+    "--features",
+    type=CommaList(),
+    default=None,
+    help="Use only these feature columns (default: every numeric, boolean and string column).",
+)
+categorical = option(
+    "--categorical",
+    type=CommaList(),
+    default="",
+    help="Integer columns to model as categories instead of numbers.",
+)
+continuous = option(
+    "--continuous",
+    type=CommaList(),
+    default="",
+    help="Columns that must be modelled as continuous numbers (checked: they must be numeric).",
+)
+max_categories = option(
+    "--max-categories",
+    type=click.IntRange(min=1),
+    default=defaults.MAX_CATEGORIES,
+    help="Largest vocabulary per categorical column; rarer values share the out-of-vocabulary "
+    "bucket.",
+)
+min_category_count = option(
+    "--min-category-count",
+    type=click.IntRange(min=1),
+    default=defaults.MIN_CATEGORY_COUNT,
+    help="A category needs this many training rows to get its own vocabulary entry.",
+)
+
+# ------------------------------------------------------------------ model and training
+latent_dim = option(
+    "--latent-dim",
+    type=click.IntRange(min=1),
+    default=defaults.LATENT_DIM,
+    help="Latent dimensions.",
+)
+hidden = option(
+    "--hidden",
+    type=IntList(),
+    default=",".join(map(str, defaults.HIDDEN)),
+    help="Encoder/decoder hidden widths.",
+)
+batch_size = option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=defaults.BATCH_SIZE,
+    help="Training mini-batch rows.",
+)
+learning_rate = option(
+    "--learning-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=defaults.LEARNING_RATE,
+    help="Adam step.",
+)
+weight_decay = option(
+    "--weight-decay",
+    type=click.FloatRange(min=0),
+    default=defaults.WEIGHT_DECAY,
+    help="Adam weight decay.",
+)
+objective = option(
+    "--objective",
+    type=click.Choice(["elbo", "iwae"]),
+    default=defaults.OBJECTIVE,
+    help="Training objective: the ELBO, or the importance-weighted bound with --train-k samples.",
+)
+train_k = option(
+    "--train-k",
+    type=click.IntRange(min=1),
+    default=defaults.TRAIN_K,
+    help="IWAE samples for --objective iwae.",
+)
+kl_warmup_epochs = option(
+    "--kl-warmup-epochs",
+    type=click.IntRange(min=0),
+    default=defaults.KL_WARMUP_EPOCHS,
+    help="Epochs over which the KL weight rises from 0 to 1 (ELBO objective).",
+)
+free_bits = option(
+    "--free-bits",
+    type=click.FloatRange(min=0),
+    default=defaults.FREE_BITS,
+    help="Nats per latent dimension of KL that are not penalised (0 = off).",
+)
+validation_fraction = option(
+    "--validation-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=defaults.VALIDATION_FRACTION,
+    help="Rows held out (by seeded hash) for early stopping and calibration.",
+)
+patience = option(
+    "--patience",
+    type=click.IntRange(min=1),
+    default=defaults.PATIENCE,
+    help="Epochs without validation improvement before training stops.",
+)
+min_steps_per_epoch = option(
+    "--min-steps-per-epoch",
+    type=click.IntRange(min=1),
+    default=defaults.MIN_STEPS_PER_EPOCH,
+    help="Updates per epoch at least: a small table is passed over several times per epoch.",
+)
+device = option(
+    "--device",
+    default=defaults.DEVICE,
+    help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+)
+mixed_precision = option(
+    "--mixed-precision/--no-mixed-precision",
+    default=defaults.MIXED_PRECISION,
+    help="bfloat16 autocast when training on CUDA (no effect on CPU).",
+)
+max_validation_rows = option(
+    "--max-validation-rows",
+    type=click.IntRange(min=100),
+    default=defaults.MAX_VALIDATION_ROWS,
+    help="Held-out rows kept in memory for validation and calibration (a seeded sample).",
+)
+cache_bytes = option(
+    "--cache-mib",
+    type=click.IntRange(min=0),
+    default=defaults.CACHE_BYTES // 2**20,
+    help="Keep encoded training rows in memory up to this size; larger data is streamed from "
+    "Parquet every epoch.",
+)
+progress = option(
+    "--progress/--no-progress",
+    default=None,
+    show_default="on when stderr is a terminal",
+    help="Show a progress bar with the live loss.",
+)
+score_k = option(
+    "--k",
+    type=click.IntRange(min=1),
+    default=defaults.K,
+    help="IWAE samples per record the model scores with (used for calibration, stored with the "
+    "model as its default).",
+)
+score_samples = option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=defaults.SAMPLES,
+    help="ELBO samples per record the model scores with (stored as its default).",
+)
+train_threshold_quantile = option(
+    "--threshold-quantile",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=defaults.THRESHOLD_QUANTILE,
+    help="Quantile of validation anomaly scores stored as the model's is_anomaly threshold.",
+)
+
+
+def training_options(command):
+    """The options of `train` after --data and the MLflow ones, in the order --help lists
+    them."""
+    for decorate in reversed(
+        [
+            id_column,
+            exclude,
+            features,
+            categorical,
+            continuous,
+            max_categories,
+            min_category_count,
+            latent_dim,
+            hidden,
+            train_epochs,
+            batch_size,
+            learning_rate,
+            weight_decay,
+            objective,
+            train_k,
+            kl_warmup_epochs,
+            free_bits,
+            validation_fraction,
+            patience,
+            min_steps_per_epoch,
+            seed,
+            device,
+            mixed_precision,
+            score_k,
+            score_samples,
+            train_threshold_quantile,
+            max_validation_rows,
+            cache_bytes,
+            progress,
+        ]
+    ):
+        command = decorate(command)
+    return command
