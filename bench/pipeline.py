@@ -37,6 +37,7 @@ from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
 from vaewatch.model.calibration import Calibration
 from vaewatch.model.estimators import score_records
 from vaewatch.model.features import FeatureSpec
+from vaewatch.model.scoring import ScoringOverrides
 from vaewatch.model.training import TrainConfig, train
 from vaewatch.model.vae import VAE, VAEConfig
 from vaewatch.pipeline.score import ScoreJob, ScoreOptions, run
@@ -126,7 +127,7 @@ def pipeline_run(source: Path, model: Path, out: Path, k: int, workers: int = 1)
             output=str(out),
             model=str(model),
             tracking_uri="unused",
-            options=ScoreOptions(k=k, workers=workers),
+            options=ScoreOptions(overrides=ScoringOverrides(k=k), workers=workers),
         )
     )
     seconds = time.perf_counter() - started

@@ -211,15 +211,13 @@ def score_command(ctx, **o) -> None:
 
 
 def _score_options(o: dict, ctx):
+    from vaewatch.model.scoring import ScoringOverrides
     from vaewatch.pipeline.plan import ScoreOptions
 
     return ScoreOptions(
-        k=o["k"],
-        samples=o["samples"],
-        seed=o["seed"],
+        overrides=ScoringOverrides(o["k"], o["samples"], o["seed"], o["threshold_quantile"]),
         batch_size=o["batch_size"],
         keep=o["keep"],
-        threshold_quantile=o["threshold_quantile"],
         runner=o["runner"],
         workers=o["workers"],
         shards=o["shards"],

@@ -25,7 +25,7 @@ from vaewatch.model.features import RowProblem
 
 @dataclass(frozen=True)
 class ScoringSettings:
-    """K, S, seed and threshold a run scores with: the caller's values, else the model's."""
+    """K, S, seed and threshold a run scores with."""
 
     k: int
     samples: int
@@ -33,29 +33,32 @@ class ScoringSettings:
     threshold_quantile: float
     threshold: float
 
-    @classmethod
-    def resolve(
-        cls,
-        artifact: ModelArtifact,
-        k: int | None = None,
-        samples: int | None = None,
-        seed: int | None = None,
-        threshold_quantile: float | None = None,
-    ) -> ScoringSettings:
-        defaults, calibration = artifact.scoring, artifact.calibration
-        k = defaults.k if k is None else k
-        samples = defaults.samples if samples is None else samples
+
+@dataclass(frozen=True)
+class ScoringOverrides:
+    """What a run asks for instead of the model's stored K, S, seed and threshold quantile;
+    None keeps the model's own (the values its calibration was computed with)."""
+
+    k: int | None = None
+    samples: int | None = None
+    seed: int | None = None
+    threshold_quantile: float | None = None
+
+    def resolve(self, artifact: ModelArtifact) -> ScoringSettings:
+        stored, calibration = artifact.scoring, artifact.calibration
+        k = stored.k if self.k is None else self.k
+        samples = stored.samples if self.samples is None else self.samples
         if k < 1 or samples < 1:
             raise UserError(f"K and S must be >= 1, got K={k}, S={samples}")
         quantile = (
             calibration.threshold_quantile
-            if threshold_quantile is None
-            else check_quantile(threshold_quantile)
+            if self.threshold_quantile is None
+            else check_quantile(self.threshold_quantile)
         )
-        return cls(
+        return ScoringSettings(
             k=k,
             samples=samples,
-            seed=defaults.seed if seed is None else seed,
+            seed=stored.seed if self.seed is None else self.seed,
             threshold_quantile=quantile,
             threshold=calibration.threshold(quantile),
         )
@@ -90,17 +93,14 @@ class Scorer:
         *,
         model_version: str,
         device: str = "auto",
-        k: int | None = None,
-        samples: int | None = None,
-        seed: int | None = None,
-        threshold_quantile: float | None = None,
+        overrides: ScoringOverrides = ScoringOverrides(),  # noqa: B008 - frozen, shared safely
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ):
         self.artifact = artifact
         self.spec = artifact.spec
         self.device = resolve_device(device)
         self.model = artifact.build(self.device)
-        settings = ScoringSettings.resolve(artifact, k, samples, seed, threshold_quantile)
+        settings = overrides.resolve(artifact)
         self.k, self.samples, self.seed = settings.k, settings.samples, settings.seed
         self.threshold_quantile, self.threshold = settings.threshold_quantile, settings.threshold
         calibration = artifact.calibration

@@ -33,7 +33,7 @@ from apache_beam.ml.anomaly.thresholds import FixedThreshold
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult
 
 from vaewatch.model.contract import REASON_COLUMN
-from vaewatch.model.scoring import Scorer, ScoringSettings
+from vaewatch.model.scoring import Scorer, ScoringOverrides
 from vaewatch.pipeline.transforms import METRICS_NAMESPACE, ModelSettings
 
 Example = pa.Table | pa.RecordBatch | beam.Row | dict
@@ -61,10 +61,7 @@ class VaewatchModelHandler(ModelHandler[Example, PredictionResult, Scorer]):
             location=model_uri,
             tracking_uri=tracking_uri,
             model_version=model_version,
-            k=k,
-            samples=samples,
-            seed=seed,
-            threshold_quantile=threshold_quantile,
+            overrides=ScoringOverrides(k, samples, seed, threshold_quantile),
         )
         self._batching = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
 
@@ -102,11 +99,7 @@ class VaewatchModelHandler(ModelHandler[Example, PredictionResult, Scorer]):
     def threshold(self) -> float:
         """The anomaly-score threshold these settings flag at (reads the model's config on the
         calling machine, as a launcher does once)."""
-        artifact = self._settings.load_artifact()
-        settings = self._settings
-        return ScoringSettings.resolve(
-            artifact, settings.k, settings.samples, settings.seed, settings.threshold_quantile
-        ).threshold
+        return self._settings.overrides.resolve(self._settings.load_artifact()).threshold
 
 
 def _as_table(example: Example) -> pa.Table:

@@ -27,7 +27,7 @@ from vaewatch.model.contract import (
 from vaewatch.model.data import InputFile, read_footers, resolve_files
 from vaewatch.model.errors import UserError
 from vaewatch.model.features import FeatureSpec, SchemaMismatchError
-from vaewatch.model.scoring import ScoringSettings
+from vaewatch.model.scoring import ScoringOverrides
 from vaewatch.model.version import package_version
 from vaewatch.pipeline.commit import LocalCommitter, ObjectStoreCommitter, committer_for, new_run_id
 from vaewatch.pipeline.transforms import DEFAULT_BATCH_SIZE, ModelSettings
@@ -37,14 +37,11 @@ LOCAL_RUNNER = "local"  # Beam's in-process FnApiRunner: never fetches anything 
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    """How to score, shared by `score` and `nightly`. None: the model's own default."""
+    """How to score, shared by `score` and `nightly`."""
 
-    k: int | None = None
-    samples: int | None = None
-    seed: int | None = None
+    overrides: ScoringOverrides = ScoringOverrides()  # K, S, seed, quantile; None: the model's
     batch_size: int = DEFAULT_BATCH_SIZE
     keep: Sequence[str] | None = None  # None: the model's id column, when the input has it
-    threshold_quantile: float | None = None
     runner: str = LOCAL_RUNNER
     workers: int = 1  # local runner: >1 runs that many worker processes
     shards: int = 0  # output files; 0 lets the runner decide
@@ -131,9 +128,7 @@ def make_plan(job: ScoreJob) -> ScorePlan:
             files, [f.schema.to_arrow_schema() for f in footers], artifact.spec, options.keep,
             artifact.id_column,
         )  # fmt: skip
-        settings = ScoringSettings.resolve(
-            artifact, options.k, options.samples, options.seed, options.threshold_quantile
-        )
+        settings = options.overrides.resolve(artifact)
     except Exception:
         shutil.rmtree(download, ignore_errors=True)
         raise
@@ -168,10 +163,7 @@ def make_plan(job: ScoreJob) -> ScorePlan:
         location=str(loaded.path) if options.local or resolved.local_path else resolved.uri,
         tracking_uri=job.tracking_uri,
         model_version=resolved.label,
-        k=options.k,
-        samples=options.samples,
-        seed=options.seed,
-        threshold_quantile=options.threshold_quantile,
+        overrides=options.overrides,
     )
     return ScorePlan(
         job=job,

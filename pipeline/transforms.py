@@ -32,6 +32,7 @@ from vaewatch.model import defaults
 from vaewatch.model.contract import RejectReason, rejected_schema
 from vaewatch.model.errors import UserError
 from vaewatch.model.features import SchemaMismatchError
+from vaewatch.model.scoring import ScoringOverrides
 from vaewatch.pipeline import faults
 
 SCORED_TAG = "scored"
@@ -56,10 +57,7 @@ class ModelSettings:
     location: str  # a local model folder, or a pinned models:/NAME/VERSION URI
     tracking_uri: str = ""  # needed for models:/ URIs
     model_version: str = ""  # the label written to the model_version column ("": the model's)
-    k: int | None = None  # None: the model's defaults
-    samples: int | None = None
-    seed: int | None = None
-    threshold_quantile: float | None = None
+    overrides: ScoringOverrides = ScoringOverrides()  # K, S, seed, quantile; None: the model's
 
     def load_artifact(self):
         from vaewatch.model import registry
@@ -77,10 +75,7 @@ class ModelSettings:
             artifact,
             model_version=self.model_version or artifact.metadata.get("model_label", "vaewatch"),
             device="auto",
-            k=self.k,
-            samples=self.samples,
-            seed=self.seed,
-            threshold_quantile=self.threshold_quantile,
+            overrides=self.overrides,
         )
 
 

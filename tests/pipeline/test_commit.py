@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import write_days
+from vaewatch.model.scoring import ScoringOverrides
 from vaewatch.pipeline.commit import (
     MANIFEST,
     SUCCESS,
@@ -137,7 +138,7 @@ def test_publishing_again_after_success_changes_nothing(
             output=str(out),
             model="models:/transactions@champion",
             tracking_uri=job.tracking_uri,
-            options=ScoreOptions(k=4),
+            options=ScoreOptions(overrides=ScoringOverrides(k=4)),
         )
     )
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}

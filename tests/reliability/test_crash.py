@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import write_days
+from vaewatch.model.scoring import ScoringOverrides
 from vaewatch.pipeline import faults
 from vaewatch.pipeline.commit import MANIFEST, REJECTED_DIR, SUCCESS, read_manifest
 from vaewatch.pipeline.score import ScoreJob, ScoreOptions, run
@@ -56,7 +57,7 @@ def baseline(trained, crash_input, tmp_path_factory):
             output=str(out),
             model=MODEL,
             tracking_uri=job.tracking_uri,
-            options=ScoreOptions(k=4),
+            options=ScoreOptions(overrides=ScoringOverrides(k=4)),
         )
     )
     return out
@@ -164,7 +165,7 @@ def test_sigkill_at_every_point_of_a_score_run(point, trained, crash_input, base
             output=str(out),
             model=MODEL,
             tracking_uri=job.tracking_uri,
-            options=ScoreOptions(k=4),
+            options=ScoreOptions(overrides=ScoringOverrides(k=4)),
         )
     )
     assert visible(out).run_id == result.manifest.run_id

@@ -23,7 +23,7 @@ from vaewatch.model.calibration import Calibration
 from vaewatch.model.contract import RejectReason
 from vaewatch.model.estimators import score_records
 from vaewatch.model.features import FeatureSpec
-from vaewatch.model.scoring import Scorer
+from vaewatch.model.scoring import Scorer, ScoringOverrides
 from vaewatch.model.training import TrainConfig, train
 from vaewatch.model.vae import VAE, VAEConfig
 from vaewatch.pipeline.commit import REJECTED_DIR, read_manifest
@@ -289,7 +289,9 @@ def test_any_values_are_scored_or_rejected_never_lost(scorer, data):
 @pytest.fixture(scope="module")
 def scorer(trained):
     _, outcome = trained
-    return Scorer(outcome.artifact, model_version="test/1", device="cpu", k=4)
+    return Scorer(
+        outcome.artifact, model_version="test/1", device="cpu", overrides=ScoringOverrides(k=4)
+    )
 
 
 # ---------------------------------------------------------------------------- scale

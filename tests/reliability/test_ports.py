@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from vaewatch.model.scoring import ScoringOverrides
 from vaewatch.pipeline.score import ScoreJob, ScoreOptions, run
 
 
@@ -58,7 +59,7 @@ def test_multi_process_workers_listen_on_loopback_only(trained, workspace, tmp_p
                 output=str(tmp_path / "out"),
                 model="models:/transactions@champion",
                 tracking_uri=job.tracking_uri,
-                options=ScoreOptions(k=4, workers=2),
+                options=ScoreOptions(overrides=ScoringOverrides(k=4), workers=2),
             )
         )
     finally:
