@@ -72,6 +72,7 @@ class ScorePlan:
     job: ScoreJob
     download: str  # a temporary folder holding the downloaded model (removed after the run)
     files: tuple[InputFile, ...]
+    row_groups: tuple[int, ...]  # per file, from the footer read at launch
     filesystem: object  # the inputs' pyarrow filesystem
     model: ModelSettings  # what every worker loads
     keep: tuple[str, ...]
@@ -169,6 +170,7 @@ def make_plan(job: ScoreJob) -> ScorePlan:
         job=job,
         download=download,
         files=tuple(files),
+        row_groups=tuple(f.num_row_groups for f in footers),
         filesystem=filesystem,
         model=model,
         keep=tuple(keep),

@@ -44,6 +44,7 @@ from vaewatch.pipeline.transforms import (
     Rebatch,
     ScoreRecords,
     pass_then,
+    row_group_splits,
 )
 
 PARQUET_CODEC = "zstd"  # Beam's default is no compression
@@ -51,7 +52,8 @@ __all__ = ["ScoreJob", "ScoreOptions", "ScoreParquet", "ScoreResult", "build", "
 
 
 class ScoreParquet(beam.PTransform):
-    """PCollection[str] of Parquet paths -> scored and rejected Parquet files.
+    """PCollection[str] of Parquet paths (or row-group splits) -> scored and rejected Parquet
+    files.
 
     Returns {"scored": PCollection of written scored files, "rejected": ... of rejected files}.
     The files are plain Beam sink output under the two prefixes; `vaewatch score` stages them
@@ -126,7 +128,14 @@ def build(pipeline: beam.Pipeline, plan: ScorePlan):
     staging = plan.committer.staging
     return (
         pipeline
-        | "ListInputs" >> beam.Create([f.path for f in plan.files])
+        | "ListInputs"
+        >> beam.Create(
+            [
+                split
+                for f, groups in zip(plan.files, plan.row_groups, strict=True)
+                for split in row_group_splits(f.path, groups)
+            ]
+        )
         | "ScoreParquet"
         >> ScoreParquet(
             plan.model,

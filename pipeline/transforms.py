@@ -119,16 +119,27 @@ class _ReadRowGroups(beam.DoFn):
             ) from err
 
 
-def _row_group_splits(path: str) -> Iterator[tuple[str, list[int]]]:
-    with FileSystems.open(path) as handle:
-        groups = pq.ParquetFile(handle).metadata.num_row_groups
-    for start in range(0, max(groups, 1), ROW_GROUPS_PER_SPLIT):
-        yield path, list(range(start, min(start + ROW_GROUPS_PER_SPLIT, groups)))
+def row_group_splits(path: str, row_groups: int | None = None) -> list[tuple[str, list[int]]]:
+    """(path, [row group indices]) reads of a few row groups each; the footer is read here
+    unless the caller already knows the number of row groups."""
+    if row_groups is None:
+        with FileSystems.open(path) as handle:
+            row_groups = pq.ParquetFile(handle).metadata.num_row_groups
+    return [
+        (path, list(range(start, min(start + ROW_GROUPS_PER_SPLIT, row_groups))))
+        for start in range(0, max(row_groups, 1), ROW_GROUPS_PER_SPLIT)
+    ]
+
+
+def _splits(element: str | tuple[str, list[int]]) -> list[tuple[str, list[int]]]:
+    return row_group_splits(element) if isinstance(element, str) else [element]
 
 
 class ReadParquetTables(beam.PTransform):
     """PCollection[str] of Parquet paths -> PCollection[pa.Table] projected to `columns`.
-    Files are split by row groups and redistributed, so a large file is read in parallel."""
+    Files are split by row groups and redistributed, so a large file is read in parallel.
+    Elements may also be ready-made splits (`row_group_splits`), when the launcher has read
+    the footers already."""
 
     def __init__(self, columns: Sequence[str]):
         super().__init__()
@@ -137,7 +148,7 @@ class ReadParquetTables(beam.PTransform):
     def expand(self, paths):
         return (
             paths
-            | "SplitRowGroups" >> beam.FlatMap(_row_group_splits)
+            | "SplitRowGroups" >> beam.FlatMap(_splits)
             | "Redistribute" >> beam.Reshuffle()
             | "ReadRowGroups" >> beam.ParDo(_ReadRowGroups(self._columns))
         )
