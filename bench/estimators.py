@@ -1,8 +1,15 @@
 """Estimator throughput: records/s for the ELBO and the IWAE at several K, as a fraction of the
 FLOP/s torch reaches on a large matmul measured in the same process.
 
-    python bench/estimators.py            # full run, prints a Markdown table
-    python bench/estimators.py --quick    # fewer repeats
+    python bench/estimators.py            # full run, prints Markdown tables
+    python bench/estimators.py --quick    # fewer repeats, fewer seeds
+
+Accuracy (the second table): the suite's closed-form model (probabilistic PCA with hand-set
+weights, 20 features on scales 0.01..50, latent 4, a deliberately mismatched proposal: posterior
+means x0.8, variances x1.5), where log p(x) is exact. Per K, for i.i.d. normal points and for the
+replicated scrambled-Sobol points vaewatch scores with: the mean |IWAE_K - log p(x)| per record,
+and the bias of the table mean |mean(IWAE_K) - mean(log p(x))|, averaged over seeds; then the
+calibration of `log_likelihood_se` (sd of the standardised seed-to-seed difference; 1 is ideal).
 
 Model: 32 features (24 continuous, 4 boolean, 4 categorical with 10 values + OOV), the default
 VAEConfig (latent 8, hidden [128, 128]). Records are random but valid encodings; the estimators'
@@ -20,9 +27,18 @@ import platform
 import statistics
 import time
 
+import numpy as np
 import torch
 
-from vaewatch.model.estimators import DEFAULT_MEMORY_BUDGET, elbo, iwae, score_records
+from vaewatch.model.estimators import (
+    DEFAULT_MEMORY_BUDGET,
+    IWAE_STREAM,
+    elbo,
+    iid_noise,
+    iwae,
+    noise,
+    score_records,
+)
 from vaewatch.model.vae import VAE, VAEConfig
 
 N_CONTINUOUS, N_BOOLEAN, CATEGORIES = 24, 4, [11, 11, 11, 11]
@@ -75,17 +91,20 @@ def run(quick: bool, device: torch.device, budget: int) -> list[dict]:
     rows = []
     with torch.inference_mode():
         for name, k, fn in [
-            ("elbo (S=1)", 1, lambda: elbo(model, x, mask, samples=1, memory_budget=budget)),
+            ("elbo (S=1, training)", 1, lambda: elbo(model, x, mask, memory_budget=budget)),
             *[
                 (f"iwae K={k}", k, (lambda k=k: iwae(model, x, mask, k=k, memory_budget=budget)))
                 for k in (1, 16, 64, 256)
             ],
             (
-                "score (S=1, K=64, attribution)",
-                65,
-                lambda: score_records(
-                    model, x, mask, log_std=None, k=64, samples=1, memory_budget=budget
-                ),
+                "score (K=32: IWAE, ELBO, SE, attribution)",
+                32,
+                lambda: score_records(model, x, mask, log_std=None, k=32, memory_budget=budget),
+            ),
+            (
+                "score (K=64: IWAE, ELBO, SE, attribution)",
+                64,
+                lambda: score_records(model, x, mask, log_std=None, k=64, memory_budget=budget),
             ),
         ]:
             seconds = best_seconds(fn, repeats)
@@ -108,6 +127,47 @@ def run(quick: bool, device: torch.device, budget: int) -> list[dict]:
         },
     )
     return rows
+
+
+def accuracy(quick: bool) -> tuple[list[dict], float]:
+    """Rows of (construction, K, mean |error|, |table-mean bias|) on the closed-form pPCA, and
+    the sd of the standardised seed-to-seed difference with the scrambled-Sobol points."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.model.ppca import make_ppca
+
+    ppca = make_ppca()
+    table = ppca.sample_table(2000 if quick else 4000, np.random.default_rng(1))
+    spec = ppca.spec()
+    enc = spec.encode(table)
+    exact = ppca.exact_log_likelihood(table)
+    vae = ppca.to_vae(mean_scale=0.8, var_scale=1.5)
+    seeds = range(4 if quick else 8)
+    rows = []
+    with torch.inference_mode():
+        for name, points in (("i.i.d. normal", iid_noise), ("scrambled Sobol x4", noise)):
+            for k in (4, 16, 32, 64, 256):
+                errors, biases = [], []
+                for seed in seeds:
+                    eps = points(k, ppca.latent_dim, seed, IWAE_STREAM)
+                    ll = iwae(vae, enc.x, enc.mask, eps=eps, log_std=spec.continuous_log_std)
+                    gap = ll.log_likelihood.numpy() - exact
+                    errors.append(np.abs(gap).mean())
+                    biases.append(abs(gap.mean()))
+                rows.append(
+                    {"points": name, "k": k, "error": np.mean(errors), "bias": np.mean(biases)}
+                )
+        a, b = (
+            iwae(vae, enc.x, enc.mask, k=64, seed=s, log_std=spec.continuous_log_std,
+                 standard_error=True)
+            for s in (1, 2)
+        )  # fmt: skip
+        z = (a.log_likelihood - b.log_likelihood) / torch.hypot(
+            a.log_likelihood_se, b.log_likelihood_se
+        )
+    return rows, z.std().item()
 
 
 def main() -> None:
@@ -133,6 +193,13 @@ def main() -> None:
     for r in rows:
         rps = "" if r["records_per_s"] != r["records_per_s"] else f"{r['records_per_s']:,.0f}"
         print(f"| {r['estimator']} | {rps} | {r['gflops']:.1f} | {r['fraction']:.0%} |")
+    rows, z_sd = accuracy(args.quick)
+    print("\n| points | K | mean abs(IWAE - log p(x)) | table-mean bias |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['points']} | {r['k']} | {r['error']:.4f} | {r['bias']:.4f} |")
+    print(f"\nlog_likelihood_se calibration (K=64, seeds 1 vs 2): sd of the standardised "
+          f"difference {z_sd:.2f} (1 is ideal)")  # fmt: skip
     if args.budgets:
         print("\n| memory budget | IWAE K=64 fraction of matmul |")
         print("|---:|---:|")

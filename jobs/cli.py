@@ -157,7 +157,7 @@ def train_command(**options) -> None:
             latent_dim=o["latent_dim"],
             hidden=o["hidden"],
             train=train,
-            scoring=ScoringDefaults(k=o["k"], samples=o["samples"], seed=o["seed"]),
+            scoring=ScoringDefaults(k=o["k"], seed=o["seed"]),
             threshold_quantile=o["threshold_quantile"],
             max_validation_rows=o["max_validation_rows"],
             cache_bytes=o["cache_mib"] * 2**20,
@@ -215,7 +215,7 @@ def _score_options(o: dict, ctx):
     from vaewatch.pipeline.plan import ScoreOptions
 
     return ScoreOptions(
-        overrides=ScoringOverrides(o["k"], o["samples"], o["seed"], o["threshold_quantile"]),
+        overrides=ScoringOverrides(o["k"], o["seed"], o["threshold_quantile"]),
         batch_size=o["batch_size"],
         keep=o["keep"],
         runner=o["runner"],

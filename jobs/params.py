@@ -108,12 +108,6 @@ model_name = option(
 alias = option("--alias", default=defaults.ALIAS, help="Registry alias pointed at the new version.")
 
 # ------------------------------------------------------------------ scoring
-samples = option(
-    "--samples",
-    type=click.IntRange(min=1),
-    default=None,
-    help="ELBO samples per record when scoring (default: the model's).",
-)
 threshold_quantile = option(
     "--threshold-quantile",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
@@ -231,7 +225,6 @@ def scoring_options(command):
     for decorate in reversed(
         [
             k,
-            samples,
             score_seed,
             score_batch_size,
             keep,

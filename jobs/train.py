@@ -203,7 +203,6 @@ def _params(job: TrainJob, prepared: Prepared) -> dict:
         **{f"train.{k}": v for k, v in config.train.to_json().items()},
         **{f"vae.{k}": v for k, v in prepared.vae_config.to_json().items()},
         "score.k": config.scoring.k,
-        "score.samples": config.scoring.samples,
         "score.seed": config.scoring.seed,
         "threshold_quantile": config.threshold_quantile,
         "features.count": len(spec.features),

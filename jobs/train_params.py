@@ -164,12 +164,6 @@ score_k = option(
     help="IWAE samples per record the model scores with (used for calibration, stored with the "
     "model as its default).",
 )
-score_samples = option(
-    "--samples",
-    type=click.IntRange(min=1),
-    default=defaults.SAMPLES,
-    help="ELBO samples per record the model scores with (stored as its default).",
-)
 train_threshold_quantile = option(
     "--threshold-quantile",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
@@ -207,7 +201,6 @@ def training_options(command):
             device,
             mixed_precision,
             score_k,
-            score_samples,
             train_threshold_quantile,
             max_validation_rows,
             cache_bytes,

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from vaewatch.model.calibration import DEFAULT_TOP_FEATURES, Calibration
 from vaewatch.model.errors import UserError
-from vaewatch.model.estimators import DEFAULT_K, DEFAULT_SAMPLES, DEFAULT_SEED
+from vaewatch.model.estimators import DEFAULT_K, DEFAULT_SEED
 from vaewatch.model.features import FeatureSpec
 from vaewatch.model.vae import VAE, VAEConfig
 
@@ -45,8 +45,7 @@ class ArtifactError(UserError):
 
 @dataclass
 class ScoringDefaults:
-    k: int = DEFAULT_K  # IWAE samples; the calibration was computed with these three
-    samples: int = DEFAULT_SAMPLES  # ELBO samples
+    k: int = DEFAULT_K  # IWAE samples; the calibration was computed with K and the seed
     seed: int = DEFAULT_SEED  # common-random-numbers seed
     top_features: int = DEFAULT_TOP_FEATURES
 
@@ -138,7 +137,9 @@ class ModelArtifact:
             vae_config=VAEConfig.from_json(config["vae"]),
             state_dict=state_dict,
             calibration=Calibration.from_json(config["calibration"]),
-            scoring=ScoringDefaults(**config["scoring"]),
+            scoring=ScoringDefaults(
+                **{k: v for k, v in config["scoring"].items() if k != "samples"}
+            ),  # "samples": the ELBO's own draws, before it shared the K points
             id_column=config.get("id_column"),
             metadata=config.get("metadata", {}),
         )

@@ -45,6 +45,7 @@ def score_schema(latent_dim: int) -> pa.Schema:
         [
             pa.field("elbo", pa.float64()),
             pa.field("log_likelihood", pa.float64()),
+            pa.field("log_likelihood_se", pa.float64()),
             pa.field("anomaly_score", pa.float64()),
             pa.field("score_percentile", pa.float64()),
             pa.field("is_anomaly", pa.bool_()),
@@ -71,7 +72,6 @@ class MetadataKey(str, enum.Enum):
     MODEL_REQUESTED = "vaewatch.model_requested"
     MODEL_VERSION = "vaewatch.model_version"
     K = "vaewatch.k"
-    SAMPLES = "vaewatch.samples"
     SEED = "vaewatch.seed"
     THRESHOLD_QUANTILE = "vaewatch.threshold_quantile"
     THRESHOLD = "vaewatch.threshold"
@@ -123,7 +123,6 @@ class Manifest:
     inputs: tuple[ManifestInput, ...]
     rows: RowCounts
     k: int
-    samples: int
     seed: int
     threshold_quantile: float
     threshold: float
@@ -156,7 +155,6 @@ class Manifest:
             MetadataKey.MODEL_REQUESTED.value: self.model.requested,
             MetadataKey.MODEL_VERSION.value: model_label(self.model),
             MetadataKey.K.value: str(self.k),
-            MetadataKey.SAMPLES.value: str(self.samples),
             MetadataKey.SEED.value: str(self.seed),
             MetadataKey.THRESHOLD_QUANTILE.value: str(self.threshold_quantile),
             MetadataKey.THRESHOLD.value: repr(self.threshold),
@@ -187,7 +185,6 @@ class Manifest:
             inputs=tuple(ManifestInput(**i) for i in d.get("inputs", [])),
             rows=RowCounts.from_json(d["rows"]),
             k=int(d["k"]),
-            samples=int(d["samples"]),
             seed=int(d["seed"]),
             threshold_quantile=float(d["threshold_quantile"]),
             threshold=float(d["threshold"]),

@@ -6,8 +6,10 @@ ScoringDefaults, FitConfig, ScoreOptions) and the CLI's options read them from h
 """
 
 # ---------------------------------------------------------------- scoring
-K = 64  # IWAE samples: the bound is within ~0.1 nat of log p(x) on our benchmarks at 64
-SAMPLES = 1  # ELBO samples: the ELBO is reported for diagnostics; IWAE is the score
+# IWAE samples, chosen by accuracy: with the scrambled-Sobol points, K = 32 is within 0.061
+# nats/record of the exact log p(x) on the suite's closed-form model (mismatched proposal),
+# against 0.112 for i.i.d. K = 64, the earlier default (bench/estimators.py --rqmc)
+K = 32
 SEED = 0  # common-random-numbers seed of the scoring noise (and of training)
 THRESHOLD_QUANTILE = 0.99  # flags ~1% of normal records; overridable at scoring
 TOP_FEATURES = 3  # features reported per record in top_features

@@ -174,9 +174,7 @@ def calibration_scores(
     for start in range(0, data.x_val.shape[0], CALIBRATION_CHUNK_ROWS):
         x = data.x_val[start : start + CALIBRATION_CHUNK_ROWS].to(device)
         m = data.m_val[start : start + CALIBRATION_CHUNK_ROWS].to(device)
-        s = score_records(
-            model, x, m, log_std=log_std, k=scoring.k, samples=scoring.samples, seed=scoring.seed
-        )
+        s = score_records(model, x, m, log_std=log_std, k=scoring.k, seed=scoring.seed)
         anomaly.append(s.anomaly_score.cpu().numpy())
         nll.append(s.feature_nll.cpu().numpy())
     return np.concatenate(anomaly), np.concatenate(nll)

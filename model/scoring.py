@@ -28,7 +28,6 @@ class ScoringSettings:
     """K, S, seed and threshold a run scores with."""
 
     k: int
-    samples: int
     seed: int
     threshold_quantile: float
     threshold: float
@@ -40,16 +39,14 @@ class ScoringOverrides:
     None keeps the model's own (the values its calibration was computed with)."""
 
     k: int | None = None
-    samples: int | None = None
     seed: int | None = None
     threshold_quantile: float | None = None
 
     def resolve(self, artifact: ModelArtifact) -> ScoringSettings:
         stored, calibration = artifact.scoring, artifact.calibration
         k = stored.k if self.k is None else self.k
-        samples = stored.samples if self.samples is None else self.samples
-        if k < 1 or samples < 1:
-            raise UserError(f"K and S must be >= 1, got K={k}, S={samples}")
+        if k < 1:
+            raise UserError(f"K must be >= 1, got K={k}")
         quantile = (
             calibration.threshold_quantile
             if self.threshold_quantile is None
@@ -57,7 +54,6 @@ class ScoringOverrides:
         )
         return ScoringSettings(
             k=k,
-            samples=samples,
             seed=stored.seed if self.seed is None else self.seed,
             threshold_quantile=quantile,
             threshold=calibration.threshold(quantile),
@@ -101,7 +97,7 @@ class Scorer:
         self.device = resolve_device(device)
         self.model = artifact.build(self.device)
         settings = overrides.resolve(artifact)
-        self.k, self.samples, self.seed = settings.k, settings.samples, settings.seed
+        self.k, self.seed = settings.k, settings.seed
         self.threshold_quantile, self.threshold = settings.threshold_quantile, settings.threshold
         calibration = artifact.calibration
         self.memory_budget = memory_budget
@@ -116,7 +112,6 @@ class Scorer:
         return {
             "model_version": self.model_version,
             "k": self.k,
-            "samples": self.samples,
             "seed": self.seed,
             "threshold_quantile": self.threshold_quantile,
             "threshold": self.threshold,
@@ -149,34 +144,33 @@ class Scorer:
                 mask,
                 log_std=self.log_std,
                 k=self.k,
-                samples=self.samples,
                 seed=self.seed,
                 memory_budget=self.memory_budget,
             )
-            log_likelihood = scores.log_likelihood.cpu().numpy()
-            elbo = scores.elbo.cpu().numpy()
-            finite = np.isfinite(log_likelihood) & np.isfinite(elbo)
+            arrays = {
+                name: getattr(scores, name).cpu().numpy()
+                for name in ("elbo", "log_likelihood", "log_likelihood_se", "latent_mean",
+                             "latent_std", "feature_nll")
+            }  # fmt: skip
+            finite = np.isfinite(arrays["log_likelihood"]) & np.isfinite(arrays["elbo"])
             if not finite.all():
                 reasons[rows[~finite]] = RejectReason.NON_FINITE_SCORE.value
-            keep = slice(None) if finite.all() else np.flatnonzero(finite)
-            table = self._columns(
-                elbo[keep],
-                log_likelihood[keep],
-                scores.latent_mean.cpu().numpy()[keep],
-                scores.latent_std.cpu().numpy()[keep],
-                scores.feature_nll.cpu().numpy()[keep],
-                version,
-            )
-            rows = rows[keep]
+                keep = np.flatnonzero(finite)
+                arrays = {name: values[keep] for name, values in arrays.items()}
+                rows = rows[keep]
+            table = self._columns(arrays, version)
         else:
-            d = self.artifact.vae_config.latent_dim
+            d, f = self.artifact.vae_config.latent_dim, len(self._names)
             empty = np.zeros(0)
             table = self._columns(
-                empty,
-                empty,
-                np.zeros((0, d), np.float32),
-                np.zeros((0, d), np.float32),
-                np.zeros((0, len(self._names))),
+                {
+                    "elbo": empty,
+                    "log_likelihood": empty,
+                    "log_likelihood_se": empty,
+                    "latent_mean": np.zeros((0, d), np.float32),
+                    "latent_std": np.zeros((0, d), np.float32),
+                    "feature_nll": np.zeros((0, f)),
+                },
                 version,
             )
         rejected = np.flatnonzero(reasons != "")
@@ -188,11 +182,10 @@ class Scorer:
             num_rows=n,
         )
 
-    def _columns(
-        self, elbo, log_likelihood, latent_mean, latent_std, feature_nll, version: str
-    ) -> pa.Table:
-        n, d = latent_mean.shape
-        anomaly = -log_likelihood
+    def _columns(self, arrays: dict[str, np.ndarray], version: str) -> pa.Table:
+        """The output contract's score columns from the estimator's per-record arrays."""
+        n = len(arrays["log_likelihood"])
+        anomaly = -arrays["log_likelihood"]
         latent_type = self.schema.field("latent_mean").type
 
         def fixed(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -204,15 +197,19 @@ class Scorer:
         )
         return pa.Table.from_arrays(
             [
-                pa.array(elbo, pa.float64()),
-                pa.array(log_likelihood, pa.float64()),
+                pa.array(arrays["elbo"], pa.float64()),
+                pa.array(arrays["log_likelihood"], pa.float64()),
+                pa.array(arrays["log_likelihood_se"], pa.float64()),
                 pa.array(anomaly, pa.float64()),
                 pa.array(self.artifact.calibration.percentile(anomaly), pa.float64()),
                 pa.array(anomaly > self.threshold, pa.bool_()),
-                fixed(latent_mean),
-                fixed(latent_std),
+                fixed(arrays["latent_mean"]),
+                fixed(arrays["latent_std"]),
                 top_features(
-                    feature_nll, self._baseline, self._names, self.artifact.scoring.top_features
+                    arrays["feature_nll"],
+                    self._baseline,
+                    self._names,
+                    self.artifact.scoring.top_features,
                 ),
                 version_column,
             ],

@@ -49,7 +49,6 @@ class VaewatchModelHandler(ModelHandler[Example, PredictionResult, Scorer]):
         tracking_uri: str = "",
         *,
         k: int | None = None,
-        samples: int | None = None,
         seed: int | None = None,
         threshold_quantile: float | None = None,
         model_version: str = "",
@@ -61,7 +60,7 @@ class VaewatchModelHandler(ModelHandler[Example, PredictionResult, Scorer]):
             location=model_uri,
             tracking_uri=tracking_uri,
             model_version=model_version,
-            overrides=ScoringOverrides(k, samples, seed, threshold_quantile),
+            overrides=ScoringOverrides(k, seed, threshold_quantile),
         )
         self._batching = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
 

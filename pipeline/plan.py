@@ -146,7 +146,6 @@ def make_plan(job: ScoreJob) -> ScorePlan:
         inputs=tuple(ManifestInput(f.path, f.size, f.modified) for f in files),
         rows=RowCounts(rows_in=sum(f.num_rows for f in footers)),
         k=settings.k,
-        samples=settings.samples,
         seed=settings.seed,
         threshold_quantile=settings.threshold_quantile,
         threshold=settings.threshold,

@@ -101,11 +101,7 @@ def test_option_defaults_are_the_code_defaults():
     assert tuple(train["hidden"]) == tuple(fit.hidden)
     assert train["cache_mib"] * 2**20 == fit.cache_bytes
     assert train["threshold_quantile"] == fit.threshold_quantile
-    assert (train["k"], train["samples"], train["seed"]) == (
-        scoring.k,
-        scoring.samples,
-        train_config.seed,
-    )
+    assert (train["k"], train["seed"]) == (scoring.k, train_config.seed)
     assert train_config.validation_k == scoring.k  # validation IWAE at the scoring K
     from vaewatch.model import registry
 
@@ -121,7 +117,7 @@ def test_option_defaults_are_the_code_defaults():
         given = _defaults(command, *args)
         for name in ("batch_size", "keep", "runner", "workers", "shards"):
             assert given[name] == getattr(options, name), (command, name)
-        for name in ("k", "samples", "seed", "threshold_quantile"):
+        for name in ("k", "seed", "threshold_quantile"):
             assert given[name] == getattr(options.overrides, name), (command, name)
     demo = _defaults("demo")
     assert demo["k"] == scoring.k and demo["seed"] == train_config.seed

@@ -12,7 +12,15 @@ import pyarrow as pa
 import pytest
 import torch
 
-from vaewatch.model.estimators import bytes_per_pair, iwae, noise, plan_chunks, score_records
+from vaewatch.model.estimators import (
+    IWAE_STREAM,
+    bytes_per_pair,
+    iwae,
+    noise,
+    plan_chunks,
+    replicates,
+    score_records,
+)
 from vaewatch.model.features import FeatureSpec
 from vaewatch.model.synthetic import LABEL_COLUMNS as LABELS
 from vaewatch.model.vae import VAE, VAEConfig
@@ -147,12 +155,10 @@ def test_scores_do_not_depend_on_batching(transactions_table):
     table = pa.concat_tables([transactions_table, transactions_table]).slice(0, 10_000)
     spec = FeatureSpec.fit(table, exclude=LABELS)
     model = _model(spec)
-    whole = _scores(model, spec, table, k=16, samples=2, seed=7)
-    parts = [
-        _scores(model, spec, table.slice(i, 7), k=16, samples=2, seed=7)
-        for i in range(0, 10_000, 7)
-    ]
-    for field in ("elbo", "log_likelihood", "latent_mean", "latent_std", "feature_nll"):
+    whole = _scores(model, spec, table, k=16, seed=7)
+    parts = [_scores(model, spec, table.slice(i, 7), k=16, seed=7) for i in range(0, 10_000, 7)]
+    fields = ("elbo", "log_likelihood", "log_likelihood_se", "latent_mean", "latent_std")
+    for field in (*fields, "feature_nll"):
         joined = torch.cat([getattr(p, field) for p in parts])
         np.testing.assert_allclose(
             joined.numpy(), getattr(whole, field).numpy(), rtol=1e-5, atol=1e-4, err_msg=field
@@ -226,24 +232,56 @@ def test_categorical_normalisation_fast_and_safe_paths_agree_with_log_softmax(sp
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_elbo_shares_the_iwae_decoder_pass_exactly(transactions_table):
-    """score_records' ELBO uses the first S of the IWAE's K samples: it must equal elbo() run
-    on exactly those samples, and fall back to elbo()'s own noise when S > K."""
-    from vaewatch.model.estimators import ELBO_STREAM, IWAE_STREAM, elbo
-
+def test_elbo_is_the_mean_log_weight_and_a_bound_on_every_record(transactions_table):
+    """elbo = (1/K) sum_k log w_k over the same K points as the IWAE (checked by hand), hence
+    elbo <= log_likelihood record by record (Jensen), for every K, seed and batching."""
     spec = FeatureSpec.fit(transactions_table, exclude=LABELS)
-    model = _model(spec).double()
-    enc = spec.encode(transactions_table.slice(0, 300))
-    x, mask, log_std = enc.x.double(), enc.mask, spec.continuous_log_std
-    d = model.config.latent_dim
+    model = _model(spec)
+    enc = spec.encode(transactions_table.slice(0, 3000))
+    log_std = spec.continuous_log_std
+    d, n_cont = model.config.latent_dim, len(log_std)
     with torch.no_grad():
-        for k, s in ((1, 1), (16, 4), (3, 5)):
-            scores = score_records(model, x, mask, log_std=log_std, k=k, samples=s, seed=9)
-            stream = IWAE_STREAM if s <= k else ELBO_STREAM
-            eps = noise(k if s <= k else s, d, 9, stream)[:s]
-            direct = elbo(model, x, mask, log_std=log_std, eps=eps).elbo
-            torch.testing.assert_close(scores.elbo, direct, rtol=1e-12, atol=1e-10)
-            ll = iwae(model, x, mask, k=k, seed=9, log_std=log_std).log_likelihood
-            torch.testing.assert_close(scores.log_likelihood, ll, rtol=1e-12, atol=1e-10)
-    with pytest.raises(ValueError, match="exceeds k"):
-        iwae(model, x, mask, k=2, reconstruction_samples=3)
+        exact = model.double()
+        x = enc.x.double()
+        eps = noise(8, d, 9, IWAE_STREAM)
+        post = exact.encoder(x, enc.mask)
+        z = post.mean + post.std * eps[:, None, :]
+        lp = exact.decoder.log_prob(z, x, enc.mask).total()
+        log_prior = -0.5 * (d * math.log(2 * math.pi) + (z * z).sum(-1))
+        log_q = -0.5 * (
+            d * math.log(2 * math.pi) + post.log_var.sum(-1) + (eps * eps).sum(-1)[:, None]
+        )
+        log_w = lp + log_prior - log_q  # (K, B)
+        jac = enc.mask[:, :n_cont].double() @ log_std
+        scores = score_records(exact, x, enc.mask, log_std=log_std, k=8, seed=9)
+        torch.testing.assert_close(scores.elbo, log_w.mean(0) - jac, rtol=1e-12, atol=1e-10)
+        expected_ll = torch.logsumexp(log_w, 0) - math.log(8) - jac
+        torch.testing.assert_close(scores.log_likelihood, expected_ll, rtol=1e-12, atol=1e-10)
+        model = model.float()
+        checked = 0
+        for k, seed, batch in itertools.product((1, 3, 16, 64), (0, 1, 2), (3000, 257)):
+            parts = [
+                score_records(
+                    model, enc.x[i : i + batch], enc.mask[i : i + batch], log_std=log_std,
+                    k=k, seed=seed,
+                )
+                for i in range(0, 3000, batch)
+            ]  # fmt: skip
+            elbo = torch.cat([p.elbo for p in parts])
+            ll = torch.cat([p.log_likelihood for p in parts])
+            assert (elbo <= ll + 1e-10).all(), (k, seed, batch, (elbo - ll).max().item())
+            checked += len(elbo)
+    assert checked == 3000 * 4 * 3 * 2
+
+
+def test_the_shared_points_are_seeded_normal_replicates():
+    a = noise(4096, 3, seed=5, stream=IWAE_STREAM)
+    assert torch.equal(a, noise(4096, 3, seed=5, stream=IWAE_STREAM))  # a pure function
+    assert not torch.equal(a, noise(4096, 3, seed=6, stream=IWAE_STREAM))
+    assert replicates(64) == 4 and replicates(6) == 3 and replicates(10) == 2
+    assert replicates(7) == 1 and replicates(1) == 1
+    # each point is marginally N(0, 1): moments of 4,096 points, and of each replicate block
+    assert abs(a.mean().item()) < 0.02 and abs(a.var().item() - 1) < 0.05
+    blocks = a.reshape(4, 1024, 3)
+    assert not torch.equal(blocks[0], blocks[1])  # independently scrambled replicates
+    assert (blocks.mean(1).abs() < 0.05).all()

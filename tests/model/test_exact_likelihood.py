@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.model.ppca import make_ppca
-from vaewatch.model.estimators import elbo, iwae, noise
+from vaewatch.model.estimators import ELBO_STREAM, IWAE_STREAM, elbo, iid_noise, iwae, noise
 
 N_RECORDS = 200
 
@@ -55,7 +55,7 @@ def test_exact_posterior_elbo_is_exact(ppca, data):
     samples = 4000
     result = _elbo(vae, enc, spec, samples=samples)
     # Per-record standard error of the reconstruction term, from the same noise.
-    eps = noise(samples, ppca.latent_dim, 0, 2).float()
+    eps = iid_noise(samples, ppca.latent_dim, 0, ELBO_STREAM).float()
     with torch.inference_mode():
         post = vae.encoder(enc.x, enc.mask)
         z = post.mean + post.std * eps[:, None, :]
@@ -119,3 +119,48 @@ def test_missing_feature_is_marginalised(ppca, data):
     np.testing.assert_allclose(
         _iwae(ppca.to_vae(), spec.encode(pa.table(columns)), spec, 5000), estimate
     )
+
+
+def _mean_error(vae, enc, spec, exact, k, points, seeds=range(6)):
+    errors = []
+    for seed in seeds:
+        eps = points(k, vae.config.latent_dim, seed, IWAE_STREAM)
+        with torch.inference_mode():
+            ll = iwae(vae, enc.x, enc.mask, eps=eps, log_std=spec.continuous_log_std)
+        errors.append(np.abs(ll.log_likelihood.numpy() - exact).mean())
+    return float(np.mean(errors))
+
+
+def test_scrambled_sobol_points_are_closer_to_exact_than_iid(ppca, data):
+    """At equal K on the mismatched proposal, the replicated scrambled-Sobol points give a mean
+    |IWAE - log p(x)| well under the i.i.d. one (measured 0.061 vs 0.143 at K = 32): the margin
+    asked for, 0.7x, is many seed-to-seed spreads away from chance."""
+    _, spec, enc, exact = data
+    vae = ppca.to_vae(mean_scale=0.8, var_scale=1.5)
+    sobol = _mean_error(vae, enc, spec, exact, 32, noise)
+    plain = _mean_error(vae, enc, spec, exact, 32, iid_noise)
+    assert sobol < 0.7 * plain, (sobol, plain)
+    # and K = 32 with them is at least as accurate as the i.i.d. K = 64 it replaced
+    assert sobol <= _mean_error(vae, enc, spec, exact, 64, iid_noise)
+
+
+def test_standard_error_is_calibrated(ppca, data):
+    """Over records, the difference of two independently seeded estimates divided by their
+    combined standard error has a standard deviation near 1 (measured 1.24 at K = 64: R = 4
+    replicates leave the error estimate 3 degrees of freedom, which fattens the tails)."""
+    _, spec, enc, _ = data
+    vae = ppca.to_vae(mean_scale=0.8, var_scale=1.5)
+    with torch.inference_mode():
+        runs = [
+            iwae(vae, enc.x, enc.mask, k=64, seed=s, log_std=spec.continuous_log_std,
+                 standard_error=True)
+            for s in (1, 2, 3, 4)
+        ]  # fmt: skip
+    for a, b in ((runs[0], runs[1]), (runs[2], runs[3])):
+        z = (a.log_likelihood - b.log_likelihood) / torch.hypot(
+            a.log_likelihood_se, b.log_likelihood_se
+        )
+        assert 0.75 < z.std().item() < 1.5, z.std().item()
+    with torch.inference_mode():
+        single = iwae(vae, enc.x, enc.mask, k=1, standard_error=True).log_likelihood_se
+    assert torch.isnan(single).all()  # one point: no spread to measure

@@ -58,12 +58,17 @@ def test_scores_equal_the_direct_estimator(trained, workspace, default_run):
     artifact = outcome.artifact
     enc = artifact.spec.encode(table)
     direct = score_records(
-        artifact.build("cpu"), enc.x, enc.mask, log_std=artifact.spec.continuous_log_std, k=64
+        artifact.build("cpu"), enc.x, enc.mask, log_std=artifact.spec.continuous_log_std, k=32
     )
     np.testing.assert_allclose(
         scored["log_likelihood"].to_numpy(), direct.log_likelihood.numpy(), rtol=1e-12, atol=0
     )
     np.testing.assert_allclose(scored["elbo"].to_numpy(), direct.elbo.numpy(), rtol=1e-12, atol=0)
+    se = scored["log_likelihood_se"].to_numpy()
+    np.testing.assert_allclose(se, direct.log_likelihood_se.numpy(), rtol=1e-12, atol=0)
+    assert (se > 0).all() and (
+        scored["elbo"].to_numpy() <= scored["log_likelihood"].to_numpy()
+    ).all()
     latent = np.stack(scored["latent_mean"].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(latent, direct.latent_mean.numpy(), rtol=1e-6)
     native = Scorer(artifact, model_version="transactions/1", device="cpu").score(table)
@@ -87,7 +92,8 @@ def test_output_follows_the_contract(trained, default_run):
     meta = {k.decode(): v.decode() for k, v in parquet.schema_arrow.metadata.items()}
     assert meta["vaewatch.model_uri"] == outcome.resolved.uri
     assert meta["vaewatch.model_requested"] == "models:/transactions@champion"
-    assert (meta["vaewatch.k"], meta["vaewatch.samples"], meta["vaewatch.seed"]) == ("64", "1", "0")
+    assert (meta["vaewatch.k"], meta["vaewatch.seed"]) == ("32", "0")
+    assert "vaewatch.samples" not in meta
     assert meta["vaewatch.version"]
     manifest = json.loads((out / MANIFEST).read_text())
     # the JSON itself is the contract: plain keys a reader in any language can follow

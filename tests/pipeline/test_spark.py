@@ -15,7 +15,8 @@ from vaewatch.pipeline.score import ScoreJob, run
 pyspark = pytest.importorskip("pyspark", reason="pip install 'vaewatch[spark]'")
 
 RESULT_TYPE = (
-    "struct<elbo: double, log_likelihood: double, anomaly_score: double, "
+    "struct<elbo: double, log_likelihood: double, log_likelihood_se: double, "
+    "anomaly_score: double, "
     "score_percentile: double, is_anomaly: boolean, latent_mean: array<float>, "
     "latent_std: array<float>, top_features: array<struct<feature: string, "
     "contribution: double>>, model_version: string, reason: string>"
