@@ -144,6 +144,7 @@ def train_command(**options) -> None:
             seed=o["seed"],
             device=o["device"],
             mixed_precision=o["mixed_precision"],
+            threads=o["threads"],
             validation_k=o["k"],
         )
         fit = FitConfig(
@@ -221,6 +222,7 @@ def _score_options(o: dict, ctx):
         runner=o["runner"],
         workers=o["workers"],
         shards=o["shards"],
+        threads=o["threads"],
         beam_args=tuple(ctx.args),
     )
 

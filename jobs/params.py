@@ -220,6 +220,16 @@ report_out = option(
 )
 
 
+threads = option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=defaults.THREADS,
+    show_default="the cores this process may use (affinity and cgroup quota), shared by --workers",
+    help="Torch threads per process. Give 1 on runners that start one worker process per core "
+    "(Dataflow, Spark).",
+)
+
+
 def scoring_options(command):
     """The options `score` and `nightly` share, applied in one place."""
     for decorate in reversed(
@@ -232,6 +242,7 @@ def scoring_options(command):
             runner,
             workers,
             shards,
+            threads,
         ]
     ):
         command = decorate(command)

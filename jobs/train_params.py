@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vaewatch.jobs.params import CommaList, IntList, option, seed, train_epochs
+from vaewatch.jobs.params import CommaList, IntList, option, seed, threads, train_epochs
 from vaewatch.model import defaults
 
 # ------------------------------------------------------------------ data and features
@@ -200,6 +200,7 @@ def training_options(command):
             seed,
             device,
             mixed_precision,
+            threads,
             score_k,
             train_threshold_quantile,
             max_validation_rows,

@@ -40,6 +40,7 @@ PATIENCE = 5  # epochs without validation improvement before stopping
 MIN_STEPS_PER_EPOCH = 50
 DEVICE = "auto"  # CUDA when present, else CPU
 MIXED_PRECISION = True  # bfloat16 autocast on CUDA (no effect on CPU)
+THREADS = None  # torch threads: None picks the cores this process may use (model/threads.py)
 MAX_VALIDATION_ROWS = 200_000  # held-out rows kept in memory for validation and calibration
 CACHE_BYTES = 2 * 2**30  # encoded training rows kept in memory up to this size
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from vaewatch.model import defaults
+from vaewatch.model import threads as cpu_threads
 from vaewatch.model.device import resolve_device
 from vaewatch.model.estimators import UNBOUNDED
 from vaewatch.model.estimators import elbo as elbo_estimate
@@ -51,6 +52,7 @@ class TrainConfig:
     seed: int = defaults.SEED  # drives init, the split, shuffling and the training noise
     device: str = defaults.DEVICE
     mixed_precision: bool = defaults.MIXED_PRECISION
+    threads: int | None = defaults.THREADS  # CPU threads; None: the cores this process may use
     validation_k: int = defaults.K  # IWAE samples for the per-epoch validation IWAE
     validation_trim: float = 0.01  # early stopping ignores the worst 1% of validation rows:
     # training data for anomaly detection is rarely clean, and the few anomalous rows get *less*
@@ -200,6 +202,8 @@ def train(
         data = TrainingData.from_tensors(data, mask, config.validation_fraction, config.seed)
     device = resolve_device(config.device)
     autocast = device.type == "cuda" and config.mixed_precision
+    if device.type == "cpu":
+        cpu_threads.apply(config.threads or cpu_threads.threads_for(1))
     torch.manual_seed(config.seed)
     model.reset_parameters()
     generator = torch.Generator().manual_seed(config.seed + 1)

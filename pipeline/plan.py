@@ -8,7 +8,6 @@ output schemas, the staging location and the manifest. Workers get only plain va
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from vaewatch.model.data import InputFile, read_footers, resolve_files
 from vaewatch.model.errors import UserError
 from vaewatch.model.features import FeatureSpec, SchemaMismatchError
 from vaewatch.model.scoring import ScoringOverrides
+from vaewatch.model.threads import threads_for
 from vaewatch.model.version import package_version
 from vaewatch.pipeline.commit import LocalCommitter, ObjectStoreCommitter, committer_for, new_run_id
 from vaewatch.pipeline.transforms import DEFAULT_BATCH_SIZE, ModelSettings
@@ -45,6 +45,7 @@ class ScoreOptions:
     runner: str = LOCAL_RUNNER
     workers: int = 1  # local runner: >1 runs that many worker processes
     shards: int = 0  # output files; 0 lets the runner decide
+    threads: int | None = None  # torch threads per worker process; None: its cores / workers
     beam_args: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -80,12 +81,7 @@ class ScorePlan:
     scored_schema: pa.Schema  # kept + score columns, with the run's Parquet metadata
     committer: LocalCommitter | ObjectStoreCommitter
     manifest: Manifest  # rows in known, counts and files filled in at commit
-    torch_threads: int | None
-
-
-def local_threads(workers: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, workers))
+    torch_threads: int | None  # None: each worker uses the cores it may use
 
 
 def check_inputs(
@@ -177,5 +173,5 @@ def make_plan(job: ScoreJob) -> ScorePlan:
         scored_schema=scored_schema.with_metadata(manifest.parquet_metadata()),
         committer=committer_for(job.output, run_id),
         manifest=manifest,
-        torch_threads=local_threads(options.workers) if options.local else None,
+        torch_threads=options.threads or (threads_for(options.workers) if options.local else None),
     )

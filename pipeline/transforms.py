@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
-from vaewatch.model import defaults
+from vaewatch.model import defaults, threads
 from vaewatch.model.contract import RejectReason, rejected_schema
 from vaewatch.model.errors import UserError
 from vaewatch.model.features import SchemaMismatchError
@@ -224,10 +224,7 @@ class ScoreBatches(beam.DoFn):
         self._rows_scored = Metrics.counter(METRICS_NAMESPACE, "rows_scored")
 
     def setup(self):
-        import torch
-
-        if self._torch_threads:
-            torch.set_num_threads(self._torch_threads)
+        threads.apply(self._torch_threads or threads.threads_for(1))
         self._handle = self._shared.acquire(
             lambda: _ModelHandle(self._model.load()), tag=repr(self._model)
         )
