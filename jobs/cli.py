@@ -223,6 +223,7 @@ def _score_options(o: dict, ctx):
         workers=o["workers"],
         shards=o["shards"],
         threads=o["threads"],
+        precision=o["precision"],
         beam_args=tuple(ctx.args),
     )
 

@@ -230,6 +230,15 @@ threads = option(
 )
 
 
+precision = option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default=defaults.PRECISION,
+    help="The network's matmuls: bf16 (log-densities stay float32/64), fp32, or auto: bf16 "
+    "where the CPU or GPU has it natively.",
+)
+
+
 def scoring_options(command):
     """The options `score` and `nightly` share, applied in one place."""
     for decorate in reversed(
@@ -243,6 +252,7 @@ def scoring_options(command):
             workers,
             shards,
             threads,
+            precision,
         ]
     ):
         command = decorate(command)

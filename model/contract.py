@@ -132,6 +132,7 @@ class Manifest:
     keep: tuple[str, ...]
     started: str  # ISO-8601, UTC
     vaewatch_version: str
+    precision: str = "fp32"  # the scoring matmuls' precision option (auto | fp32 | bf16)
     finished: str = ""  # set at commit
     files: tuple[str, ...] = ()  # scored files, relative to the output
     rejected_files: tuple[str, ...] = ()  # relative to the output
@@ -194,6 +195,7 @@ class Manifest:
             keep=tuple(d.get("keep", ())),
             started=d["started"],
             vaewatch_version=d["vaewatch_version"],
+            precision=d.get("precision", "fp32"),
             finished=d.get("finished", ""),
             files=tuple(d.get("files", ())),
             rejected_files=tuple(d.get("rejected_files", ())),

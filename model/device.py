@@ -25,3 +25,28 @@ def resolve_device(device: str = AUTO) -> torch.device:
             "use --device auto or --device cpu"
         )
     return resolved
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether this device multiplies bfloat16 natively (AVX-512 BF16 or AMX on CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the network's matmuls run in under autocast, or None for float32.
+
+    'bf16': the encoder and decoder MLPs in bfloat16, every log-density, the Jacobian and the
+    logsumexp still in float32/float64 (model/vae.py casts the MLP outputs back). 'auto':
+    bf16 where the device has it natively, else float32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "fp32" or (precision == "auto" and not bf16_is_fast(device)):
+        return None
+    return torch.bfloat16

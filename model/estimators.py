@@ -357,10 +357,16 @@ def score_records(
     k: int = DEFAULT_K,
     seed: int = DEFAULT_SEED,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    matmul_dtype: torch.dtype | None = None,
 ) -> RecordScores:
     """The production estimator: one encoder pass and one decoder pass over the K seeded
-    points give the IWAE, the ELBO, the standard error and the attribution."""
-    with torch.inference_mode():
+    points give the IWAE, the ELBO, the standard error and the attribution. `matmul_dtype`
+    (torch.bfloat16) runs the MLPs' matmuls in that dtype under autocast; the densities stay
+    in the input's precision (model/device.py `resolve_precision`)."""
+    autocast = torch.autocast(
+        x.device.type, dtype=matmul_dtype or torch.bfloat16, enabled=matmul_dtype is not None
+    )
+    with torch.inference_mode(), autocast:
         posterior = model.encoder(x, mask)
         result = iwae(
             model,

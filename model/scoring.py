@@ -14,10 +14,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from vaewatch.model import defaults
 from vaewatch.model.artifact import ModelArtifact
 from vaewatch.model.calibration import check_quantile, top_features
 from vaewatch.model.contract import REASON_COLUMN, RejectReason, score_schema
-from vaewatch.model.device import resolve_device
+from vaewatch.model.device import resolve_device, resolve_precision
 from vaewatch.model.errors import UserError
 from vaewatch.model.estimators import DEFAULT_MEMORY_BUDGET, score_records
 from vaewatch.model.features import RowProblem
@@ -89,12 +90,15 @@ class Scorer:
         *,
         model_version: str,
         device: str = "auto",
+        precision: str = defaults.PRECISION,
         overrides: ScoringOverrides = ScoringOverrides(),  # noqa: B008 - frozen, shared safely
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ):
         self.artifact = artifact
         self.spec = artifact.spec
         self.device = resolve_device(device)
+        self.precision = precision
+        self.matmul_dtype = resolve_precision(precision, self.device)
         self.model = artifact.build(self.device)
         settings = overrides.resolve(artifact)
         self.k, self.seed = settings.k, settings.seed
@@ -106,17 +110,6 @@ class Scorer:
         self.log_std = self.spec.continuous_log_std.to(self.device)
         self._names = self.spec.names()
         self._baseline = np.asarray(calibration.feature_baseline)
-
-    def describe(self) -> dict:
-        """What every output row was scored with (for Parquet metadata and manifests)."""
-        return {
-            "model_version": self.model_version,
-            "k": self.k,
-            "seed": self.seed,
-            "threshold_quantile": self.threshold_quantile,
-            "threshold": self.threshold,
-            "device": str(self.device),
-        }
 
     def score(
         self, batch: pa.RecordBatch | pa.Table, model_version: str | None = None
@@ -146,6 +139,7 @@ class Scorer:
                 k=self.k,
                 seed=self.seed,
                 memory_budget=self.memory_budget,
+                matmul_dtype=self.matmul_dtype,
             )
             arrays = {
                 name: getattr(scores, name).cpu().numpy()

@@ -133,7 +133,8 @@ class Encoder(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> Posterior:
-        h = self.net(self.inputs(x, mask))
+        inputs = self.inputs(x, mask)
+        h = self.net(inputs).to(inputs.dtype)  # under bf16 autocast: the MLP alone in bf16
         mean, log_var = h.chunk(2, dim=-1)
         low, high = self.config.encoder_log_var_range
         return Posterior(mean, log_var.clamp(low, high))
@@ -200,7 +201,7 @@ class Decoder(nn.Module):
     def log_prob(self, z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> FeatureLogProbs:
         """z: (..., B, D); x, mask: (B, F) -> per-feature log p(x_j|z), each (..., B, F_kind)."""
         c = self.config
-        out = self.net(z)
+        out = self.net(z).to(z.dtype)  # densities in the input's precision, whatever the MLP's
         nc, nb = c.n_continuous, c.n_boolean
         mean, raw_log_var, logits_bool, logits_cat = out.split(
             [nc, nc, nb, sum(c.category_sizes)], dim=-1

@@ -32,6 +32,7 @@ from apache_beam.ml.anomaly.detectors.offline import OfflineDetector
 from apache_beam.ml.anomaly.thresholds import FixedThreshold
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult
 
+from vaewatch.model import defaults
 from vaewatch.model.contract import REASON_COLUMN
 from vaewatch.model.scoring import Scorer, ScoringOverrides
 from vaewatch.pipeline.transforms import METRICS_NAMESPACE, ModelSettings
@@ -52,6 +53,7 @@ class VaewatchModelHandler(ModelHandler[Example, PredictionResult, Scorer]):
         seed: int | None = None,
         threshold_quantile: float | None = None,
         model_version: str = "",
+        precision: str = defaults.PRECISION,
         min_batch_size: int = 1,
         max_batch_size: int = 4096,
     ):
@@ -61,6 +63,7 @@ class VaewatchModelHandler(ModelHandler[Example, PredictionResult, Scorer]):
             tracking_uri=tracking_uri,
             model_version=model_version,
             overrides=ScoringOverrides(k, seed, threshold_quantile),
+            precision=precision,
         )
         self._batching = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
 

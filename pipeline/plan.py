@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from vaewatch.model import registry
+from vaewatch.model import defaults, registry
 from vaewatch.model.contract import (
     Manifest,
     ManifestInput,
@@ -39,7 +39,8 @@ LOCAL_RUNNER = "local"  # Beam's in-process FnApiRunner: never fetches anything 
 class ScoreOptions:
     """How to score, shared by `score` and `nightly`."""
 
-    overrides: ScoringOverrides = ScoringOverrides()  # K, S, seed, quantile; None: the model's
+    overrides: ScoringOverrides = ScoringOverrides()  # K, seed, quantile; None: the model's
+    precision: str = defaults.PRECISION  # auto | fp32 | bf16 (model/device.py)
     batch_size: int = DEFAULT_BATCH_SIZE
     keep: Sequence[str] | None = None  # None: the model's id column, when the input has it
     runner: str = LOCAL_RUNNER
@@ -147,6 +148,7 @@ def make_plan(job: ScoreJob) -> ScorePlan:
         threshold=settings.threshold,
         batch_size=options.batch_size,
         runner=options.runner,
+        precision=options.precision,
         workers=options.workers,
         keep=tuple(keep),
         started=dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -160,6 +162,7 @@ def make_plan(job: ScoreJob) -> ScorePlan:
         tracking_uri=job.tracking_uri,
         model_version=resolved.label,
         overrides=options.overrides,
+        precision=options.precision,
     )
     return ScorePlan(
         job=job,

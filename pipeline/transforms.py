@@ -57,7 +57,8 @@ class ModelSettings:
     location: str  # a local model folder, or a pinned models:/NAME/VERSION URI
     tracking_uri: str = ""  # needed for models:/ URIs
     model_version: str = ""  # the label written to the model_version column ("": the model's)
-    overrides: ScoringOverrides = ScoringOverrides()  # K, S, seed, quantile; None: the model's
+    overrides: ScoringOverrides = ScoringOverrides()  # K, seed, quantile; None: the model's
+    precision: str = defaults.PRECISION  # auto | fp32 | bf16: the MLPs' matmuls
 
     def load_artifact(self):
         from vaewatch.model import registry
@@ -75,6 +76,7 @@ class ModelSettings:
             artifact,
             model_version=self.model_version or artifact.metadata.get("model_label", "vaewatch"),
             device="auto",
+            precision=self.precision,
             overrides=self.overrides,
         )
 

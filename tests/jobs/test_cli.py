@@ -115,7 +115,7 @@ def test_option_defaults_are_the_code_defaults():
         ("nightly", ["--input-root", "i", "--output-root", "o", "--model", "m"]),
     ):
         given = _defaults(command, *args)
-        for name in ("batch_size", "keep", "runner", "workers", "shards", "threads"):
+        for name in ("batch_size", "keep", "runner", "workers", "shards", "threads", "precision"):
             assert given[name] == getattr(options, name), (command, name)
         for name in ("k", "seed", "threshold_quantile"):
             assert given[name] == getattr(options.overrides, name), (command, name)

@@ -59,7 +59,8 @@ def test_calibration_is_the_production_score_of_the_held_out_rows(trained, works
     files = sorted((workspace / "train").glob("*.parquet"))
     table = pa.concat_tables([pq.read_table(f) for f in files])
     held = row_uniforms(np.arange(table.num_rows), seed=0) < 0.1  # TrainConfig's split
-    scorer = Scorer(outcome.artifact, model_version="x", device="cpu")
+    # calibration runs in float32 whatever the scoring precision (README: Precision)
+    scorer = Scorer(outcome.artifact, model_version="x", device="cpu", precision="fp32")
     result = scorer.score(table.filter(pa.array(held)))
     scores = np.sort(result.scores["anomaly_score"].to_numpy())
     assert cal.rows == len(scores) == len(result.scored_rows) > 1_000

@@ -7,10 +7,13 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+import torch
 from click.testing import CliRunner
 
 from vaewatch.jobs.cli import main
+from vaewatch.model import defaults
 from vaewatch.model.contract import SCORE_COLUMNS, Manifest, score_schema
+from vaewatch.model.device import resolve_precision
 from vaewatch.model.estimators import score_records
 from vaewatch.model.scoring import Scorer
 from vaewatch.pipeline.commit import MANIFEST, SUCCESS
@@ -58,7 +61,12 @@ def test_scores_equal_the_direct_estimator(trained, workspace, default_run):
     artifact = outcome.artifact
     enc = artifact.spec.encode(table)
     direct = score_records(
-        artifact.build("cpu"), enc.x, enc.mask, log_std=artifact.spec.continuous_log_std, k=32
+        artifact.build("cpu"),
+        enc.x,
+        enc.mask,
+        log_std=artifact.spec.continuous_log_std,
+        k=32,
+        matmul_dtype=resolve_precision(defaults.PRECISION, torch.device("cpu")),
     )
     np.testing.assert_allclose(
         scored["log_likelihood"].to_numpy(), direct.log_likelihood.numpy(), rtol=1e-12, atol=0

@@ -1,0 +1,73 @@
+"""bfloat16 matmuls: what they cost in accuracy, against the Monte Carlo error they hide in."""
+
+import numpy as np
+import pytest
+import torch
+
+from vaewatch.model import device as devices
+from vaewatch.model.errors import UserError
+from vaewatch.model.fit import FitConfig, fit
+from vaewatch.model.scoring import Scorer
+from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
+from vaewatch.model.training import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("precision")
+    pq.write_table(transactions(6000, seed=11), folder / "train.parquet")
+    config = FitConfig(
+        id_column="record_id",
+        exclude=[c for c in LABEL_COLUMNS if c != "record_id"],
+        train=TrainConfig(epochs=8, device="cpu"),
+    )
+    return fit(str(folder), config).artifact, transactions(8000, seed=12)
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(values)).astype(float)
+
+
+def test_bf16_costs_less_than_the_monte_carlo_error(fitted):
+    """Measured on the demo's data: mean |delta| 0.026 nats against a median standard error of
+    0.20 at K=32, Spearman 0.99993; the bound here leaves room for other models."""
+    artifact, table = fitted
+    exact = Scorer(artifact, model_version="t", device="cpu", precision="fp32").score(table)
+    fast = Scorer(artifact, model_version="t", device="cpu", precision="bf16").score(table)
+    a = exact.aligned()["log_likelihood"].to_numpy(zero_copy_only=False)
+    b = fast.aligned()["log_likelihood"].to_numpy(zero_copy_only=False)
+    se = exact.aligned()["log_likelihood_se"].to_numpy(zero_copy_only=False)
+    ok = np.isfinite(a)
+    delta = np.abs(a[ok] - b[ok])
+    assert delta.mean() < 0.25 * np.median(se[ok]), (delta.mean(), np.median(se[ok]))
+    assert np.corrcoef(_ranks(a[ok]), _ranks(b[ok]))[0, 1] > 0.999
+    assert 0 < delta.mean()  # the bf16 path really ran
+
+
+def test_bf16_scores_do_not_depend_on_batching(fitted):
+    artifact, table = fitted
+    scorer = Scorer(artifact, model_version="t", device="cpu", precision="bf16")
+    whole = scorer.score(table).aligned()["log_likelihood"].to_numpy(zero_copy_only=False)
+    parts = np.concatenate(
+        [
+            scorer.score(table.slice(i, 777))
+            .aligned()["log_likelihood"]
+            .to_numpy(zero_copy_only=False)
+            for i in range(0, table.num_rows, 777)
+        ]
+    )
+    np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-9)  # measured: 1.4e-14
+
+
+def test_precision_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    assert devices.resolve_precision("fp32", cpu) is None
+    assert devices.resolve_precision("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(devices, "bf16_is_fast", lambda device: False)
+    assert devices.resolve_precision("auto", cpu) is None
+    monkeypatch.setattr(devices, "bf16_is_fast", lambda device: True)
+    assert devices.resolve_precision("auto", cpu) is torch.bfloat16
+    with pytest.raises(UserError, match="precision 'fp16' is not one of auto, fp32, bf16"):
+        devices.resolve_precision("fp16", cpu)
