@@ -96,7 +96,7 @@ def demo(workdir, rows_per_day, days, epochs, seed, k) -> None:
     except OSError as err:
         raise JobFailed(
             f"cannot create the demo directory {str(workdir)!r}: {err.strerror}. "
-            "Pass a writable --workdir (or set VAEWATCH_WORKDIR)."
+            "Pass a writable --workdir (or set VAEWATCH_DEMO_WORKDIR)."
         ) from err
     run(
         workdir,
@@ -176,7 +176,22 @@ def train_command(**options) -> None:
     click.echo(outcome.resolved.uri)
 
 
-@main.command("score", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+class BeamCommand(click.Command):
+    """A command whose arguments after `--` are Beam pipeline options, passed through as they
+    are; anything before `--` is the command's own, so an unknown option is a usage error
+    (exit 2) instead of being handed to Beam and ignored."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        beam: list[str] = []
+        if "--" in args:
+            split = args.index("--")
+            args, beam = args[:split], args[split + 1 :]
+        rest = super().parse_args(ctx, args)
+        ctx.meta["beam_args"] = tuple(beam)
+        return rest
+
+
+@main.command("score", cls=BeamCommand)
 @params.input_path
 @params.output
 @params.model_uri
@@ -224,13 +239,11 @@ def _score_options(o: dict, ctx):
         shards=o["shards"],
         threads=o["threads"],
         precision=o["precision"],
-        beam_args=tuple(ctx.args),
+        beam_args=ctx.meta["beam_args"],
     )
 
 
-@main.command(
-    "nightly", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
-)
+@main.command("nightly", cls=BeamCommand)
 @params.date
 @params.from_date
 @params.to_date
@@ -361,6 +374,8 @@ def promote_command(tracking_uri, name, version, alias) -> None:
         promote(tracking_uri, name, version, alias)
     click.echo(f"models:/{name}@{alias} -> models:/{name}/{version}")
 
+
+params.assign_envvars(main)
 
 if __name__ == "__main__":
     sys.exit(main())

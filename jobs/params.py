@@ -1,4 +1,6 @@
-"""Every CLI option, defined once: help text and a VAEWATCH_<NAME> environment variable each."""
+"""Every CLI option, defined once, with help text. Environment variables are given per command
+by `assign_envvars`: VAEWATCH_<COMMAND>_<NAME> (VAEWATCH_SCORE_BATCH_SIZE), so no variable sets
+options of two commands; the few options that mean the same everywhere keep VAEWATCH_<NAME>."""
 
 from __future__ import annotations
 
@@ -11,13 +13,35 @@ from vaewatch.model import defaults
 ENV_PREFIX = "VAEWATCH_"
 
 
+SHARED = ("tracking_uri", "model_uri")  # one meaning in every command: VAEWATCH_<NAME>
+
+
 def option(*decls: str, **kwargs):
-    """click.option with its env var from the long flag: --rows-per-day -> VAEWATCH_ROWS_PER_DAY."""
-    long_flag = next(d for d in decls if d.startswith("--")).split("/")[0]
-    kwargs.setdefault("envvar", ENV_PREFIX + long_flag[2:].replace("-", "_").upper())
+    """click.option that shows its default and environment variable in --help."""
     kwargs.setdefault("show_envvar", True)
     kwargs.setdefault("show_default", True)
     return click.option(*decls, **kwargs)
+
+
+def envvar_name(option: click.Option, command_path: tuple[str, ...]) -> str:
+    """--batch-size of `score` -> VAEWATCH_SCORE_BATCH_SIZE; a shared option -> VAEWATCH_<NAME>."""
+    flag = next(o for o in option.opts if o.startswith("--")).split("/")[0][2:]
+    scope = () if option.name in SHARED else command_path
+    return ENV_PREFIX + "_".join([*scope, flag]).replace("-", "_").upper()
+
+
+def assign_envvars(group: click.Group, path: tuple[str, ...] = ()) -> None:
+    """Give every option of every command below `group` its environment variable (a tool's
+    own variable, like MLFLOW_TRACKING_URI, stays as the fallback after vaewatch's)."""
+    for name, command in group.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                own = envvar_name(param, (*path, name))
+                extra = [] if param.envvar is None else [param.envvar] if isinstance(
+                    param.envvar, str) else list(param.envvar)  # fmt: skip
+                param.envvar = [own, *[e for e in extra if not e.startswith(ENV_PREFIX)]]
+        if isinstance(command, click.Group):
+            assign_envvars(command, (*path, name))
 
 
 workdir = option(
@@ -92,7 +116,7 @@ class IntList(CommaList):
 # ------------------------------------------------------------------ MLflow
 tracking_uri = option(
     "--tracking-uri",
-    envvar=[ENV_PREFIX + "TRACKING_URI", "MLFLOW_TRACKING_URI"],
+    envvar=["MLFLOW_TRACKING_URI"],  # after VAEWATCH_TRACKING_URI (assign_envvars)
     default=None,
     show_default="a SQLite file mlflow.db in the working directory",
     help="MLflow tracking and registry URI (http://host:5000, sqlite:///path.db, ...).",

@@ -130,7 +130,7 @@ def test_dataflow_launcher_builds_an_accepted_command(monkeypatch):
     command = main.commands["score"]
     with command.make_context("score", argv[1:]) as ctx:
         assert ctx.params["runner"] == "DataflowRunner" and ctx.params["k"] == 128
-        assert ctx.args == ["--project=p", "--region=r"]
+        assert ctx.meta["beam_args"] == ("--project=p", "--region=r")
 
 
 def test_a_broken_command_line_would_be_caught(monkeypatch):

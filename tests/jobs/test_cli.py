@@ -1,10 +1,11 @@
 """CLI conventions, enforced: help everywhere, one env-var pattern, exit codes."""
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from vaewatch.jobs.cli import main
-from vaewatch.jobs.params import ENV_PREFIX
+from vaewatch.jobs.params import ENV_PREFIX, SHARED
 
 
 def _commands(group: click.Group, prefix=()):
@@ -21,58 +22,90 @@ def test_every_command_and_option_has_help_and_env_var():
             if not isinstance(param, click.Option) or param.name == "help":
                 continue
             assert param.help, f"{' '.join(path)} {param.opts} has no help"
-            expected = (
-                ENV_PREFIX + param.opts[0].lstrip("-").split("/")[0].replace("-", "_").upper()
-            )
+            flag = param.opts[0].lstrip("-").split("/")[0].replace("-", "_").upper()
+            scope = "" if param.name in SHARED else "_".join(path).upper() + "_"
+            expected = ENV_PREFIX + scope + flag
             # the vaewatch variable first; a tool's own (MLFLOW_TRACKING_URI) may follow it
-            envvars = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar)
-            assert envvars[0] == expected, (
-                f"{param.opts}: envvar {param.envvar}, expected {expected}"
-            )
+            assert param.envvar[0] == expected, f"{param.opts}: {param.envvar}, not {expected}"
 
 
 def test_env_var_is_read(monkeypatch):
     demo = main.commands["demo"]
     assert demo.make_context("demo", []).params["days"] == 4
-    monkeypatch.setenv("VAEWATCH_DAYS", "3")
+    monkeypatch.setenv("VAEWATCH_DEMO_DAYS", "3")
     assert demo.make_context("demo", []).params["days"] == 3
     assert demo.make_context("demo", ["--days", "5"]).params["days"] == 5  # the flag wins
 
 
-def test_usage_error_is_exit_2_and_unwritable_workdir_is_exit_1(tmp_path):
-    runner = CliRunner()
-    assert runner.invoke(main, ["demo", "--days", "zero"]).exit_code == 2
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    result = runner.invoke(main, ["demo", "--workdir", str(blocker / "sub")])
-    assert result.exit_code == 1
-    assert "cannot create the demo directory" in result.output and "--workdir" in result.output
-    assert "Traceback" not in result.output
+REQUIRED = {
+    "train": ["--data", "d", "--model-name", "m"],
+    "score": ["--input", "i", "--output", "o", "--model", "m"],
+    "nightly": ["--input-root", "i", "--output-root", "o", "--model", "m"],
+    "query": ["out", "SELECT 1"],
+    "top": ["out"],
+    "summary": ["out"],
+    "report": ["out"],
+    "promote": ["name", "1"],
+}
+VALUES = {click.INT: "7", click.FLOAT: "0.5", click.STRING: "x", click.BOOL: "true"}
 
 
-def test_demo_end_to_end_small(tmp_path):
-    result = CliRunner().invoke(
-        main,
-        [
-            "demo",
-            "--workdir",
-            str(tmp_path),
-            "--rows-per-day",
-            "4000",
-            "--days",
-            "2",
-            "--epochs",
-            "12",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    auc = float(result.output.rsplit("ROC-AUC against the injected labels:", 1)[1].split()[0])
-    assert auc > 0.9, result.output
-    assert (tmp_path / "input" / "dt=2026-01-02" / "part-0.parquet").exists()
-    assert (tmp_path / "scores" / "dt=2026-01-02" / "_SUCCESS").exists()  # nightly committed it
-    assert (tmp_path / "report.html").stat().st_size > 50_000
-    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlruns").is_dir()
-    assert "summary (vaewatch summary)" in result.output and "vaewatch top" in result.output
+def _value(param: click.Option) -> str:
+    """A valid value for the option that differs from its default."""
+    if isinstance(param.type, click.Choice):
+        return next(c for c in param.type.choices if c != param.default)
+    if isinstance(param.type, click.IntRange | click.FloatRange):
+        low = param.type.min if param.type.min is not None else 0
+        return str(low + 1 if isinstance(param.type, click.IntRange) else 0.25)
+    if param.is_flag:
+        return "false" if param.default else "true"
+    if param.name in ("hidden",):
+        return "7,7"
+    return VALUES.get(param.type, "a,b")
+
+
+def test_each_variable_changes_only_its_own_commands_option(monkeypatch):
+    """Set each command's variables one at a time: the option changes for that command, and no
+    option of any other command moves."""
+    commands = dict(_commands(main))
+
+    def all_params():
+        out = {}
+        for path, command in commands.items():
+            if isinstance(command, click.Group):
+                continue
+            args = REQUIRED.get(path[-1], [])
+            out[path] = command.make_context(path[-1], list(args)).params
+        return out
+
+    baseline = all_params()
+    for path, command in commands.items():
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.name == "help" or param.required:
+                continue
+            variable = param.envvar[0]
+            with monkeypatch.context() as m:
+                m.setenv(variable, _value(param))
+                now = all_params()
+            moved = {(p, n) for p in now for n in now[p] if now[p][n] != baseline[p][n]}
+            if param.name in SHARED:
+                assert all(n == param.name for _, n in moved), (variable, moved)
+            else:
+                assert moved == {(path, param.name)}, (variable, moved)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["nightly", "--input-root", "i", "--output-root", "o", "--model", "m", "--catch-up"],
+        ["score", "--input", "i", "--output", "o", "--model", "m", "--json"],
+        ["score", "--input", "i", "--output", "o", "--model", "m", "stray"],
+    ],
+)
+def test_a_typo_is_a_usage_error_not_a_beam_option(args):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert ("No such option" in result.output) or ("unexpected extra argument" in result.output)
 
 
 def _defaults(command: str, *args: str) -> dict:

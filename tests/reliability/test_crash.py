@@ -65,7 +65,7 @@ def baseline(trained, crash_input, tmp_path_factory):
 
 def _env(point, mark):
     env = dict(os.environ, **{faults.CRASH_ENV: point, faults.MARK_ENV: str(mark)})
-    env.pop("VAEWATCH_WORKERS", None)
+    env.pop("VAEWATCH_SCORE_WORKERS", None)
     return env
 
 
