@@ -225,9 +225,10 @@ force = option(
 output_format = option(
     "--format",
     "output_format",
-    type=click.Choice(["table", "csv", "json", "parquet"]),
+    type=click.Choice(["table", "csv", "json", "jsonl", "parquet"]),
     default="table",
-    help="Result format (parquet needs --out).",
+    help="Result format: json is one JSON array (NaN as null), jsonl one object per line; "
+    "parquet needs --out.",
 )
 result_out = option(
     "--out", "result_out", default=None, help="Write the result to this file instead of stdout."

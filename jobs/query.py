@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import json
-import sys
+import math
 from dataclasses import dataclass
 
 import duckdb
@@ -25,8 +26,6 @@ from vaewatch.jobs.nightly import DATE
 from vaewatch.model.contract import Manifest
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline.commit import match_paths, read_manifest
-
-FORMATS = ("table", "csv", "json", "parquet")
 
 
 @dataclass
@@ -81,23 +80,51 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
 
 
 def write_result(result: duckdb.DuckDBPyRelation, fmt: str, out: str | None, echo=print) -> None:
+    """The result in `fmt`, to `out` when given, else stdout (through `echo`). `json` is one
+    JSON document (an array of objects; NaN and infinities are null), `jsonl` one object per
+    line; an empty result is an empty document in every format."""
     if fmt == "parquet":
         if not out:
             raise UserError("--format parquet needs --out FILE.parquet")
         result.write_parquet(out)
         echo(f"wrote {out}")
         return
-    columns = result.columns
-    rows = result.fetchall()
+    columns, rows = result.columns, result.fetchall()
+    records = [dict(zip(columns, row, strict=True)) for row in rows]
     if fmt == "json":
-        for row in rows:
-            echo(json.dumps(dict(zip(columns, row, strict=True)), default=str))
+        text = json.dumps(_jsonable(records), indent=1, allow_nan=False) + "\n"
+    elif fmt == "jsonl":
+        text = "".join(json.dumps(_jsonable(r), allow_nan=False) + "\n" for r in records)
     elif fmt == "csv":
-        writer = csv.writer(sys.stdout if out is None else open(out, "w", newline=""))  # noqa: SIM115
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
         writer.writerow(columns)
         writer.writerows(rows)
+        text = buffer.getvalue()
     else:
-        echo(format_table(columns, rows))
+        text = format_table(columns, rows) + "\n"
+    if out is None:
+        echo(text.removesuffix("\n"))
+        return
+    try:
+        with open(out, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+    except OSError as err:
+        raise UserError(f"cannot write the result to {out!r}: {err.strerror}") from err
+    echo(f"wrote {out}")
+
+
+def _jsonable(value):
+    """Plain JSON values: NaN/inf as null, dates and decimals as text, nested lists/structs."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return str(value)
 
 
 def top_features_text(value) -> str:

@@ -60,7 +60,7 @@ def test_two_days_a_rerun_and_a_backfill(trained, partitions):
         "--format", "json",
     )  # fmt: skip
     assert counts.exit_code == 0, counts.output
-    got = [json.loads(line) for line in counts.output.strip().splitlines()]
+    got = json.loads(counts.output)  # one JSON document
     assert got == [
         {"dt": "2026-03-01", "n": 1000},
         {"dt": "2026-03-02", "n": 1100},
@@ -86,19 +86,42 @@ def test_query_top_summary_see_committed_output_only(committed, tmp_path):
     result = _invoke("query", out, "SELECT count(*) AS n FROM scores", "--format", "csv")
     assert result.exit_code == 0 and result.output.split() == ["n", "3300"], result.output
 
-    summary = _invoke("summary", out, "--format", "json")
+    summary = _invoke("summary", out, "--format", "jsonl")
     days = [json.loads(line) for line in summary.output.strip().splitlines()]
     assert [d["dt"] for d in days] == ["2026-03-01", "2026-03-02", "2026-03-03"]
     assert [d["rows"] for d in days] == [1000, 1100, 1200]
     assert all(0 < d["anomaly_rate"] < 0.2 and d["model_version"] == "transactions/1" for d in days)
 
     top = _invoke("top", out, "--date", "2026-03-02", "-n", "5", "--format", "json")
-    rows = [json.loads(line) for line in top.output.strip().splitlines()]
+    rows = json.loads(top.output)
     assert len(rows) == 5 and {r["dt"] for r in rows} == {"2026-03-02"}
     scores = [r["anomaly_score"] for r in rows]
     assert scores == sorted(scores, reverse=True) and rows[0]["top_features"]
     table = _invoke("top", out, "-n", "3")
     assert table.exit_code == 0 and "anomaly_score" in table.output and "+" in table.output
+
+
+def test_query_formats_are_valid_documents_and_honour_out(committed, tmp_path):
+    sql = "SELECT * FROM (VALUES (1, 'NaN'::DOUBLE), (2, 'inf'::DOUBLE), (3, 0.5)) t(i, x)"
+    as_json = _invoke("query", committed, sql, "--format", "json")
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.output) == [
+        {"i": 1, "x": None},
+        {"i": 2, "x": None},
+        {"i": 3, "x": 0.5},
+    ]
+    lines = _invoke("query", committed, sql, "--format", "jsonl").output.strip().splitlines()
+    assert [json.loads(line)["i"] for line in lines] == [1, 2, 3]
+    empty = "SELECT count(*) AS n FROM scores WHERE false GROUP BY dt"
+    assert json.loads(_invoke("query", committed, empty, "--format", "json").output) == []
+    assert _invoke("query", committed, empty, "--format", "jsonl").output.strip() == ""
+    assert _invoke("query", committed, empty, "--format", "csv").output.split() == ["n"]
+    for fmt in ("table", "csv", "json", "jsonl"):
+        target = tmp_path / f"result.{fmt}"
+        done = _invoke("query", committed, sql, "--format", fmt, "--out", target)
+        assert done.exit_code == 0 and done.output.strip() == f"wrote {target}", done.output
+        assert target.read_text().strip() and "1" in target.read_text()
+    assert json.loads((tmp_path / "result.json").read_text())[2] == {"i": 3, "x": 0.5}
 
 
 def test_paths_with_quotes_and_bad_sql(committed, tmp_path):
@@ -203,7 +226,7 @@ def test_report_embeds_valid_pngs_and_names_the_top_anomalies(committed, tmp_pat
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
     assert "<script" not in page and "http" not in page.split("<body>")[1]  # self-contained
     top = _invoke("top", committed, "--date", "2026-03-03", "-n", "3", "--format", "json")
-    ids = [json.loads(line)["record_id"] for line in top.output.strip().splitlines()]
+    ids = [row["record_id"] for row in json.loads(top.output)]
     for record_id in ids:
         assert f"<td>{record_id}</td>" in page
     assert "Most anomalous records, 2026-03-03" in page
