@@ -11,7 +11,7 @@ import sys
 import click
 
 from vaewatch.jobs import params, train_params
-from vaewatch.model.errors import UserError
+from vaewatch.model.errors import DependencyUnavailable, UserError
 from vaewatch.model.version import package_version
 
 
@@ -55,6 +55,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILED = 1  # the job failed for a reason the user can fix; the message says which
     USAGE = 2  # click's own code for bad usage
+    TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: a dependency did not answer, nothing was committed
 
 
 class JobFailed(click.ClickException):
@@ -65,9 +66,14 @@ class JobFailed(click.ClickException):
 
 @contextlib.contextmanager
 def user_errors_exit_1():
-    """Turn a UserError (bad input, missing model, ...) into JobFailed: its message, exit 1."""
+    """Turn a UserError (bad input, missing model, ...) into JobFailed: its message, exit 1;
+    a dependency that did not answer into exit 75, which a scheduler may retry."""
     try:
         yield
+    except DependencyUnavailable as err:
+        failed = JobFailed(f"{err} Retry later (exit {ExitCode.TEMPFAIL}).")
+        failed.exit_code = ExitCode.TEMPFAIL
+        raise failed from err
     except UserError as err:
         raise JobFailed(str(err)) from err
 
@@ -75,7 +81,13 @@ def user_errors_exit_1():
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_version(), prog_name="vaewatch")
 def main() -> None:
-    """vaewatch: score tabular Parquet records by how unlikely they are under a VAE."""
+    """vaewatch: score tabular Parquet records by how unlikely they are under a VAE.
+
+    Exit codes: 0 success; 1 the job failed because of its input or configuration (the message
+    says what to fix; retrying will not help); 2 usage error, an unknown option included (only
+    arguments after -- go to Beam); 75 a service the job needs (the tracking server) did not
+    answer and nothing was committed: retry later.
+    """
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
 

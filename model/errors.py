@@ -4,3 +4,8 @@
 class UserError(ValueError):
     """Bad input, bad configuration or a missing model: the message names the thing, the value
     and the fix. Anything else that escapes is a bug and keeps its traceback."""
+
+
+class DependencyUnavailable(UserError):
+    """A service the job needs (the tracking server, an object store, a worker pool) did not
+    answer, and nothing was committed: the same job may succeed later (the CLI exits 75)."""

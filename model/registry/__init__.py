@@ -31,7 +31,7 @@ from mlflow.types.schema import ParamSchema, ParamSpec
 
 from vaewatch.model import defaults
 from vaewatch.model.artifact import CONFIG_FILE, ArtifactError, ModelArtifact, sha256_file
-from vaewatch.model.errors import UserError
+from vaewatch.model.errors import DependencyUnavailable, UserError
 from vaewatch.model.registry.pyfunc_model import ARTIFACT_KEY
 
 DEFAULT_EXPERIMENT = defaults.EXPERIMENT
@@ -42,7 +42,11 @@ MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<vers
 
 
 class RegistryError(UserError):
-    """The tracking server cannot be reached or refuses a request."""
+    """The tracking server refuses a request."""
+
+
+class TrackingServerUnavailable(RegistryError, DependencyUnavailable):
+    """The tracking server does not answer at all."""
 
 
 class ModelNotFoundError(UserError):
@@ -79,7 +83,7 @@ def check_reachable(tracking_uri: str, attempts: int = REACH_ATTEMPTS) -> None:
             if attempt + 1 < attempts:
                 time.sleep(2**attempt)
     reason = getattr(last, "reason", last)
-    raise RegistryError(
+    raise TrackingServerUnavailable(
         f"cannot reach the MLflow tracking server at {tracking_uri!r} ({reason}; {attempts} "
         "tries). Check --tracking-uri / MLFLOW_TRACKING_URI and that the server is up; nothing "
         "was written."

@@ -1,4 +1,5 @@
-"""An MLflow server that is down: a clear exit 1 after a few quick tries, nothing written."""
+"""An MLflow server that is down: a clear exit 75 (retry later) after a few quick tries, nothing
+written."""
 
 import socket
 
@@ -22,7 +23,7 @@ def test_score_and_train_against_a_server_that_is_down(workspace, tmp_path, monk
         ["score", "--input", str(workspace / "holdout"), "--output", str(tmp_path / "out"),
          "--model", "models:/transactions@champion", "--tracking-uri", uri],
     )  # fmt: skip
-    assert score.exit_code == 1, score.output
+    assert score.exit_code == 75, score.output
     assert "cannot reach the MLflow tracking server" in score.output and uri in score.output
     assert "Traceback" not in score.output and not (tmp_path / "out").exists()
 
@@ -31,6 +32,6 @@ def test_score_and_train_against_a_server_that_is_down(workspace, tmp_path, monk
         ["train", "--data", str(workspace / "train"), "--model-name", "m", "--epochs", "1",
          "--exclude", ",".join(TRAIN_EXCLUDE), "--tracking-uri", uri, "--no-progress"],
     )  # fmt: skip
-    assert train.exit_code == 1, train.output
+    assert train.exit_code == 75, train.output
     assert "cannot reach the MLflow tracking server" in train.output
     assert not list(tmp_path.iterdir())  # no mlruns, no database, nothing
