@@ -263,15 +263,18 @@ def _score_options(o: dict, ctx):
 @params.output_root
 @params.model_uri
 @params.tracking_uri
+@params.catch_up
 @params.force
 @params.scoring_options
 @click.pass_context
 def nightly_command(ctx, **o) -> None:
-    """Score one day's partition (default: yesterday, UTC) or a --from/--to backfill.
+    """Score one day's partition (default: yesterday, UTC), a --from/--to backfill, or with
+    --catch-up every input partition up to yesterday.
 
     Reads INPUT_ROOT/dt=DATE/ and commits OUTPUT_ROOT/dt=DATE/ atomically; a re-run replaces
-    the day, and a day already committed with the same model version is skipped unless
-    --force. The alias is pinned once for the whole run.
+    the day, and a day already committed with the same model version and the same input files
+    is skipped unless --force (changed inputs are re-scored). The alias is pinned once for the
+    whole run.
     """
     from vaewatch.jobs.nightly import NightlyJob, days_to_score, run_nightly
     from vaewatch.model import registry
@@ -282,7 +285,13 @@ def nightly_command(ctx, **o) -> None:
             output_root=o["output_root"],
             model=o["model_uri"],
             tracking_uri=o["tracking_uri"] or registry.default_tracking_uri(),
-            days=days_to_score(o["date"], o["from_date"], o["to_date"]),
+            days=days_to_score(
+                o["date"],
+                o["from_date"],
+                o["to_date"],
+                catch_up=o["catch_up"],
+                input_root=o["input_root"],
+            ),  # fmt: skip
             force=o["force"],
             options=_score_options(o, ctx),
         )

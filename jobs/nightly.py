@@ -1,7 +1,10 @@
 """`vaewatch nightly`: score ROOT/dt=DATE/ into OUT/dt=DATE/, one committed partition per day.
 
 The model alias is pinned once for the whole run, so a promotion during a backfill cannot mix
-versions. A day already committed with that same version is skipped unless `force`. Every
+versions. A day already committed with that same version and the same input files (paths,
+sizes, modification times, as its manifest lists them) is skipped unless `force`; a day whose
+inputs changed since (late or corrected data) is re-scored. `--catch-up` takes every input
+partition up to yesterday, so a night a scheduler missed is scored by the next one. Every
 input partition is checked before any work, so a missing day fails the run at once.
 """
 
@@ -11,9 +14,14 @@ import datetime as dt
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
 
 from vaewatch.model import registry
-from vaewatch.model.data import InputError, resolve_files
+from vaewatch.model.contract import Manifest
+from vaewatch.model.data import InputError, InputFile, resolve_files
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline import faults
 from vaewatch.pipeline.commit import read_manifest
@@ -53,8 +61,16 @@ def days_to_score(
     from_date: str | None,
     to_date: str | None,
     now: dt.datetime | None = None,
+    *,
+    catch_up: bool = False,
+    input_root: str = "",
 ) -> list[dt.date]:
-    """The days a nightly run scores: --date, a --from/--to backfill, or yesterday (UTC)."""
+    """The days a nightly run scores: --date, a --from/--to backfill, --catch-up (every input
+    partition from --from up to yesterday), or yesterday (UTC)."""
+    if catch_up:
+        if date or to_date:
+            raise UserError("--catch-up runs up to yesterday: give it no --date or --to")
+        return catch_up_days(input_root, from_date, now)
     if from_date or to_date:
         if date or not (from_date and to_date):
             raise UserError("a backfill needs both --from and --to, and no --date")
@@ -64,6 +80,51 @@ def days_to_score(
 
 def partition(root: str, day: dt.date) -> str:
     return f"{root.rstrip('/')}/dt={day.isoformat()}"
+
+
+def input_days(input_root: str) -> list[dt.date]:
+    """The dt=YYYY-MM-DD partitions under `input_root`, oldest first."""
+    try:
+        filesystem, base = pafs.FileSystem.from_uri(input_root)
+    except (pa.ArrowInvalid, ValueError):
+        filesystem, base = pafs.LocalFileSystem(), str(Path(input_root).expanduser().absolute())
+    try:
+        entries = filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
+    except FileNotFoundError as err:
+        raise UserError(f"--input-root {input_root!r} does not exist") from err
+    names = [e.base_name for e in entries if e.type == pafs.FileType.Directory]
+    return sorted(
+        dt.date.fromisoformat(n[3:]) for n in names if n.startswith("dt=") and DATE.fullmatch(n[3:])
+    )
+
+
+def catch_up_days(
+    input_root: str, from_date: str | None, now: dt.datetime | None = None
+) -> list[dt.date]:
+    """Every input partition from --from (default: the earliest) up to yesterday, oldest first;
+    run_nightly then skips the days already committed with the same model and inputs."""
+    first = parse_date(from_date, "--from") if from_date else None
+    last = yesterday_utc(now)
+    days = [d for d in input_days(input_root) if d <= last and (first is None or d >= first)]
+    if not days:
+        raise UserError(
+            f"--catch-up found no dt=YYYY-MM-DD partition under {input_root!r} up to {last}"
+            + (f" from {first}" if first else "")
+        )
+    return days
+
+
+def stale_inputs(committed: Manifest, files: Sequence[InputFile]) -> str | None:
+    """Why a committed day's inputs differ from what is there now, or None if they do not."""
+    then = {(i.path, i.size, i.modified) for i in committed.inputs}
+    now = {(f.path, f.size, f.modified) for f in files}
+    if then == now:
+        return None
+    paths_then, paths_now = {p for p, _, _ in then}, {p for p, _, _ in now}
+    added, removed = len(paths_now - paths_then), len(paths_then - paths_now)
+    changed = len({p for p, _, _ in now - then} & paths_then)
+    return f"its input changed since it was committed ({added} added, {removed} removed, " \
+        f"{changed} modified)"  # fmt: skip
 
 
 @dataclass
@@ -90,10 +151,10 @@ class DayOutcome:
 def run_nightly(job: NightlyJob, echo: Callable[[str], None] = print) -> list[DayOutcome]:
     pinned = registry.resolve(job.model, job.tracking_uri)
     echo(f"model {job.model} -> {pinned.uri}")
-    missing = []
+    missing, inputs = [], {}
     for day in job.days:
         try:
-            resolve_files(partition(job.input_root, day))
+            inputs[day] = resolve_files(partition(job.input_root, day))[1]
         except InputError:
             missing.append(partition(job.input_root, day))
     if missing:
@@ -106,12 +167,15 @@ def run_nightly(job: NightlyJob, echo: Callable[[str], None] = print) -> list[Da
         out = partition(job.output_root, day)
         committed = read_manifest(out)
         if committed and committed.model.uri == pinned.uri and not job.force:
-            rows = committed.rows
-            echo(f"{day}: already committed with {pinned.uri}; skipped (--force re-scores)")
-            outcomes.append(
-                DayOutcome(day, "skipped", rows.rows_in, rows.scored, rows.rejected, out)
-            )
-            continue
+            stale = stale_inputs(committed, inputs[day])
+            if stale is None:
+                rows = committed.rows
+                echo(f"{day}: already committed with {pinned.uri}; skipped (--force re-scores)")
+                outcomes.append(
+                    DayOutcome(day, "skipped", rows.rows_in, rows.scored, rows.rejected, out)
+                )
+                continue
+            echo(f"{day}: re-scoring: {stale}")
         result = run(
             ScoreJob(
                 input=partition(job.input_root, day),

@@ -217,6 +217,12 @@ input_root = option(
 output_root = option(
     "--output-root", required=True, help="Folder receiving the dt=YYYY-MM-DD/ scored partitions."
 )
+catch_up = option(
+    "--catch-up/--no-catch-up",
+    default=False,
+    help="Score every input partition up to yesterday (UTC) that has no committed output, or a "
+    "stale one, oldest first; --from bounds it (default: the earliest input partition).",
+)
 force = option(
     "--force/--no-force",
     default=False,

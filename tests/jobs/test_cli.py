@@ -97,7 +97,7 @@ def test_each_variable_changes_only_its_own_commands_option(monkeypatch):
 @pytest.mark.parametrize(
     "args",
     [
-        ["nightly", "--input-root", "i", "--output-root", "o", "--model", "m", "--catch-up"],
+        ["nightly", "--input-root", "i", "--output-root", "o", "--model", "m", "--catchup"],
         ["score", "--input", "i", "--output", "o", "--model", "m", "--json"],
         ["score", "--input", "i", "--output", "o", "--model", "m", "stray"],
     ],

@@ -4,6 +4,7 @@ import datetime as dt
 import json
 import shutil
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -230,3 +231,31 @@ def test_report_embeds_valid_pngs_and_names_the_top_anomalies(committed, tmp_pat
     for record_id in ids:
         assert f"<td>{record_id}</td>" in page
     assert "Most anomalous records, 2026-03-03" in page
+
+
+def test_changed_input_is_rescored_and_catch_up_fills_missed_days(trained, tmp_path):
+    root = tmp_path
+    days = [dt.date.today() - dt.timedelta(days=n) for n in (5, 4, 3)]  # all before yesterday
+    for i, day in enumerate(days):
+        write_days(root / "in" / f"dt={day}", days=1, rows=500 + 10 * i, anomaly_rate=0.02, seed=i)
+    caught = _nightly(trained, root, "--catch-up")
+    assert caught.exit_code == 0, caught.output
+    assert [line.split(":")[0] for line in caught.output.splitlines() if ": scored" in line] == [
+        str(d) for d in days
+    ]  # the three missed days, oldest first
+    again = _nightly(trained, root, "--catch-up")
+    assert again.exit_code == 0 and again.output.count("skipped") == 3, again.output
+    # a late correction of the middle day: its file gains rows after it was committed
+    late = root / "in" / f"dt={days[1]}" / "part-0.parquet"
+    table = pq.read_table(late)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 25)]), late)
+    healed = _nightly(trained, root, "--date", str(days[1]))
+    assert healed.exit_code == 0, healed.output
+    assert "re-scoring: its input changed since it was committed (0 added, 0 removed, 1 " in (
+        healed.output
+    )
+    assert read_manifest(str(root / "out" / f"dt={days[1]}")).rows.rows_in == 510 + 25
+    bounded = _nightly(trained, root, "--catch-up", "--from", str(days[2]))
+    assert bounded.exit_code == 0 and bounded.output.count("skipped") == 1, bounded.output
+    clash = _nightly(trained, root, "--catch-up", "--date", str(days[0]))
+    assert clash.exit_code == 1 and "--catch-up runs up to yesterday" in clash.output
