@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import logging
 import os
 import sys
@@ -123,6 +124,7 @@ def demo(workdir, rows_per_day, days, epochs, seed, k) -> None:
 
 @main.command("train")
 @train_params.data
+@params.json_report
 @params.model_name
 @params.tracking_uri
 @params.experiment
@@ -185,6 +187,24 @@ def train_command(**options) -> None:
             progress=sys.stderr.isatty() if o["progress"] is None else o["progress"],
         )
         outcome = run(job, echo=lambda line: click.echo(line, err=True))
+    if options["json_report"]:
+        fitted = outcome.fitted
+        _emit_json(
+            {
+                "command": "train",
+                "model_uri": outcome.resolved.uri,
+                "model_name": outcome.resolved.name,
+                "model_version": outcome.resolved.version,
+                "alias": job.alias,
+                "run_id": outcome.resolved.run_id,
+                "rows": fitted.prepared.counts.to_json(),
+                "epochs": len(fitted.history),
+                "best_epoch": fitted.best_epoch,
+                "threshold": fitted.artifact.calibration.threshold(),
+                "data_fingerprint": fitted.prepared.fingerprint.digest,
+            }
+        )
+        return
     click.echo(outcome.resolved.uri)
 
 
@@ -203,12 +223,33 @@ class BeamCommand(click.Command):
         return rest
 
 
+def _emit_json(report: dict) -> None:
+    click.echo(json.dumps(report, indent=1, sort_keys=True, allow_nan=False))
+
+
+def _run_summary(manifest, output: str) -> dict:
+    """What a committed scoring run did, from its manifest."""
+    return {
+        "output": output,
+        "model_uri": manifest.model.uri,
+        "model_version": manifest.model.version,
+        "run_id": manifest.run_id,
+        "rows": manifest.rows.to_json(),
+        "k": manifest.k,
+        "seed": manifest.seed,
+        "threshold": manifest.threshold,
+        "started": manifest.started,
+        "finished": manifest.finished,
+    }
+
+
 @main.command("score", cls=BeamCommand)
 @params.input_path
 @params.output
 @params.model_uri
 @params.tracking_uri
 @params.scoring_options
+@params.json_report
 @click.pass_context
 def score_command(ctx, **o) -> None:
     """Score Parquet with a registered model in a Beam pipeline; commit OUTPUT atomically.
@@ -229,6 +270,9 @@ def score_command(ctx, **o) -> None:
             options=_score_options(o, ctx),
         )
         result = run(job)
+    if o["json_report"]:
+        _emit_json({"command": "score", **_run_summary(result.manifest, result.output)})
+        return
     rows = result.manifest.rows
     click.echo(
         f"scored {rows.scored:,} of {rows.rows_in:,} rows ({rows.rejected:,} rejected) with "
@@ -266,6 +310,7 @@ def _score_options(o: dict, ctx):
 @params.catch_up
 @params.force
 @params.scoring_options
+@params.json_report
 @click.pass_context
 def nightly_command(ctx, **o) -> None:
     """Score one day's partition (default: yesterday, UTC), a --from/--to backfill, or with
@@ -296,6 +341,16 @@ def nightly_command(ctx, **o) -> None:
             options=_score_options(o, ctx),
         )
         outcomes = run_nightly(job, echo=lambda line: click.echo(line, err=True))
+    if o["json_report"]:
+        from vaewatch.pipeline.commit import read_manifest
+
+        days = []
+        for outcome in outcomes:
+            manifest = read_manifest(outcome.output)
+            days.append({"day": str(outcome.day), "status": outcome.status,
+                         **_run_summary(manifest, outcome.output)})  # fmt: skip
+        _emit_json({"command": "nightly", "model": job.model, "days": days})
+        return
     for outcome in outcomes:
         click.echo(outcome.output)
 
@@ -386,13 +441,18 @@ def models_group(ctx, tracking_uri) -> None:
 @click.argument("name")
 @click.argument("version")
 @params.alias
+@params.json_report
 @click.pass_obj
-def promote_command(tracking_uri, name, version, alias) -> None:
+def promote_command(tracking_uri, name, version, alias, json_report) -> None:
     """Point ALIAS (default champion) at VERSION of the registered model NAME."""
     from vaewatch.jobs.models import promote
 
     with user_errors_exit_1():
         promote(tracking_uri, name, version, alias)
+    if json_report:
+        _emit_json({"command": "models promote", "alias_uri": f"models:/{name}@{alias}",
+                    "model_uri": f"models:/{name}/{version}"})  # fmt: skip
+        return
     click.echo(f"models:/{name}@{alias} -> models:/{name}/{version}")
 
 

@@ -270,6 +270,14 @@ precision = option(
 )
 
 
+json_report = option(
+    "--json/--no-json",
+    "json_report",
+    default=False,
+    help="Print one JSON object describing what the run did on stdout (for schedulers, XCom).",
+)
+
+
 def scoring_options(command):
     """The options `score` and `nightly` share, applied in one place."""
     for decorate in reversed(

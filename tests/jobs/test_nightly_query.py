@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import write_days
+from tests.conftest import TRAIN_EXCLUDE, write_days
 from vaewatch.jobs.cli import main
 from vaewatch.jobs.nightly import parse_date
 from vaewatch.model.errors import UserError
@@ -259,3 +259,32 @@ def test_changed_input_is_rescored_and_catch_up_fills_missed_days(trained, tmp_p
     assert bounded.exit_code == 0 and bounded.output.count("skipped") == 1, bounded.output
     clash = _nightly(trained, root, "--catch-up", "--date", str(days[0]))
     assert clash.exit_code == 1 and "--catch-up runs up to yesterday" in clash.output
+
+
+def test_json_reports_match_what_was_committed(trained, workspace, partitions, tmp_path):
+    job, _ = trained
+    scored = _invoke(
+        "score", "--input", partitions / "in" / "dt=2026-03-02", "--output", tmp_path / "s",
+        "--model", "models:/transactions@champion", "--tracking-uri", job.tracking_uri, "--json",
+    )  # fmt: skip
+    assert scored.exit_code == 0, scored.output
+    report = json.loads(scored.stdout)  # stdout is the document; progress goes to stderr
+    manifest = read_manifest(str(tmp_path / "s"))
+    assert report["rows"] == manifest.rows.to_json() == {"in": 1100, "scored": 1100, "rejected": 0}
+    assert report["run_id"] == manifest.run_id and report["model_uri"] == manifest.model.uri
+    nightly = _nightly(trained, partitions, "--date", "2026-03-03", "--json", out="j")
+    assert nightly.exit_code == 0, nightly.output
+    [day] = json.loads(nightly.stdout)["days"]
+    committed = read_manifest(str(partitions / "j" / "dt=2026-03-03"))
+    assert (day["day"], day["status"]) == ("2026-03-03", "scored")
+    assert day["rows"] == committed.rows.to_json() and day["rows"]["in"] == 1200
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
+        trained_json = _invoke(
+            "train", "--data", workspace / "train" / "part-0.parquet", "--model-name", "j",
+            "--epochs", "1", "--exclude", ",".join(TRAIN_EXCLUDE), "--no-progress", "--json",
+        )  # fmt: skip
+        assert trained_json.exit_code == 0, trained_json.output
+        model = json.loads(trained_json.stdout)
+        assert model["model_uri"] == "models:/j/1" and model["rows"]["rows_read"] == 5_000
+        promoted = _invoke("models", "promote", "j", "1", "--alias", "staging", "--json")
+        assert json.loads(promoted.stdout)["alias_uri"] == "models:/j@staging", promoted.output
