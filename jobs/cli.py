@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from vaewatch.jobs import params, train_params
+from vaewatch.jobs import logs, params, train_params
 from vaewatch.model.errors import DependencyUnavailable, UserError
 from vaewatch.model.version import package_version
 
@@ -81,7 +81,18 @@ def user_errors_exit_1():
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_version(), prog_name="vaewatch")
-def main() -> None:
+@click.option(
+    "-v", "--verbose", count=True, help="More log: vaewatch's debug lines and the libraries' info."
+)
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="stderr log lines as text, or as one JSON object per line (for log collectors).",
+)
+def main(verbose: int, quiet: bool, log_format: str) -> None:
     """vaewatch: score tabular Parquet records by how unlikely they are under a VAE.
 
     Exit codes: 0 success; 1 the job failed because of its input or configuration (the message
@@ -91,6 +102,7 @@ def main() -> None:
     """
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    logs.configure(-1 if quiet else verbose, log_format)
 
 
 @main.command()

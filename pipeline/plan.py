@@ -30,6 +30,7 @@ from vaewatch.model.scoring import ScoringOverrides
 from vaewatch.model.threads import threads_for
 from vaewatch.model.version import package_version
 from vaewatch.pipeline.commit import LocalCommitter, ObjectStoreCommitter, committer_for, new_run_id
+from vaewatch.pipeline.progress import DEFAULT_INTERVAL
 from vaewatch.pipeline.transforms import DEFAULT_BATCH_SIZE, ModelSettings
 
 LOCAL_RUNNER = "local"  # Beam's in-process FnApiRunner: never fetches anything from the network
@@ -47,6 +48,7 @@ class ScoreOptions:
     workers: int = 1  # local runner: >1 runs that many worker processes
     shards: int = 0  # output files; 0 lets the runner decide
     threads: int | None = None  # torch threads per worker process; None: its cores / workers
+    progress_seconds: float = DEFAULT_INTERVAL  # a progress line per worker at most this often
     beam_args: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:

@@ -27,15 +27,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import WriteToParquetBatched
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from vaewatch.model.contract import Manifest, rejected_schema
 from vaewatch.model.errors import UserError
-from vaewatch.pipeline import faults
+from vaewatch.pipeline import faults, progress
 from vaewatch.pipeline.commit import PART_PREFIX, REJECTED_DIR, OutputError, output_lock
 from vaewatch.pipeline.loopback import loopback_only
 from vaewatch.pipeline.plan import LOCAL_RUNNER, ScoreJob, ScoreOptions, ScorePlan, make_plan
 from vaewatch.pipeline.transforms import (
+    METRICS_NAMESPACE,
     REJECTED_TAG,
     SCORED_TAG,
     WRITE_CHUNK_ROWS,
@@ -72,8 +74,10 @@ class ScoreParquet(beam.PTransform):
         batch_size: int,
         shards: int = 0,
         torch_threads: int | None = None,
+        progress_seconds: float = progress.DEFAULT_INTERVAL,
     ):
         super().__init__()
+        self._progress_seconds = progress_seconds
         self._model, self._keep = model, list(keep)
         self._input_schema, self._scored_schema = input_schema, scored_schema
         self._prefixes = {SCORED_TAG: scored_prefix, REJECTED_TAG: rejected_prefix}
@@ -91,6 +95,7 @@ class ScoreParquet(beam.PTransform):
                 keep=self._keep,
                 batch_size=self._batch_size,
                 torch_threads=self._threads,
+                progress_seconds=self._progress_seconds,
             )
         )
         rejected = rejected_schema(self._input_schema).with_metadata(self._scored_schema.metadata)
@@ -121,6 +126,7 @@ class ScoreParquet(beam.PTransform):
 class ScoreResult:
     manifest: Manifest  # the committed manifest: counts, files, model, settings
     output: str  # the committed output location
+    counters: dict[str, int]  # the run's Beam counters (namespace vaewatch): rows_in, ...
 
 
 def build(pipeline: beam.Pipeline, plan: ScorePlan):
@@ -147,6 +153,7 @@ def build(pipeline: beam.Pipeline, plan: ScorePlan):
             batch_size=plan.job.options.batch_size,
             shards=plan.job.options.shards,
             torch_threads=plan.torch_threads,
+            progress_seconds=plan.job.options.progress_seconds,
         )
     )
 
@@ -180,7 +187,8 @@ def run(job: ScoreJob, pipeline: beam.Pipeline | None = None) -> ScoreResult:
             build(pipeline, plan)
             try:
                 with loopback_only() if job.options.local else contextlib.nullcontext():
-                    pipeline.run().wait_until_finish()
+                    result = pipeline.run()
+                    result.wait_until_finish()
             except Exception as err:
                 plan.committer.abort()
                 explained = explain_failure(err, plan)
@@ -190,7 +198,18 @@ def run(job: ScoreJob, pipeline: beam.Pipeline | None = None) -> ScoreResult:
             committed = plan.committer.publish(plan.manifest)
     finally:
         shutil.rmtree(plan.download, ignore_errors=True)
-    return ScoreResult(manifest=committed, output=plan.committer.output)
+    return ScoreResult(manifest=committed, output=plan.committer.output, counters=_counters(result))
+
+
+def _counters(result) -> dict[str, int]:
+    """The vaewatch counters of a finished pipeline (committed values where the runner has
+    them, else attempted), as every runner's UI shows them."""
+    query = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    totals: dict[str, int] = {}
+    for counter in query["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + (value or 0)
+    return totals
 
 
 # ------------------------------------------------------------------------------ failures

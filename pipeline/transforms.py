@@ -33,7 +33,7 @@ from vaewatch.model.contract import RejectReason, rejected_schema
 from vaewatch.model.errors import UserError
 from vaewatch.model.features import SchemaMismatchError
 from vaewatch.model.scoring import ScoringOverrides
-from vaewatch.pipeline import faults
+from vaewatch.pipeline import faults, progress
 
 SCORED_TAG = "scored"
 REJECTED_TAG = "rejected"
@@ -105,6 +105,7 @@ class _ReadRowGroups(beam.DoFn):
 
     def process(self, split: tuple[str, list[int]]):
         path, row_groups = split
+        rows = 0
         try:
             with FileSystems.open(path) as handle:
                 reader = pq.ParquetFile(handle)
@@ -112,6 +113,7 @@ class _ReadRowGroups(beam.DoFn):
                     READ_BATCH_ROWS, row_groups=row_groups, columns=self._columns
                 ):
                     if batch.num_rows:
+                        rows += batch.num_rows
                         yield pa.Table.from_batches([batch])
         except (pa.ArrowException, OSError) as err:
             raise CorruptInputError(
@@ -119,6 +121,8 @@ class _ReadRowGroups(beam.DoFn):
                 f"({str(err).splitlines()[0]}); it is corrupt or was truncated while being "
                 "written. Nothing was committed; replace or remove the file and re-run."
             ) from err
+        groups = f"row groups {row_groups[0]}-{row_groups[-1]}" if row_groups else "no row groups"
+        progress.LOG.info("read %s (%s): %s rows", path, groups, f"{rows:,}")
 
 
 def row_group_splits(path: str, row_groups: int | None = None) -> list[tuple[str, list[int]]]:
@@ -213,8 +217,11 @@ class ScoreBatches(beam.DoFn):
         keep: Sequence[str],
         scored_schema: pa.Schema,
         torch_threads: int | None = None,
+        progress_seconds: float = progress.DEFAULT_INTERVAL,
     ):
         self._model = model
+        self._progress_seconds = progress_seconds
+        self._progress = None
         self._input_schema = input_schema
         self._keep = list(keep)
         self._scored_schema = scored_schema
@@ -227,13 +234,24 @@ class ScoreBatches(beam.DoFn):
 
     def setup(self):
         threads.apply(self._torch_threads or threads.threads_for(1))
+        self._progress = progress.Progress(self._progress_seconds)
         self._handle = self._shared.acquire(
             lambda: _ModelHandle(self._model.load()), tag=repr(self._model)
         )
 
+    def teardown(self):
+        if self._progress is not None and self._progress.rows_in:
+            self._progress.report(final=True)
+
     def process(self, table: pa.Table):
         faults.point("read:batch")
         self._rows_in.inc(table.num_rows)
+        outputs = list(self._process(table))
+        scored = sum(o.num_rows for o in outputs if isinstance(o, pa.Table))
+        self._progress.add(table.num_rows, scored, table.num_rows - scored)
+        yield from outputs
+
+    def _process(self, table: pa.Table):
         try:
             result = self._handle.scorer.score(table)
             faults.point("score:batch")
@@ -320,6 +338,7 @@ class ScoreRecords(beam.PTransform):
         keep: Sequence[str] = (),
         batch_size: int = DEFAULT_BATCH_SIZE,
         torch_threads: int | None = None,
+        progress_seconds: float = progress.DEFAULT_INTERVAL,
     ):
         super().__init__()
         self._score = ScoreBatches(
@@ -328,6 +347,7 @@ class ScoreRecords(beam.PTransform):
             keep=keep,
             scored_schema=scored_schema,
             torch_threads=torch_threads,
+            progress_seconds=progress_seconds,
         )
         self._batch_size = batch_size
 

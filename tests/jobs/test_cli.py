@@ -98,7 +98,7 @@ def test_each_variable_changes_only_its_own_commands_option(monkeypatch):
     "args",
     [
         ["nightly", "--input-root", "i", "--output-root", "o", "--model", "m", "--catchup"],
-        ["score", "--input", "i", "--output", "o", "--model", "m", "--json"],
+        ["score", "--input", "i", "--output", "o", "--model", "m", "--jsn"],
         ["score", "--input", "i", "--output", "o", "--model", "m", "stray"],
     ],
 )
@@ -154,3 +154,30 @@ def test_option_defaults_are_the_code_defaults():
             assert given[name] == getattr(options.overrides, name), (command, name)
     demo = _defaults("demo")
     assert demo["k"] == scoring.k and demo["seed"] == train_config.seed
+
+
+def test_log_levels_and_json_lines(capsys):
+    import json
+    import logging
+
+    from vaewatch.jobs import logs
+
+    own, beam = logging.getLogger("vaewatch.progress"), logging.getLogger("apache_beam.x")
+    try:
+        logs.configure(0, "json")
+        own.info("progress: 10 rows read")
+        beam.info("beam chatter")
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert [json.loads(line)["message"] for line in lines] == ["progress: 10 rows read"]
+        assert json.loads(lines[0])["logger"] == "vaewatch.progress"
+        logs.configure(-1, "text")  # -q
+        own.info("hidden")
+        own.warning("shown")
+        assert capsys.readouterr().err.strip().endswith("WARNING vaewatch.progress: shown")
+        logs.configure(1, "text")  # -v: the libraries' info too
+        beam.info("beam detail")
+        assert "INFO apache_beam.x: beam detail" in capsys.readouterr().err
+    finally:
+        logs.configure(0, "text")
+    result = CliRunner().invoke(main, ["-q", "--log-format", "json", "summary", "/nonexistent"])
+    assert result.exit_code == 1 and "no committed vaewatch output" in result.output

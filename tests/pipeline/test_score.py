@@ -363,3 +363,20 @@ def test_a_file_corrupt_past_its_footer_is_a_clear_exit_1(trained, workspace, tm
     assert "b.parquet" in result.output and "cannot be read past its footer" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.staging-*"))
+
+
+def test_progress_lines_and_beam_counters(trained, workspace, tmp_path, caplog):
+    """Each worker logs rows read / scored / rejected / rows per second as it goes, and the
+    run's Beam counters (what a runner's UI shows) add up to the manifest."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="vaewatch.progress")
+    result = run(_job(trained, tmp_path, workspace / "holdout", batch_size=500, progress_seconds=0))
+    lines = [r.getMessage() for r in caplog.records if r.name == "vaewatch.progress"]
+    progress = [line for line in lines if line.startswith("progress: ")]
+    assert len(progress) >= 5 and "rows/s" in progress[-1], lines  # one per 500-row batch
+    assert any(line.startswith("done: 5,000 rows read, 5,000 scored, 0 rejected") for line in lines)
+    assert any(line.startswith("read ") and "5,000 rows" in line for line in lines)
+    counters = result.counters
+    assert counters["rows_in"] == result.manifest.rows.rows_in == 5_000
+    assert counters["rows_scored"] == result.manifest.rows.scored

@@ -1,0 +1,41 @@
+"""Where the operator's log goes: stderr, as text or one JSON object per line, at a level set by
+`-v`/`-q`. vaewatch's own loggers (progress, nightly's day lines) speak at INFO by default; the
+libraries' (Beam, MLflow) only from WARNING unless `-v`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure(verbosity: int, log_format: str) -> None:
+    """verbosity: -1 quiet, 0 default, 1 or more verbose."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    )
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if getattr(existing, "vaewatch", False):  # ours from an earlier call; others stay
+            root.removeHandler(existing)
+    handler.vaewatch = True
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
+    own = logging.DEBUG if verbosity >= 1 else logging.INFO if verbosity == 0 else logging.WARNING
+    logging.getLogger("vaewatch").setLevel(own)
