@@ -2,81 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
-import enum
-import json
-import logging
 import os
 import sys
 
 import click
 
 from vaewatch.jobs import logs, params, train_params
-from vaewatch.model.errors import DependencyUnavailable, UserError
+from vaewatch.jobs.commands import (
+    MLFLOW_HTTP_DEFAULTS,
+    BeamCommand,
+    JobFailed,
+    emit_json,
+    run_summary,
+    user_errors_exit_1,
+)
+from vaewatch.model.errors import UserError
 from vaewatch.model.version import package_version
-
-
-class _QuietBeamImports(logging.Filter):
-    """Beam's GCP modules warn at import time when the GCP client libraries are absent; that
-    is expected here and says nothing about the job, so it is kept off the user's terminal."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "apitools not found" not in record.getMessage()
-
-
-logging.getLogger().addFilter(_QuietBeamImports())
-
-
-class _OneLineBeamErrors(logging.Filter):
-    """Beam logs a failing step's traceback before re-raising it; vaewatch turns the failures
-    a user can cause (a corrupt file, a full disk) into one clear message, so the log keeps
-    Beam's one-line summary and drops the stack. VAEWATCH_DEBUG=1 keeps it; an unexpected
-    error still ends in its own traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and not os.environ.get("VAEWATCH_DEBUG"):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-for _name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker"):
-    logging.getLogger(_name).addFilter(_OneLineBeamErrors())
-
-# MLflow's HTTP client retries a failing request 7 times with exponential backoff by default
-# (minutes). vaewatch checks that the server answers first, so later requests need fewer
-# retries; the user's own settings win.
-MLFLOW_HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
-}
-
-
-class ExitCode(enum.IntEnum):
-    OK = 0
-    FAILED = 1  # the job failed for a reason the user can fix; the message says which
-    USAGE = 2  # click's own code for bad usage
-    TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: a dependency did not answer, nothing was committed
-
-
-class JobFailed(click.ClickException):
-    """An expected failure: printed as one paragraph, exit code 1, no traceback."""
-
-    exit_code = ExitCode.FAILED
-
-
-@contextlib.contextmanager
-def user_errors_exit_1():
-    """Turn a UserError (bad input, missing model, ...) into JobFailed: its message, exit 1;
-    a dependency that did not answer into exit 75, which a scheduler may retry."""
-    try:
-        yield
-    except DependencyUnavailable as err:
-        failed = JobFailed(f"{err} Retry later (exit {ExitCode.TEMPFAIL}).")
-        failed.exit_code = ExitCode.TEMPFAIL
-        raise failed from err
-    except UserError as err:
-        raise JobFailed(str(err)) from err
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -201,7 +142,7 @@ def train_command(**options) -> None:
         outcome = run(job, echo=lambda line: click.echo(line, err=True))
     if options["json_report"]:
         fitted = outcome.fitted
-        _emit_json(
+        emit_json(
             {
                 "command": "train",
                 "model_uri": outcome.resolved.uri,
@@ -218,41 +159,6 @@ def train_command(**options) -> None:
         )
         return
     click.echo(outcome.resolved.uri)
-
-
-class BeamCommand(click.Command):
-    """A command whose arguments after `--` are Beam pipeline options, passed through as they
-    are; anything before `--` is the command's own, so an unknown option is a usage error
-    (exit 2) instead of being handed to Beam and ignored."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        beam: list[str] = []
-        if "--" in args:
-            split = args.index("--")
-            args, beam = args[:split], args[split + 1 :]
-        rest = super().parse_args(ctx, args)
-        ctx.meta["beam_args"] = tuple(beam)
-        return rest
-
-
-def _emit_json(report: dict) -> None:
-    click.echo(json.dumps(report, indent=1, sort_keys=True, allow_nan=False))
-
-
-def _run_summary(manifest, output: str) -> dict:
-    """What a committed scoring run did, from its manifest."""
-    return {
-        "output": output,
-        "model_uri": manifest.model.uri,
-        "model_version": manifest.model.version,
-        "run_id": manifest.run_id,
-        "rows": manifest.rows.to_json(),
-        "k": manifest.k,
-        "seed": manifest.seed,
-        "threshold": manifest.threshold,
-        "started": manifest.started,
-        "finished": manifest.finished,
-    }
 
 
 @main.command("score", cls=BeamCommand)
@@ -283,7 +189,7 @@ def score_command(ctx, **o) -> None:
         )
         result = run(job)
     if o["json_report"]:
-        _emit_json({"command": "score", **_run_summary(result.manifest, result.output)})
+        emit_json({"command": "score", **run_summary(result.manifest, result.output)})
         return
     rows = result.manifest.rows
     click.echo(
@@ -360,8 +266,8 @@ def nightly_command(ctx, **o) -> None:
         for outcome in outcomes:
             manifest = read_manifest(outcome.output)
             days.append({"day": str(outcome.day), "status": outcome.status,
-                         **_run_summary(manifest, outcome.output)})  # fmt: skip
-        _emit_json({"command": "nightly", "model": job.model, "days": days})
+                         **run_summary(manifest, outcome.output)})  # fmt: skip
+        emit_json({"command": "nightly", "model": job.model, "days": days})
         return
     for outcome in outcomes:
         click.echo(outcome.output)
@@ -462,7 +368,7 @@ def promote_command(tracking_uri, name, version, alias, json_report) -> None:
     with user_errors_exit_1():
         promote(tracking_uri, name, version, alias)
     if json_report:
-        _emit_json({"command": "models promote", "alias_uri": f"models:/{name}@{alias}",
+        emit_json({"command": "models promote", "alias_uri": f"models:/{name}@{alias}",
                     "model_uri": f"models:/{name}/{version}"})  # fmt: skip
         return
     click.echo(f"models:/{name}@{alias} -> models:/{name}/{version}")

@@ -1,0 +1,112 @@
+"""What every vaewatch command shares: exit codes and the one-paragraph failure, the Beam
+pass-through of arguments after `--`, the JSON report, and log filters for Beam's noise."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import logging
+import os
+
+import click
+
+from vaewatch.model.errors import DependencyUnavailable, UserError
+
+
+class _QuietBeamImports(logging.Filter):
+    """Beam's GCP modules warn at import time when the GCP client libraries are absent; that
+    is expected here and says nothing about the job, so it is kept off the user's terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_QuietBeamImports())
+
+
+class _OneLineBeamErrors(logging.Filter):
+    """Beam logs a failing step's traceback before re-raising it; vaewatch turns the failures
+    a user can cause (a corrupt file, a full disk) into one clear message, so the log keeps
+    Beam's one-line summary and drops the stack. VAEWATCH_DEBUG=1 keeps it; an unexpected
+    error still ends in its own traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not os.environ.get("VAEWATCH_DEBUG"):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker"):
+    logging.getLogger(_name).addFilter(_OneLineBeamErrors())
+
+# MLflow's HTTP client retries a failing request 7 times with exponential backoff by default
+# (minutes). vaewatch checks that the server answers first, so later requests need fewer
+# retries; the user's own settings win.
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILED = 1  # the job failed for a reason the user can fix; the message says which
+    USAGE = 2  # click's own code for bad usage
+    TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: a dependency did not answer, nothing was committed
+
+
+class JobFailed(click.ClickException):
+    """An expected failure: printed as one paragraph, exit code 1, no traceback."""
+
+    exit_code = ExitCode.FAILED
+
+
+@contextlib.contextmanager
+def user_errors_exit_1():
+    """Turn a UserError (bad input, missing model, ...) into JobFailed: its message, exit 1;
+    a dependency that did not answer into exit 75, which a scheduler may retry."""
+    try:
+        yield
+    except DependencyUnavailable as err:
+        failed = JobFailed(f"{err} Retry later (exit {ExitCode.TEMPFAIL}).")
+        failed.exit_code = ExitCode.TEMPFAIL
+        raise failed from err
+    except UserError as err:
+        raise JobFailed(str(err)) from err
+
+
+class BeamCommand(click.Command):
+    """A command whose arguments after `--` are Beam pipeline options, passed through as they
+    are; anything before `--` is the command's own, so an unknown option is a usage error
+    (exit 2) instead of being handed to Beam and ignored."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        beam: list[str] = []
+        if "--" in args:
+            split = args.index("--")
+            args, beam = args[:split], args[split + 1 :]
+        rest = super().parse_args(ctx, args)
+        ctx.meta["beam_args"] = tuple(beam)
+        return rest
+
+
+def emit_json(report: dict) -> None:
+    click.echo(json.dumps(report, indent=1, sort_keys=True, allow_nan=False))
+
+
+def run_summary(manifest, output: str) -> dict:
+    """What a committed scoring run did, from its manifest."""
+    return {
+        "output": output,
+        "model_uri": manifest.model.uri,
+        "model_version": manifest.model.version,
+        "run_id": manifest.run_id,
+        "rows": manifest.rows.to_json(),
+        "k": manifest.k,
+        "seed": manifest.seed,
+        "threshold": manifest.threshold,
+        "started": manifest.started,
+        "finished": manifest.finished,
+    }
