@@ -11,6 +11,7 @@ from vaewatch.jobs import logs, params, train_params
 from vaewatch.jobs.commands import (
     MLFLOW_HTTP_DEFAULTS,
     BeamCommand,
+    Group,
     JobFailed,
     emit_json,
     run_summary,
@@ -20,7 +21,7 @@ from vaewatch.model.errors import UserError
 from vaewatch.model.version import package_version
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_version(), prog_name="vaewatch")
 @click.option(
     "-v", "--verbose", count=True, help="More log: vaewatch's debug lines and the libraries' info."
@@ -39,11 +40,13 @@ def main(verbose: int, quiet: bool, log_format: str) -> None:
     Exit codes: 0 success; 1 the job failed because of its input or configuration (the message
     says what to fix; retrying will not help); 2 usage error, an unknown option included (only
     arguments after -- go to Beam); 75 a service the job needs (the tracking server) did not
-    answer and nothing was committed: retry later.
+    answer and nothing was committed: retry later; 70 vaewatch itself crashed (a bug: one line
+    names the file with the traceback; -v prints it).
     """
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     logs.configure(-1 if quiet else verbose, log_format)
+    click.get_current_context().meta["verbose"] = verbose > 0
 
 
 @main.command()

@@ -8,6 +8,8 @@ import enum
 import json
 import logging
 import os
+import tempfile
+import traceback
 
 import click
 
@@ -54,7 +56,38 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILED = 1  # the job failed for a reason the user can fix; the message says which
     USAGE = 2  # click's own code for bad usage
+    CRASHED = 70  # sysexits' EX_SOFTWARE: a bug; the traceback went to a file (-v prints it)
     TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: a dependency did not answer, nothing was committed
+
+
+class Group(click.Group):
+    """The vaewatch group: an unexpected exception (a bug, not a failure a user can fix) ends
+    in one line on stderr naming it and the file its traceback went to, and exit 70; with -v
+    the traceback is printed as well."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as err:  # noqa: BLE001 - turned into one line and exit 70, logged whole
+            report = _save_traceback()
+            if ctx.meta.get("verbose"):
+                click.echo(traceback.format_exc(), err=True)
+            what = (str(err).splitlines() or [""])[0]
+            click.echo(
+                f"vaewatch crashed ({type(err).__name__}: {what}); this is a bug, not a problem "
+                f"with your input. The traceback is in {report}; run with -v to print it.",
+                err=True,
+            )
+            ctx.exit(ExitCode.CRASHED)
+
+
+def _save_traceback() -> str:
+    handle, path = tempfile.mkstemp(prefix="vaewatch-crash-", suffix=".txt")
+    with os.fdopen(handle, "w") as out:
+        out.write(traceback.format_exc())
+    return path
 
 
 class JobFailed(click.ClickException):

@@ -181,3 +181,24 @@ def test_log_levels_and_json_lines(capsys):
         logs.configure(0, "text")
     result = CliRunner().invoke(main, ["-q", "--log-format", "json", "summary", "/nonexistent"])
     assert result.exit_code == 1 and "no committed vaewatch output" in result.output
+
+
+def test_an_unexpected_crash_is_one_line_and_exit_70(monkeypatch, tmp_path):
+    import tempfile
+
+    from vaewatch.jobs import query
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def boom(output):
+        raise ZeroDivisionError("a bug in vaewatch")
+
+    monkeypatch.setattr(query, "connect", boom)
+    result = CliRunner().invoke(main, ["summary", "anything"])
+    assert result.exit_code == 70, result.output
+    assert "vaewatch crashed (ZeroDivisionError: a bug in vaewatch)" in result.output
+    assert "Traceback" not in result.output
+    [report] = list(tmp_path.glob("vaewatch-crash-*.txt"))  # the traceback, kept
+    assert "ZeroDivisionError" in report.read_text() and str(report) in result.output
+    verbose = CliRunner().invoke(main, ["-v", "summary", "anything"])
+    assert verbose.exit_code == 70 and "Traceback (most recent call last)" in verbose.output
