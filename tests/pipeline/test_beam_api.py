@@ -296,3 +296,39 @@ def test_an_id_the_output_type_cannot_hold_is_rejected_not_lost(trained, holdout
             label="Codes",
         )
         assert_that(scored, equal_to([i for i in range(30) if i % 3]), label="Scored")
+
+
+def test_score_parquet_in_a_user_pipeline(trained, workspace, tmp_path):
+    """The whole read -> score -> write composite applied by a Beam user: file paths in, the
+    written scored and rejected files out, every input row in exactly one of them."""
+    import pyarrow.dataset as ds
+
+    from vaewatch.pipeline.score import ScoreParquet
+
+    job, _ = trained
+    source = next((workspace / "holdout").glob("*.parquet"))
+    input_schema = pq.read_schema(source)
+    scored_schema = pa.schema([input_schema.field("record_id"), *score_schema(8)])
+    with TestPipeline() as p:
+        written = (
+            p
+            | beam.Create([str(source)])
+            | ScoreParquet(
+                ModelSettings(MODEL, job.tracking_uri, model_version="transactions/1"),
+                input_schema=input_schema,
+                scored_schema=scored_schema,
+                scored_prefix=str(tmp_path / "scored" / "part"),
+                rejected_prefix=str(tmp_path / "rejected" / "part"),
+                keep=["record_id"],
+                batch_size=1_000,
+            )
+        )
+        assert_that(
+            written[SCORED_TAG] | beam.combiners.Count.Globally(),
+            lambda counts: counts[0] >= 1 or pytest.fail(f"no scored file written: {counts}"),
+        )
+    scored = ds.dataset(str(tmp_path / "scored"), format="parquet").to_table()
+    assert sorted(scored["record_id"].to_pylist()) == sorted(
+        pq.read_table(source, columns=["record_id"])["record_id"].to_pylist()
+    )
+    assert scored.schema.names == scored_schema.names
