@@ -14,14 +14,12 @@ import datetime as dt
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 
 from vaewatch.model import registry
 from vaewatch.model.contract import Manifest
-from vaewatch.model.data import InputError, InputFile, resolve_files
+from vaewatch.model.data import InputError, InputFile, filesystem_for, resolve_files
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline import faults
 from vaewatch.pipeline.commit import read_manifest
@@ -84,10 +82,7 @@ def partition(root: str, day: dt.date) -> str:
 
 def input_days(input_root: str) -> list[dt.date]:
     """The dt=YYYY-MM-DD partitions under `input_root`, oldest first."""
-    try:
-        filesystem, base = pafs.FileSystem.from_uri(input_root)
-    except (pa.ArrowInvalid, ValueError):
-        filesystem, base = pafs.LocalFileSystem(), str(Path(input_root).expanduser().absolute())
+    filesystem, base = filesystem_for(input_root)
     try:
         entries = filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
     except FileNotFoundError as err:

@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -61,6 +62,20 @@ def _match_segments(segments: Sequence[str], pattern: Sequence[str]) -> bool:
     )
 
 
+def filesystem_for(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a URI pyarrow knows, else the local filesystem with an
+    absolute path."""
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(location)
+    except (pa.ArrowInvalid, ValueError):
+        filesystem, path = pafs.LocalFileSystem(), location
+    except OSError as err:
+        raise InputError(f"cannot open the filesystem of {location!r}: {err}") from err
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        path = Path(path).expanduser().absolute().as_posix()
+    return filesystem, path
+
+
 def resolve_files(location: str | Sequence[str]) -> tuple[pafs.FileSystem, list[InputFile]]:
     """Every Parquet file a location (or several) names, sorted, with sizes and mtimes."""
     locations = [location] if isinstance(location, str) else list(location)
@@ -68,22 +83,13 @@ def resolve_files(location: str | Sequence[str]) -> tuple[pafs.FileSystem, list[
         raise InputError("no input given: pass a Parquet file, a directory or a glob")
     filesystem, found = None, {}
     for loc in locations:
-        try:
-            fs, path = pafs.FileSystem.from_uri(loc)
-        except (pa.ArrowInvalid, ValueError):
-            fs, path = pafs.LocalFileSystem(), loc
-        except OSError as err:
-            raise InputError(f"cannot open the filesystem of {loc!r}: {err}") from err
+        fs, path = filesystem_for(loc)
         if filesystem is not None and type(fs) is not type(filesystem):
             raise InputError(
                 f"inputs mix filesystems ({type(filesystem).__name__} and {type(fs).__name__}); "
                 "read them in separate runs"
             )
         filesystem = fs
-        if isinstance(fs, pafs.LocalFileSystem):
-            from pathlib import Path
-
-            path = Path(path).expanduser().absolute().as_posix()
         base, pattern = _split_glob(path.rstrip("/") or "/")
         info = fs.get_file_info(base)
         if info.type == pafs.FileType.NotFound:

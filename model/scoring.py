@@ -97,7 +97,6 @@ class Scorer:
         self.artifact = artifact
         self.spec = artifact.spec
         self.device = resolve_device(device)
-        self.precision = precision
         self.matmul_dtype = resolve_precision(precision, self.device)
         self.model = artifact.build(self.device)
         settings = overrides.resolve(artifact)

@@ -76,24 +76,28 @@ class VaewatchModelHandler(ModelHandler[Example, PredictionResult, Scorer]):
         model: Scorer,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        tables = [_as_table(example) for example in batch]
+        tables = list(_as_tables(batch))
         scored = model.score(pa.concat_tables(tables, promote_options="permissive")).aligned()
+        records = None  # the score rows of the records, as dicts, made once for the batch
         start = 0
-        for example, table in zip(batch, tables, strict=True):
-            rows = scored.slice(start, table.num_rows)
-            start += table.num_rows
-            record = not isinstance(example, pa.Table | pa.RecordBatch)
-            yield PredictionResult(
-                example=example,
-                inference=rows.to_pylist()[0] if record else rows,
-                model_id=self._settings.location,
-            )
+        for example in batch:
+            if isinstance(example, pa.Table | pa.RecordBatch):
+                inference = scored.slice(start, example.num_rows)
+                start += example.num_rows
+            else:
+                if records is None:
+                    records = scored.to_pylist()
+                inference = records[start]
+                start += 1
+            yield PredictionResult(example, inference, model_id=self._settings.location)
 
     def batch_elements_kwargs(self) -> dict:
         return dict(self._batching)
 
     def get_num_bytes(self, batch: Sequence[Example]) -> int:
-        return sum(_as_table(example).nbytes for example in batch)
+        if all(isinstance(e, pa.Table | pa.RecordBatch) for e in batch):
+            return sum(e.nbytes for e in batch)
+        return super().get_num_bytes(batch)
 
     def get_metrics_namespace(self) -> str:
         return METRICS_NAMESPACE
@@ -104,16 +108,24 @@ class VaewatchModelHandler(ModelHandler[Example, PredictionResult, Scorer]):
         return self._settings.overrides.resolve(self._settings.load_artifact()).threshold
 
 
-def _as_table(example: Example) -> pa.Table:
-    if isinstance(example, pa.Table):
-        return example
-    if isinstance(example, pa.RecordBatch):
-        return pa.Table.from_batches([example])
-    if hasattr(example, "_asdict"):  # a beam.Row, or the NamedTuple Beam infers from rows
-        return pa.Table.from_pylist([example._asdict()])
-    if hasattr(example, "as_dict"):
-        return pa.Table.from_pylist([example.as_dict()])
-    return pa.Table.from_pylist([dict(example)])
+def _as_tables(batch: Sequence[Example]):
+    """The batch as Arrow tables in order: tables as they are, each run of consecutive records
+    as one table (one conversion per run, not per record)."""
+    records: list[dict] = []
+    for example in batch:
+        if isinstance(example, pa.Table | pa.RecordBatch):
+            if records:
+                yield pa.Table.from_pylist(records)
+                records = []
+            yield example if isinstance(example, pa.Table) else pa.Table.from_batches([example])
+        elif hasattr(example, "_asdict"):  # a beam.Row, or the NamedTuple Beam infers from rows
+            records.append(example._asdict())
+        elif hasattr(example, "as_dict"):
+            records.append(example.as_dict())
+        else:
+            records.append(dict(example))
+    if records:
+        yield pa.Table.from_pylist(records)
 
 
 def to_anomaly_prediction(keyed: tuple[Any, PredictionResult]) -> tuple[Any, AnomalyPrediction]:

@@ -41,6 +41,7 @@ from vaewatch.pipeline.transforms import (
     REJECTED_TAG,
     SCORED_TAG,
     WRITE_CHUNK_ROWS,
+    CorruptInputError,
     ModelSettings,
     ReadParquetTables,
     Rebatch,
@@ -77,33 +78,30 @@ class ScoreParquet(beam.PTransform):
         progress_seconds: float = progress.DEFAULT_INTERVAL,
     ):
         super().__init__()
-        self._progress_seconds = progress_seconds
-        self._model, self._keep = model, list(keep)
-        self._input_schema, self._scored_schema = input_schema, scored_schema
-        self._prefixes = {SCORED_TAG: scored_prefix, REJECTED_TAG: rejected_prefix}
-        self._batch_size, self._shards, self._threads = batch_size, shards, torch_threads
+        self._columns = input_schema.names
+        self._score = ScoreRecords(
+            model,
+            input_schema=input_schema,
+            scored_schema=scored_schema,
+            keep=keep,
+            batch_size=batch_size,
+            torch_threads=torch_threads,
+            progress_seconds=progress_seconds,
+        )
+        rejected = rejected_schema(input_schema).with_metadata(scored_schema.metadata)
+        self._sinks = {  # tag: (prefix, schema, shards); rejected rows are few: runner decides
+            SCORED_TAG: (scored_prefix, scored_schema, shards),
+            REJECTED_TAG: (rejected_prefix, rejected, 0),
+        }
 
     def expand(self, paths):
         outputs = (
             paths
-            | "ReadParquet" >> ReadParquetTables(self._input_schema.names)
-            | "ScoreRecords"
-            >> ScoreRecords(
-                self._model,
-                input_schema=self._input_schema,
-                scored_schema=self._scored_schema,
-                keep=self._keep,
-                batch_size=self._batch_size,
-                torch_threads=self._threads,
-                progress_seconds=self._progress_seconds,
-            )
+            | "ReadParquet" >> ReadParquetTables(self._columns)
+            | "ScoreRecords" >> self._score
         )
-        rejected = rejected_schema(self._input_schema).with_metadata(self._scored_schema.metadata)
         written = {}
-        for tag, schema, shards in (
-            (SCORED_TAG, self._scored_schema, self._shards),
-            (REJECTED_TAG, rejected, 0),  # usually few rows: let the runner decide
-        ):
+        for tag, (prefix, schema, shards) in self._sinks.items():
             name = tag.capitalize()
             written[tag] = (
                 outputs[tag]
@@ -111,7 +109,7 @@ class ScoreParquet(beam.PTransform):
                 | f"Written{name}" >> beam.FlatMap(pass_then, f"write:{tag}")
                 | f"Write{name}"
                 >> WriteToParquetBatched(
-                    self._prefixes[tag],
+                    prefix,
                     schema=schema,
                     codec=PARQUET_CODEC,
                     file_name_suffix=".parquet",
@@ -269,11 +267,7 @@ def _first_unreadable(plan: ScorePlan) -> UserError | None:
             for _ in reader.iter_batches(batch_size=65_536, columns=plan.input_schema.names):
                 pass
         except (pa.ArrowException, OSError) as err:
-            return UserError(
-                f"input file {f.path!r} cannot be read past its footer "
-                f"({str(err).splitlines()[0]}); it is corrupt or was truncated while being "
-                "written. Nothing was committed; replace or remove the file and re-run."
-            )
+            return CorruptInputError.of(f.path, err)
     return None
 
 

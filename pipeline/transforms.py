@@ -48,6 +48,14 @@ _CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
 class CorruptInputError(UserError):
     """An input file whose data pages do not decode (its footer was fine at launch)."""
 
+    @classmethod
+    def of(cls, path: str, err: Exception) -> CorruptInputError:
+        return cls(
+            f"input file {path!r} cannot be read past its footer ({str(err).splitlines()[0]}); "
+            "it is corrupt or was truncated while being written. Nothing was committed; replace "
+            "or remove the file and re-run."
+        )
+
 
 @dataclass(frozen=True)
 class ModelSettings:
@@ -116,11 +124,7 @@ class _ReadRowGroups(beam.DoFn):
                         rows += batch.num_rows
                         yield pa.Table.from_batches([batch])
         except (pa.ArrowException, OSError) as err:
-            raise CorruptInputError(
-                f"input file {path!r} cannot be read past its footer "
-                f"({str(err).splitlines()[0]}); it is corrupt or was truncated while being "
-                "written. Nothing was committed; replace or remove the file and re-run."
-            ) from err
+            raise CorruptInputError.of(path, err) from err
         groups = f"row groups {row_groups[0]}-{row_groups[-1]}" if row_groups else "no row groups"
         progress.LOG.info("read %s (%s): %s rows", path, groups, f"{rows:,}")
 
