@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,spark]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,spark,aws,gcp]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 $(BENCH): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[dev,spark,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,spark,aws,gcp,bench]"
 	touch $(BENCH)
 
 # Every benchmark in one go (about an hour on 2 cores); bench-quick: the same, smaller (< 10 min).

@@ -19,6 +19,7 @@ from vaewatch.jobs.commands import (
 )
 from vaewatch.model.errors import UserError
 from vaewatch.model.version import package_version
+from vaewatch.pipeline import storage
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,6 +47,7 @@ def main(verbose: int, quiet: bool, log_format: str) -> None:
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     logs.configure(-1 if quiet else verbose, log_format)
+    storage.configure()  # Beam's filesystems (s3://, gs://) for listing and reading outputs
     click.get_current_context().meta["verbose"] = verbose > 0
 
 
@@ -277,7 +279,7 @@ def nightly_command(ctx, **o) -> None:
 
 
 @main.command("query")
-@click.argument("output")
+@params.scored_output
 @click.argument("sql")
 @params.output_format
 @params.result_out
@@ -302,7 +304,7 @@ def query_command(output, sql, output_format, result_out) -> None:
 
 
 @main.command("top")
-@click.argument("output")
+@params.scored_output
 @params.top_date
 @params.top_n
 @params.output_format
@@ -318,7 +320,7 @@ def top_command(output, date, limit, output_format, result_out) -> None:
 
 
 @main.command("summary")
-@click.argument("output")
+@params.scored_output
 @params.output_format
 @params.result_out
 def summary_command(output, output_format, result_out) -> None:
@@ -330,7 +332,7 @@ def summary_command(output, output_format, result_out) -> None:
 
 
 @main.command("report")
-@click.argument("output")
+@params.scored_output
 @params.report_out
 @params.top_n
 def report_command(output, report_out, limit) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from vaewatch.model import defaults
+from vaewatch.model.errors import UserError
+from vaewatch.pipeline import storage
 
 ENV_PREFIX = "VAEWATCH_"
 
@@ -21,6 +23,18 @@ def option(*decls: str, **kwargs):
     kwargs.setdefault("show_envvar", True)
     kwargs.setdefault("show_default", True)
     return click.option(*decls, **kwargs)
+
+
+def stored(ctx: click.Context, param: click.Parameter, value):
+    """Callback of every option that names data: a scheme whose client libraries are missing
+    fails here, exit 1, naming the extra to install."""
+    if value:
+        name = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+        try:
+            storage.require(value, name)
+        except UserError as err:
+            raise click.ClickException(str(err)) from err
+    return value
 
 
 def envvar_name(option: click.Option, command_path: tuple[str, ...]) -> str:
@@ -143,12 +157,14 @@ input_path = option(
     "--input",
     "input_path",
     required=True,
+    callback=stored,
     help="Parquet to score: a file, a directory (every *.parquet below it) or a glob; local "
     "paths or any URI pyarrow reads.",
 )
 output = option(
     "--output",
     required=True,
+    callback=stored,
     help="Output directory (local, gs://, s3://). A run replaces it as a whole, atomically.",
 )
 model_uri = option(
@@ -212,11 +228,18 @@ from_date = option(
 )
 to_date = option("--to", "to_date", default=None, help="Backfill: last day (YYYY-MM-DD).")
 input_root = option(
-    "--input-root", required=True, help="Folder holding the dt=YYYY-MM-DD/ input partitions."
+    "--input-root",
+    required=True,
+    callback=stored,
+    help="Folder holding the dt=YYYY-MM-DD/ input partitions.",
 )
 output_root = option(
-    "--output-root", required=True, help="Folder receiving the dt=YYYY-MM-DD/ scored partitions."
+    "--output-root",
+    required=True,
+    callback=stored,
+    help="Folder receiving the dt=YYYY-MM-DD/ scored partitions.",
 )
+scored_output = click.argument("output", callback=stored)
 catch_up = option(
     "--catch-up/--no-catch-up",
     default=False,

@@ -20,11 +20,14 @@ import math
 from dataclasses import dataclass
 
 import duckdb
+import pyarrow.dataset as ds
 from apache_beam.io.filesystems import FileSystems
 
 from vaewatch.jobs.nightly import DATE
 from vaewatch.model.contract import Manifest
+from vaewatch.model.data import filesystem_for, inside
 from vaewatch.model.errors import UserError
+from vaewatch.pipeline import storage
 from vaewatch.pipeline.commit import match_paths, read_manifest
 
 
@@ -71,12 +74,23 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
         if not p.files:
             continue
         day = f"DATE '{p.day.isoformat()}'" if p.day else "NULL::DATE"  # validated above
-        part = con.read_parquet(p.files).project(f"*, {day} AS dt")
+        part = _read(con, p.files).project(f"*, {day} AS dt")
         relation = part if relation is None else relation.union(part)
     if relation is None:
         raise UserError(f"the committed output under {output!r} has no scored rows")
     relation.create_view("scores")
     return con
+
+
+def _read(con: duckdb.DuckDBPyConnection, files: list[str]) -> duckdb.DuckDBPyRelation:
+    """Local files through DuckDB's own Parquet reader; files on an object store through
+    pyarrow's filesystem (DuckDB's would need its httpfs extension, downloaded at run time),
+    scanned lazily by DuckDB with projections and filters pushed down."""
+    if storage.is_local(files[0]):
+        return con.read_parquet(files)
+    filesystem, _ = filesystem_for(files[0])
+    dataset = ds.dataset([inside(f) for f in files], format="parquet", filesystem=filesystem)
+    return con.from_arrow(dataset)
 
 
 def write_result(result: duckdb.DuckDBPyRelation, fmt: str, out: str | None, echo=print) -> None:

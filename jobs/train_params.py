@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import click
 
-from vaewatch.jobs.params import CommaList, IntList, option, seed, threads, train_epochs
+from vaewatch.jobs.params import (
+    CommaList,
+    IntList,
+    option,
+    seed,
+    stored,
+    threads,
+    train_epochs,
+)
 from vaewatch.model import defaults
 
 # ------------------------------------------------------------------ data and features
 data = option(
     "--data",
     required=True,
+    callback=stored,
     help="Training Parquet: a file, a directory (every *.parquet below it) or a glob; local "
     "paths or any URI pyarrow reads (s3://, gs://, hdfs://).",
 )

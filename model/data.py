@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,9 +34,14 @@ class InputError(UserError):
 
 @dataclass(frozen=True)
 class InputFile:
-    path: str  # as the filesystem names it (no scheme)
+    path: str  # as the user names it: a local path, or a URI with its scheme (s3://bucket/key)
     size: int  # bytes
     modified: str  # ISO-8601 mtime, "" when the filesystem does not report one
+
+
+def inside(path: str) -> str:
+    """The path as pyarrow's filesystem object takes it: a URI without its scheme."""
+    return path.split("://", 1)[1] if "://" in path else path
 
 
 def _is_hidden(name: str) -> bool:
@@ -65,6 +71,15 @@ def _match_segments(segments: Sequence[str], pattern: Sequence[str]) -> bool:
 def filesystem_for(location: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a URI pyarrow knows, else the local filesystem with an
     absolute path."""
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if emulator and location.startswith(("gs://", "gcs://")):
+        # google-cloud-storage's convention, which pyarrow does not read: a GCS emulator there,
+        # spoken to without credentials
+        scheme, _, host = emulator.rpartition("://")
+        filesystem = pafs.GcsFileSystem(
+            anonymous=True, endpoint_override=host.rstrip("/"), scheme=scheme or "http"
+        )
+        return filesystem, location.split("://", 1)[1]
     try:
         filesystem, path = pafs.FileSystem.from_uri(location)
     except (pa.ArrowInvalid, ValueError):
@@ -84,6 +99,7 @@ def resolve_files(location: str | Sequence[str]) -> tuple[pafs.FileSystem, list[
     filesystem, found = None, {}
     for loc in locations:
         fs, path = filesystem_for(loc)
+        scheme = "" if isinstance(fs, pafs.LocalFileSystem) else loc.split("://", 1)[0] + "://"
         if filesystem is not None and type(fs) is not type(filesystem):
             raise InputError(
                 f"inputs mix filesystems ({type(filesystem).__name__} and {type(fs).__name__}); "
@@ -115,7 +131,8 @@ def resolve_files(location: str | Sequence[str]) -> tuple[pafs.FileSystem, list[
             ):
                 continue  # inside a directory: only visible *.parquet files
             mtime = item.mtime.isoformat() if item.mtime is not None else ""
-            found[item.path] = InputFile(item.path, int(item.size or 0), mtime)
+            uri = scheme + item.path
+            found[uri] = InputFile(uri, int(item.size or 0), mtime)
     if not found:
         raise InputError(
             f"input {locations if len(locations) > 1 else locations[0]!r} matched no Parquet "
@@ -130,7 +147,7 @@ def read_footers(files: Sequence[InputFile], filesystem) -> list[pq.FileMetaData
     footers = []
     for f in files:
         try:
-            footers.append(pq.ParquetFile(f.path, filesystem=filesystem).metadata)
+            footers.append(pq.ParquetFile(inside(f.path), filesystem=filesystem).metadata)
         except (pa.ArrowInvalid, OSError) as err:
             raise InputError(f"input file {f.path!r} is not readable Parquet: {err}") from err
     return footers
@@ -169,7 +186,7 @@ class ParquetSource:
         self._footers: list[pq.FileMetaData] | None = None
         try:
             self.dataset = ds.dataset(
-                [f.path for f in self.files], format="parquet", filesystem=self.filesystem
+                [inside(f.path) for f in self.files], format="parquet", filesystem=self.filesystem
             )
         except (pa.ArrowInvalid, OSError) as err:
             raise InputError(f"cannot read {location!r} as Parquet: {err}") from err
@@ -224,7 +241,7 @@ class ParquetSource:
         for i in order:
             path = self.files[i].path
             try:
-                reader = pq.ParquetFile(path, filesystem=self.filesystem)
+                reader = pq.ParquetFile(inside(path), filesystem=self.filesystem)
                 position = offsets[i]
                 for batch in reader.iter_batches(
                     batch_size=batch_rows, columns=list(columns) if columns is not None else None

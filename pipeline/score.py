@@ -31,8 +31,9 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from vaewatch.model.contract import Manifest, rejected_schema
+from vaewatch.model.data import inside
 from vaewatch.model.errors import UserError
-from vaewatch.pipeline import faults, progress
+from vaewatch.pipeline import faults, progress, storage
 from vaewatch.pipeline.commit import PART_PREFIX, REJECTED_DIR, OutputError, output_lock
 from vaewatch.pipeline.loopback import loopback_only
 from vaewatch.pipeline.plan import LOCAL_RUNNER, ScoreJob, ScoreOptions, ScorePlan, make_plan
@@ -175,6 +176,7 @@ def run(job: ScoreJob, pipeline: beam.Pipeline | None = None) -> ScoreResult:
     """Plan, run and commit. `pipeline` (e.g. a TestPipeline) replaces the configured one."""
     plan = make_plan(job)
     faults.point("launch:planned")
+    storage.configure(job.options.beam_args)
     try:
         with output_lock(job.output):
             plan.committer.prepare()
@@ -263,7 +265,7 @@ def _first_unreadable(plan: ScorePlan) -> UserError | None:
     """The first input file whose data pages do not decode, read here with pyarrow."""
     for f in plan.files:
         try:
-            reader = pq.ParquetFile(f.path, filesystem=plan.filesystem)
+            reader = pq.ParquetFile(inside(f.path), filesystem=plan.filesystem)
             for _ in reader.iter_batches(batch_size=65_536, columns=plan.input_schema.names):
                 pass
         except (pa.ArrowException, OSError) as err:

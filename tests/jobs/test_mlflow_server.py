@@ -1,35 +1,21 @@
 """Against a real MLflow tracking server (SQLite backend, proxied artifacts) on 127.0.0.1."""
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import mlflow
 import pytest
 from click.testing import CliRunner
 
 from tests.conftest import TRAIN_EXCLUDE
+from tests.servers import free_port, serve, venv_tool
 from vaewatch.jobs.cli import main
 from vaewatch.model import registry
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     command = [
-        str(Path(sys.executable).with_name("mlflow")),
+        venv_tool("mlflow"),
         "server",
         "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
         "--serve-artifacts",
@@ -38,32 +24,9 @@ def mlflow_server(tmp_path_factory):
         "--port", str(port),
         "--workers", "1",
     ]  # fmt: skip
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed in teardown
-    process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            log.close()
-            pytest.fail(
-                f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}"
-            )
-        time.sleep(0.5)
-    yield url, root
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-    log.close()
+    with serve(command, f"{url}/health", root / "server.log"):
+        yield url, root
 
 
 def test_train_over_http_and_load_back(mlflow_server, workspace, tmp_path, monkeypatch):

@@ -1,0 +1,82 @@
+"""Where data lives: which storage schemes work, and what each needs installed.
+
+vaewatch reads inputs with pyarrow's filesystems (local, s3://, gs://, hdfs://) and writes and
+commits outputs with Beam's (the same ones Beam's workers use on Dataflow, Flink and Spark).
+Both take credentials and endpoints from each ecosystem's standard configuration: for S3 the
+AWS variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+`AWS_PROFILE`), for GCS application default credentials (`GOOGLE_APPLICATION_CREDENTIALS`) and,
+against an emulator, `STORAGE_EMULATOR_HOST`. Beam's own filesystem options (`--s3_endpoint_url`,
+...) can still be given after `--`.
+
+Beam's object-store filesystems need client libraries that are optional extras of vaewatch;
+`require` turns a missing one into a message naming the extra, before anything runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from vaewatch.model.errors import UserError
+
+# scheme: (vaewatch extra, the modules Beam's filesystem for it imports)
+EXTRAS = {
+    "s3": ("aws", ("boto3",)),
+    "gs": ("gcp", ("google.cloud.storage", "google.auth")),
+}
+
+
+class StorageUnavailable(UserError):
+    """A path's scheme needs client libraries that are not installed."""
+
+
+def scheme(location: str) -> str:
+    """'s3', 'gs', ... or 'file' for a local path."""
+    return location.split("://", 1)[0].lower() if "://" in location else "file"
+
+
+def is_local(location: str) -> bool:
+    return scheme(location) == "file"
+
+
+def _installed(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def require(location: str, what: str) -> None:
+    """Raise StorageUnavailable when `location`'s scheme needs an extra that is not installed."""
+    extra, modules = EXTRAS.get(scheme(location), (None, ()))
+    missing = [m for m in modules if not _installed(m)]
+    if missing:
+        raise StorageUnavailable(
+            f"{what} {location!r} is on {scheme(location)}://, which needs the "
+            f"{', '.join(missing)} package(s) vaewatch's [{extra}] extra installs: "
+            f"pip install 'vaewatch[{extra}]' (or give a local path)"
+        )
+
+
+def configure(beam_args: Sequence[str] = ()) -> None:
+    """Give Beam's filesystems their options in this process (a Pipeline does this on
+    construction; the launcher lists, stages and commits before and after one)."""
+    FileSystems.set_options(PipelineOptions(list(beam_args)))
+    if os.environ.get("STORAGE_EMULATOR_HOST") and _installed("apache_beam.internal.gcp.auth"):
+        _anonymous_gcs()
+
+
+def _anonymous_gcs() -> None:
+    """Against a GCS emulator (STORAGE_EMULATOR_HOST), Beam's GCS filesystem connects without
+    credentials, as google-cloud-storage's own client does; otherwise Beam first retries
+    application default credentials for ~20 s before falling back to anonymous access."""
+    from apache_beam.internal.gcp import auth
+
+    with auth._Credentials._credentials_lock:
+        auth._Credentials._credentials_init = True
+        auth._Credentials._credentials = None
