@@ -64,8 +64,8 @@ def _pip_requirements() -> list[str]:
     import pyarrow
     import safetensors
 
+    # vaewatch's own code travels with the model (code_paths): only published packages here
     return [
-        f"vaewatch=={package_version()}",
         f"torch>={torch.__version__.split('+')[0]}",
         f"safetensors>={safetensors.__version__}",
         f"pyarrow>={pyarrow.__version__}",

@@ -4,7 +4,10 @@
   SQLite file `mlflow.db` in the working directory (`default_tracking_uri`).
 - A training run logs every hyper-parameter and the data fingerprint as params, per-epoch
   diagnostics as metrics, plots and JSON as artifacts, and the model as an MLflow pyfunc model
-  (models-from-code: `pyfunc_model.py` + the artifact folder; nothing pickled).
+  (models-from-code: `pyfunc_model.py` + the artifact folder; nothing pickled). The model
+  carries the code it runs: `vaewatch/model/` is logged as MLflow code_paths, and its
+  requirements list only published packages (torch, pyarrow, ...), so a serving host that
+  installs the model's requirements.txt can load it without vaewatch from a package index.
 - Registration adds a model version under the name, points an alias (default `champion`) at it
   and tags it with the data fingerprint and the vaewatch version.
 - `resolve` turns `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `models:/NAME` (latest) into
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 import time
 import urllib.error
@@ -38,6 +42,7 @@ DEFAULT_EXPERIMENT = defaults.EXPERIMENT
 DEFAULT_ALIAS = defaults.ALIAS
 ARTIFACT_DIGEST_TAG = "artifact_sha256"  # sha256 of the registered config.json
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_PACKAGE = Path(__file__).parents[1]  # the installed vaewatch.model package
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?/?$")
 
 
@@ -183,6 +188,7 @@ class TrainingRun:
         it and tag it. Returns the concrete version."""
         with tempfile.TemporaryDirectory(prefix="vaewatch-artifact-") as tmp:
             folder = artifact.save(Path(tmp) / ARTIFACT_KEY)
+            code = _model_code(Path(tmp) / "code")
             # config.json carries the weights' sha256, so its own digest pins both files;
             # kept in the registry, apart from the artifact store it protects
             tags = {**(tags or {}), ARTIFACT_DIGEST_TAG: sha256_file(folder / CONFIG_FILE)}
@@ -210,6 +216,7 @@ class TrainingRun:
                         artifacts={ARTIFACT_KEY: str(folder)},
                         registered_model_name=model_name,
                         pip_requirements=pip_requirements,
+                        code_paths=[str(code / "vaewatch")],
                         signature=signature,
                     )
             except MlflowException as err:
@@ -227,6 +234,18 @@ class TrainingRun:
             run_id=self.run_id,
             requested=f"models:/{model_name}@{alias}",
         )
+
+
+def _model_code(root: Path) -> Path:
+    """root/vaewatch/model/...: the package the pyfunc model imports, sources only. MLflow puts
+    the folder given as code_paths on sys.path at load time, so `vaewatch.model` imports from
+    the model itself (vaewatch is a namespace package: no __init__ is needed above it)."""
+    shutil.copytree(
+        MODEL_PACKAGE,
+        root / "vaewatch" / "model",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
+    return root
 
 
 def resolve(uri: str, tracking_uri: str) -> ResolvedModel:
