@@ -29,8 +29,9 @@ def venv_tool(name: str) -> str:
 
 
 @contextlib.contextmanager
-def serve(command: list[str], ready_url: str, log_path: Path, timeout: float = 120, env=None):
-    """Run `command` until the block ends; ready when `ready_url` answers any HTTP status."""
+def serve(command: list[str], ready: str | int, log_path: Path, timeout: float = 120, env=None):
+    """Run `command` until the block ends; ready when `ready` (a URL) answers any HTTP status,
+    or when `ready` (a port, for gRPC services) accepts a TCP connection on 127.0.0.1."""
     log = open(log_path, "w")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
@@ -38,13 +39,8 @@ def serve(command: list[str], ready_url: str, log_path: Path, timeout: float = 1
     try:
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                with urllib.request.urlopen(ready_url, timeout=2):
-                    break
-            except urllib.error.HTTPError:
-                break  # it answered
-            except OSError:
-                pass
+            if _answers(ready):
+                break
             if process.poll() is not None or time.monotonic() > deadline:
                 log.flush()
                 pytest.fail(f"{command[0]} did not start:\n{log_path.read_text()[-3000:]}")
@@ -53,6 +49,20 @@ def serve(command: list[str], ready_url: str, log_path: Path, timeout: float = 1
     finally:
         stop(process)
         log.close()
+
+
+def _answers(ready: str | int) -> bool:
+    try:
+        if isinstance(ready, int):
+            socket.create_connection(("127.0.0.1", ready), timeout=2).close()
+        else:
+            with urllib.request.urlopen(ready, timeout=2):
+                pass
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except OSError:
+        return False
+    return True
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -95,3 +105,19 @@ def gcs_server(root: Path):
     ]  # fmt: skip
     with serve(command, f"{url}/storage/v1/b", root / "gcs.log"):
         yield {"STORAGE_EMULATOR_HOST": url, "GOOGLE_CLOUD_PROJECT": "test"}
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, backend: str | None = None, artifacts: str | None = None, env=None):
+    """An MLflow tracking and registry server with proxied artifacts; yields its URL. Defaults:
+    a SQLite backend and a local artifact folder under `root`."""
+    port = free_port()
+    command = [
+        venv_tool("mlflow"), "server",
+        "--backend-store-uri", backend or f"sqlite:///{root / 'backend.db'}",
+        "--artifacts-destination", artifacts or str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with serve(command, f"{url}/health", root / "mlflow.log", env=env):
+        yield url

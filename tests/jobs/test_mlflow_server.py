@@ -5,32 +5,20 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import TRAIN_EXCLUDE
-from tests.servers import free_port, serve, venv_tool
+from tests.servers import mlflow_server
 from vaewatch.jobs.cli import main
 from vaewatch.model import registry
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    command = [
-        venv_tool("mlflow"),
-        "server",
-        "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
-        "--serve-artifacts",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-    ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with serve(command, f"{url}/health", root / "server.log"):
+    with mlflow_server(root) as url:
         yield url, root
 
 
-def test_train_over_http_and_load_back(mlflow_server, workspace, tmp_path, monkeypatch):
-    url, root = mlflow_server
+def test_train_over_http_and_load_back(server, workspace, tmp_path, monkeypatch):
+    url, root = server
     monkeypatch.chdir(tmp_path)  # nothing may be written locally: artifacts go to the server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # the CLI reads MLflow's own variable
     result = CliRunner().invoke(

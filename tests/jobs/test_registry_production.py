@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import TRAIN_EXCLUDE
-from tests.servers import free_port, s3_server, serve, venv_tool
+from tests.servers import mlflow_server, s3_server
 from vaewatch.jobs.cli import main
 from vaewatch.pipeline.commit import read_manifest
 
@@ -42,15 +42,8 @@ def production_mlflow(postgres, tmp_path_factory):
         import boto3
 
         boto3.client("s3").create_bucket(Bucket=BUCKET)
-        port = free_port()
-        command = [
-            venv_tool("mlflow"), "server",
-            "--backend-store-uri", postgres,
-            "--artifacts-destination", f"s3://{BUCKET}/",
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ]  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        with serve(command, f"{url}/health", root / "server.log", env=dict(os.environ)):
+        root_env = dict(os.environ)
+        with mlflow_server(root, postgres, f"s3://{BUCKET}/", env=root_env) as url:
             # clients reach artifacts through the server (proxied): no S3 settings of their own
             for name in aws:
                 patch.delenv(name)
