@@ -1,6 +1,9 @@
-"""Spark users: the registered model scores in a local Spark session through
-mlflow.pyfunc.spark_udf, with the same scores as the Beam pipeline for the same rows and seed."""
+"""Spark users, on a Spark master with separate executor processes (`local-cluster`: two
+executors, each its own JVM with its own Python workers): the registered model scores through
+mlflow.pyfunc.spark_udf with the same scores as the Beam pipeline for the same rows and seed, and
+Spark reads a committed vaewatch output, following its manifest, with the same values."""
 
+import json
 import os
 import sys
 
@@ -29,12 +32,14 @@ def spark():
     from pyspark.sql import SparkSession
 
     session = (
-        SparkSession.builder.master("local[1]")
+        SparkSession.builder.master("local-cluster[2,1,1024]")
         .appName("vaewatch-test")
         .config("spark.ui.enabled", "false")
         .config("spark.sql.shuffle.partitions", "1")
         .getOrCreate()
     )
+    executors = session.sparkContext.parallelize(range(8), 8).map(lambda _: os.getpid())
+    assert len(set(executors.collect())) == 2, "expected two executor processes"
     yield session
     session.stop()
 
@@ -83,3 +88,31 @@ def test_spark_udf_scores_equal_the_beam_pipeline(spark, trained, workspace, tmp
     first = [dict(r) for r in scored["top_features"][0]]
     assert first == beam["top_features"][0].as_py()
     assert (scored["reason"] == "").all()
+
+
+def test_spark_reads_a_committed_output(spark, trained, workspace, tmp_path):
+    """Only the files the manifest lists; fixed-size latent lists and the list of structs load."""
+    job, outcome = trained
+    out = tmp_path / "out"
+    run(
+        ScoreJob(
+            input=str(workspace / "holdout"),
+            output=str(out),
+            model=outcome.resolved.uri,
+            tracking_uri=job.tracking_uri,
+        )
+    )
+    listed = json.loads((out / "_manifest.json").read_text())["files"]
+    # a file the manifest does not list (debris, a half-published run) is not read
+    (out / "part-stray.parquet").write_bytes((out / listed[0]).read_bytes())
+    frame = spark.read.parquet(*[str(out / f) for f in listed])
+    rows = frame.orderBy("record_id").toPandas()
+    expected = ds.dataset([str(out / f) for f in listed], format="parquet").to_table()
+    expected = expected.sort_by("record_id")
+    assert len(rows) == expected.num_rows == 5_000
+    np.testing.assert_array_equal(rows["log_likelihood"], expected["log_likelihood"].to_numpy())
+    latent = expected["latent_mean"].to_pylist()
+    assert [list(v) for v in rows["latent_mean"][:50]] == latent[:50]
+    assert [[dict(f) for f in v] for v in rows["top_features"][:50]] == (
+        expected["top_features"].to_pylist()[:50]
+    )
