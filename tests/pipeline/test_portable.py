@@ -1,6 +1,7 @@
 """Beam's portable path, as Flink, Spark and Dataflow run Python: the pipeline goes through
 Beam's Job API to a job service in another process, and its Python SDK workers start in a
-separate external worker pool, where they load the pinned model from an MLflow server. The
+separate external worker pool, where they download the pinned model from an MLflow server
+(PostgreSQL behind it, the artifacts on S3). The
 scores equal the in-process runner's bit for bit."""
 
 import os
@@ -13,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import TRAIN_EXCLUDE
-from tests.servers import free_port, mlflow_server, serve
+from tests.servers import free_port, serve
 from vaewatch.jobs.cli import main
 from vaewatch.pipeline.commit import read_manifest
 
@@ -45,19 +46,19 @@ def beam_services(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served_model(workspace, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-portable")
-    with mlflow_server(root) as url:
-        result = CliRunner().invoke(
-            main,
-            [
-                "train", "--data", str(workspace / "train"), "--model-name", "portable",
-                "--id-column", "record_id", "--exclude", ",".join(TRAIN_EXCLUDE),
-                "--epochs", "2", "--tracking-uri", url, "--no-progress",
-            ],
-        )  # fmt: skip
-        assert result.exit_code == 0, result.output
-        yield url
+def served_model(workspace, production_mlflow):
+    """A model registered on the production-shaped MLflow (PostgreSQL, artifacts on S3)."""
+    url, _ = production_mlflow
+    result = CliRunner().invoke(
+        main,
+        [
+            "train", "--data", str(workspace / "train"), "--model-name", "portable",
+            "--id-column", "record_id", "--exclude", ",".join(TRAIN_EXCLUDE),
+            "--epochs", "2", "--tracking-uri", url, "--no-progress",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return url
 
 
 def _with_bad_rows(source, target):
