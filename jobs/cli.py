@@ -14,6 +14,7 @@ from vaewatch.jobs.commands import (
     Group,
     JobFailed,
     emit_json,
+    report_drift,
     run_summary,
     user_errors_exit_1,
 )
@@ -41,8 +42,9 @@ def main(verbose: int, quiet: bool, log_format: str) -> None:
     Exit codes: 0 success; 1 the job failed because of its input or configuration (the message
     says what to fix; retrying will not help); 2 usage error, an unknown option included (only
     arguments after -- go to Beam); 75 a service the job needs (the tracking server) did not
-    answer and nothing was committed: retry later; 70 vaewatch itself crashed (a bug: one line
-    names the file with the traceback; -v prints it).
+    answer and nothing was committed: retry later; 3 the run committed but a day raised a drift
+    alarm and --fail-on-drift was given; 70 vaewatch itself crashed (a bug: one line names the
+    file with the traceback; -v prints it).
     """
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
@@ -195,14 +197,15 @@ def score_command(ctx, **o) -> None:
         result = run(job)
     if o["json_report"]:
         emit_json({"command": "score", **run_summary(result.manifest, result.output)})
-        return
-    rows = result.manifest.rows
-    click.echo(
-        f"scored {rows.scored:,} of {rows.rows_in:,} rows ({rows.rejected:,} rejected) with "
-        f"{result.manifest.model.uri} -> {result.output}",
-        err=True,
-    )
-    click.echo(result.output)
+    else:
+        rows = result.manifest.rows
+        click.echo(
+            f"scored {rows.scored:,} of {rows.rows_in:,} rows ({rows.rejected:,} rejected) "
+            f"with {result.manifest.model.uri} -> {result.output}",
+            err=True,
+        )
+        click.echo(result.output)
+    report_drift([(result.output, result.manifest)], o["fail_on_drift"])
 
 
 def _score_options(o: dict, ctx):
@@ -264,18 +267,20 @@ def nightly_command(ctx, **o) -> None:
             options=_score_options(o, ctx),
         )
         outcomes = run_nightly(job, echo=lambda line: click.echo(line, err=True))
-    if o["json_report"]:
-        from vaewatch.pipeline.commit import read_manifest
+    from vaewatch.pipeline.commit import read_manifest
 
-        days = []
-        for outcome in outcomes:
-            manifest = read_manifest(outcome.output)
-            days.append({"day": str(outcome.day), "status": outcome.status,
-                         **run_summary(manifest, outcome.output)})  # fmt: skip
+    manifests = [(outcome, read_manifest(outcome.output)) for outcome in outcomes]
+    if o["json_report"]:
+        days = [
+            {"day": str(out.day), "status": out.status, **run_summary(manifest, out.output)}
+            for out, manifest in manifests
+        ]
         emit_json({"command": "nightly", "model": job.model, "days": days})
-        return
-    for outcome in outcomes:
-        click.echo(outcome.output)
+    else:
+        for outcome, _ in manifests:
+            click.echo(outcome.output)
+    scored = [(str(out.day), m) for out, m in manifests if out.status != "skipped"]
+    report_drift(scored, o["fail_on_drift"])
 
 
 @main.command("query")

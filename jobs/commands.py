@@ -56,6 +56,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILED = 1  # the job failed for a reason the user can fix; the message says which
     USAGE = 2  # click's own code for bad usage
+    DRIFT = 3  # the job succeeded and committed, a day raised a drift alarm, --fail-on-drift
     CRASHED = 70  # sysexits' EX_SOFTWARE: a bug; the traceback went to a file (-v prints it)
     TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: a dependency did not answer, nothing was committed
 
@@ -142,4 +143,16 @@ def run_summary(manifest, output: str) -> dict:
         "threshold": manifest.threshold,
         "started": manifest.started,
         "finished": manifest.finished,
+        "drift": manifest.drift,
     }
+
+
+def report_drift(runs: list[tuple[str, object]], fail: bool) -> None:
+    """A stderr line per (label, manifest) whose day raised a drift alarm; with `fail`, exit 3
+    when any did (after everything was committed)."""
+    alarms = [(label, m) for label, m in runs if m.drift.get("alarm")]
+    for label, manifest in alarms:
+        reasons = "; ".join(manifest.drift.get("reasons", []))
+        click.echo(f"drift alarm on {label}: {reasons}", err=True)
+    if alarms and fail:
+        raise click.exceptions.Exit(ExitCode.DRIFT)

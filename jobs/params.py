@@ -301,6 +301,14 @@ json_report = option(
 )
 
 
+fail_on_drift = option(
+    "--fail-on-drift/--no-fail-on-drift",
+    default=False,
+    help="Exit 3 after committing when a scored day raises a drift alarm against the model's "
+    "calibration (the alarm is written into the manifest and logged either way).",
+)
+
+
 def scoring_options(command):
     """The options `score` and `nightly` share, applied in one place."""
     for decorate in reversed(
@@ -315,6 +323,7 @@ def scoring_options(command):
             shards,
             threads,
             precision,
+            fail_on_drift,
         ]
     ):
         command = decorate(command)

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 import duckdb
+import pyarrow as pa
 import pyarrow.dataset as ds
 from apache_beam.io.filesystems import FileSystems
 
@@ -79,6 +80,22 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
     if relation is None:
         raise UserError(f"the committed output under {output!r} has no scored rows")
     relation.create_view("scores")
+    runs = pa.table(
+        {
+            "dt": pa.array([p.day for p in partitions], pa.date32()),
+            "run_id": [p.manifest.run_id for p in partitions],
+            "model_uri": [p.manifest.model.uri for p in partitions],
+            "drift_alarm": pa.array(
+                [
+                    p.manifest.drift.get("alarm") if p.manifest.drift.get("assessed") else None
+                    for p in partitions
+                ],
+                pa.bool_(),
+            ),  # fmt: skip
+            "drift_reasons": ["; ".join(p.manifest.drift.get("reasons", [])) for p in partitions],
+        }
+    )
+    con.register("runs", runs)  # one row per committed run, from its manifest
     return con
 
 
@@ -177,14 +194,21 @@ def top(con, day: dt.date | None, n: int) -> duckdb.DuckDBPyRelation:
 def summary(con) -> duckdb.DuckDBPyRelation:
     return con.sql(
         """
-        SELECT dt,
-               count(*) AS rows,
-               sum(is_anomaly::INTEGER) AS anomalies,
-               round(avg(is_anomaly::INTEGER), 5) AS anomaly_rate,
-               quantile_cont(anomaly_score, 0.5) AS score_p50,
-               quantile_cont(anomaly_score, 0.99) AS score_p99,
-               max(anomaly_score) AS score_max,
-               string_agg(DISTINCT model_version::VARCHAR, ',') AS model_version
-        FROM scores GROUP BY dt ORDER BY dt
+        WITH days AS (
+            SELECT dt,
+                   count(*) AS rows,
+                   sum(is_anomaly::INTEGER) AS anomalies,
+                   round(avg(is_anomaly::INTEGER), 5) AS anomaly_rate,
+                   quantile_cont(anomaly_score, 0.5) AS score_p50,
+                   quantile_cont(anomaly_score, 0.99) AS score_p99,
+                   max(anomaly_score) AS score_max,
+                   string_agg(DISTINCT model_version::VARCHAR, ',') AS model_version
+            FROM scores GROUP BY dt
+        )
+        SELECT days.*,
+               CASE WHEN runs.drift_alarm THEN 'ALARM' WHEN runs.drift_alarm IS NULL THEN '-'
+                    ELSE 'ok' END AS drift
+        FROM days LEFT JOIN runs ON days.dt IS NOT DISTINCT FROM runs.dt
+        ORDER BY days.dt
         """
     )

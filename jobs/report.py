@@ -28,6 +28,10 @@ CAPTIONS = {
     "distribution": "Anomaly score = minus the IWAE log-likelihood of the record, in nats; red "
     "records are above the threshold stored with the model.",
     "per_day": "Bars: flagged records per partition; line: their share of the day's records.",
+    "drift": "Each day against the model's calibration sample: the flagged rate against the "
+    "rate its threshold implies, the score distribution (two-sample Kolmogorov-Smirnov D; PSI "
+    "over calibration deciles, descriptive) and each feature's share of top_features; an alarm "
+    "when any test's p-value is below 0.001 divided by the number of tests.",
     "latent": "Latent means projected on their first two principal components ({:,} sampled "
     "records), coloured by anomaly score; flagged records ringed in red.",
     "contributors": "For each flagged record, the feature whose -log p(x_j|z) most exceeds its "
@@ -125,6 +129,28 @@ def top_contributors(features: list[str], counts: list[int]) -> str:
     return _png(fig)
 
 
+def drift_rows(partitions) -> str:
+    """One table row per committed day: its drift assessment against the model's calibration."""
+    rows = []
+    for p in partitions:
+        drift = p.manifest.drift
+        day = html.escape(str(p.day or "latest run"))
+        if not drift.get("assessed"):
+            why = drift.get("why", "not computed (an output written before drift checks)")
+            rows.append(f"<tr><td>{day}</td><td>not assessed</td><td colspan=4>"
+                        f"{html.escape(why)}</td></tr>")  # fmt: skip
+            continue
+        flagged, scores = drift["flagged"], drift["scores"]
+        state = "<b style='color:#cf222e'>ALARM</b>" if drift["alarm"] else "ok"
+        rows.append(
+            f"<tr><td>{day}</td><td>{state}</td>"
+            f"<td>{flagged['rate']:.2%} (expected {flagged['expected_rate']:.2%})</td>"
+            f"<td>{scores['ks_statistic']:.3f}</td><td>{scores['psi_deciles']:.3f}</td>"
+            f"<td>{html.escape('; '.join(drift['reasons']))}</td></tr>"
+        )
+    return "".join(rows)
+
+
 def build(output: str, top_n: int = 20) -> str:
     """The report's HTML for the committed output under `output`."""
     con = connect(output)
@@ -177,6 +203,11 @@ def build(output: str, top_n: int = 20) -> str:
         ("model", html.escape(model.uri)),
         ("threshold", f"{threshold:.2f} nats (q = {latest.threshold_quantile})"),
         ("IWAE samples", f"K = {latest.k}, seed {latest.seed}"),
+        (
+            "drift alarms",
+            f"{sum(bool(p.manifest.drift.get('alarm')) for p in partitions)} of "
+            f"{len(partitions)} days",
+        ),  # fmt: skip
     ]
     cards = "".join(
         f'<div class="card"><div class="k">{k}</div><div class="v">{v}</div></div>' for k, v in head
@@ -238,6 +269,10 @@ th {{ background: #f6f8fa; }} tr:hover td {{ background: #fff8e6; }}
 </div>
 {figure("latent", "Where records sit in latent space", CAPTIONS["latent"].format(len(scores)))}
 {figure("contributors", "What makes records unusual", CAPTIONS["contributors"])}
+<section><h2>Drift against the model's calibration</h2>
+<table><thead><tr><th>day</th><th>drift</th><th>flagged rate</th><th>KS D</th><th>PSI</th>
+<th>why</th></tr></thead><tbody>{drift_rows(partitions)}</tbody></table>
+<p class='cap'>{CAPTIONS["drift"]}</p></section>
 <section><h2>Most anomalous records, {html.escape(str(latest_day or "latest run"))}</h2>
 <table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></section>
 </body></html>

@@ -41,6 +41,10 @@ class Calibration:
     threshold_quantile: float  # the level the default threshold sits at
     feature_baseline: list[float]  # median -log p(x_j|z) per feature on calibration rows (nats)
     rows: int  # calibration rows scored
+    # per feature, the share of calibration rows whose top_features (the first
+    # `top_feature_count`) name it: the drift check's reference; None in older models
+    top_feature_share: list[float] | None = None
+    top_feature_count: int = DEFAULT_TOP_FEATURES
 
     @classmethod
     def fit(
@@ -48,6 +52,7 @@ class Calibration:
         anomaly_scores: np.ndarray,
         feature_nll: np.ndarray,
         threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE,
+        top_feature_count: int = DEFAULT_TOP_FEATURES,
     ) -> Calibration:
         scores = np.asarray(anomaly_scores, dtype=np.float64)
         scores = scores[np.isfinite(scores)]
@@ -56,12 +61,18 @@ class Calibration:
         check_quantile(threshold_quantile)
         levels = quantile_levels()
         quantiles = np.maximum.accumulate(np.quantile(scores, levels))
+        feature_nll = np.asarray(feature_nll, dtype=np.float64)
+        baseline = np.median(feature_nll, axis=0)
+        top, _, keep = _top(feature_nll, baseline, top_feature_count)
+        named = np.bincount(top[keep], minlength=feature_nll.shape[1])
         return cls(
             levels=levels.tolist(),
             quantiles=quantiles.tolist(),
             threshold_quantile=float(threshold_quantile),
-            feature_baseline=np.median(np.asarray(feature_nll, dtype=np.float64), axis=0).tolist(),
+            feature_baseline=baseline.tolist(),
             rows=int(scores.size),
+            top_feature_share=(named / max(feature_nll.shape[0], 1)).tolist(),
+            top_feature_count=int(top_feature_count),
         )
 
     def threshold(self, quantile: float | None = None) -> float:
@@ -106,18 +117,24 @@ def check_quantile(quantile: float) -> float:
     return float(quantile)
 
 
+def _top(feature_nll: np.ndarray, baseline: np.ndarray, n: int):
+    """(top (B, n) feature indices by excess over the baseline, largest first; their excesses;
+    which of them are listed: those above the baseline)."""
+    excess = np.asarray(feature_nll, dtype=np.float64) - np.asarray(baseline)[None, :]
+    n = min(n, excess.shape[1])
+    top = np.argsort(-excess, axis=1, kind="stable")[:, :n]
+    values = np.take_along_axis(excess, top, axis=1)
+    return top, values, values > 0
+
+
 def top_features(
     feature_nll: np.ndarray, baseline: np.ndarray, names: list[str], n: int
 ) -> pa.ListArray:
     """Per record, up to n features whose -log p(x_j|z) most exceeds its calibration median,
     largest first; only features above their baseline are listed (a missing feature never is).
     Built as one Arrow list<struct<feature, contribution>> array, no per-row Python."""
-    excess = np.asarray(feature_nll, dtype=np.float64) - np.asarray(baseline)[None, :]
-    n = min(n, excess.shape[1])
-    top = np.argsort(-excess, axis=1, kind="stable")[:, :n]  # (B, n)
-    values = np.take_along_axis(excess, top, axis=1)
-    keep = values > 0
-    offsets = np.zeros(excess.shape[0] + 1, dtype=np.int32)
+    top, values, keep = _top(feature_nll, baseline, n)
+    offsets = np.zeros(top.shape[0] + 1, dtype=np.int32)
     np.cumsum(keep.sum(axis=1), out=offsets[1:])
     entries = pa.StructArray.from_arrays(
         [pa.array(names, type=pa.string()).take(pa.array(top[keep])), pa.array(values[keep])],

@@ -136,6 +136,9 @@ class Manifest:
     finished: str = ""  # set at commit
     files: tuple[str, ...] = ()  # scored files, relative to the output
     rejected_files: tuple[str, ...] = ()  # relative to the output
+    # the day against the model's calibration (model/drift.py): {"alarm": bool, ...}; set at
+    # commit, {} when not computed
+    drift: dict = field(default_factory=dict, compare=False)
     extra: dict = field(default_factory=dict, compare=False)  # keys a newer writer added
 
     def committed(
@@ -199,6 +202,7 @@ class Manifest:
             finished=d.get("finished", ""),
             files=tuple(d.get("files", ())),
             rejected_files=tuple(d.get("rejected_files", ())),
+            drift=dict(d.get("drift", {})),
             extra={k: v for k, v in d.items() if k not in known},
         )
 

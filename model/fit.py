@@ -133,7 +133,9 @@ def fit(
     model = VAE(vae_config)
     result = train(model, data, config=train_config, on_epoch=on_epoch, on_step=on_step)
     scores, feature_nll = calibration_scores(model, data, spec, config.scoring, device)
-    calibration = Calibration.fit(scores, feature_nll, config.threshold_quantile)
+    calibration = Calibration.fit(
+        scores, feature_nll, config.threshold_quantile, config.scoring.top_features
+    )
     best = result.history[result.best_epoch]
     artifact = ModelArtifact.from_model(
         model,

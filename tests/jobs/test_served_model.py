@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 def model_folder(trained, tmp_path_factory):
     job, _ = trained
     mlflow.set_tracking_uri(job.tracking_uri)
+    mlflow.set_registry_uri(job.tracking_uri)  # an earlier test may have pointed it elsewhere
     root = tmp_path_factory.mktemp("served")
     return mlflow.artifacts.download_artifacts(
         "models:/transactions@champion", dst_path=str(root / "model")

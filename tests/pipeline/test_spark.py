@@ -61,6 +61,7 @@ def test_spark_udf_scores_equal_the_beam_pipeline(spark, trained, workspace, tmp
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     mlflow.set_tracking_uri(job.tracking_uri)
+    mlflow.set_registry_uri(job.tracking_uri)  # an earlier test may have pointed it elsewhere
     from pyspark.sql.functions import struct
 
     score = mlflow.pyfunc.spark_udf(

@@ -1,0 +1,162 @@
+"""Drift statistics against independent references: scipy's distributions and two-sample KS,
+brute-force counts, and simulated days where the truth (same distribution or shifted) is known."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from scipy import stats as sps
+
+from vaewatch.model.calibration import Calibration
+from vaewatch.model.contract import TOP_FEATURE_TYPE
+from vaewatch.model.drift import (
+    ALPHA,
+    DayStats,
+    Reference,
+    kolmogorov_p,
+    named_features,
+    two_proportion,
+)
+
+
+def test_two_proportion_z_by_hand():
+    # 30 of 1,000 flagged against 1 % estimated from 2,000 calibration records
+    z, p = two_proportion(30, 1_000, 0.01, 2_000)
+    expected = (0.03 - 0.01) / math.sqrt(0.01 * 0.99 * (1 / 1_000 + 1 / 2_000))
+    assert z == pytest.approx(expected, rel=1e-12)
+    assert p == pytest.approx(2 * sps.norm.sf(expected), rel=1e-9)
+
+
+@pytest.mark.parametrize("d", [0.01, 0.03, 0.05, 0.1])
+def test_kolmogorov_p_is_the_limit_law(d):
+    n, m = 20_000, 1_500
+    t = math.sqrt(n * m / (n + m)) * d
+    assert kolmogorov_p(d, n, m) == pytest.approx(sps.kstwobign.sf(t), rel=1e-9, abs=1e-15)
+
+
+def _reference(calibration: Calibration, names, k=4, model_k=4) -> Reference:
+    return Reference.of(
+        calibration,
+        names,
+        threshold_quantile=calibration.threshold_quantile,
+        k=k,
+        model_k=model_k,
+    )
+
+
+def _calibrate(scores, features=3, seed=0):
+    rng = np.random.default_rng(seed)
+    nll = rng.gamma(2.0, 1.0, size=(scores.size, features))
+    return Calibration.fit(scores, nll, threshold_quantile=0.99, top_feature_count=2)
+
+
+def _day(reference, scores, named):
+    stats = reference.empty_stats()
+    flagged = scores > np.interp(
+        reference.threshold_quantile, reference.levels, reference.quantiles
+    )
+    stats.add(scores, flagged, np.asarray(reference.quantiles), named)
+    return stats
+
+
+def test_day_stats_count_and_merge():
+    rng = np.random.default_rng(1)
+    calibration = _calibrate(rng.normal(size=3_000))
+    reference = _reference(calibration, ["a", "b", "c"])
+    scores = rng.normal(size=1_000)
+    scores[7] = np.nan  # not counted
+    named = rng.random((1_000, 3)) < 0.3
+    whole = _day(reference, scores, named)
+    halves = _day(reference, scores[:400], named[:400]).merge(
+        _day(reference, scores[400:], named[400:])
+    )
+    assert whole == halves
+    ok = np.isfinite(scores)
+    assert whole.rows == 999
+    q = np.asarray(reference.quantiles)
+    assert whole.below == [int(np.sum(scores[ok] <= x)) for x in q]
+    assert whole.feature_counts == named[ok].sum(axis=0).tolist()
+    assert DayStats.from_json(whole.to_json()) == whole
+
+
+def test_ks_from_the_quantile_grid_matches_scipy():
+    rng = np.random.default_rng(2)
+    calibration_sample = rng.normal(size=4_000)
+    calibration = _calibrate(calibration_sample)
+    reference = _reference(calibration, ["a", "b", "c"])
+    day = rng.normal(0.15, 1.0, size=20_000)
+    result = reference.assess(_day(reference, day, np.zeros((day.size, 3), bool)))
+    exact = sps.ks_2samp(day, calibration_sample).statistic
+    d = result["scores"]["ks_statistic"]
+    assert d <= exact + 1e-3  # read at the grid: a lower bound, up to the grid's resolution
+    assert d == pytest.approx(exact, abs=5e-3)
+
+
+def test_named_features_from_top_features():
+    entries = [
+        [{"feature": "b", "contribution": 1.0}, {"feature": "a", "contribution": 0.5}],
+        [],
+        None,
+        [{"feature": "c", "contribution": 2.0}, {"feature": "zz", "contribution": 0.1}],
+    ]
+    named = named_features(pa.array(entries, type=TOP_FEATURE_TYPE), ["a", "b", "c"])
+    assert named.tolist() == [
+        [True, True, False],
+        [False, False, False],
+        [False, False, False],
+        [False, False, True],
+    ]
+
+
+def test_calibration_top_feature_shares_by_hand():
+    # feature 0 is above its median in rows 2, 3; feature 1 in rows 0, 3 (hand-set values)
+    nll = np.array([[0.0, 5.0], [1.0, 1.0], [2.0, 0.0], [3.0, 2.0]])
+    # medians: 1.5 and 1.5; excess row 0: (-1.5, 3.5) -> [1]; row 1: (-.5, -.5) -> [];
+    # row 2: (.5, -1.5) -> [0]; row 3: (1.5, .5) -> [0, 1]
+    calibration = Calibration.fit(np.arange(4.0), nll, top_feature_count=2)
+    assert calibration.top_feature_share == [0.5, 0.5]
+    one = Calibration.fit(np.arange(4.0), nll, top_feature_count=1)
+    assert one.top_feature_share == [0.5, 0.25]  # row 3's first is feature 0 only
+
+
+def _simulate(shift, days, rng, m=2_000, n=20_000):
+    """Scores ~ Gamma(3) (+ shift on a day); a record names at most one feature, drawn with the
+    calibration's shares."""
+    calibration_scores = rng.gamma(3.0, size=m)
+    nll = rng.gamma(2.0, 1.0, size=(m, 4))
+    calibration = Calibration.fit(calibration_scores, nll, top_feature_count=1)
+    reference = _reference(calibration, ["a", "b", "c", "d"])
+    alarms = []
+    for _ in range(days):
+        scores = rng.gamma(3.0, size=n) + shift
+        # the calibration's shares come from its own nll: use the same law for the day
+        shares = np.asarray(calibration.top_feature_share)
+        named = np.zeros((n, 4), bool)
+        named[np.arange(n), rng.choice(4, size=n, p=shares / shares.sum())] = True
+        keep = rng.random(n) < shares.sum()
+        named &= keep[:, None]
+        alarms.append(reference.assess(_day(reference, scores, named))["alarm"])
+    return alarms
+
+
+def test_same_distribution_days_do_not_alarm():
+    """400 simulated days (20 calibration samples x 20 days): the family-wise rate is ALPHA by
+    construction; allow a few, since days sharing a calibration sample are not independent."""
+    rng = np.random.default_rng(3)
+    alarms = [a for _ in range(20) for a in _simulate(0.0, 20, rng)]
+    assert sum(alarms) <= 2, f"{sum(alarms)} false alarms in {len(alarms)} days"
+
+
+def test_a_shifted_day_alarms():
+    rng = np.random.default_rng(4)
+    assert all(_simulate(0.5, 5, rng))  # a shift of 0.3 standard deviations
+
+
+def test_scores_of_another_k_are_not_compared():
+    rng = np.random.default_rng(5)
+    calibration = _calibrate(rng.normal(size=500))
+    reference = _reference(calibration, ["a", "b", "c"], k=64, model_k=4)
+    result = reference.assess(reference.empty_stats())
+    assert result == {"alarm": False, "assessed": False, "why": reference.not_comparable}
+    assert "K=64" in result["why"] and ALPHA > 0
