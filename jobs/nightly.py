@@ -19,7 +19,13 @@ import pyarrow.fs as pafs
 
 from vaewatch.model import registry
 from vaewatch.model.contract import Manifest
-from vaewatch.model.data import InputError, InputFile, filesystem_for, resolve_files
+from vaewatch.model.data import (
+    InputError,
+    InputFile,
+    filesystem_for,
+    resolve_files,
+    storage_failure,
+)
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline import faults
 from vaewatch.pipeline.commit import read_manifest
@@ -87,6 +93,8 @@ def input_days(input_root: str) -> list[dt.date]:
         entries = filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
     except FileNotFoundError as err:
         raise UserError(f"--input-root {input_root!r} does not exist") from err
+    except OSError as err:
+        raise storage_failure(input_root, "--input-root", err) from err
     names = [e.base_name for e in entries if e.type == pafs.FileType.Directory]
     return sorted(
         dt.date.fromisoformat(n[3:]) for n in names if n.startswith("dt=") and DATE.fullmatch(n[3:])

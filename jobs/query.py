@@ -45,6 +45,7 @@ class Partition:
 
 def committed_partitions(output: str) -> list[Partition]:
     """The committed runs under `output`: itself, or its dt=YYYY-MM-DD/ partitions."""
+    storage.probe(output, "output")
     manifest = read_manifest(output)
     if manifest is not None:
         return [Partition(None, output, manifest)]

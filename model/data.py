@@ -22,7 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vaewatch.model.errors import UserError
+from vaewatch.model.errors import DependencyUnavailable, UserError
 
 GLOB_CHARS = frozenset("*?[")
 DEFAULT_READ_BATCH_ROWS = 65_536  # large enough to amortise Python per batch, small in memory
@@ -30,6 +30,32 @@ DEFAULT_READ_BATCH_ROWS = 65_536  # large enough to amortise Python per batch, s
 
 class InputError(UserError):
     """The input path, glob or files cannot be used; the message says which and why."""
+
+
+class StoreUnavailable(DependencyUnavailable):
+    """An object store did not answer (refused, timed out, name not resolved)."""
+
+
+# what pyarrow's and boto3's messages say when a store cannot be reached at all, as opposed
+# to answering with an error (no such bucket, access denied)
+UNREACHABLE = (
+    "NETWORK_CONNECTION", "Could not connect", "could not connect", "Connection refused",
+    "timed out", "Timeout", "UNAVAILABLE", "Could not resolve host", "Name or service not known",
+    "Failed to connect", "EndpointConnectionError", "Connect timeout",
+)  # fmt: skip
+
+
+def storage_failure(location: str, what: str, err: Exception) -> UserError:
+    """The error to raise when reaching `location` failed with `err`: StoreUnavailable (the
+    job may succeed later) when the store did not answer, else InputError."""
+    text = str(err)
+    if any(marker in text for marker in UNREACHABLE):
+        return StoreUnavailable(
+            f"the storage of {what} {location!r} did not answer ({text.splitlines()[0][:300]}); "
+            "nothing was done. Check the endpoint (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST) "
+            "and the network."
+        )
+    return InputError(f"cannot access {what} {location!r}: {text.splitlines()[0][:300]}")
 
 
 @dataclass(frozen=True)
@@ -107,7 +133,10 @@ def resolve_files(location: str | Sequence[str]) -> tuple[pafs.FileSystem, list[
             )
         filesystem = fs
         base, pattern = _split_glob(path.rstrip("/") or "/")
-        info = fs.get_file_info(base)
+        try:
+            info = fs.get_file_info(base)
+        except OSError as err:
+            raise storage_failure(loc, "input", err) from err
         if info.type == pafs.FileType.NotFound:
             raise InputError(
                 f"input {loc!r} does not exist ({base!r} not found); check the path"

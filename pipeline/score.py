@@ -182,6 +182,7 @@ def pipeline_options(job: ScoreJob) -> tuple[PipelineOptions, object]:
 
 def run(job: ScoreJob, pipeline: beam.Pipeline | None = None) -> ScoreResult:
     """Plan, run and commit. `pipeline` (e.g. a TestPipeline) replaces the configured one."""
+    storage.probe(job.output, "--output")
     plan = make_plan(job)
     faults.point("launch:planned")
     storage.configure(job.options.beam_args)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from vaewatch.model.data import filesystem_for, storage_failure
 from vaewatch.model.errors import UserError
 
 # scheme: (vaewatch extra, the modules Beam's filesystem for it imports)
@@ -61,6 +62,20 @@ def require(location: str, what: str) -> None:
             f"{', '.join(missing)} package(s) vaewatch's [{extra}] extra installs: "
             f"pip install 'vaewatch[{extra}]' (or give a local path)"
         )
+
+
+def probe(location: str, what: str) -> None:
+    """Fail fast, before any work, when an object store does not answer: one metadata request
+    through pyarrow (a few seconds of retries) instead of Beam's filesystem retrying for
+    minutes. StoreUnavailable (exit 75) when it did not answer; the store's own refusals
+    (no such bucket, access denied) are InputError."""
+    if is_local(location):
+        return
+    filesystem, path = filesystem_for(location)
+    try:
+        filesystem.get_file_info(path)
+    except OSError as err:
+        raise storage_failure(location, what, err) from err
 
 
 def configure(beam_args: Sequence[str] = ()) -> None:

@@ -241,3 +241,32 @@ def test_concurrent_nightly_runs_of_the_same_date(trained, workspace, tmp_path):
     assert manifest.rows.rows_in == manifest.rows.scored + manifest.rows.rejected
     assert manifest.rows.rows_in == 5_000
     assert pq.read_table(tmp_path / "out" / "dt=2026-06-01").num_rows == manifest.rows.scored
+
+
+@pytest.mark.parametrize("side", ["input", "output", "query"])
+def test_an_unreachable_object_store_exits_75(side, trained, workspace, tmp_path, monkeypatch):
+    """Nothing listens at the S3 endpoint: the job stops within seconds, exit 75 (retry later),
+    naming the location, and writes nothing."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections are refused
+    for name, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    job, _ = trained
+    if side == "query":
+        result = CliRunner().invoke(main, ["summary", "s3://lake/scores"])
+        location = "s3://lake/scores"
+    else:
+        source = "s3://lake/in" if side == "input" else workspace / "holdout"
+        out = tmp_path / "out" if side == "input" else "s3://lake/scores"
+        location = str(source if side == "input" else out)
+        started = time.monotonic()
+        result = _score(job.tracking_uri, source, out)
+        assert time.monotonic() - started < 60
+        assert not (tmp_path / "out").exists()
+    _clear_exit_1(result, location, "did not answer", "exit 75", code=75)
