@@ -11,8 +11,16 @@ IMAGE="${REGION}-docker.pkg.dev/${PROJECT}/vaewatch/score:0.1.0"
 SPEC="gs://${BUCKET}/templates/vaewatch-score.json"
 cd "$(dirname "$0")/../.."
 
-gcloud builds submit --project "$PROJECT" --tag "$IMAGE" --file infra/dataflow/Dockerfile . 2>/dev/null \
-  || { docker build -f infra/dataflow/Dockerfile -t "$IMAGE" . && docker push "$IMAGE"; }
+# BUILDER=cloudbuild (default) builds remotely with Cloud Build; BUILDER=docker builds and
+# pushes with the local docker. A failure of either stops the script with its own message.
+case "${BUILDER:-cloudbuild}" in
+  cloudbuild)
+    gcloud builds submit --project "$PROJECT" --config infra/dataflow/cloudbuild.yaml \
+      --substitutions "_IMAGE=$IMAGE" . ;;
+  docker)
+    docker build -f infra/dataflow/Dockerfile -t "$IMAGE" . && docker push "$IMAGE" ;;
+  *) echo "BUILDER must be cloudbuild or docker, not '$BUILDER'" >&2; exit 2 ;;
+esac
 gcloud dataflow flex-template build "$SPEC" --project "$PROJECT" \
   --image "$IMAGE" --sdk-language PYTHON --metadata-file infra/dataflow/metadata.json
 

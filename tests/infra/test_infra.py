@@ -69,7 +69,9 @@ def test_kubernetes_and_compose_shapes():
     assert all(d["spec"]["concurrencyPolicy"] == "Forbid" for d in jobs)
     compose = yaml.safe_load((INFRA / "compose" / "docker-compose.yml").read_text())
     assert {"mlflow", "postgres", "minio"} <= set(compose["services"])
-    assert "--serve-artifacts" in compose["services"]["mlflow"]["command"]
+    mlflow = compose["services"]["mlflow"]
+    assert mlflow["environment"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    assert "healthcheck" in mlflow and "pip install" not in str(mlflow["command"])
 
 
 @pytest.mark.parametrize(
@@ -104,7 +106,7 @@ def test_airflow_dag_parses_and_its_commands_are_accepted(monkeypatch):
             model if isinstance(e, ast.Name) and e.id == "MODEL" else ast.literal_eval(e)
             for e in constants[name].elts
         ]
-        argv = [a.replace("{{ ds }}", "2026-01-05") for a in argv]  # what Airflow renders
+        argv = [a.replace("{{ data_interval_start | ds }}", "2026-01-05") for a in argv]
         _accepts(argv, {}, monkeypatch)
     dag_ids = {
         kw.value.value
