@@ -1,14 +1,34 @@
 """Progress a scoring worker reports while it works: rows read, scored, rejected and rows/s, on
-the `vaewatch.progress` logger, at most every `interval` seconds and once at the end. Each
-worker process reports its own share; the launcher's log shows them as they come."""
+the `vaewatch.progress` logger, at most every `interval` seconds and once at the end, and a
+line when each input file (or each part of a large file read in parallel) is finished. Each
+worker process reports its own share; the launcher's log shows them as they come.
+
+A file's rows are tracked by a column the reader adds (SOURCE_COLUMN: dictionary-encoded, one
+entry per read split, "ROWS<TAB>path (row groups a-b)"), which survives rebatching (a table's
+chunks keep their source) and is dropped before scoring."""
 
 from __future__ import annotations
 
 import logging
 import time
 
+import numpy as np
+import pyarrow as pa
+
 LOG = logging.getLogger("vaewatch.progress")
 DEFAULT_INTERVAL = 30.0  # seconds between two progress lines of one worker
+SOURCE_COLUMN = "__vaewatch_source"
+
+
+def source_label(name: str, rows: int) -> str:
+    return f"{rows}\t{name}"
+
+
+def source_column(label: str, rows: int) -> pa.DictionaryArray:
+    """`rows` values all naming one split, stored once."""
+    return pa.DictionaryArray.from_arrays(
+        pa.array(np.zeros(rows, dtype=np.int32)), pa.array([label], pa.string())
+    )
 
 
 class Progress:
@@ -16,6 +36,34 @@ class Progress:
         self.interval = interval
         self.rows_in = self.scored = self.rejected = 0
         self.started = self.last = time.monotonic()
+        self.sources: dict[str, list] = {}  # label -> [rows seen, rejected, first seen]
+
+    def add_sources(self, sources: pa.ChunkedArray, rejected_at: np.ndarray) -> None:
+        """Account a scored batch to the splits its rows came from (`rejected_at`: positions
+        of the rejected rows); log a line for each split now complete."""
+        start = 0
+        for chunk in sources.chunks:
+            end = start + len(chunk)
+            for index, label in enumerate(chunk.dictionary.to_pylist()):
+                rows = int(np.count_nonzero(chunk.indices.to_numpy(zero_copy_only=False) == index))
+                if not rows:
+                    continue
+                state = self.sources.setdefault(label, [0, 0, time.monotonic()])
+                state[0] += rows
+                if len(chunk.dictionary) == 1:
+                    state[1] += int(np.count_nonzero((rejected_at >= start) & (rejected_at < end)))
+                if state[0] >= int(label.split("\t", 1)[0]):
+                    self._finished(label, *self.sources.pop(label))
+            start = end
+
+    @staticmethod
+    def _finished(label: str, rows: int, rejected: int, first_seen: float) -> None:
+        name = label.split("\t", 1)[1]
+        rate = rows / max(time.monotonic() - first_seen, 1e-9)
+        LOG.info(
+            "finished %s: %s rows, %s scored, %s rejected, %s rows/s",
+            name, f"{rows:,}", f"{rows - rejected:,}", f"{rejected:,}", f"{rate:,.0f}",
+        )  # fmt: skip
 
     def add(self, rows_in: int, scored: int, rejected: int) -> None:
         self.rows_in += rows_in

@@ -103,7 +103,7 @@ class ScoreParquet(beam.PTransform):
     def expand(self, paths):
         outputs = (
             paths
-            | "ReadParquet" >> ReadParquetTables(self._columns)
+            | "ReadParquet" >> ReadParquetTables(self._columns, provenance=True)
             | "ScoreRecords" >> self._score
         )
         written = {}

@@ -42,6 +42,7 @@ WRITE_CHUNK_ROWS = 65_536  # rows per written table: large row groups, few Pytho
 READ_BATCH_ROWS = 65_536  # rows per table read from a file
 ROW_GROUPS_PER_SPLIT = 4  # a large file is read by several workers, a few row groups each
 METRICS_NAMESPACE = "vaewatch"
+SOURCE_COLUMN = progress.SOURCE_COLUMN
 _CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
 
 
@@ -106,26 +107,35 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 # ------------------------------------------------------------------------------ reading
 class _ReadRowGroups(beam.DoFn):
-    """(path, [row group indices]) -> Arrow tables of at most READ_BATCH_ROWS rows."""
+    """(path, [row group indices]) -> Arrow tables of at most READ_BATCH_ROWS rows; with
+    `provenance`, each table carries SOURCE_COLUMN naming its split and the split's rows."""
 
-    def __init__(self, columns: Sequence[str]):
+    def __init__(self, columns: Sequence[str], provenance: bool = False):
         self._columns = list(columns)
+        self._provenance = provenance
 
     def process(self, split: tuple[str, list[int]]):
         path, row_groups = split
+        groups = f"row groups {row_groups[0]}-{row_groups[-1]}" if row_groups else "no row groups"
         rows = 0
         try:
             with FileSystems.open(path) as handle:
                 reader = pq.ParquetFile(handle)
+                expected = sum(reader.metadata.row_group(g).num_rows for g in row_groups)
+                source = progress.source_label(f"{path} ({groups})", expected)
                 for batch in reader.iter_batches(
                     READ_BATCH_ROWS, row_groups=row_groups, columns=self._columns
                 ):
                     if batch.num_rows:
                         rows += batch.num_rows
-                        yield pa.Table.from_batches([batch])
+                        table = pa.Table.from_batches([batch])
+                        if self._provenance:
+                            table = table.append_column(
+                                SOURCE_COLUMN, progress.source_column(source, batch.num_rows)
+                            )
+                        yield table
         except (pa.ArrowException, OSError) as err:
             raise CorruptInputError.of(path, err) from err
-        groups = f"row groups {row_groups[0]}-{row_groups[-1]}" if row_groups else "no row groups"
         progress.LOG.info("read %s (%s): %s rows", path, groups, f"{rows:,}")
 
 
@@ -151,16 +161,17 @@ class ReadParquetTables(beam.PTransform):
     Elements may also be ready-made splits (`row_group_splits`), when the launcher has read
     the footers already."""
 
-    def __init__(self, columns: Sequence[str]):
+    def __init__(self, columns: Sequence[str], provenance: bool = False):
         super().__init__()
         self._columns = list(columns)
+        self._provenance = provenance  # add SOURCE_COLUMN (ScoreRecords reports per split)
 
     def expand(self, paths):
         return (
             paths
             | "SplitRowGroups" >> beam.FlatMap(_splits)
             | "Redistribute" >> beam.Reshuffle()
-            | "ReadRowGroups" >> beam.ParDo(_ReadRowGroups(self._columns))
+            | "ReadRowGroups" >> beam.ParDo(_ReadRowGroups(self._columns, self._provenance))
         )
 
 
@@ -235,6 +246,7 @@ class ScoreBatches(beam.DoFn):
         self._handle = None
         self._rows_in = Metrics.counter(METRICS_NAMESPACE, "rows_in")
         self._rows_scored = Metrics.counter(METRICS_NAMESPACE, "rows_scored")
+        self._rejected_at: list[np.ndarray] = []  # positions rejected in the current batch
 
     def setup(self):
         threads.apply(self._torch_threads or threads.threads_for(1))
@@ -249,10 +261,17 @@ class ScoreBatches(beam.DoFn):
 
     def process(self, table: pa.Table):
         faults.point("read:batch")
+        sources = None
+        if SOURCE_COLUMN in table.column_names:
+            sources = table[SOURCE_COLUMN]
+            table = table.drop_columns([SOURCE_COLUMN])
         self._rows_in.inc(table.num_rows)
+        self._rejected_at = []
         outputs = list(self._process(table))
         scored = sum(o.num_rows for o in outputs if isinstance(o, pa.Table))
         self._progress.add(table.num_rows, scored, table.num_rows - scored)
+        if sources is not None:
+            self._progress.add_sources(sources, np.concatenate([[], *self._rejected_at]))
         yield from outputs
 
     def _process(self, table: pa.Table):
@@ -261,11 +280,13 @@ class ScoreBatches(beam.DoFn):
             faults.point("score:batch")
         except (SchemaMismatchError, *_CAST_ERRORS) as err:
             # a file whose columns cannot be read as the model's types: all its rows rejected
+            self._rejected_at.append(np.arange(table.num_rows))
             yield self._rejected(table, RejectReason.SCHEMA_MISMATCH, err)
             return
         if result.scores.num_rows:
             yield from self._scored(table, result)
         if len(result.rejected_rows):
+            self._rejected_at.append(result.rejected_rows)
             rows = table.take(pa.array(result.rejected_rows))
             for reason, count in zip(*_counts(result.reasons), strict=True):
                 Metrics.counter(METRICS_NAMESPACE, f"rows_rejected_{reason}").inc(count)
@@ -281,8 +302,11 @@ class ScoreBatches(beam.DoFn):
             kept = conform(kept, keep_schema)
         except _CAST_ERRORS as err:
             fits = _castable_rows(kept, keep_schema)
-            misfits = pa.array(result.scored_rows[~fits])
-            yield self._rejected(table.take(misfits), RejectReason.KEEP_COLUMN_NOT_CASTABLE, err)
+            misfits = result.scored_rows[~fits]
+            self._rejected_at.append(misfits)
+            yield self._rejected(
+                table.take(pa.array(misfits)), RejectReason.KEEP_COLUMN_NOT_CASTABLE, err
+            )
             mask = pa.array(fits)
             kept, scores = conform(kept.filter(mask), keep_schema), scores.filter(mask)
         if kept.num_rows:

@@ -1,6 +1,7 @@
 """The Beam scoring pipeline: exact scores, invariance, rejected rows, schema errors, layouts."""
 
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -368,7 +369,6 @@ def test_a_file_corrupt_past_its_footer_is_a_clear_exit_1(trained, workspace, tm
 def test_progress_lines_and_beam_counters(trained, workspace, tmp_path, caplog):
     """Each worker logs rows read / scored / rejected / rows per second as it goes, and the
     run's Beam counters (what a runner's UI shows) add up to the manifest."""
-    import logging
 
     caplog.set_level(logging.INFO, logger="vaewatch.progress")
     result = run(_job(trained, tmp_path, workspace / "holdout", batch_size=500, progress_seconds=0))
@@ -377,6 +377,10 @@ def test_progress_lines_and_beam_counters(trained, workspace, tmp_path, caplog):
     assert len(progress) >= 5 and "rows/s" in progress[-1], lines  # one per 500-row batch
     assert any(line.startswith("done: 5,000 rows read, 5,000 scored, 0 rejected") for line in lines)
     assert any(line.startswith("read ") and "5,000 rows" in line for line in lines)
+    # one line per finished input file: its rows, scored, rejected, rows/s
+    finished = [line for line in lines if line.startswith("finished ")]
+    assert len(finished) == 1 and "part-0.parquet (row groups 0-2): 5,000 rows" in finished[0]
+    assert "5,000 scored, 0 rejected" in finished[0] and "rows/s" in finished[0]
     counters = result.counters
     assert counters["rows_in"] == result.manifest.rows.rows_in == 5_000
     assert counters["rows_scored"] == result.manifest.rows.scored
