@@ -35,7 +35,7 @@ from vaewatch.model.contract import Manifest, rejected_schema
 from vaewatch.model.data import inside
 from vaewatch.model.drift import Reference
 from vaewatch.model.errors import UserError
-from vaewatch.pipeline import faults, progress, storage
+from vaewatch.pipeline import faults, progress, services, storage
 from vaewatch.pipeline.commit import PART_PREFIX, REJECTED_DIR, OutputError, output_lock
 from vaewatch.pipeline.drift import STATS_FILE, WriteDayStats, read_stats
 from vaewatch.pipeline.loopback import loopback_only
@@ -182,6 +182,7 @@ def pipeline_options(job: ScoreJob) -> tuple[PipelineOptions, object]:
 
 def run(job: ScoreJob, pipeline: beam.Pipeline | None = None) -> ScoreResult:
     """Plan, run and commit. `pipeline` (e.g. a TestPipeline) replaces the configured one."""
+    services.check(job.options.beam_args)
     storage.probe(job.output, "--output")
     plan = make_plan(job)
     faults.point("launch:planned")

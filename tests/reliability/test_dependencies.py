@@ -270,3 +270,24 @@ def test_an_unreachable_object_store_exits_75(side, trained, workspace, tmp_path
         assert time.monotonic() - started < 60
         assert not (tmp_path / "out").exists()
     _clear_exit_1(result, location, "did not answer", "exit 75", code=75)
+
+
+@pytest.mark.parametrize("missing", ["job service", "worker pool"])
+def test_an_unreachable_beam_service_exits_75(missing, trained, workspace, tmp_path):
+    """The portable runner pointed at a job service or an external worker pool that does not
+    answer: exit 75 within seconds, naming it; nothing written."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = f"localhost:{closed.getsockname()[1]}"
+    with socket.socket() as listening:  # accepts connections: stands in for a live service
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        alive = f"localhost:{listening.getsockname()[1]}"
+        endpoint, pool = (dead, alive) if missing == "job service" else (alive, dead)
+        beam = ("--runner", "PortableRunner", "--", "--job_endpoint", endpoint,
+                "--environment_type", "EXTERNAL", "--environment_config", pool)  # fmt: skip
+        tracking = trained[0].tracking_uri
+        result = _score(tracking, workspace / "holdout", tmp_path / "out",
+                        "models:/transactions@champion", *beam)  # fmt: skip
+    _clear_exit_1(result, missing, dead, "exit 75", code=75)
+    assert not (tmp_path / "out").exists()
