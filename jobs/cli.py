@@ -42,10 +42,9 @@ def main(verbose: int, quiet: bool, log_format: str) -> None:
     Exit codes: 0 success; 1 the job failed because of its input or configuration (the message
     says what to fix; retrying will not help); 2 usage error, an unknown option included (only
     arguments after -- go to Beam); 75 a service the job needs (tracking server, object store,
-    Beam job service or worker pool) did not
-    answer and nothing was committed: retry later; 3 the run committed but a day raised a drift
-    alarm and --fail-on-drift was given; 70 vaewatch itself crashed (a bug: one line names the
-    file with the traceback; -v prints it).
+    Beam job service or worker pool) did not answer and nothing was committed: retry later; 3
+    the run committed but a day raised a drift alarm and --fail-on-drift was given; 70 vaewatch
+    itself crashed (a bug: one line names the file with the traceback; -v prints it).
     """
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
