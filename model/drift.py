@@ -11,7 +11,8 @@ the quantiles are estimates from m rows; a one-sample test would treat them as e
 alarm on perfectly normal days):
 
 - flagged rate: the day's share of `is_anomaly` against 1 - q, the share the threshold flags
-  in calibration; a two-proportion z-test, variance p(1-p)(1/n + 1/m);
+  in calibration; a pooled two-proportion z-test, variance p(1-p)(1/n + 1/m) with p the rate
+  of both samples together;
 - score distribution: the two-sample Kolmogorov-Smirnov statistic D between the day's scores
   and the calibration scores, read at the calibration quantiles (so D is a lower bound of the
   exact one and the test errs towards silence), p-value from Kolmogorov's limit law with the
@@ -132,10 +133,12 @@ class Reference:
 
 
 def two_proportion(k: int, n: int, p0: float, m: int) -> tuple[float, float]:
-    """(z, two-sided p) for a share k/n against a share p0 estimated from m records."""
-    variance = p0 * (1.0 - p0) * (1.0 / n + 1.0 / m)
+    """(z, two-sided p) for a share k/n against a share p0 measured on m records: the pooled
+    two-proportion z-test (under no drift both samples share one rate, estimated from both)."""
+    pooled = (k + p0 * m) / (n + m)
+    variance = pooled * (1.0 - pooled) * (1.0 / n + 1.0 / m)
     if variance <= 0:
-        return (0.0, 1.0) if k == round(p0 * n) else (math.inf, 0.0)
+        return 0.0, 1.0  # both shares 0 (or both 1): nothing differs
     z = (k / n - p0) / math.sqrt(variance)
     return z, math.erfc(abs(z) / math.sqrt(2.0))
 

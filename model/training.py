@@ -7,7 +7,9 @@ Objectives (per record, averaged only at the very end), both reductions of the e
 - "iwae": the K-sample importance-weighted bound (Burda et al. 2015); no warm-up, the bound is
   the objective.
 Validation reports the plain ELBO (beta = 1, no free bits) and the IWAE with the production
-estimator, so runs are comparable; early stopping watches the objective's own validation value.
+estimator, so runs are comparable. Early stopping watches the validation IWAE (trimmed of its
+worst 1 %), the score vaewatch reports, whatever the objective, and starts only once the KL
+warm-up is over: no epoch with beta < 1 is chosen, and patience counts from there.
 The data side (split, caching, streaming) is model/training_data.py.
 """
 
@@ -96,7 +98,7 @@ class EpochStats:
     train_elbo: float  # plain ELBO (beta = 1) of the training batches as they were seen
     val_elbo: float  # nats/record, standardised units
     val_iwae: float  # IWAE_K (K = validation_k) on up to VALIDATION_IWAE_ROWS validation rows
-    val_criterion: float  # what early stopping maximises: the objective's trimmed mean
+    val_criterion: float  # what early stopping maximises: the validation IWAE's trimmed mean
     kl_per_dim: list[float]  # mean KL of each latent dimension on validation
     active_units: int  # latent dims with Cov_x(E_q[z_u]) > ACTIVE_UNIT_THRESHOLD
     seconds: float
@@ -245,9 +247,8 @@ def train(
             train_elbo=running_elbo / seen,
             val_elbo=float(val.elbo.mean()),
             val_iwae=float(val.iwae.mean()),
-            val_criterion=trimmed_mean(
-                val.iwae if config.objective == "iwae" else val.elbo, config.validation_trim
-            ),
+            # the score vaewatch reports is the IWAE: stop on it whatever the objective
+            val_criterion=trimmed_mean(val.iwae, config.validation_trim),
             kl_per_dim=val.kl_per_dim,
             active_units=val.active_units,
             seconds=time.perf_counter() - started,
@@ -255,6 +256,8 @@ def train(
         result.history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
+        if config.objective == "elbo" and epoch + 1 < config.kl_warmup_epochs:
+            continue  # beta is still rising: no epoch of the KL warm-up is chosen or counted
         score = stats.val_criterion
         if score > best + config.min_delta:
             best, stale, result.best_epoch = score, 0, epoch

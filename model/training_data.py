@@ -36,6 +36,14 @@ def row_uniforms(ordinals: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def held_out_fraction(rows: int, fraction: float) -> float:
+    """The share of rows held out: `fraction`, raised on small tables towards
+    MIN_VALIDATION_ROWS rows, but never above a quarter of the table."""
+    if rows <= 0:
+        return fraction
+    return max(fraction, min(defaults.MIN_VALIDATION_ROWS / rows, 0.25))
+
+
 def split_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, validation) row indices of range(n): row i is held out iff its uniform < fraction."""
     u = row_uniforms(np.arange(n), seed)
@@ -73,7 +81,8 @@ class TrainingData:
     def from_tensors(
         cls, x: torch.Tensor, mask: torch.Tensor, validation_fraction: float, seed: int
     ) -> TrainingData:
-        train_idx, val_idx = split_indices(x.shape[0], validation_fraction, seed)
+        fraction = held_out_fraction(x.shape[0], validation_fraction)
+        train_idx, val_idx = split_indices(x.shape[0], fraction, seed)
         data = cls()
         data._x, data._m = x[train_idx], mask[train_idx]
         data.x_val, data.m_val = x[val_idx], mask[val_idx]
@@ -102,6 +111,7 @@ class TrainingData:
         """One pass over the files: count, keep the validation sample, cache training rows if
         their encoded size is within `cache_bytes` (else they are streamed every epoch)."""
         data = cls()
+        validation_fraction = held_out_fraction(source.num_rows(), validation_fraction)
         expected_held = max(1.0, source.num_rows() * validation_fraction)
         keep = validation_fraction * min(1.0, max_validation_rows / expected_held)
         columns = spec.names()

@@ -23,7 +23,8 @@ from vaewatch.model.drift import (
 def test_two_proportion_z_by_hand():
     # 30 of 1,000 flagged against 1 % estimated from 2,000 calibration records
     z, p = two_proportion(30, 1_000, 0.01, 2_000)
-    expected = (0.03 - 0.01) / math.sqrt(0.01 * 0.99 * (1 / 1_000 + 1 / 2_000))
+    pooled = (30 + 20) / 3_000  # 20 of the 2,000 calibration records
+    expected = (0.03 - 0.01) / math.sqrt(pooled * (1 - pooled) * (1 / 1_000 + 1 / 2_000))
     assert z == pytest.approx(expected, rel=1e-12)
     assert p == pytest.approx(2 * sps.norm.sf(expected), rel=1e-9)
 
@@ -160,3 +161,20 @@ def test_scores_of_another_k_are_not_compared():
     result = reference.assess(reference.empty_stats())
     assert result == {"alarm": False, "assessed": False, "why": reference.not_comparable}
     assert "K=64" in result["why"] and ALPHA > 0
+
+
+def test_a_feature_never_named_in_calibration_gives_finite_statistics():
+    """Calibration share 0, named on the day: a finite z (pooled variance), an alarm, and a
+    result that JSON without NaN or infinity can hold (it goes into the manifest)."""
+    import json
+
+    rng = np.random.default_rng(6)
+    calibration = _calibrate(rng.normal(size=1_000))
+    reference = _reference(calibration, ["a", "b", "c"])
+    reference = Reference(**{**reference.__dict__, "shares": (0.0, 0.5, 0.5)})
+    named = np.zeros((2_000, 3), bool)
+    named[:100, 0] = True
+    result = reference.assess(_day(reference, rng.normal(size=2_000), named))
+    assert result["alarm"] and any(r.startswith("a named") for r in result["reasons"])
+    json.dumps(result, allow_nan=False)
+    assert two_proportion(0, 500, 0.0, 1_000) == (0.0, 1.0)

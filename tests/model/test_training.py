@@ -9,7 +9,7 @@ from vaewatch.model.features import FeatureSpec
 from vaewatch.model.metrics import roc_auc
 from vaewatch.model.synthetic import LABEL_COLUMNS as LABELS
 from vaewatch.model.training import TrainConfig, train, trimmed_mean
-from vaewatch.model.training_data import TrainingData, split_indices
+from vaewatch.model.training_data import TrainingData, held_out_fraction, split_indices
 from vaewatch.model.vae import VAE, VAEConfig
 
 
@@ -49,7 +49,8 @@ def test_training_improves_validation_elbo_and_keeps_best(encoded):
     spec, enc = encoded
     model, result = _fit(spec, enc, epochs=8)
     vals = [h.val_criterion for h in result.history]
-    assert vals[result.best_epoch] == max(vals)
+    warmup = TrainConfig().kl_warmup_epochs
+    assert vals[result.best_epoch] == max(vals[warmup - 1 :])  # chosen after the warm-up
     assert max(vals) > vals[0] + 1.0, vals
     assert len(result.history[0].kl_per_dim) == model.config.latent_dim
 
@@ -130,3 +131,20 @@ def test_decoder_variance_floor_is_per_feature_and_old_configs_load():
     )
     with pytest.raises(ValueError, match="variance_floor has 2 entries"):
         VAE(VAEConfig(n_continuous=3, hidden=[4], variance_floor=[0.1, 0.1]))
+
+
+def test_no_stop_and_no_choice_during_the_kl_warm_up(encoded):
+    """Patience 1 would stop at the first flat epoch; during the warm-up nothing counts."""
+    spec, enc = encoded
+    _, result = _fit(spec, enc, epochs=9, patience=1, kl_warmup_epochs=6)
+    assert result.best_epoch >= 5
+    assert len(result.history) >= 7  # the warm-up's 6 epochs, then at least one to compare
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [(80, 0.25), (544, 0.25), (1_000, 0.2), (2_000, 0.1), (100_000, 0.1)],
+)
+def test_small_tables_hold_out_enough_rows(rows, expected):
+    # 200 rows wanted, at most a quarter of the table, at least the 10 % default
+    assert held_out_fraction(rows, 0.1) == pytest.approx(expected)
