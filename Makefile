@@ -43,4 +43,4 @@ bench-quick: $(BENCH)
 	$(MAKE) bench BENCH_ARGS=--quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-airflow .pytest_cache build *.egg-info
