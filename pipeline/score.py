@@ -17,11 +17,10 @@ on a worker can never publish twice; `publish` is idempotent besides.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import apache_beam as beam
 import pyarrow as pa
@@ -218,7 +217,7 @@ def _with_drift(plan: ScorePlan) -> Manifest:
     if stats is None:
         return plan.manifest
     FileSystems.delete([path])
-    return dataclasses.replace(plan.manifest, drift=plan.drift.assess(stats))
+    return replace(plan.manifest, drift=plan.drift.assess(stats))
 
 
 def _counters(result) -> dict[str, int]:

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import TRAIN_EXCLUDE
+from tests.servers import free_port
 from vaewatch.jobs.cli import main
 from vaewatch.jobs.train import TrainJob
 from vaewatch.jobs.train import run as train_run
@@ -247,9 +248,7 @@ def test_concurrent_nightly_runs_of_the_same_date(trained, workspace, tmp_path):
 def test_an_unreachable_object_store_exits_75(side, trained, workspace, tmp_path, monkeypatch):
     """Nothing listens at the S3 endpoint: the job stops within seconds, exit 75 (retry later),
     naming the location, and writes nothing."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: connections are refused
+    port = free_port()  # closed again: connections are refused
     for name, value in {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "AWS_ACCESS_KEY_ID": "testing",
@@ -276,9 +275,7 @@ def test_an_unreachable_object_store_exits_75(side, trained, workspace, tmp_path
 def test_an_unreachable_beam_service_exits_75(missing, trained, workspace, tmp_path):
     """The portable runner pointed at a job service or an external worker pool that does not
     answer: exit 75 within seconds, naming it; nothing written."""
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        dead = f"localhost:{closed.getsockname()[1]}"
+    dead = f"localhost:{free_port()}"  # closed again: connections are refused
     with socket.socket() as listening:  # accepts connections: stands in for a live service
         listening.bind(("127.0.0.1", 0))
         listening.listen()
