@@ -63,18 +63,36 @@ min_category_count = option(
     default=defaults.MIN_CATEGORY_COUNT,
     help="A category needs this many training rows to get its own vocabulary entry.",
 )
+min_category_share = option(
+    "--min-category-share",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=defaults.MIN_CATEGORY_SHARE,
+    help="... and this share of the training rows (rarer values share the out-of-vocabulary "
+    "bucket, so a few anomalous training rows cannot make their value known).",
+)
+missingness = option(
+    "--missingness",
+    type=click.Choice(["model", "marginal"]),
+    default=defaults.MISSINGNESS,
+    help="model: which values are missing is part of the record (an unusual gap costs nats); "
+    "marginal: a missing value is marginalised out and costs nothing.",
+)
 
 # ------------------------------------------------------------------ model and training
 latent_dim = option(
     "--latent-dim",
     type=click.IntRange(min=1),
-    default=defaults.LATENT_DIM,
+    default=None,
+    show_default=f"scaled to the training rows, {defaults.LATENT_DIM} from "
+    f"{defaults.LATENT_DIM * defaults.ROWS_PER_LATENT} rows",
     help="Latent dimensions.",
 )
 hidden = option(
     "--hidden",
     type=IntList(),
-    default=",".join(map(str, defaults.HIDDEN)),
+    default=None,
+    show_default=f"scaled to the training rows, {','.join(map(str, defaults.HIDDEN))} from "
+    f"{int(max(defaults.HIDDEN) * defaults.ROWS_PER_HIDDEN_UNIT / 2**0.5) + 1} rows",
     help="Encoder/decoder hidden widths.",
 )
 batch_size = option(
@@ -118,6 +136,13 @@ free_bits = option(
     type=click.FloatRange(min=0),
     default=defaults.FREE_BITS,
     help="Nats per latent dimension of KL that are not penalised (0 = off).",
+)
+robust_trim = option(
+    "--robust-trim",
+    type=click.FloatRange(0, 0.5, max_open=True),
+    default=defaults.ROBUST_TRIM,
+    help="After the KL warm-up, each batch's loss leaves out this share of its worst-explained "
+    "rows, so anomalies in the training data are not learned as normal (0 = plain likelihood).",
 )
 validation_fraction = option(
     "--validation-fraction",
@@ -193,6 +218,8 @@ def training_options(command):
             continuous,
             max_categories,
             min_category_count,
+            min_category_share,
+            missingness,
             latent_dim,
             hidden,
             train_epochs,
@@ -203,6 +230,7 @@ def training_options(command):
             train_k,
             kl_warmup_epochs,
             free_bits,
+            robust_trim,
             validation_fraction,
             patience,
             min_steps_per_epoch,

@@ -45,6 +45,9 @@ class Calibration:
     # `top_feature_count`) name it: the drift check's reference; None in older models
     top_feature_share: list[float] | None = None
     top_feature_count: int = DEFAULT_TOP_FEATURES
+    # True: anomaly_score = -log_likelihood + each missing feature's baseline (`complete`);
+    # False in models that predate it (their score is -log_likelihood)
+    completes_missing: bool = False
 
     @classmethod
     def fit(
@@ -53,16 +56,21 @@ class Calibration:
         feature_nll: np.ndarray,
         threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE,
         top_feature_count: int = DEFAULT_TOP_FEATURES,
+        missing: np.ndarray | None = None,
     ) -> Calibration:
+        """`anomaly_scores` are -log_likelihood; with `missing` ((n, F) bool, True where the
+        value was missing) they are completed (`complete`) before their quantiles are taken."""
+        feature_nll = np.asarray(feature_nll, dtype=np.float64)
+        baseline = np.median(feature_nll, axis=0)
         scores = np.asarray(anomaly_scores, dtype=np.float64)
+        if missing is not None:
+            scores = scores + np.asarray(missing, dtype=np.float64) @ baseline
         scores = scores[np.isfinite(scores)]
         if scores.size == 0:
             raise ValueError("cannot calibrate on no finite scores")
         check_quantile(threshold_quantile)
         levels = quantile_levels()
         quantiles = np.maximum.accumulate(np.quantile(scores, levels))
-        feature_nll = np.asarray(feature_nll, dtype=np.float64)
-        baseline = np.median(feature_nll, axis=0)
         top, _, keep = _top(feature_nll, baseline, top_feature_count)
         named = np.bincount(top[keep], minlength=feature_nll.shape[1])
         return cls(
@@ -73,7 +81,19 @@ class Calibration:
             rows=int(scores.size),
             top_feature_share=(named / max(feature_nll.shape[0], 1)).tolist(),
             top_feature_count=int(top_feature_count),
+            completes_missing=missing is not None,
         )
+
+    def complete(self, log_likelihood: np.ndarray, missing: np.ndarray) -> np.ndarray:
+        """The anomaly score: -log_likelihood, plus, for each missing value, what that feature
+        typically costs when observed (its calibration median). log_likelihood is the density
+        of what was observed (and of the observation pattern); a row missing a column would
+        otherwise score lower than the same row with any typical value there, since the
+        likelihood of fewer features is a sum over fewer terms. (B,) float64"""
+        score = -np.asarray(log_likelihood, dtype=np.float64)
+        if not self.completes_missing:
+            return score
+        return score + np.asarray(missing, dtype=np.float64) @ np.asarray(self.feature_baseline)
 
     def threshold(self, quantile: float | None = None) -> float:
         q = self.threshold_quantile if quantile is None else check_quantile(quantile)

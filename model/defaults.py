@@ -22,10 +22,24 @@ PRECISION = "auto"
 # ---------------------------------------------------------------- features
 MAX_CATEGORIES = 1000  # vocabulary cap per categorical column; rarer values share OOV
 MIN_CATEGORY_COUNT = 1  # training rows a value needs for its own vocabulary entry
+# ... and the share of the training rows it needs: a training set that holds a few anomalous rows
+# with a value seen nowhere else (the demo: 3 unseen merchants, 8 rows each in 20,000) would
+# otherwise give that value its own entry and learn it as normal (bench/RESULTS.md)
+MIN_CATEGORY_SHARE = 0.001
 
 # ---------------------------------------------------------------- network
 LATENT_DIM = 8  # enough for the handful of factors tabular data usually has
 HIDDEN = (128, 128)  # encoder and decoder widths
+# ... for tables of ~1,000 training rows and more; smaller tables get a smaller network
+# (model/fit.py `capacity`): 128x128 units with 8 latent dimensions can memorise the 6 anomalous
+# rows of a 77-row table as a mode of their own (bench/RESULTS.md)
+ROWS_PER_HIDDEN_UNIT = 8
+MIN_HIDDEN = 16
+ROWS_PER_LATENT = 40
+# the observation pattern is part of the record: a value missing where it usually is not costs
+# nats, so rows missing different columns are scored on one scale ("marginal": a missing value
+# costs nothing, the density of what was observed)
+MISSINGNESS = "model"
 
 # ---------------------------------------------------------------- training
 EPOCHS = 40  # upper bound; early stopping usually ends sooner
@@ -36,6 +50,9 @@ OBJECTIVE = "elbo"  # "elbo" or "iwae"
 TRAIN_K = 5  # IWAE samples per record when objective == "iwae" (k=5 as in Burda et al.)
 KL_WARMUP_EPOCHS = 5  # beta: 0 -> 1 over these epochs, against early posterior collapse
 FREE_BITS = 0.0  # nats per latent dim below which KL is not penalised (0 = off)
+# after the KL warm-up, each batch's loss leaves out its worst-explained 5 % of records: training
+# data holds the anomalies users want found, and maximum likelihood would learn them
+ROBUST_TRIM = 0.05
 VALIDATION_FRACTION = 0.1  # held out for early stopping and calibration
 MIN_VALIDATION_ROWS = 200  # small tables hold out more (up to a quarter): early stopping and
 # calibration on a few dozen rows follow noise (a 544-row table stopped on 45 rows at epoch 8)

@@ -113,12 +113,12 @@ def plan_chunks(n_records: int, n_samples: int, pair_bytes: int, budget: int) ->
     return records, samples
 
 
-def jacobian(mask: torch.Tensor, log_std: torch.Tensor | None, n_continuous: int) -> torch.Tensor:
-    """Per record: sum over observed continuous features of log std_j (to subtract). (B,) float64"""
-    if log_std is None or n_continuous == 0:
-        return torch.zeros(mask.shape[0], dtype=torch.float64, device=mask.device)
-    observed = mask[:, :n_continuous].to(torch.float64)
-    return observed @ log_std.to(device=mask.device, dtype=torch.float64)
+def jacobian(density: torch.Tensor, log_std: torch.Tensor | None) -> torch.Tensor:
+    """Per record: sum of log std_j over the continuous features scored by a density
+    (`Decoder.density_mask`: observed, not at a point mass), to subtract. (B,) float64"""
+    if log_std is None or density.shape[1] == 0:
+        return torch.zeros(density.shape[0], dtype=torch.float64, device=density.device)
+    return density.to(torch.float64) @ log_std.to(device=density.device, dtype=torch.float64)
 
 
 # ------------------------------------------------------------------------------ the core
@@ -146,6 +146,7 @@ class RecordChunk:
 
     start: int
     mask: torch.Tensor  # (b, F)
+    density: torch.Tensor  # (b, F_cont): continuous values scored by a density (Jacobian)
     posterior: Posterior  # (b, D)
     samples: Iterator[SampleChunk]  # consume in order, once
 
@@ -176,7 +177,11 @@ def weight_chunks(
             )
         eps_records = eps if eps.dim() == 2 else eps[:, r0 : r0 + step_records]
         yield RecordChunk(
-            r0, ms, post, _sample_chunks(model, post, xs, ms, eps_records, step_samples)
+            r0,
+            ms,
+            model.decoder.density_mask(xs, ms),
+            post,
+            _sample_chunks(model, post, xs, ms, eps_records, step_samples),
         )
 
 
@@ -232,7 +237,6 @@ def iwae(
     k = eps.shape[0]
     blocks = replicates(k)
     block_of = torch.arange(k, device=x.device) // (k // blocks)  # (K,) replicate of each point
-    n_cont = model.config.n_continuous
     lls, elbos, ses, nlls = [], [], [], []
     for chunk in weight_chunks(
         model, x, mask, eps, posterior=posterior, memory_budget=memory_budget
@@ -264,16 +268,17 @@ def iwae(
                     chunk_nll if rescale is None else weighted_nll * rescale[:, None] + chunk_nll
                 )
             running_max = new_max
-        correction = jacobian(chunk.mask, log_std, n_cont)
+        correction = jacobian(chunk.density, log_std)
         lls.append(running_max + torch.log(running_sum) - math.log(k) - correction)
         elbos.append(log_w_sum / k - correction)
         if standard_error:
             ses.append(_replicate_error(block_sums, running_sum))
         if contributions:
             nll = weighted_nll / running_sum[:, None]
+            n_cont = chunk.density.shape[1]
             if log_std is not None and n_cont:
-                observed = chunk.mask[:, :n_cont].to(torch.float64)
-                nll[:, :n_cont] += observed * log_std.to(device=nll.device, dtype=torch.float64)
+                dense = chunk.density.to(torch.float64)
+                nll[:, :n_cont] += dense * log_std.to(device=nll.device, dtype=torch.float64)
             nlls.append(nll)
     return IWAEResult(
         log_likelihood=torch.cat(lls),
@@ -325,7 +330,7 @@ def elbo(
         model, x, mask, eps, posterior=posterior, memory_budget=memory_budget
     ):
         total = sum(s.feature_lp.total().to(torch.float64).sum(0) for s in chunk.samples)
-        correction = jacobian(chunk.mask, log_std, model.config.n_continuous)
+        correction = jacobian(chunk.density, log_std)
         recs.append(total / eps.shape[0] - correction)
         kls.append(gaussian_kl(chunk.posterior).to(torch.float64))
     reconstruction, kl = torch.cat(recs), torch.cat(kls)

@@ -55,6 +55,11 @@ SPEC_FORMAT_VERSION = 1
 MAX_STANDARDISED = 1e15
 DEFAULT_MAX_CATEGORIES = defaults.MAX_CATEGORIES
 DEFAULT_MIN_CATEGORY_COUNT = defaults.MIN_CATEGORY_COUNT
+DEFAULT_MIN_CATEGORY_SHARE = defaults.MIN_CATEGORY_SHARE
+# A continuous column gets a point mass at 0 (a "zero-inflated" column: amounts, counts, debts)
+# when at least this share of its observed training values are exactly 0: a Gaussian would put a
+# density spike there and charge every non-zero value for it.
+ZERO_INFLATION_SHARE = 0.1
 
 
 class RowProblem(enum.IntEnum):
@@ -85,6 +90,17 @@ class Feature:
     # continuous only: the grid every training value lies on (1.0 for integer-valued columns,
     # 0.01 for cents, ...; a power of ten <= 1), None when the values are not on such a grid
     resolution: float | None = None
+    # continuous only: True when the column is zero-inflated (ZERO_INFLATION_SHARE): an exact 0
+    # is modelled as a point mass, the other values by the Gaussian
+    zero_atom: bool = False
+    missing_share: float = 0.0  # share of training rows where the value was missing
+
+    @property
+    def atom(self) -> float | None:
+        """The standardised value of the point mass (float32, exactly as `encode` makes it)."""
+        if not self.zero_atom:
+            return None
+        return float(np.float32((0.0 - self.mean) / self.std))
 
     @property
     def cardinality(self) -> int:
@@ -92,9 +108,11 @@ class Feature:
         return len(self.vocabulary) + 1
 
     def to_json(self) -> dict:
-        out = {"name": self.name, "kind": self.kind.value}
+        out = {"name": self.name, "kind": self.kind.value, "missing_share": self.missing_share}
         if self.kind is FeatureKind.CONTINUOUS:
-            out.update(mean=self.mean, std=self.std, resolution=self.resolution)
+            out.update(
+                mean=self.mean, std=self.std, resolution=self.resolution, zero_atom=self.zero_atom
+            )
         if self.kind is FeatureKind.CATEGORICAL:
             out["vocabulary"] = list(self.vocabulary)
         return out
@@ -108,6 +126,8 @@ class Feature:
             std=float(d.get("std", 1.0)),
             vocabulary=list(d.get("vocabulary", [])),
             resolution=d.get("resolution"),
+            zero_atom=bool(d.get("zero_atom", False)),
+            missing_share=float(d.get("missing_share", 0.0)),
         )
 
 
@@ -125,6 +145,7 @@ class EncodedBatch:
 @dataclass
 class FeatureSpec:
     features: list[Feature]  # grouped by kind in KIND_ORDER; this order is the tensor layout
+    rows: int = 0  # training rows the spec was fitted on (0: unknown, older models)
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -138,6 +159,7 @@ class FeatureSpec:
         continuous: Sequence[str] = (),
         max_categories: int = DEFAULT_MAX_CATEGORIES,
         min_category_count: int = DEFAULT_MIN_CATEGORY_COUNT,
+        min_category_share: float = DEFAULT_MIN_CATEGORY_SHARE,
     ) -> FeatureSpec:
         """Fit from a table or a stream of record batches (one pass, bounded memory).
 
@@ -146,7 +168,10 @@ class FeatureSpec:
         treated as categories; `continuous` asserts that the named columns are numeric (and
         makes them features even if `features` does not list them). Vocabulary: values seen at
         least `min_category_count` times, the `max_categories` most frequent, ties broken by
-        value so the result is deterministic.
+        value so the result is deterministic. A value needs both `min_category_count` rows and
+        `min_category_share` of the table's rows: in a 20,000-row table with the default share
+        (0.1 %), a value seen 8 times shares the out-of-vocabulary entry with every unseen value,
+        so the few anomalous rows a training set holds cannot make their category "known".
         """
         batches = _as_batches(data)
         first = next(batches, None)
@@ -165,7 +190,10 @@ class FeatureSpec:
         grids = {n: Grid() for n in moments}
         counts = {n: Counter() for n, k in chosen if k is FeatureKind.CATEGORICAL}
         observed = {n: 0 for n, _ in chosen}
+        zeros = {n: 0 for n in moments}
+        rows = 0
         for batch in itertools.chain([first], batches):
+            rows += batch.num_rows
             for name, kind in chosen:
                 column = batch.column(name)
                 observed[name] += len(column) - column.null_count
@@ -174,6 +202,7 @@ class FeatureSpec:
                     observed[name] -= int(np.isnan(values).sum()) - column.null_count
                     moments[name].update(values)
                     grids[name].update(values)
+                    zeros[name] += int(np.count_nonzero(values == 0.0))
                 elif kind is FeatureKind.CATEGORICAL:
                     vc = pc.value_counts(to_string(column, name).drop_null())
                     for value, count in zip(
@@ -189,23 +218,35 @@ class FeatureSpec:
             )
 
         fitted = []
+        least = max(min_category_count, math.ceil(min_category_share * rows))
         for name, kind in chosen:
+            missing_share = 1.0 - observed[name] / rows
             if kind is FeatureKind.CONTINUOUS:
                 m = moments[name]
                 fitted.append(
-                    Feature(name, kind, mean=m.mean, std=m.std, resolution=grids[name].resolution)
+                    Feature(
+                        name,
+                        kind,
+                        mean=m.mean,
+                        std=m.std,
+                        resolution=grids[name].resolution,
+                        # a point mass needs values on both sides of it to be worth modelling
+                        zero_atom=ZERO_INFLATION_SHARE <= zeros[name] / observed[name] < 1.0,
+                        missing_share=missing_share,
+                    )
                 )
             elif kind is FeatureKind.CATEGORICAL:
                 ranked = sorted(
-                    (item for item in counts[name].items() if item[1] >= min_category_count),
+                    (item for item in counts[name].items() if item[1] >= least),
                     key=lambda item: (-item[1], item[0]),
                 )
+                vocabulary = [v for v, _ in ranked[:max_categories]]
                 fitted.append(
-                    Feature(name, kind, vocabulary=[v for v, _ in ranked[:max_categories]])
+                    Feature(name, kind, vocabulary=vocabulary, missing_share=missing_share)
                 )
             else:
-                fitted.append(Feature(name, kind))
-        return cls(_grouped(fitted))
+                fitted.append(Feature(name, kind, missing_share=missing_share))
+        return cls(_grouped(fitted), rows=rows)
 
     # ------------------------------------------------------------------ layout
     def names(self, kind: FeatureKind | None = None) -> list[str]:
@@ -303,6 +344,7 @@ class FeatureSpec:
         return {
             "format_version": SPEC_FORMAT_VERSION,
             "features": [f.to_json() for f in self.features],
+            "rows": self.rows,
         }
 
     def dumps(self) -> str:
@@ -316,16 +358,19 @@ class FeatureSpec:
                 f"feature spec has format_version {version!r}; this vaewatch reads "
                 f"{SPEC_FORMAT_VERSION}. Retrain the model or upgrade vaewatch."
             )
-        return cls(_grouped([Feature.from_json(item) for item in d["features"]]))
+        features = [Feature.from_json(item) for item in d["features"]]
+        return cls(_grouped(features), rows=int(d.get("rows", 0)))
 
     @classmethod
     def loads(cls, text: str) -> FeatureSpec:
         return cls.from_json(json.loads(text))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, FeatureSpec) and [asdict(f) for f in self.features] == [
-            asdict(f) for f in other.features
-        ]
+        return (
+            isinstance(other, FeatureSpec)
+            and self.rows == other.rows
+            and [asdict(f) for f in self.features] == [asdict(f) for f in other.features]
+        )
 
 
 def _grouped(features: list[Feature]) -> list[Feature]:

@@ -10,6 +10,7 @@ training and at scoring.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +23,12 @@ from vaewatch.model.calibration import DEFAULT_THRESHOLD_QUANTILE, Calibration
 from vaewatch.model.data import Fingerprint, ParquetSource
 from vaewatch.model.device import resolve_device
 from vaewatch.model.estimators import score_records
-from vaewatch.model.features import DEFAULT_MAX_CATEGORIES, DEFAULT_MIN_CATEGORY_COUNT, FeatureSpec
+from vaewatch.model.features import (
+    DEFAULT_MAX_CATEGORIES,
+    DEFAULT_MIN_CATEGORY_COUNT,
+    DEFAULT_MIN_CATEGORY_SHARE,
+    FeatureSpec,
+)
 from vaewatch.model.training import EpochStats, TrainConfig, train
 from vaewatch.model.training_data import (
     DEFAULT_CACHE_BYTES,
@@ -47,8 +53,10 @@ class FitConfig:
     continuous: Sequence[str] = ()  # columns that must be numeric
     max_categories: int = DEFAULT_MAX_CATEGORIES
     min_category_count: int = DEFAULT_MIN_CATEGORY_COUNT
-    latent_dim: int = defaults.LATENT_DIM
-    hidden: Sequence[int] = defaults.HIDDEN
+    min_category_share: float = DEFAULT_MIN_CATEGORY_SHARE
+    latent_dim: int | None = None  # None: scaled to the training rows (`capacity`)
+    hidden: Sequence[int] | None = None  # None: scaled to the training rows (`capacity`)
+    missingness: str = defaults.MISSINGNESS  # "model" or "marginal" (VAEConfig.for_spec)
     train: TrainConfig = field(default_factory=TrainConfig)
     scoring: ScoringDefaults = field(default_factory=ScoringDefaults)  # K, S, seed at scoring
     threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE
@@ -114,6 +122,7 @@ def fit(
         continuous=config.continuous,
         max_categories=config.max_categories,
         min_category_count=config.min_category_count,
+        min_category_share=config.min_category_share,
     )
     train_config = config.train
     data = TrainingData.from_parquet(
@@ -125,17 +134,29 @@ def fit(
         cache_bytes=config.cache_bytes,
     )
     device = resolve_device(train_config.device)
-    vae_config = VAEConfig.for_spec(spec, latent_dim=config.latent_dim, hidden=list(config.hidden))
+    latent_dim, hidden = capacity(data.counts.rows_train)
+    vae_config = VAEConfig.for_spec(
+        spec,
+        missingness=config.missingness,
+        latent_dim=latent_dim if config.latent_dim is None else config.latent_dim,
+        hidden=list(hidden if config.hidden is None else config.hidden),
+    )
     prepared = Prepared(fingerprint, spec, data.counts, data.cached, vae_config, device)
     if on_prepared is not None:
         on_prepared(prepared)
 
     model = VAE(vae_config)
     result = train(model, data, config=train_config, on_epoch=on_epoch, on_step=on_step)
-    scores, feature_nll = calibration_scores(model, data, spec, config.scoring, device)
+    log_likelihood, feature_nll = calibration_scores(model, data, spec, config.scoring, device)
+    missing = ~data.m_val.cpu().numpy()
     calibration = Calibration.fit(
-        scores, feature_nll, config.threshold_quantile, config.scoring.top_features
+        -log_likelihood,
+        feature_nll,
+        config.threshold_quantile,
+        config.scoring.top_features,
+        missing=missing,
     )
+    scores = calibration.complete(log_likelihood, missing)
     best = result.history[result.best_epoch]
     artifact = ModelArtifact.from_model(
         model,
@@ -166,10 +187,23 @@ def fit(
     )
 
 
+def capacity(rows: int) -> tuple[int, tuple[int, ...]]:
+    """(latent dimensions, hidden widths) for `rows` training rows: the defaults (8, 128x128)
+    from ~1,000 rows up, smaller below, so a small table cannot be memorised, anomalies
+    included. Hidden width: a power of two near rows / ROWS_PER_HIDDEN_UNIT, at least
+    MIN_HIDDEN; latent: one dimension per ROWS_PER_LATENT rows, at least 2."""
+    cap_latent, cap_hidden = defaults.LATENT_DIM, defaults.HIDDEN
+    width = 2 ** round(math.log2(max(1, rows) / defaults.ROWS_PER_HIDDEN_UNIT))
+    width = max(defaults.MIN_HIDDEN, width)
+    hidden = tuple(min(w, width) for w in cap_hidden)
+    latent = max(2, min(cap_latent, rows // defaults.ROWS_PER_LATENT))
+    return latent, hidden
+
+
 def calibration_scores(
     model: VAE, data: TrainingData, spec: FeatureSpec, scoring: ScoringDefaults, device
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(anomaly scores, per-feature -log p(x_j|z)) of the validation rows, scored as in
+    """(log_likelihood, per-feature -log p(x_j|z)) of the validation rows, scored as in
     production."""
     anomaly, nll = [], []
     log_std = spec.continuous_log_std.to(device)
@@ -177,6 +211,6 @@ def calibration_scores(
         x = data.x_val[start : start + CALIBRATION_CHUNK_ROWS].to(device)
         m = data.m_val[start : start + CALIBRATION_CHUNK_ROWS].to(device)
         s = score_records(model, x, m, log_std=log_std, k=scoring.k, seed=scoring.seed)
-        anomaly.append(s.anomaly_score.cpu().numpy())
+        anomaly.append(s.log_likelihood.cpu().numpy())
         nll.append(s.feature_nll.cpu().numpy())
     return np.concatenate(anomaly), np.concatenate(nll)

@@ -145,6 +145,7 @@ class Scorer:
                 for name in ("elbo", "log_likelihood", "log_likelihood_se", "latent_mean",
                              "latent_std", "feature_nll")
             }  # fmt: skip
+            arrays["missing"] = ~mask.cpu().numpy()
             finite = np.isfinite(arrays["log_likelihood"]) & np.isfinite(arrays["elbo"])
             if not finite.all():
                 reasons[rows[~finite]] = RejectReason.NON_FINITE_SCORE.value
@@ -163,6 +164,7 @@ class Scorer:
                     "latent_mean": np.zeros((0, d), np.float32),
                     "latent_std": np.zeros((0, d), np.float32),
                     "feature_nll": np.zeros((0, f)),
+                    "missing": np.zeros((0, f), dtype=bool),
                 },
                 version,
             )
@@ -178,7 +180,7 @@ class Scorer:
     def _columns(self, arrays: dict[str, np.ndarray], version: str) -> pa.Table:
         """The output contract's score columns from the estimator's per-record arrays."""
         n = len(arrays["log_likelihood"])
-        anomaly = -arrays["log_likelihood"]
+        anomaly = self.artifact.calibration.complete(arrays["log_likelihood"], arrays["missing"])
         latent_type = self.schema.field("latent_mean").type
 
         def fixed(values: np.ndarray) -> pa.FixedSizeListArray:

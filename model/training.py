@@ -61,6 +61,8 @@ class TrainConfig:
     # likely as the model fits normal data, so they dominate a plain mean (measured on the demo:
     # 0.5% contamination drove the mean validation ELBO from -12 to -47,000 nats while the
     # model improved on every normal row)
+    # after the KL warm-up, each batch's loss leaves out its worst-explained records (robust_mean)
+    robust_trim: float = defaults.ROBUST_TRIM
 
     def __post_init__(self) -> None:
         if self.objective not in ("elbo", "iwae"):
@@ -69,8 +71,9 @@ class TrainConfig:
             raise ValueError(
                 f"validation_fraction must be in (0, 1), got {self.validation_fraction}"
             )
-        if not 0.0 <= self.validation_trim < 0.5:
-            raise ValueError(f"validation_trim must be in [0, 0.5), got {self.validation_trim}")
+        for name in ("validation_trim", "robust_trim"):
+            if not 0.0 <= getattr(self, name) < 0.5:
+                raise ValueError(f"{name} must be in [0, 0.5), got {getattr(self, name)}")
         for name in (
             "epochs",
             "batch_size",
@@ -115,14 +118,25 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------- the loop
-def _loss(model: VAE, x, mask, config: TrainConfig, beta: float, generator):
-    """(loss to minimise, plain ELBO per record detached), both per-record means."""
+def robust_mean(losses: torch.Tensor, trim: float) -> torch.Tensor:
+    """Mean of the per-record `losses` without the worst `trim` fraction of the batch (at least
+    one record kept): the records a model of normal data explains worst get no gradient, so a
+    few anomalies in the training data cannot pull the density towards themselves."""
+    if trim <= 0.0:
+        return losses.mean()
+    keep = max(1, losses.shape[0] - int(trim * losses.shape[0]))
+    return losses.topk(keep, largest=False, sorted=False).values.mean()
+
+
+def _loss(model: VAE, x, mask, config: TrainConfig, beta: float, generator, trim: float = 0.0):
+    """(loss to minimise, plain ELBO per record detached), both per-record means; the loss
+    leaves out the worst `trim` fraction of the batch (`robust_mean`)."""
     posterior = model.encoder(x, mask)
     d = model.config.latent_dim
     if config.objective == "iwae":
         eps = torch.randn((config.train_k, x.shape[0], d), generator=generator).to(x.device)
         bound = iwae_estimate(model, x, mask, eps=eps, memory_budget=UNBOUNDED, posterior=posterior)
-        return -bound.log_likelihood.mean(), bound.elbo.detach().mean()
+        return robust_mean(-bound.log_likelihood, trim), bound.elbo.detach().mean()
     eps = torch.randn((1, x.shape[0], d), generator=generator).to(x.device)
     reconstruction = elbo_estimate(
         model, x, mask, eps=eps, memory_budget=UNBOUNDED, posterior=posterior
@@ -133,7 +147,7 @@ def _loss(model: VAE, x, mask, config: TrainConfig, beta: float, generator):
         kl_dims = torch.clamp(kl_dims.mean(0, keepdim=True), min=config.free_bits).expand_as(
             kl_dims
         )
-    return -(reconstruction - beta * kl_dims.sum(-1)).mean(), plain
+    return robust_mean(-(reconstruction - beta * kl_dims.sum(-1)), trim), plain
 
 
 def trimmed_mean(values: np.ndarray, trim: float) -> float:
@@ -220,12 +234,14 @@ def train(
     for epoch in range(config.epochs):
         started = time.perf_counter()
         beta = min(1.0, (epoch + 1) / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0
+        # trimming starts once the warm-up is over: an unfitted model ranks records by noise
+        trim = config.robust_trim if epoch >= config.kl_warmup_epochs else 0.0
         running, running_elbo, seen = 0.0, 0.0, 0
         batches = (b for _ in range(passes) for b in data.batches(config.batch_size, generator))
         for x, mask_b in batches:
             x, mask_b = x.to(device, non_blocking=True), mask_b.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss, plain = _loss(model, x, mask_b, config, beta, generator)
+                loss, plain = _loss(model, x, mask_b, config, beta, generator, trim)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at epoch {epoch}; lower --learning-rate "

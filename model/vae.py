@@ -18,6 +18,7 @@ from vaewatch.model import defaults
 from vaewatch.model.features import FeatureKind, FeatureSpec
 
 LOG_2PI = math.log(2.0 * math.pi)
+MISSINGNESS = ("model", "marginal")
 
 
 @dataclass
@@ -34,13 +35,40 @@ class VAEConfig:
     variance_floor: list[float] = field(default_factory=list)
     max_variance: float = 1e4  # and a ceiling, so a diverging head cannot produce inf/NaN
     encoder_log_var_range: tuple[float, float] = (-12.0, 6.0)  # keeps q(z|x) numerically sane
+    # zero-inflated continuous features (indices among the continuous ones) and the standardised
+    # value of each one's point mass: p(x) = pi(z) at the atom, (1 - pi(z)) N(x; mu, s2) elsewhere
+    atom_features: list[int] = field(default_factory=list)
+    atom_values: list[float] = field(default_factory=list)
+    # features (indices in the layout) whose observation is modelled: a Bernoulli decoded from z
+    # gives log p(missing | z) for a missing value and log p(observed | z) for an observed one
+    missing_features: list[int] = field(default_factory=list)
+    # per feature, the log-probability charged for a missing value of a feature that was never
+    # missing in training (no Bernoulli to learn); empty = 0 for all (marginalise)
+    missing_log_prob: list[float] = field(default_factory=list)
 
     @classmethod
-    def for_spec(cls, spec: FeatureSpec, **overrides) -> VAEConfig:
+    def for_spec(cls, spec: FeatureSpec, missingness: str = "model", **overrides) -> VAEConfig:
+        """`missingness`: "model" (the observation pattern is part of the record) or "marginal"
+        (a missing value is marginalised out and costs nothing: the density of what was
+        observed)."""
+        if missingness not in MISSINGNESS:
+            raise ValueError(f"missingness must be one of {MISSINGNESS}, got {missingness!r}")
+        continuous = [f for f in spec.features if f.kind is FeatureKind.CONTINUOUS]
+        atoms = [(j, f.atom) for j, f in enumerate(continuous) if f.zero_atom]
+        modelled = missingness == "model"
+        # a value never missing in `rows` training rows: the rule of succession's estimate,
+        # (0 + 1/2) / (rows + 1), for the chance of it missing now
+        unseen = math.log(0.5 / (spec.rows + 1)) if modelled and spec.rows else 0.0
         return cls(
-            n_continuous=spec.count(FeatureKind.CONTINUOUS),
+            n_continuous=len(continuous),
             n_boolean=spec.count(FeatureKind.BOOLEAN),
             category_sizes=spec.category_sizes,
+            atom_features=[j for j, _ in atoms],
+            atom_values=[v for _, v in atoms],
+            missing_features=(
+                [j for j, f in enumerate(spec.features) if f.missing_share > 0] if modelled else []
+            ),
+            missing_log_prob=[0.0 if f.missing_share > 0 else unseen for f in spec.features],
             **{"variance_floor": spec.quantisation_variance, **overrides},
         )
 
@@ -55,8 +83,15 @@ class VAEConfig:
 
     @property
     def decoder_output_dim(self) -> int:
-        # mean and log-variance per continuous feature, a logit per boolean, logits per category
-        return 2 * self.n_continuous + self.n_boolean + sum(self.category_sizes)
+        # mean and log-variance per continuous feature, a logit per boolean, logits per category,
+        # a point-mass logit per zero-inflated feature, a missingness logit per modelled feature
+        return (
+            2 * self.n_continuous
+            + self.n_boolean
+            + sum(self.category_sizes)
+            + len(self.atom_features)
+            + len(self.missing_features)
+        )
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -177,6 +212,24 @@ class Decoder(nn.Module):
         self.register_buffer(
             "min_log_var", torch.log(torch.tensor(floor, dtype=torch.float32)), persistent=False
         )
+        if len(config.atom_values) != len(config.atom_features):
+            raise ValueError("atom_values needs one value per entry of atom_features")
+        self.register_buffer(
+            "atom_index", torch.tensor(config.atom_features, dtype=torch.long), persistent=False
+        )
+        self.register_buffer(
+            "atom_values", torch.tensor(config.atom_values, dtype=torch.float32), persistent=False
+        )
+        missing = torch.tensor(config.missing_features, dtype=torch.long)
+        self.register_buffer("missing_index", missing, persistent=False)
+        unseen = config.missing_log_prob or [0.0] * config.n_features
+        if len(unseen) != config.n_features:
+            raise ValueError(
+                f"missing_log_prob needs {config.n_features} entries, got {len(unseen)}"
+            )
+        self.register_buffer(
+            "missing_log_prob", torch.tensor(unseen, dtype=torch.float32), persistent=False
+        )
 
     def categorical_log_prob(self, logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """logits (..., B, sum(sizes)), codes (B, n_cat) long -> log p(code) (..., B, n_cat)."""
@@ -198,30 +251,56 @@ class Decoder(nn.Module):
         floor = self.min_log_var.to(raw.dtype)
         return torch.maximum(raw, floor).clamp(max=math.log(self.config.max_variance))
 
+    def at_atom(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, n_atoms) bool: the zero-inflated features whose observed value is the atom."""
+        values = x[:, : self.config.n_continuous].index_select(1, self.atom_index)
+        observed = mask[:, : self.config.n_continuous].index_select(1, self.atom_index)
+        return observed & (values == self.atom_values)
+
+    def density_mask(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, n_continuous) bool: the continuous values scored by a density (observed and not
+        at a point mass), the ones the standardisation Jacobian applies to."""
+        dense = mask[:, : self.config.n_continuous]
+        if self.config.atom_features:
+            dense = dense.clone()
+            dense[:, self.atom_index] &= ~self.at_atom(x, mask)
+        return dense
+
     def log_prob(self, z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> FeatureLogProbs:
-        """z: (..., B, D); x, mask: (B, F) -> per-feature log p(x_j|z), each (..., B, F_kind)."""
+        """z: (..., B, D); x, mask: (B, F) -> per-feature log p(x_j|z), each (..., B, F_kind).
+
+        A missing value contributes log p(missing | z) where missingness is modelled, the
+        config's constant for a feature never missing in training, else 0; an observed value
+        its density (or point mass) plus log p(observed | z) where missingness is modelled."""
         c = self.config
         out = self.net(z).to(z.dtype)  # densities in the input's precision, whatever the MLP's
-        nc, nb = c.n_continuous, c.n_boolean
-        mean, raw_log_var, logits_bool, logits_cat = out.split(
-            [nc, nc, nb, sum(c.category_sizes)], dim=-1
+        nc, nb, n_cat = c.n_continuous, c.n_boolean, len(c.category_sizes)
+        mean, raw_log_var, logits_bool, logits_cat, logits_atom, logits_missing = out.split(
+            [nc, nc, nb, sum(c.category_sizes), len(c.atom_features), len(c.missing_features)],
+            dim=-1,
         )
-        x_cont, x_bool, x_cat = x.split([nc, nb, len(c.category_sizes)], dim=-1)
-        m_cont, m_bool, m_cat = mask.split([nc, nb, len(c.category_sizes)], dim=-1)
+        x_cont, x_bool, x_cat = x.split([nc, nb, n_cat], dim=-1)
 
         log_var = self.log_variance(raw_log_var)
         lp_cont = -0.5 * (LOG_2PI + log_var + (x_cont - mean).square() * torch.exp(-log_var))
+        if c.atom_features:
+            at = self.at_atom(x, mask)  # (B, n_atoms)
+            dense = lp_cont.index_select(-1, self.atom_index) + F.logsigmoid(-logits_atom)
+            mixed = torch.where(at, F.logsigmoid(logits_atom), dense)
+            lp_cont = lp_cont.index_copy(-1, self.atom_index, mixed)
         lp_bool = x_bool * logits_bool - F.softplus(logits_bool)  # Bernoulli with logits
         lp_cat = (
             self.categorical_log_prob(logits_cat, x_cat.long()) if c.category_sizes else logits_cat
         )
-
-        zero = torch.zeros((), dtype=lp_cont.dtype, device=lp_cont.device)
-        return FeatureLogProbs(
-            continuous=torch.where(m_cont, lp_cont, zero),
-            boolean=torch.where(m_bool, lp_bool, zero),
-            categorical=torch.where(m_cat, lp_cat, zero),
-        )
+        lp = torch.cat([lp_cont, lp_bool, lp_cat], dim=-1)  # (..., B, F)
+        lp = torch.where(mask, lp, self.missing_log_prob.to(lp.dtype))
+        if c.missing_features:
+            observed = mask.index_select(1, self.missing_index)
+            # log p(observed) = logsigmoid(-l), log p(missing) = logsigmoid(l)
+            sign = torch.where(observed, -1.0, 1.0).to(lp.dtype)
+            lp = lp.index_add(-1, self.missing_index, F.logsigmoid(sign * logits_missing))
+        continuous, boolean, categorical = lp.split([nc, nb, n_cat], dim=-1)
+        return FeatureLogProbs(continuous=continuous, boolean=boolean, categorical=categorical)
 
 
 def gaussian_kl_dims(posterior: Posterior) -> torch.Tensor:

@@ -31,6 +31,16 @@ def _model(spec: FeatureSpec, seed: int = 0, **overrides) -> VAE:
     return VAE(VAEConfig.for_spec(spec, **overrides)).eval()
 
 
+def _dense(spec: FeatureSpec, table: pa.Table) -> torch.Tensor:
+    """(B, F_cont) float64, from the raw values: 1 where a continuous value is scored by a
+    density (observed, and not an exact 0 of a zero-inflated column), 0 elsewhere."""
+    columns = []
+    for f in spec.features[: len(spec.continuous_log_std)]:
+        raw = table.column(f.name).to_numpy(zero_copy_only=False).astype(float)
+        columns.append(np.isfinite(raw) & ~(f.zero_atom & (raw == 0.0)))
+    return torch.from_numpy(np.stack(columns, axis=1).astype(np.float64))
+
+
 def _scores(model, spec, table, **kwargs):
     enc = spec.encode(table)
     return score_records(model, enc.x, enc.mask, log_std=spec.continuous_log_std, **kwargs)
@@ -46,13 +56,15 @@ def test_rescaling_a_feature_shifts_log_likelihood_by_minus_log_c(transactions_t
         scaled = table.set_column(index, name, pa.compute.multiply(table.column(name), c))
         rescaled_spec = FeatureSpec.fit(scaled, exclude=LABELS)
         moved = _scores(model, rescaled_spec, scaled, k=32)
-        observed = table.column(name).is_valid().to_numpy(zero_copy_only=False)
+        values = table.column(name).to_numpy(zero_copy_only=False).astype(float)
+        # a density: observed and not an exact 0 (travel_min is 0 for every online purchase,
+        # so it is zero-inflated: a 0 is a point mass, a probability, and does not scale)
+        dense = np.isfinite(values) & (values != 0.0)
+        assert dense.sum() > 1000
         shift = (moved.log_likelihood - base.log_likelihood).numpy()
-        np.testing.assert_allclose(shift[observed], -math.log(c), atol=2e-4)
-        np.testing.assert_allclose(shift[~observed], 0.0, atol=2e-4)
-        np.testing.assert_allclose(
-            (moved.elbo - base.elbo).numpy()[observed], -math.log(c), atol=2e-4
-        )
+        np.testing.assert_allclose(shift[dense], -math.log(c), atol=2e-4)
+        np.testing.assert_allclose(shift[~dense], 0.0, atol=2e-4)
+        np.testing.assert_allclose((moved.elbo - base.elbo).numpy()[dense], -math.log(c), atol=2e-4)
 
 
 def test_decoder_likelihoods_are_normalised():
@@ -139,16 +151,23 @@ def test_feature_contributions_match_direct_computation(transactions_table):
         log_w = lp.sum(-1) + (log_prior - log_q).double()
         weights = torch.softmax(log_w, dim=0)
         n_cont = len(log_std)
-        jac = enc.mask[:, :n_cont].double() @ log_std
+        dense = _dense(spec, table)
+        assert 0 < dense.sum() < enc.mask[:, :n_cont].sum()  # zero-inflated columns are there
+        jac = dense @ log_std
         expected_ll = torch.logsumexp(log_w, 0) - math.log(k) - jac
         expected_nll = -(weights[..., None] * lp).sum(0)
-        expected_nll[:, :n_cont] += enc.mask[:, :n_cont].double() * log_std
+        expected_nll[:, :n_cont] += dense * log_std
     assert plan_chunks(300, k, bytes_per_pair(model), 20_000)[0] < 300  # really chunked
     for result in (chunked, whole):
         np.testing.assert_allclose(result.log_likelihood.numpy(), expected_ll.numpy(), atol=1e-4)
         np.testing.assert_allclose(result.feature_nll.numpy(), expected_nll.numpy(), atol=1e-4)
-    # missing features contribute exactly nothing
-    assert (whole.feature_nll[~enc.mask] == 0).all()
+    # a missing value contributes the surprise of its absence, -log p(missing | z) > 0 ...
+    assert (~enc.mask).sum() > 10 and (whole.feature_nll[~enc.mask] > 0).all()
+    # ... and exactly nothing when missing values are marginalised
+    marginal = _model(spec, missingness="marginal")
+    with torch.inference_mode():
+        nll = iwae(marginal, enc.x, enc.mask, k=k, log_std=log_std, contributions=True).feature_nll
+    assert (nll[~enc.mask] == 0).all()
 
 
 def test_scores_do_not_depend_on_batching(transactions_table):
@@ -239,7 +258,7 @@ def test_elbo_is_the_mean_log_weight_and_a_bound_on_every_record(transactions_ta
     model = _model(spec)
     enc = spec.encode(transactions_table.slice(0, 3000))
     log_std = spec.continuous_log_std
-    d, n_cont = model.config.latent_dim, len(log_std)
+    d = model.config.latent_dim
     with torch.no_grad():
         exact = model.double()
         x = enc.x.double()
@@ -252,7 +271,7 @@ def test_elbo_is_the_mean_log_weight_and_a_bound_on_every_record(transactions_ta
             d * math.log(2 * math.pi) + post.log_var.sum(-1) + (eps * eps).sum(-1)[:, None]
         )
         log_w = lp + log_prior - log_q  # (K, B)
-        jac = enc.mask[:, :n_cont].double() @ log_std
+        jac = _dense(spec, transactions_table.slice(0, 3000)) @ log_std
         scores = score_records(exact, x, enc.mask, log_std=log_std, k=8, seed=9)
         torch.testing.assert_close(scores.elbo, log_w.mean(0) - jac, rtol=1e-12, atol=1e-10)
         expected_ll = torch.logsumexp(log_w, 0) - math.log(8) - jac

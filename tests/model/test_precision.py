@@ -40,8 +40,18 @@ def test_bf16_costs_less_than_the_monte_carlo_error(fitted):
     b = fast.aligned()["log_likelihood"].to_numpy(zero_copy_only=False)
     se = exact.aligned()["log_likelihood_se"].to_numpy(zero_copy_only=False)
     ok = np.isfinite(a)
-    delta = np.abs(a[ok] - b[ok])
-    assert delta.mean() < 0.25 * np.median(se[ok]), (delta.mean(), np.median(se[ok]))
+    # records scoring beyond -1000 nats (injected amounts x50-x500 reach -5e7) are compared
+    # relatively: bf16 moves them by up to 1 % of their score, thousands of nats, which would swamp
+    # the mean over ordinary records without changing any ranking or flag
+    ordinary = ok & (a > -1000.0)
+    assert (ok & ~ordinary).sum() < 0.01 * ok.sum()
+    delta = np.abs(a[ordinary] - b[ordinary])
+    assert delta.mean() < 0.25 * np.median(se[ordinary]), (delta.mean(), np.median(se[ok]))
+    extreme = ok & ~ordinary
+    np.testing.assert_allclose(b[extreme], a[extreme], rtol=2e-2)  # measured: up to 0.7 %
+    flags_a = exact.aligned()["is_anomaly"].to_numpy(zero_copy_only=False)
+    flags_b = fast.aligned()["is_anomaly"].to_numpy(zero_copy_only=False)
+    assert (flags_a[ok] != flags_b[ok]).mean() <= 1e-3
     assert np.corrcoef(_ranks(a[ok]), _ranks(b[ok]))[0, 1] > 0.999
     assert 0 < delta.mean()  # the bf16 path really ran
 

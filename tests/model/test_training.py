@@ -6,9 +6,10 @@ import torch
 
 from vaewatch.model.estimators import score_records
 from vaewatch.model.features import FeatureSpec
+from vaewatch.model.fit import capacity
 from vaewatch.model.metrics import roc_auc
 from vaewatch.model.synthetic import LABEL_COLUMNS as LABELS
-from vaewatch.model.training import TrainConfig, train, trimmed_mean
+from vaewatch.model.training import TrainConfig, robust_mean, train, trimmed_mean
 from vaewatch.model.training_data import TrainingData, held_out_fraction, split_indices
 from vaewatch.model.vae import VAE, VAEConfig
 
@@ -148,3 +149,44 @@ def test_no_stop_and_no_choice_during_the_kl_warm_up(encoded):
 def test_small_tables_hold_out_enough_rows(rows, expected):
     # 200 rows wanted, at most a quarter of the table, at least the 10 % default
     assert held_out_fraction(rows, 0.1) == pytest.approx(expected)
+
+
+def test_robust_mean_by_hand():
+    losses = torch.tensor([1.0, 9.0, 2.0, 3.0, 100.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    assert robust_mean(losses, 0.0).item() == pytest.approx(14.5)
+    assert robust_mean(losses, 0.1).item() == pytest.approx(45.0 / 9)  # drops 100
+    assert robust_mean(losses, 0.25).item() == pytest.approx(36.0 / 8)  # drops 100 and 9
+    assert robust_mean(torch.tensor([3.0]), 0.49).item() == 3.0  # keeps at least one
+
+
+def _planted_cluster(rows=3000, planted=90, features=6):
+    """A correlated Gaussian table whose first `planted` rows (3 %) form a tight cluster far
+    from the rest: contamination a plain likelihood fit learns as a mode of its own."""
+    rng = np.random.default_rng(0)
+    loadings = rng.normal(size=(features, 2))
+    x = rng.normal(size=(rows, 2)) @ loadings.T + 0.3 * rng.normal(size=(rows, features))
+    x[:planted] = 4.0 + 0.1 * rng.normal(size=(planted, features))
+    x = (x - x.mean(0)) / x.std(0)
+    return torch.tensor(x, dtype=torch.float32), planted
+
+
+@pytest.mark.parametrize("trim, caught", [(0.0, (0.0, 0.2)), (0.05, (0.9, 1.0))])
+def test_robust_training_does_not_learn_a_planted_cluster(trim, caught):
+    x, planted = _planted_cluster()
+    mask = torch.ones_like(x, dtype=torch.bool)
+    model = VAE(VAEConfig(n_continuous=x.shape[1], latent_dim=2, hidden=[32, 32]))
+    train(model, x, mask, TrainConfig(epochs=20, robust_trim=trim, seed=0))
+    score = score_records(model, x, mask, log_std=None, k=16).anomaly_score.numpy()
+    above = np.mean(score[:planted] > np.quantile(score[planted:], 0.99))
+    # measured: the plain ELBO scores 0 % of the cluster above the normal rows' 99th percentile
+    # (it learned them), the 5 % trim 100 %
+    assert caught[0] <= above <= caught[1]
+
+
+@pytest.mark.parametrize(
+    "rows, latent, hidden",
+    [(77, 2, (16, 16)), (220, 5, (32, 32)), (500, 8, (64, 64)), (724, 8, (64, 64)),
+     (725, 8, (128, 128)), (100_000, 8, (128, 128))],
+)  # fmt: skip
+def test_capacity_scales_with_the_training_rows(rows, latent, hidden):
+    assert capacity(rows) == (latent, hidden)
