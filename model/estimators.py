@@ -87,18 +87,11 @@ def _block_seed(seed: int, stream: int, block: int) -> int:
 
 
 def bytes_per_pair(model: VAE, dtype: torch.dtype = torch.float32) -> int:
-    """Working memory for one (sample, record) pair in the decoder: activations, outputs,
-    log-density intermediates and the padded categorical grid (a conservative count)."""
+    """Working memory for one (sample, record) pair in the decoder: activations, the outputs
+    and the categorical normaliser's exp of them, log-density intermediates (a conservative
+    count)."""
     c = model.config
-    n_cat = len(c.category_sizes)
-    grid = n_cat * max(c.category_sizes, default=0)
-    elements = (
-        4 * c.latent_dim
-        + 2 * sum(c.hidden)
-        + 2 * c.decoder_output_dim
-        + 8 * c.n_features
-        + 3 * grid
-    )
+    elements = 4 * c.latent_dim + 2 * sum(c.hidden) + 3 * c.decoder_output_dim + 8 * c.n_features
     return elements * torch.tensor([], dtype=dtype).element_size()
 
 

@@ -153,6 +153,8 @@ class Encoder(nn.Module):
         self.net = mlp(
             [config.encoder_input_dim, *config.hidden, 2 * config.latent_dim], config.activation
         )
+        offsets = torch.tensor([0, *config.category_sizes[:-1]], dtype=torch.long).cumsum(0)
+        self.register_buffer("category_offsets", offsets, persistent=False)
 
     def inputs(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, F) values + mask -> (B, encoder_input_dim); missing entries are zero everywhere."""
@@ -167,9 +169,32 @@ class Encoder(nn.Module):
         parts.append(observed)
         return torch.cat(parts, dim=-1)
 
+    def first_layer(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The first Linear applied to `inputs(x, mask)` without building the one-hot columns:
+        the same function (the one-hot block times W is a lookup of W's columns), computed as
+        a dense matmul over the values and the mask plus one `embedding_bag` over the category
+        codes. Memory is (B, hidden) whatever the vocabularies: a 20-column table with 1,000
+        values each would otherwise materialise 20,000 input columns per record."""
+        c, layer = self.config, self.net[0]
+        n_num, n_cat = c.n_continuous + c.n_boolean, len(c.category_sizes)
+        if n_cat == 0:
+            return layer(self.inputs(x, mask))
+        observed = mask.to(x.dtype)
+        width = sum(c.category_sizes)
+        weight = layer.weight  # (hidden, n_num + width + n_features)
+        dense_weight = torch.cat([weight[:, :n_num], weight[:, n_num + width :]], dim=1)
+        dense = torch.cat([x[:, :n_num] * observed[:, :n_num], observed], dim=1)
+        out = F.linear(dense, dense_weight, layer.bias)
+        codes = x[:, n_num:].long() + self.category_offsets  # (B, n_cat) rows of the table
+        table = weight[:, n_num : n_num + width].t()  # (width, hidden)
+        looked_up = F.embedding_bag(
+            codes, table, per_sample_weights=observed[:, n_num:].to(table.dtype), mode="sum"
+        )
+        return out + looked_up.to(out.dtype)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> Posterior:
-        inputs = self.inputs(x, mask)
-        h = self.net(inputs).to(inputs.dtype)  # under bf16 autocast: the MLP alone in bf16
+        h = self.net[1:](self.first_layer(x, mask)).to(x.dtype)  # under bf16 autocast: the
+        # MLP's matmuls in bf16, the posterior in the input's precision
         mean, log_var = h.chunk(2, dim=-1)
         low, high = self.config.encoder_log_var_range
         return Posterior(mean, log_var.clamp(low, high))
@@ -185,20 +210,17 @@ class Decoder(nn.Module):
         # Categorical logits live in one flat vector of sum(sizes). Two ways to normalise them:
         # - fast: one exp over the vector (shifted by the row's max) and a matmul with a 0/1
         #   (sum(sizes), n_cat) group indicator gives every group's sum of exp at once;
-        # - safe: gather into a (n_cat, max_size) grid padded with -inf and log_softmax it.
+        # - safe: a log_softmax over each group's slice in turn.
         # The fast path is used unless some group's sum underflows (logits > ~70 nats apart),
-        # where the safe path is exact. Measured: the fast path is 2.5x cheaper on CPU.
+        # where the safe path is exact. Neither needs more memory than the logits themselves
+        # (an earlier safe path padded every group to the largest vocabulary).
         sizes = config.category_sizes
-        max_size = max(sizes, default=1)
-        index = torch.full((len(sizes), max_size), sum(sizes), dtype=torch.long)  # pad -> last slot
         groups = torch.zeros(sum(sizes), len(sizes))
         offset = 0
         for j, size in enumerate(sizes):
-            index[j, :size] = torch.arange(offset, offset + size)
             groups[offset : offset + size, j] = 1.0
             offset += size
         offsets = torch.tensor([0, *sizes[:-1]], dtype=torch.long).cumsum(0)
-        self.register_buffer("category_index", index, persistent=False)
         self.register_buffer("category_groups", groups, persistent=False)
         self.register_buffer("category_offsets", offsets, persistent=False)
         floor = [config.min_variance] * config.n_continuous
@@ -239,10 +261,13 @@ class Decoder(nn.Module):
         sums = torch.exp(logits - shift) @ self.category_groups.to(logits.dtype)  # (..., B, n_cat)
         if bool((sums > 1e-30).all()):
             return selected - (torch.log(sums) + shift)
-        pad = torch.full_like(logits[..., :1], -math.inf)
-        grid = torch.cat([logits, pad], dim=-1)[..., self.category_index]  # (..., B, n_cat, max)
-        log_probs = torch.log_softmax(grid, dim=-1)
-        return log_probs.gather(-1, codes.unsqueeze(-1).expand(*shape, 1)).squeeze(-1)
+        normalisers = [
+            torch.logsumexp(logits[..., start : start + size], dim=-1)
+            for start, size in zip(
+                self.category_offsets.tolist(), self.config.category_sizes, strict=True
+            )
+        ]
+        return selected - torch.stack(normalisers, dim=-1)
 
     def log_variance(self, raw: torch.Tensor) -> torch.Tensor:
         """Per-record Gaussian log-variance: the head's output clamped to [floor, max] variance,

@@ -104,6 +104,54 @@ def test_decoder_likelihoods_are_normalised():
         np.testing.assert_allclose(values, 1.0, atol=1e-6, err_msg=name)
 
 
+def test_categorical_normaliser_safe_path_equals_log_softmax():
+    """Logits hundreds of nats apart underflow the fast exp-sum path; the per-group fallback
+    must still give each group's exact log_softmax."""
+    config = VAEConfig(n_continuous=0, category_sizes=[3, 1001, 2], latent_dim=2, hidden=[4])
+    decoder = VAE(config).decoder.double()
+    torch.manual_seed(1)
+    logits = 300.0 * torch.randn(6, 1006, dtype=torch.float64)
+    codes = torch.stack([torch.randint(0, n, (6,)) for n in config.category_sizes], dim=1)  # (6, 3)
+    got = decoder.categorical_log_prob(logits, codes)
+    expected = torch.stack(
+        [
+            torch.log_softmax(logits[:, :3], -1).gather(1, codes[:, :1]).squeeze(1),
+            torch.log_softmax(logits[:, 3:1004], -1).gather(1, codes[:, 1:2]).squeeze(1),
+            torch.log_softmax(logits[:, 1004:], -1).gather(1, codes[:, 2:]).squeeze(1),
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("sizes", [[], [4], [4, 7, 1001]])
+def test_encoder_looks_up_categories_instead_of_one_hot(sizes):
+    """The encoder's first layer on (values, codes, mask) equals the same Linear applied to the
+    explicit one-hot input, missing categories included, so no model changes meaning."""
+    torch.manual_seed(0)
+    config = VAEConfig(n_continuous=3, n_boolean=2, category_sizes=sizes, latent_dim=3, hidden=[16])
+    encoder = VAE(config).encoder
+    n = 64
+    codes = [torch.randint(0, size, (n, 1)).float() for size in sizes]
+    x = torch.cat([torch.randn(n, 3), torch.randint(0, 2, (n, 2)).float(), *codes], dim=1)
+    mask = torch.rand(n, config.n_features) > 0.25
+    x = torch.where(mask, x, torch.zeros(()))  # what encode() gives a missing value
+    one_hot = encoder.inputs(x, mask)
+    assert one_hot.shape[1] == config.encoder_input_dim
+    with torch.no_grad():
+        torch.testing.assert_close(
+            encoder.first_layer(x, mask), encoder.net[0](one_hot), rtol=1e-5, atol=1e-6
+        )
+        posterior = encoder(x, mask)
+        expected = encoder.net(one_hot)
+    torch.testing.assert_close(
+        torch.cat([posterior.mean, posterior.log_var], 1),
+        torch.cat([expected[:, :3], expected[:, 3:].clamp(-12, 6)], 1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 def test_discrete_model_probabilities_sum_to_one():
     """A model of one categorical and one boolean feature: sum_x exp(IWAE_K(x)) -> 1."""
     table = pa.table({"c": ["a", "b", "c", "d", "e"] * 4, "flag": [True, False] * 10})

@@ -154,13 +154,22 @@ def test_spec_finds_zero_inflated_columns_missing_shares_and_frequent_categories
     income = rng.normal(50.0, 10.0, n)
     income[:500] = np.nan
     zeros_rare = np.where(np.arange(n) < 500, 0.0, rng.normal(5.0, 1.0, n))  # 5 %: no atom
+    # whole numbers, 30 % zeros: the quantisation floor already keeps the Gaussian off a spike
+    counts = np.where(rng.random(n) < 0.3, 0, rng.poisson(4.0, n) + 1)
     merchant = np.array(["grocery"] * 9_980 + ["casino"] * 11 + ["pawn"] * 9, dtype=object)
     table = pa.table(
-        {"debt": debt, "income": income, "zeros_rare": zeros_rare, "merchant": merchant}
+        {
+            "debt": debt,
+            "income": income,
+            "zeros_rare": zeros_rare,
+            "counts": counts,
+            "merchant": merchant,
+        }
     )
     spec = FeatureSpec.fit(table)
     by = {f.name: f for f in spec.features}
     assert by["debt"].zero_atom and not by["income"].zero_atom and not by["zeros_rare"].zero_atom
+    assert by["counts"].resolution == 1.0 and not by["counts"].zero_atom
     assert by["income"].missing_share == pytest.approx(0.05)
     assert by["debt"].missing_share == 0.0
     assert spec.rows == n

@@ -1,0 +1,179 @@
+"""Wide tables: time and peak memory of `vaewatch train` and `vaewatch score` as the number of
+columns and the vocabulary size grow.
+
+    python bench/wide.py            # four widths up to 600 numbers + 40 strings of 1,000 values
+    python bench/wide.py --quick    # the two narrowest
+    python bench/wide.py --baseline eb5cd73   # also run that commit's code on the same tables
+
+Each width gets its own synthetic table (numbers with a low-rank structure, strings whose value
+depends on the same factors, 5 % of numbers missing): 30,000 training rows and one 20,000-row
+file to score. `vaewatch train` (2 epochs: the per-epoch rate is what matters) and
+`vaewatch score` each run as the real command in a fresh Python process; the peak resident set
+(VmHWM) of that process is read when it finishes. Rates include everything the command does
+(imports, reading Parquet, the model, Beam, writing, the commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# (numeric columns, string columns, values per string column)
+WIDTHS = [(30, 2, 50), (100, 5, 200), (300, 20, 1000), (600, 40, 1000)]
+TRAIN_ROWS, SCORE_ROWS = 30_000, 20_000
+
+# Runs the CLI in this fresh process and prints its peak RSS (VmHWM) on the last line: a child's
+# getrusage would start from its parent's peak (Linux carries ru_maxrss across fork and exec).
+_RUNNER = """
+import sys
+from vaewatch.jobs.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+finally:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print("VMHWM", int(line.split()[1]) * 1024, file=sys.stderr)
+"""
+
+
+def table(rows: int, numbers: int, strings: int, values: int, seed: int) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    factors = rng.normal(size=(rows, 4))
+    structure = np.random.default_rng(0)  # the same loadings for training and scoring
+    loadings = structure.normal(size=(4, numbers))
+    x = factors @ loadings + 0.5 * rng.normal(size=(rows, numbers))
+    x[rng.random(x.shape) < 0.05] = np.nan
+    columns = {"record_id": pa.array(np.arange(rows, dtype=np.int64))}
+    for j in range(numbers):
+        columns[f"n{j:03d}"] = pa.array(np.round(x[:, j], 3), from_pandas=True)
+    directions = structure.normal(size=(4, strings))
+    for j in range(strings):
+        # a value's rank follows the factors, so the strings carry structure too
+        score = factors @ directions[:, j] + rng.normal(size=rows)
+        codes = np.clip(((score + 3.0) / 6.0 * values).astype(int), 0, values - 1)
+        columns[f"s{j:02d}"] = pa.array([f"v{c}" for c in codes.tolist()], pa.string())
+    return pa.table(columns)
+
+
+def run_cli(args: list[str], source: Path | None = None) -> tuple[float, int, str]:
+    """(seconds, peak RSS bytes, stdout) of `vaewatch ARGS` in a fresh process; `source` is a
+    folder holding another checkout as `vaewatch/` (found before the installed package)."""
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")])
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _RUNNER, *args], capture_output=True, text=True, check=False, env=env
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"vaewatch {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    peak = int(done.stderr.rsplit("VMHWM", 1)[1].split()[0])
+    return seconds, peak, done.stdout
+
+
+def measure(
+    work: Path, numbers: int, strings: int, values: int, source: Path | None = None, tag="now"
+) -> dict:
+    data = work / f"w{numbers}-{strings}-{values}"
+    if not data.exists():
+        (data / "train").mkdir(parents=True)
+        (data / "score").mkdir()
+        pq.write_table(table(TRAIN_ROWS, numbers, strings, values, 1), data / "train" / "p.parquet")
+        pq.write_table(table(SCORE_ROWS, numbers, strings, values, 2), data / "score" / "p.parquet")
+    folder = data / tag
+    folder.mkdir()
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    train_s, train_peak, _ = run_cli(
+        ["train", "--data", str(data / "train"), "--model-name", "wide",
+         "--id-column", "record_id", "--tracking-uri", uri, "--epochs", "2", "--no-progress"],
+        source,
+    )  # fmt: skip
+    score_s, score_peak, _ = run_cli(
+        ["score", "--input", str(data / "score"), "--output", str(folder / "out"),
+         "--model", "models:/wide@champion", "--tracking-uri", uri],
+        source,
+    )  # fmt: skip
+    return {
+        "code": tag,
+        "numbers": numbers,
+        "strings": strings,
+        "values": values,
+        "one_hot_width": numbers + strings * (values + 1),
+        "train_s": train_s,
+        "train_peak": train_peak,
+        "score_s": score_s,
+        "score_rows_per_s": SCORE_ROWS / score_s,
+        "score_peak": score_peak,
+    }
+
+
+def _checkout(work: Path, commit: str) -> Path:
+    """`commit`'s tree exported under WORK/baseline/vaewatch (the repository root is the
+    package); returns the folder to put first on PYTHONPATH."""
+    root = Path(__file__).resolve().parent.parent
+    target = work / "baseline" / "vaewatch"
+    target.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", commit], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the two narrowest widths")
+    parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument(
+        "--baseline", default=None, help="a git commit whose code also runs, for ratios"
+    )
+    args = parser.parse_args()
+    import torch
+
+    print(
+        f"Run: date {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {TRAIN_ROWS:,} training rows (2 epochs), {SCORE_ROWS:,} rows "
+        f"scored; command: python {' '.join(sys.argv)}\n"
+    )
+    print(
+        "| code | numbers | strings x values | encoder one-hot width | train, 2 epochs (s) "
+        "| train peak RSS (MiB) | score (s) | score rows/s | score peak RSS (MiB) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vaewatch-wide-") as work:
+        codes = [("now", None)]
+        if args.baseline:
+            codes.insert(0, (args.baseline, _checkout(Path(work), args.baseline)))
+        for numbers, strings, values in WIDTHS[:2] if args.quick else WIDTHS:
+            for tag, source in codes:
+                r = measure(Path(work), numbers, strings, values, source, tag)
+                rows.append(r)
+                print(
+                    f"| {tag} | {numbers} | {strings} x {values:,} | {r['one_hot_width']:,} | "
+                    f"{r['train_s']:.1f} | {r['train_peak'] / 2**20:,.0f} | {r['score_s']:.1f} | "
+                    f"{r['score_rows_per_s']:,.0f} | {r['score_peak'] / 2**20:,.0f} |",
+                    flush=True,
+                )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
