@@ -202,7 +202,23 @@ def _to_parquet(x: pd.DataFrame, path: Path) -> None:
     pq.write_table(table, path)
 
 
-def vaewatch_scores(split: Split, seed: int, work: Path, tracking_uri: str) -> dict:
+def overrides(settings: list[str]) -> tuple[dict, dict]:
+    """--set fit.NAME=VALUE / train.NAME=VALUE (JSON values) -> (FitConfig, TrainConfig)
+    keyword overrides: the ablations in bench/RESULTS.md change one default at a time."""
+    fit_kw, train_kw = {}, {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        scope, _, name = key.partition(".")
+        target = {"fit": fit_kw, "train": train_kw}.get(scope)
+        if target is None or not name or not value:
+            raise SystemExit(f"--set {setting!r}: expected fit.NAME=VALUE or train.NAME=VALUE")
+        target[name] = json.loads(value)
+    return fit_kw, train_kw
+
+
+def vaewatch_scores(
+    split: Split, seed: int, work: Path, tracking_uri: str, settings: tuple[dict, dict] = ({}, {})
+) -> dict:
     """Parquet -> train + register -> Beam scoring of the test file -> scores by record id."""
     folder = work / f"{split.name}-s{seed}"
     _to_parquet(split.train, folder / "train" / "part-0.parquet")
@@ -213,7 +229,11 @@ def vaewatch_scores(split: Split, seed: int, work: Path, tracking_uri: str) -> d
             data=str(folder / "train"),
             model_name=name,
             tracking_uri=tracking_uri,
-            fit=FitConfig(id_column="record_id", train=TrainConfig(seed=seed)),
+            fit=FitConfig(
+                id_column="record_id",
+                train=TrainConfig(seed=seed, **settings[1]),
+                **settings[0],
+            ),
             progress=False,
         ),
         echo=lambda _: None,
@@ -429,6 +449,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, digits 0, 3, 8 only")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="fit.NAME=JSON",
+        help="override one of vaewatch's defaults (FitConfig or TrainConfig field), repeatable",
+    )
+    parser.add_argument(
+        "--only", default=None, help="comma-separated dataset names to run (default: all)"
+    )
+    parser.add_argument(
         "--digits", default=None, help="digit classes for digits-vs-D, e.g. 0,3,8 (default: all)"
     )
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
@@ -461,8 +491,10 @@ def main() -> None:
     started = time.perf_counter()
     for seed in seeds:
         for split in build_splits(seed, digit_classes):
+            if args.only and split.name not in args.only.split(","):
+                continue
             t0 = time.perf_counter()
-            scores = vaewatch_scores(split, seed, work, tracking_uri)
+            scores = vaewatch_scores(split, seed, work, tracking_uri, overrides(args.set))
             t1 = time.perf_counter()
             scores.update(baseline_scores(split, seed))
             t2 = time.perf_counter()

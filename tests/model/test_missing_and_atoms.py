@@ -181,3 +181,26 @@ def test_spec_finds_zero_inflated_columns_missing_shares_and_frequent_categories
         "pawn",
     ]
     assert FeatureSpec.loads(spec.dumps()) == spec
+
+
+def test_models_saved_before_these_fields_load_and_score_as_before():
+    """A config.json written before point masses and the observation model existed has none of
+    their keys: it loads with neither, so its scores keep their meaning."""
+    spec = _spec()
+    new = VAEConfig.for_spec(spec, latent_dim=2, hidden=[4]).to_json()
+    old = {
+        k: v
+        for k, v in new.items()
+        if k not in ("atom_features", "atom_values", "missing_features", "missing_log_prob")
+    }
+    config = VAEConfig.from_json(old)
+    assert config.atom_features == config.missing_features == config.missing_log_prob == []
+    assert config.decoder_output_dim == 4  # means and log-variances of the two columns only
+    model = VAE(config)
+    assert model.decoder.missing_log_prob.tolist() == [0.0, 0.0]
+    spec_json = spec.to_json()
+    for feature in spec_json["features"]:
+        feature.pop("zero_atom", None), feature.pop("missing_share", None)
+    spec_json.pop("rows")
+    old_spec = FeatureSpec.from_json(spec_json)
+    assert old_spec.rows == 0 and not any(f.zero_atom for f in old_spec.features)
