@@ -68,7 +68,7 @@ min_category_share = option(
     type=click.FloatRange(0, 1, max_open=True),
     default=defaults.MIN_CATEGORY_SHARE,
     help="... and this share of the training rows (rarer values share the out-of-vocabulary "
-    "bucket, so a few anomalous training rows cannot make their value known).",
+    "bucket; 0 = no share rule).",
 )
 missingness = option(
     "--missingness",

@@ -172,9 +172,8 @@ class FeatureSpec:
         makes them features even if `features` does not list them). Vocabulary: values seen at
         least `min_category_count` times, the `max_categories` most frequent, ties broken by
         value so the result is deterministic. A value needs both `min_category_count` rows and
-        `min_category_share` of the table's rows: in a 20,000-row table with the default share
-        (0.1 %), a value seen 8 times shares the out-of-vocabulary entry with every unseen value,
-        so the few anomalous rows a training set holds cannot make their category "known".
+        `min_category_share` of the table's rows (with a share of 0.1 %, a value seen 8 times in
+        20,000 rows shares the out-of-vocabulary entry with every unseen value).
         """
         batches = _as_batches(data)
         first = next(batches, None)

@@ -13,8 +13,8 @@ from vaewatch.jobs import demo
 FLOORS = {
     "out_of_range": 0.95,
     "broken_correlation": 0.95,
-    "impossible_combination": 0.35,
-    "rare_category": 0.05,
+    "impossible_combination": 0.55,  # measured 68 % (63 % before issue 15's changes)
+    "rare_category": 0.15,  # measured 24 % (19 % before); the issue asks for 90 %: not met
 }
 
 
@@ -31,5 +31,5 @@ def test_demo_flags_each_injected_kind(result):
 
 
 def test_demo_ranks_injected_rows_above_normal_ones(result):
-    assert result.roc_auc > 0.95
+    assert result.roc_auc > 0.975  # measured 0.986
     assert result.rows_scored == 3 * 20_000
