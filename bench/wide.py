@@ -141,6 +141,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the two narrowest widths")
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument(
+        "--widths", default=None, help="NUMBERSxSTRINGSxVALUES,... instead of the four defaults"
+    )
+    parser.add_argument(
         "--baseline", default=None, help="a git commit whose code also runs, for ratios"
     )
     args = parser.parse_args()
@@ -161,7 +164,10 @@ def main() -> None:
         codes = [("now", None)]
         if args.baseline:
             codes.insert(0, (args.baseline, _checkout(Path(work), args.baseline)))
-        for numbers, strings, values in WIDTHS[:2] if args.quick else WIDTHS:
+        widths = WIDTHS[:2] if args.quick else WIDTHS
+        if args.widths:
+            widths = [tuple(int(v) for v in w.split("x")) for w in args.widths.split(",")]
+        for numbers, strings, values in widths:
             for tag, source in codes:
                 r = measure(Path(work), numbers, strings, values, source, tag)
                 rows.append(r)

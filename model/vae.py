@@ -222,6 +222,10 @@ class Decoder(nn.Module):
             offset += size
         offsets = torch.tensor([0, *sizes[:-1]], dtype=torch.long).cumsum(0)
         self.register_buffer("category_groups", groups, persistent=False)
+        group_index = torch.repeat_interleave(
+            torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)
+        )
+        self.register_buffer("category_group_index", group_index, persistent=False)
         self.register_buffer("category_offsets", offsets, persistent=False)
         floor = [config.min_variance] * config.n_continuous
         if config.variance_floor:
@@ -257,10 +261,21 @@ class Decoder(nn.Module):
         """logits (..., B, sum(sizes)), codes (B, n_cat) long -> log p(code) (..., B, n_cat)."""
         shape = (*logits.shape[:-1], codes.shape[-1])
         selected = logits.gather(-1, (codes + self.category_offsets).expand(shape))
-        shift = logits.detach().amax(-1, keepdim=True)
+        detached = logits.detach()
+        shift = detached.amax(-1, keepdim=True)
         sums = torch.exp(logits - shift) @ self.category_groups.to(logits.dtype)  # (..., B, n_cat)
         if bool((sums > 1e-30).all()):
             return selected - (torch.log(sums) + shift)
+        # some group lies > ~70 nats below the row's largest logit: shift each group by its own
+        # maximum (a scatter over the flat vector), so every group's sum is >= 1
+        group_of = self.category_group_index.expand(detached.shape)
+        group_max = torch.full(
+            shape, -math.inf, dtype=detached.dtype, device=detached.device
+        ).scatter_reduce(-1, group_of, detached, "amax")  # (..., B, n_cat)
+        per_slot = group_max.gather(-1, group_of)
+        sums = torch.exp(logits - per_slot) @ self.category_groups.to(logits.dtype)
+        if bool((sums >= 1.0 - 1e-3).all()):
+            return selected - (torch.log(sums) + group_max)
         normalisers = [
             torch.logsumexp(logits[..., start : start + size], dim=-1)
             for start, size in zip(
