@@ -64,7 +64,7 @@ class Calibration:
         baseline = np.median(feature_nll, axis=0)
         scores = np.asarray(anomaly_scores, dtype=np.float64)
         if missing is not None:
-            scores = scores + np.asarray(missing, dtype=np.float64) @ baseline
+            scores = scores + _missing_cost(missing, baseline)
         scores = scores[np.isfinite(scores)]
         if scores.size == 0:
             raise ValueError("cannot calibrate on no finite scores")
@@ -93,7 +93,7 @@ class Calibration:
         score = -np.asarray(log_likelihood, dtype=np.float64)
         if not self.completes_missing:
             return score
-        return score + np.asarray(missing, dtype=np.float64) @ np.asarray(self.feature_baseline)
+        return score + _missing_cost(missing, self.feature_baseline)
 
     def threshold(self, quantile: float | None = None) -> float:
         q = self.threshold_quantile if quantile is None else check_quantile(quantile)
@@ -161,3 +161,8 @@ def top_features(
         fields=list(TOP_FEATURE_TYPE.value_type),
     )
     return pa.ListArray.from_arrays(pa.array(offsets), entries, type=TOP_FEATURE_TYPE)
+
+
+def _missing_cost(missing, baseline) -> np.ndarray:
+    """(B,) float64: the sum of the baselines of each row's missing features."""
+    return np.asarray(missing, dtype=np.float64) @ np.asarray(baseline, dtype=np.float64)

@@ -81,6 +81,11 @@ class VAEConfig:
         # observed values (continuous, boolean), one-hot categories, then the observation mask
         return self.n_continuous + self.n_boolean + sum(self.category_sizes) + self.n_features
 
+    def category_offsets(self) -> torch.Tensor:
+        """(n_cat,) long: where each categorical's block starts in the flat one-hot / logit
+        vector."""
+        return torch.tensor([0, *self.category_sizes[:-1]], dtype=torch.long).cumsum(0)
+
     @property
     def decoder_output_dim(self) -> int:
         # mean and log-variance per continuous feature, a logit per boolean, logits per category,
@@ -133,7 +138,8 @@ class Posterior:
 
 @dataclass
 class FeatureLogProbs:
-    """log p(x_j | z) per feature, zero where x_j is missing. Shapes (..., B, F_kind)."""
+    """log p(x_j | z) per feature; for a missing x_j the observation model's term (0 when
+    missing values are marginalised). Shapes (..., B, F_kind)."""
 
     continuous: torch.Tensor
     boolean: torch.Tensor
@@ -153,8 +159,7 @@ class Encoder(nn.Module):
         self.net = mlp(
             [config.encoder_input_dim, *config.hidden, 2 * config.latent_dim], config.activation
         )
-        offsets = torch.tensor([0, *config.category_sizes[:-1]], dtype=torch.long).cumsum(0)
-        self.register_buffer("category_offsets", offsets, persistent=False)
+        self.register_buffer("category_offsets", config.category_offsets(), persistent=False)
 
     def inputs(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, F) values + mask -> (B, encoder_input_dim); missing entries are zero everywhere."""
@@ -210,23 +215,19 @@ class Decoder(nn.Module):
         # Categorical logits live in one flat vector of sum(sizes). Two ways to normalise them:
         # - fast: one exp over the vector (shifted by the row's max) and a matmul with a 0/1
         #   (sum(sizes), n_cat) group indicator gives every group's sum of exp at once;
-        # - safe: a log_softmax over each group's slice in turn.
+        # - safe: the same, each group shifted by its own maximum (one scatter_reduce), so every
+        #   group's sum is >= 1.
         # The fast path is used unless some group's sum underflows (logits > ~70 nats apart),
         # where the safe path is exact. Neither needs more memory than the logits themselves
         # (an earlier safe path padded every group to the largest vocabulary).
         sizes = config.category_sizes
-        groups = torch.zeros(sum(sizes), len(sizes))
-        offset = 0
-        for j, size in enumerate(sizes):
-            groups[offset : offset + size, j] = 1.0
-            offset += size
-        offsets = torch.tensor([0, *sizes[:-1]], dtype=torch.long).cumsum(0)
-        self.register_buffer("category_groups", groups, persistent=False)
         group_index = torch.repeat_interleave(
             torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)
-        )
+        )  # (sum(sizes),): the categorical each logit belongs to
+        groups = (group_index[:, None] == torch.arange(len(sizes))).float()  # (sum, n_cat) 0/1
+        self.register_buffer("category_groups", groups, persistent=False)
         self.register_buffer("category_group_index", group_index, persistent=False)
-        self.register_buffer("category_offsets", offsets, persistent=False)
+        self.register_buffer("category_offsets", config.category_offsets(), persistent=False)
         floor = [config.min_variance] * config.n_continuous
         if config.variance_floor:
             if len(config.variance_floor) != config.n_continuous:
@@ -267,22 +268,15 @@ class Decoder(nn.Module):
         if bool((sums > 1e-30).all()):
             return selected - (torch.log(sums) + shift)
         # some group lies > ~70 nats below the row's largest logit: shift each group by its own
-        # maximum (a scatter over the flat vector), so every group's sum is >= 1
+        # maximum (a scatter over the flat vector); its largest term is then exp(0) = 1
         group_of = self.category_group_index.expand(detached.shape)
         group_max = torch.full(
             shape, -math.inf, dtype=detached.dtype, device=detached.device
         ).scatter_reduce(-1, group_of, detached, "amax")  # (..., B, n_cat)
-        per_slot = group_max.gather(-1, group_of)
-        sums = torch.exp(logits - per_slot) @ self.category_groups.to(logits.dtype)
-        if bool((sums >= 1.0 - 1e-3).all()):
-            return selected - (torch.log(sums) + group_max)
-        normalisers = [
-            torch.logsumexp(logits[..., start : start + size], dim=-1)
-            for start, size in zip(
-                self.category_offsets.tolist(), self.config.category_sizes, strict=True
-            )
-        ]
-        return selected - torch.stack(normalisers, dim=-1)
+        sums = torch.exp(logits - group_max.gather(-1, group_of)) @ self.category_groups.to(
+            logits.dtype
+        )
+        return selected - (torch.log(sums) + group_max)
 
     def log_variance(self, raw: torch.Tensor) -> torch.Tensor:
         """Per-record Gaussian log-variance: the head's output clamped to [floor, max] variance,
