@@ -88,16 +88,18 @@ def _block_seed(seed: int, stream: int, block: int) -> int:
 
 def bytes_per_pair(model: VAE, dtype: torch.dtype = torch.float32) -> int:
     """Working memory for one (sample, record) pair in the decoder: activations, the outputs,
-    log-density intermediates, and three passes over the categorical logits (shift, exp,
-    normaliser). Deliberately generous: chunks that fit the cache are faster than large ones
-    (on a 20,000-logit table, 1.5x larger chunks made the categorical passes 3x slower)."""
+    log-density intermediates, and three passes over the categorical logits held at once
+    (shift, exp, normaliser; one block of them where the head is blocked, model/categorical.py).
+    Deliberately generous: chunks that fit the cache are faster than large ones (on a
+    20,000-logit table, 1.5x larger chunks made the categorical passes 3x slower)."""
     c = model.config
+    logits = model.decoder.categories.materialised  # categorical logits held at once
     elements = (
         4 * c.latent_dim
         + 2 * sum(c.hidden)
-        + 2 * c.decoder_output_dim
+        + 2 * (c.decoder_output_dim - sum(c.category_sizes) + logits)
         + 8 * c.n_features
-        + 3 * sum(c.category_sizes)
+        + 3 * logits
     )
     return elements * torch.tensor([], dtype=dtype).element_size()
 

@@ -23,6 +23,11 @@ from vaewatch.model.errors import UserError
 from vaewatch.model.estimators import DEFAULT_MEMORY_BUDGET, score_records
 from vaewatch.model.features import RowProblem
 
+# bytes per (record, feature) of the per-record outputs held at once: the attribution in
+# float64 and its top-features temporaries (excess, sort order), the missing-value costs
+ROW_BYTES_PER_FEATURE = 64
+MIN_ROWS_PER_CALL = 1024  # fewer rows per call and Python overhead shows
+
 
 @dataclass(frozen=True)
 class ScoringSettings:
@@ -109,6 +114,10 @@ class Scorer:
         self.log_std = self.spec.continuous_log_std.to(self.device)
         self._names = self.spec.names()
         self._baseline = np.asarray(calibration.feature_baseline)
+        # rows per estimator call: the batch-level (rows, features) outputs within the budget
+        self.rows_per_call = max(
+            MIN_ROWS_PER_CALL, memory_budget // (ROW_BYTES_PER_FEATURE * len(self._names))
+        )
 
     def score(
         self, batch: pa.RecordBatch | pa.Table, model_version: str | None = None
@@ -123,36 +132,25 @@ class Scorer:
             if problem.reason is not None:
                 reasons[encoded.problems == problem] = problem.reason.value
         rows = np.flatnonzero(ok)
-        if rows.size:
-            x, mask = encoded.x, encoded.mask
-            if rows.size < n:  # copy only when some rows are rejected (the rare case)
-                index = torch.from_numpy(rows)
-                x, mask = x[index], mask[index]
-            x = x.to(self.device, non_blocking=True)
-            mask = mask.to(self.device, non_blocking=True)
-            scores = score_records(
-                self.model,
-                x,
-                mask,
-                log_std=self.log_std,
-                k=self.k,
-                seed=self.seed,
-                memory_budget=self.memory_budget,
-                matmul_dtype=self.matmul_dtype,
+        x, mask = encoded.x, encoded.mask
+        if 0 < rows.size < n:  # copy only when some rows are rejected (the rare case)
+            index = torch.from_numpy(rows)
+            x, mask = x[index], mask[index]
+        tables, kept = [], []
+        # the per-record outputs are (rows, features) float64 several times over (attribution,
+        # top features, missing costs): slices of the batch keep them within the memory budget
+        step = self.rows_per_call
+        for start in range(0, rows.size, step):
+            table, keep = self._score_rows(
+                x[start : start + step], mask[start : start + step], version
             )
-            arrays = {
-                name: getattr(scores, name).cpu().numpy()
-                for name in ("elbo", "log_likelihood", "log_likelihood_se", "latent_mean",
-                             "latent_std", "feature_nll")
-            }  # fmt: skip
-            arrays["missing"] = ~mask.cpu().numpy()
-            finite = np.isfinite(arrays["log_likelihood"]) & np.isfinite(arrays["elbo"])
-            if not finite.all():
-                reasons[rows[~finite]] = RejectReason.NON_FINITE_SCORE.value
-                keep = np.flatnonzero(finite)
-                arrays = {name: values[keep] for name, values in arrays.items()}
-                rows = rows[keep]
-            table = self._columns(arrays, version)
+            part = rows[start : start + step]
+            reasons[part[~keep]] = RejectReason.NON_FINITE_SCORE.value
+            tables.append(table)
+            kept.append(part[keep])
+        if tables:
+            table = pa.concat_tables(tables).combine_chunks() if len(tables) > 1 else tables[0]
+            rows = np.concatenate(kept)
         else:
             d, f = self.artifact.vae_config.latent_dim, len(self._names)
             empty = np.zeros(0)
@@ -176,6 +174,31 @@ class Scorer:
             reasons=pa.array(reasons[rejected].tolist(), type=pa.string()),
             num_rows=n,
         )
+
+    def _score_rows(self, x: torch.Tensor, mask: torch.Tensor, version: str):
+        """(score columns of the rows whose scores are finite, (rows,) bool: which those are)."""
+        x = x.to(self.device, non_blocking=True)
+        mask = mask.to(self.device, non_blocking=True)
+        scores = score_records(
+            self.model,
+            x,
+            mask,
+            log_std=self.log_std,
+            k=self.k,
+            seed=self.seed,
+            memory_budget=self.memory_budget,
+            matmul_dtype=self.matmul_dtype,
+        )
+        arrays = {
+            name: getattr(scores, name).cpu().numpy()
+            for name in ("elbo", "log_likelihood", "log_likelihood_se", "latent_mean",
+                         "latent_std", "feature_nll")
+        }  # fmt: skip
+        arrays["missing"] = ~mask.cpu().numpy()
+        finite = np.isfinite(arrays["log_likelihood"]) & np.isfinite(arrays["elbo"])
+        if not finite.all():
+            arrays = {name: values[finite] for name, values in arrays.items()}
+        return self._columns(arrays, version), finite
 
     def _columns(self, arrays: dict[str, np.ndarray], version: str) -> pa.Table:
         """The output contract's score columns from the estimator's per-record arrays."""

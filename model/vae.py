@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaewatch.model import defaults
+from vaewatch.model.categorical import Categories
 from vaewatch.model.features import FeatureKind, FeatureSpec
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -212,22 +213,13 @@ class Decoder(nn.Module):
         self.net = mlp(
             [config.latent_dim, *config.hidden, config.decoder_output_dim], config.activation
         )
-        # Categorical logits live in one flat vector of sum(sizes). Two ways to normalise them:
-        # - fast: one exp over the vector (shifted by the row's max) and a matmul with a 0/1
-        #   (sum(sizes), n_cat) group indicator gives every group's sum of exp at once;
-        # - safe: the same, each group shifted by its own maximum (one scatter_reduce), so every
-        #   group's sum is >= 1.
-        # The fast path is used unless some group's sum underflows (logits > ~70 nats apart),
-        # where the safe path is exact. Neither needs more memory than the logits themselves
-        # (an earlier safe path padded every group to the largest vocabulary).
-        sizes = config.category_sizes
-        group_index = torch.repeat_interleave(
-            torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)
-        )  # (sum(sizes),): the categorical each logit belongs to
-        groups = (group_index[:, None] == torch.arange(len(sizes))).float()  # (sum, n_cat) 0/1
-        self.register_buffer("category_groups", groups, persistent=False)
-        self.register_buffer("category_group_index", group_index, persistent=False)
-        self.register_buffer("category_offsets", config.category_offsets(), persistent=False)
+        # the categorical logits are rows [2 nc + nb, + sum(sizes)) of the last layer
+        first = 2 * config.n_continuous + config.n_boolean
+        self.categories = Categories(config.category_sizes, config.category_offsets(), first)
+        if self.categories.blocked:  # the last layer's other rows, evaluated apart from them
+            end = first + sum(config.category_sizes)
+            other = [torch.arange(first), torch.arange(end, config.decoder_output_dim)]
+            self.register_buffer("other_rows", torch.cat(other), persistent=False)
         floor = [config.min_variance] * config.n_continuous
         if config.variance_floor:
             if len(config.variance_floor) != config.n_continuous:
@@ -258,26 +250,6 @@ class Decoder(nn.Module):
             "missing_log_prob", torch.tensor(unseen, dtype=torch.float32), persistent=False
         )
 
-    def categorical_log_prob(self, logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """logits (..., B, sum(sizes)), codes (B, n_cat) long -> log p(code) (..., B, n_cat)."""
-        shape = (*logits.shape[:-1], codes.shape[-1])
-        selected = logits.gather(-1, (codes + self.category_offsets).expand(shape))
-        detached = logits.detach()
-        shift = detached.amax(-1, keepdim=True)
-        sums = torch.exp(logits - shift) @ self.category_groups.to(logits.dtype)  # (..., B, n_cat)
-        if bool((sums > 1e-30).all()):
-            return selected - (torch.log(sums) + shift)
-        # some group lies > ~70 nats below the row's largest logit: shift each group by its own
-        # maximum (a scatter over the flat vector); its largest term is then exp(0) = 1
-        group_of = self.category_group_index.expand(detached.shape)
-        group_max = torch.full(
-            shape, -math.inf, dtype=detached.dtype, device=detached.device
-        ).scatter_reduce(-1, group_of, detached, "amax")  # (..., B, n_cat)
-        sums = torch.exp(logits - group_max.gather(-1, group_of)) @ self.category_groups.to(
-            logits.dtype
-        )
-        return selected - (torch.log(sums) + group_max)
-
     def log_variance(self, raw: torch.Tensor) -> torch.Tensor:
         """Per-record Gaussian log-variance: the head's output clamped to [floor, max] variance,
         the floor per feature. (A clamp rather than floor + softplus: softplus cost 10% of IWAE
@@ -307,13 +279,23 @@ class Decoder(nn.Module):
         config's constant for a feature never missing in training, else 0; an observed value
         its density (or point mass) plus log p(observed | z) where missingness is modelled."""
         c = self.config
-        out = self.net(z).to(z.dtype)  # densities in the input's precision, whatever the MLP's
         nc, nb, n_cat = c.n_continuous, c.n_boolean, len(c.category_sizes)
-        mean, raw_log_var, logits_bool, logits_cat, logits_atom, logits_missing = out.split(
-            [nc, nc, nb, sum(c.category_sizes), len(c.atom_features), len(c.missing_features)],
-            dim=-1,
-        )
         x_cont, x_bool, x_cat = x.split([nc, nb, n_cat], dim=-1)
+        widths = [nc, nc, nb, sum(c.category_sizes), len(c.atom_features), len(c.missing_features)]
+        # densities in the input's precision, whatever the MLP's
+        if self.categories.blocked:
+            hidden, head = self.net[:-1](z), self.net[-1]
+            rows = self.other_rows
+            out = F.linear(hidden, head.weight[rows], head.bias[rows]).to(z.dtype)
+            widths[3] = 0
+            lp_cat = self.categories.from_hidden(hidden, head, x_cat.long(), z.dtype)
+        else:
+            out = self.net(z).to(z.dtype)
+        mean, raw_log_var, logits_bool, logits_cat, logits_atom, logits_missing = out.split(
+            widths, dim=-1
+        )
+        if not self.categories.blocked:
+            lp_cat = self.categories.log_prob(logits_cat, x_cat.long()) if n_cat else logits_cat
 
         log_var = self.log_variance(raw_log_var)
         lp_cont = -0.5 * (LOG_2PI + log_var + (x_cont - mean).square() * torch.exp(-log_var))
@@ -323,9 +305,6 @@ class Decoder(nn.Module):
             mixed = torch.where(at, F.logsigmoid(logits_atom), dense)
             lp_cont = lp_cont.index_copy(-1, self.atom_index, mixed)
         lp_bool = x_bool * logits_bool - F.softplus(logits_bool)  # Bernoulli with logits
-        lp_cat = (
-            self.categorical_log_prob(logits_cat, x_cat.long()) if c.category_sizes else logits_cat
-        )
         lp = torch.cat([lp_cont, lp_bool, lp_cat], dim=-1)  # (..., B, F)
         lp = torch.where(mask, lp, self.missing_log_prob.to(lp.dtype))
         if c.missing_features:
