@@ -90,8 +90,8 @@ def bytes_per_pair(model: VAE, dtype: torch.dtype = torch.float32) -> int:
     """Working memory for one (sample, record) pair in the decoder: activations, the outputs,
     log-density intermediates, and three passes over the categorical logits held at once
     (shift, exp, normaliser; one block of them where the head is blocked, model/categorical.py).
-    Deliberately generous: chunks that fit the cache are faster than large ones (on a
-    20,000-logit table, 1.5x larger chunks made the categorical passes 3x slower)."""
+    Deliberately generous: chunks that fit the cache are faster than large ones (before the
+    head was blocked, 1.5x larger chunks made the passes over 20,000 logits 3x slower)."""
     c = model.config
     logits = model.decoder.categories.materialised  # categorical logits held at once
     elements = (
