@@ -28,7 +28,7 @@ from vaewatch.model.scoring import Scorer
 from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
 from vaewatch.model.training import TrainConfig
 
-FACTORS = (1.0, 1.1, 1.2, 1.3, 1.6)
+FACTORS = (1.0, 1.1, 1.2, 1.3, 1.6, 2.0, 2.5)
 EXCLUDE = [c for c in LABEL_COLUMNS if c != "record_id"]
 
 

@@ -32,9 +32,9 @@ def test_drift_alarms_only_on_the_shifted_day(trained, tmp_path):
     inputs, out = tmp_path / "in", tmp_path / "out"
     for i, day in enumerate(NORMAL_DAYS):
         _write_day(inputs, day, seed=700 + i)
-    # x2.5: with this session's model (trimmed objective, full vocabulary) a x1.6 shift of the
-    # amounts is absorbed by the latent code on this small model (amount's top-feature share
-    # fell, p = 5e-4, above the Bonferroni level); bench/drift.py's rates predate that model
+    # x2.5: on this fixture's one model and 5,000-row day a x1.6 shift of the amounts gave
+    # p = 5e-4, above the Bonferroni level; bench/drift.py (20,000-row days, 5 models) alarms
+    # on every day at x1.6 and on 90 % at x1.3
     _write_day(inputs, SHIFTED_DAY, seed=710, amount_factor=2.5)
     nightly = [
         "nightly", "--input-root", str(inputs), "--output-root", str(out),
