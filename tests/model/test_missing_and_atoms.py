@@ -204,3 +204,19 @@ def test_models_saved_before_these_fields_load_and_score_as_before():
     spec_json.pop("rows")
     old_spec = FeatureSpec.from_json(spec_json)
     assert old_spec.rows == 0 and not any(f.zero_atom for f in old_spec.features)
+
+
+def test_boolean_likelihood_is_the_bernoulli_of_its_logit():
+    """A boolean decoded with logit l (zero weights, bias l): log p(true) = log expit(l),
+    log p(false) = log expit(-l), checked against scipy for both signs of l."""
+    for logit in (1.3, -2.1):
+        config = VAEConfig(n_boolean=1, latent_dim=2, hidden=[4])
+        model = VAE(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+            model.decoder.net[-1].bias[0] = logit
+        x = torch.tensor([[1.0], [0.0]])
+        lp = model.decoder.log_prob(torch.zeros(3, 2, 2), x, torch.ones_like(x, dtype=torch.bool))
+        expected = torch.tensor([_log_sigmoid(logit), _log_sigmoid(-logit)])
+        torch.testing.assert_close(lp.boolean[..., 0], expected.expand(3, 2), rtol=0, atol=1e-6)
