@@ -24,8 +24,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from vaewatch.model import fused
 
 BLOCK_LOGITS = 1024  # logits normalised together; above this in all, the head is blocked
 
@@ -89,7 +90,7 @@ class Categories(nn.Module):
         parts = []
         for g0, g1 in self.blocks:
             rows = slice(self.first + self.bounds[g0], self.first + self.bounds[g1])
-            logits = F.linear(hidden, layer.weight[rows], layer.bias[rows])
+            logits = fused.linear(hidden, layer.weight[rows], layer.bias[rows])
             if g1 - g0 == 1:
                 # one group: log_softmax, converting to `dtype` inside its fused kernel (3.6x
                 # faster than converting first, then logsumexp, on 1,001 bf16 logits)

@@ -6,10 +6,13 @@ ScoringDefaults, FitConfig, ScoreOptions) and the CLI's options read them from h
 """
 
 # ---------------------------------------------------------------- scoring
-# IWAE samples, chosen by accuracy: with the scrambled-Sobol points, K = 32 is within 0.061
-# nats/record of the exact log p(x) on the suite's closed-form model (mismatched proposal),
-# against 0.112 for i.i.d. K = 64, the earlier default (bench/estimators.py --rqmc)
-K = 32
+# IWAE samples, chosen by accuracy. Target: no worse than i.i.d. K = 64, the earlier default, on
+# the suite's closed-form pPCA with a mismatched proposal, in both the mean |IWAE - log p(x)| per
+# record and the bias of the table mean. With the scrambled-Sobol points K = 24 is the smallest
+# multiple of 4 that meets it with either mismatch (bench/estimators.py; over-dispersed: 0.093
+# and 0.027 nats against 0.111 and 0.033; under-dispersed: 0.096 and 0.069 against 0.127 and
+# 0.101); K = 20 misses the bias (0.040), K = 16 both. 32 would be habit: 1.33x the work
+K = 24
 SEED = 0  # common-random-numbers seed of the scoring noise (and of training)
 THRESHOLD_QUANTILE = 0.99  # flags ~1% of normal records; overridable at scoring
 TOP_FEATURES = 3  # features reported per record in top_features

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaewatch.model import defaults
+from vaewatch.model import defaults, fused
 from vaewatch.model.categorical import Categories
 from vaewatch.model.features import FeatureKind, FeatureSpec
 
@@ -139,18 +139,31 @@ class Posterior:
 
 @dataclass
 class FeatureLogProbs:
-    """log p(x_j | z) per feature; for a missing x_j the observation model's term (0 when
-    missing values are marginalised). Shapes (..., B, F_kind)."""
+    """log p(x_j | z) per feature, in the spec's feature order (continuous, boolean,
+    categorical); for a missing x_j the observation model's term (0 when missing values are
+    marginalised). One tensor, so the sum over features and the attribution read it in place."""
 
-    continuous: torch.Tensor
-    boolean: torch.Tensor
-    categorical: torch.Tensor
+    values: torch.Tensor  # (..., B, F)
+    n_continuous: int
+    n_boolean: int
 
     def total(self) -> torch.Tensor:  # (..., B)
-        return self.continuous.sum(-1) + self.boolean.sum(-1) + self.categorical.sum(-1)
+        return self.values.sum(-1)
 
-    def stacked(self) -> torch.Tensor:  # (..., B, F) in the spec's feature order
-        return torch.cat([self.continuous, self.boolean, self.categorical], dim=-1)
+    def stacked(self) -> torch.Tensor:  # (..., B, F)
+        return self.values
+
+    @property
+    def continuous(self) -> torch.Tensor:  # (..., B, F_continuous)
+        return self.values[..., : self.n_continuous]
+
+    @property
+    def boolean(self) -> torch.Tensor:  # (..., B, F_boolean)
+        return self.values[..., self.n_continuous : self.n_continuous + self.n_boolean]
+
+    @property
+    def categorical(self) -> torch.Tensor:  # (..., B, F_categorical)
+        return self.values[..., self.n_continuous + self.n_boolean :]
 
 
 class Encoder(nn.Module):
@@ -199,8 +212,8 @@ class Encoder(nn.Module):
         return out + looked_up.to(out.dtype)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> Posterior:
-        h = self.net[1:](self.first_layer(x, mask)).to(x.dtype)  # under bf16 autocast: the
-        # MLP's matmuls in bf16, the posterior in the input's precision
+        # under bf16 autocast: the MLP's matmuls in bf16, the posterior in the input's precision
+        h = fused.run(self.net[1:], self.first_layer(x, mask)).to(x.dtype)
         mean, log_var = h.chunk(2, dim=-1)
         low, high = self.config.encoder_log_var_range
         return Posterior(mean, log_var.clamp(low, high))
@@ -255,7 +268,8 @@ class Decoder(nn.Module):
         the floor per feature. (A clamp rather than floor + softplus: softplus cost 10% of IWAE
         time on CPU.)"""
         floor = self.min_log_var.to(raw.dtype)
-        return torch.maximum(raw, floor).clamp(max=math.log(self.config.max_variance))
+        ceiling = torch.full_like(floor, math.log(self.config.max_variance))
+        return torch.clamp(raw, min=floor, max=ceiling)  # one pass over (..., B, F_cont)
 
     def at_atom(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, n_atoms) bool: the zero-inflated features whose observed value is the atom."""
@@ -284,13 +298,13 @@ class Decoder(nn.Module):
         widths = [nc, nc, nb, sum(c.category_sizes), len(c.atom_features), len(c.missing_features)]
         # densities in the input's precision, whatever the MLP's
         if self.categories.blocked:
-            hidden, head = self.net[:-1](z), self.net[-1]
+            hidden, head = fused.run(self.net[:-1], z), self.net[-1]
             rows = self.other_rows
-            out = F.linear(hidden, head.weight[rows], head.bias[rows]).to(z.dtype)
+            out = fused.linear(hidden, head.weight[rows], head.bias[rows]).to(z.dtype)
             widths[3] = 0
             lp_cat = self.categories.from_hidden(hidden, head, x_cat.long(), z.dtype)
         else:
-            out = self.net(z).to(z.dtype)
+            out = fused.run(self.net, z).to(z.dtype)
         mean, raw_log_var, logits_bool, logits_cat, logits_atom, logits_missing = out.split(
             widths, dim=-1
         )
@@ -298,22 +312,28 @@ class Decoder(nn.Module):
             lp_cat = self.categories.log_prob(logits_cat, x_cat.long()) if n_cat else logits_cat
 
         log_var = self.log_variance(raw_log_var)
-        lp_cont = -0.5 * (LOG_2PI + log_var + (x_cont - mean).square() * torch.exp(-log_var))
+        # -0.5 (log 2 pi + log s2 + (x - m)^2 / s2); the in-place steps scale addcmul's result,
+        # which no backward reads, so training's autograd is unaffected
+        lp_cont = torch.addcmul(log_var, (x_cont - mean).square(), torch.exp(-log_var))
+        lp_cont = lp_cont.mul_(-0.5).sub_(0.5 * LOG_2PI)
         if c.atom_features:
             at = self.at_atom(x, mask)  # (B, n_atoms)
             dense = lp_cont.index_select(-1, self.atom_index) + F.logsigmoid(-logits_atom)
             mixed = torch.where(at, F.logsigmoid(logits_atom), dense)
             lp_cont = lp_cont.index_copy(-1, self.atom_index, mixed)
-        lp_bool = x_bool * logits_bool - F.softplus(logits_bool)  # Bernoulli with logits
+        # Bernoulli with logits, x l - softplus(l), as one pass
+        lp_bool = -F.binary_cross_entropy_with_logits(
+            logits_bool, x_bool.expand_as(logits_bool), reduction="none"
+        )
         lp = torch.cat([lp_cont, lp_bool, lp_cat], dim=-1)  # (..., B, F)
-        lp = torch.where(mask, lp, self.missing_log_prob.to(lp.dtype))
+        if not bool(mask.all()):  # a pass over (..., B, F) only where something is missing
+            lp = torch.where(mask, lp, self.missing_log_prob.to(lp.dtype))
         if c.missing_features:
             observed = mask.index_select(1, self.missing_index)
             # log p(observed) = logsigmoid(-l), log p(missing) = logsigmoid(l)
             sign = torch.where(observed, -1.0, 1.0).to(lp.dtype)
             lp = lp.index_add(-1, self.missing_index, F.logsigmoid(sign * logits_missing))
-        continuous, boolean, categorical = lp.split([nc, nb, n_cat], dim=-1)
-        return FeatureLogProbs(continuous=continuous, boolean=boolean, categorical=categorical)
+        return FeatureLogProbs(lp, n_continuous=nc, n_boolean=nb)
 
 
 def gaussian_kl_dims(posterior: Posterior) -> torch.Tensor:

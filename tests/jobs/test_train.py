@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from vaewatch.jobs.cli import main
-from vaewatch.model import registry
+from vaewatch.model import defaults, registry
 from vaewatch.model.contract import SCORE_COLUMNS
 from vaewatch.model.estimators import score_records
 from vaewatch.model.metrics import roc_auc
@@ -36,7 +36,7 @@ def test_registered_with_alias_tags_params_metrics_and_plots(trained):
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
     p = run.data.params
-    assert p["train.learning_rate"] == "0.001" and p["score.k"] == "32"
+    assert p["train.learning_rate"] == "0.001" and p["score.k"] == str(defaults.K)
     assert p["data.rows"] == "15000" and p["data.digest"] == fingerprint["digest"]
     assert p["id_column"] == "record_id" and "record_id" not in p["features.names"]
     epochs = len(outcome.history)

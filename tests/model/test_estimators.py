@@ -308,3 +308,22 @@ def test_the_shared_points_are_seeded_normal_replicates():
     blocks = a.reshape(4, 1024, 3)
     assert not torch.equal(blocks[0], blocks[1])  # independently scrambled replicates
     assert (blocks.mean(1).abs() < 0.05).all()
+
+
+def test_chunk_plans_fit_the_budget_and_hold_several_samples():
+    """records x samples x bytes <= budget, every sample and record covered, and a step holds
+    SAMPLES_PER_STEP samples (all K when fewer) whenever one record's worth fits."""
+    from vaewatch.model.estimators import SAMPLES_PER_STEP
+
+    for n_records, k, pair_bytes, budget in itertools.product(
+        (1, 7, 300, 65_536), (1, 4, 32, 5000), (100, 4_496, 2**20), (20_000, 64 * 2**20)
+    ):
+        records, samples = plan_chunks(n_records, k, pair_bytes, budget)
+        assert 1 <= records <= n_records and 1 <= samples <= k
+        max_pairs = budget // pair_bytes
+        if max_pairs >= 1:
+            assert records * samples * pair_bytes <= budget
+        if max_pairs >= min(k, SAMPLES_PER_STEP):
+            assert samples >= min(k, SAMPLES_PER_STEP)
+    # the production shape: a 65,536-row batch at K=32 with the 64 MiB default
+    assert plan_chunks(65_536, 32, 4_496, 64 * 2**20) == (1_865, 8)

@@ -1,0 +1,113 @@
+"""The MLPs' forward pass at inference on CPU: each Linear and the activation after it as one
+oneDNN call (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend emits
+for the same pattern), in the autocast dtype when autocast is on.
+
+Why: an eager `nn.Linear` on a (K, B, H) input is an `addmm` that first fills its output with the
+broadcast bias, then runs the GEMM with beta = 1, and the ReLU is another pass over the result;
+under bf16 autocast each call also converts its input and weight. On this project's CPU those
+passes cost more than the GEMM itself (bench/RESULTS.md, "fused linear layers"). The fused call
+adds the bias and applies the activation in the GEMM's epilogue while the tile is in cache.
+
+The result is the same function (tests compare it with the eager layers); anything the fused path
+does not cover runs the eager modules unchanged: gradients (training), CUDA, float64, a torch
+build without oneDNN.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+# eager activation module -> (oneDNN post-op, its algorithm argument)
+_POST_OPS: dict[type, tuple[str, str]] = {
+    nn.ReLU: ("relu", ""),
+    nn.Tanh: ("tanh", ""),
+    nn.SiLU: ("swish", ""),
+    nn.GELU: ("gelu", "none"),
+}
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this torch build has oneDNN's fused linear (x86 and Arm CPU builds do)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        op(torch.ones(2, 3), torch.ones(4, 3), torch.zeros(4), "relu", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a fused pass over `x` runs in, or None when the eager layers must run: with
+    gradients on, off the CPU, or in a dtype oneDNN does not multiply."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or not available():
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if x.dtype not in _DTYPES or dtype not in _DTYPES:
+        return None
+    return dtype
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    post_op: tuple[str, str] = ("none", ""),
+) -> torch.Tensor:
+    """activation(x @ weight.T + bias), fused where `compute_dtype` allows, else eager
+    (`F.linear`, which autocast handles). (..., in) -> (..., out)"""
+    dtype = compute_dtype(x)
+    if dtype is None:
+        out = nn.functional.linear(x, weight, bias)
+        return _eager_post_op(out, post_op)
+    bias = None if bias is None else bias.to(dtype)
+    attr, algorithm = post_op
+    return torch.ops.mkldnn._linear_pointwise(
+        x.to(dtype), weight.to(dtype), bias, attr, [], algorithm
+    )
+
+
+def _eager_post_op(out: torch.Tensor, post_op: tuple[str, str]) -> torch.Tensor:
+    attr = post_op[0]
+    if attr == "none":
+        return out
+    return {
+        "relu": torch.relu,
+        "tanh": torch.tanh,
+        "swish": nn.functional.silu,
+        "gelu": functools.partial(nn.functional.gelu, approximate=post_op[1] or "none"),
+    }[attr](out)
+
+
+def run(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """`net(x)` for an MLP of Linear layers with an activation module after some of them
+    (model/vae.py `mlp`), each Linear + activation as one fused call where possible. The
+    output is in the compute dtype (bf16 under bf16 autocast), as the eager net's would be."""
+    if compute_dtype(x) is None:
+        return net(x)
+    layers = list(net)
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if not isinstance(layer, nn.Linear):
+            if type(layer) not in _POST_OPS:
+                return nn.Sequential(*layers[i:])(x)  # a module the fused path does not know
+            x = layer(x)  # an activation with no Linear before it in `net`
+            i += 1
+            continue
+        post_op = ("none", "")
+        if i + 1 < len(layers) and type(layers[i + 1]) in _POST_OPS:
+            activation = layers[i + 1]
+            post_op = _POST_OPS[type(activation)]
+            if isinstance(activation, nn.GELU):
+                post_op = ("gelu", activation.approximate)  # "none" or "tanh"
+            i += 1
+        x = linear(x, layer.weight, layer.bias, post_op)
+        i += 1
+    return x

@@ -1,0 +1,78 @@
+"""The fused inference path (model/fused.py) computes what the eager layers compute."""
+
+import pytest
+import torch
+from torch import nn
+
+from vaewatch.model import fused
+from vaewatch.model.estimators import score_records
+from vaewatch.model.vae import VAE, VAEConfig, mlp
+
+needs_onednn = pytest.mark.skipif(not fused.available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", ["relu", "tanh", "silu", "gelu"])
+def test_fused_mlp_equals_the_eager_layers_in_float32(activation):
+    torch.manual_seed(0)
+    net = mlp([8, 32, 32, 20], activation).eval()
+    z = torch.randn(3, 50, 8)  # (K, B, D)
+    expected = net(z)
+    with torch.inference_mode():
+        got = fused.run(net, z)
+    assert got.dtype == torch.float32 and got.shape == (3, 50, 20)
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_fused_mlp_under_bf16_autocast_matches_eager_autocast():
+    """The same bf16 matmuls, bias and ReLU: only where the bias is added (before or after
+    rounding the product to bf16) may differ, so within bf16's resolution."""
+    torch.manual_seed(1)
+    net = mlp([8, 128, 128, 96], "relu").eval()
+    z = torch.randn(4, 256, 8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = net(z)
+        got = fused.run(net, z)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    scale = expected.float().abs().max()
+    assert (got.float() - expected.float()).abs().max() <= 2**-7 * scale
+
+
+def test_a_leading_activation_and_gradients_use_the_eager_modules():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.ReLU(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+    h = torch.randn(10, 6)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.run(net, h), net(h))
+    # with gradients on (training) the eager layers run, so backward works
+    out = fused.run(net, h)
+    out.sum().backward()
+    assert net[1].weight.grad is not None and net[1].weight.grad.abs().sum() > 0
+
+
+def test_float64_runs_the_eager_layers():
+    net = mlp([4, 8, 2], "relu").double().eval()
+    h = torch.randn(5, 4, dtype=torch.float64)
+    with torch.inference_mode():
+        assert fused.compute_dtype(h) is None
+        torch.testing.assert_close(fused.run(net, h), net(h))
+
+
+@needs_onednn
+def test_scores_with_the_fused_path_equal_the_eager_ones(monkeypatch):
+    """The whole production estimator, fp32: IWAE, ELBO, SE and attribution unchanged."""
+    torch.manual_seed(3)
+    config = VAEConfig(n_continuous=5, n_boolean=2, category_sizes=[4, 6])
+    model = VAE(config).eval()
+    x = torch.randn(300, config.n_features)
+    x[:, 5:7] = (x[:, 5:7] > 0).float()
+    x[:, 7] = torch.randint(0, 4, (300,)).float()
+    x[:, 8] = torch.randint(0, 6, (300,)).float()
+    mask = torch.rand(300, config.n_features) > 0.1
+    log_std = torch.randn(5)
+    fast = score_records(model, x, mask, log_std=log_std, k=16)
+    monkeypatch.setattr(fused, "available", lambda: False)
+    eager = score_records(model, x, mask, log_std=log_std, k=16)
+    for name in ("log_likelihood", "elbo", "log_likelihood_se", "feature_nll"):
+        torch.testing.assert_close(getattr(fast, name), getattr(eager, name), rtol=1e-5, atol=1e-4)
