@@ -108,11 +108,10 @@ def bytes_per_pair(model: VAE, dtype: torch.dtype = torch.float32) -> int:
 def plan_chunks(n_records: int, n_samples: int, pair_bytes: int, budget: int) -> tuple[int, int]:
     """(records per step, samples per step) so that records * samples * pair_bytes <= budget.
 
-    A step holds at least SAMPLES_PER_STEP samples (or all K when fewer) for as many records as
-    then fit: each step also does work per record (its slice of x and the mask, the codes, the
-    missing-value terms) and a fixed cost in Python, so one sample for 15,000 records is the
-    slowest shape there is. Measured on 65,536-record batches at K=32 (bf16, 64 MiB): 35.5k
-    records/s with one sample per step, 45.8k with 8 (bench/RESULTS.md)."""
+    A step holds SAMPLES_PER_STEP samples (all K when fewer) for as many records as then fit:
+    each step also costs work per record and a fixed cost in Python, so one sample for 15,000
+    records is the slowest shape (65,536-record batches, K=32, bf16, 64 MiB: 35.5k records/s
+    with one sample per step, 45.8k with 8)."""
     max_pairs = max(1, budget // max(1, pair_bytes))
     records = max(1, min(n_records, max_pairs // min(n_samples, SAMPLES_PER_STEP)))
     samples = max(1, min(n_samples, max_pairs // records))

@@ -66,7 +66,7 @@ def test_scores_equal_the_direct_estimator(trained, workspace, default_run):
         enc.x,
         enc.mask,
         log_std=artifact.spec.continuous_log_std,
-        k=32,
+        k=artifact.scoring.k,
         matmul_dtype=resolve_precision(defaults.PRECISION, torch.device("cpu")),
     )
     np.testing.assert_allclose(
@@ -101,7 +101,7 @@ def test_output_follows_the_contract(trained, default_run):
     meta = {k.decode(): v.decode() for k, v in parquet.schema_arrow.metadata.items()}
     assert meta["vaewatch.model_uri"] == outcome.resolved.uri
     assert meta["vaewatch.model_requested"] == "models:/transactions@champion"
-    assert (meta["vaewatch.k"], meta["vaewatch.seed"]) == ("32", "0")
+    assert (meta["vaewatch.k"], meta["vaewatch.seed"]) == (str(defaults.K), "0")
     assert "vaewatch.samples" not in meta
     assert meta["vaewatch.version"]
     manifest = json.loads((out / MANIFEST).read_text())
