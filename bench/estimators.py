@@ -227,11 +227,17 @@ def precision_cost(quick: bool) -> dict:
         return np.argsort(np.argsort(v))
 
     flags = out["fp32"]["is_anomaly"].to_numpy(zero_copy_only=False)
+    se = out["fp32"]["log_likelihood_se"].to_numpy(zero_copy_only=False)[ok]
+    ordinary = ~flags[ok]  # below the model's threshold: where a score's absolute value matters
     return {
         "mean": delta.mean(),
         "max": delta.max(),
         "max_at": a[ok][delta.argmax()],
-        "median_se": np.median(out["fp32"]["log_likelihood_se"].to_numpy(zero_copy_only=False)),
+        "ordinary_mean": delta[ordinary].mean(),
+        "ordinary_max": delta[ordinary].max(),
+        "within_se": float((delta <= se).mean()),
+        "max_relative": float((delta / np.abs(a[ok])).max()),
+        "median_se": np.median(se),
         "spearman": np.corrcoef(ranks(a[ok]), ranks(b[ok]))[0, 1],
         "flags_changed": int((flags != out["bf16"]["is_anomaly"].to_numpy(False)).sum()),
         "rows": int(ok.sum()),
@@ -279,7 +285,10 @@ def main() -> None:
     print(
         f"\nbf16 vs fp32 (synthetic transactions, {cost['rows']:,} records, default K): mean "
         f"|delta log_likelihood| {cost['mean']:.4f} nats, max {cost['max']:.3f} (at a record "
-        f"scoring {cost['max_at']:.1f}), median log_likelihood_se {cost['median_se']:.4f}, "
+        f"scoring {cost['max_at']:.1f}); on the records below the threshold mean "
+        f"{cost['ordinary_mean']:.4f}, max {cost['ordinary_max']:.3f}; |delta| <= the record's "
+        f"own log_likelihood_se on {cost['within_se']:.1%}; largest |delta| / |log_likelihood| "
+        f"{cost['max_relative']:.2%}; median log_likelihood_se {cost['median_se']:.4f}, "
         f"Spearman {cost['spearman']:.6f}, is_anomaly changed on {cost['flags_changed']}; "
         f"Scorer {cost['fp32_rate']:,.0f} -> {cost['bf16_rate']:,.0f} records/s "
         f"({cost['bf16_rate'] / cost['fp32_rate']:.2f}x)"
