@@ -25,8 +25,8 @@ workers. The points are randomised quasi-Monte Carlo, not i.i.d.: R = 4 independ
 Sobol sequences of K/R points each (Owen scrambling, seeded), mapped through the normal inverse
 CDF. Each point is still marginally N(0, I), so the ELBO stays unbiased and the IWAE keeps its
 bound, but the points cover the space evenly: on the suite's closed-form models IWAE_24 is as
-accurate as i.i.d. IWAE_64 (model/defaults.py, bench/estimators.py). The R replicates are independent,
-so their spread is an honest standard error for the record's estimate (`log_likelihood_se`).
+accurate as i.i.d. IWAE_64 (model/defaults.py). The R replicates are independent, so their
+spread is an honest standard error for the record's estimate (`log_likelihood_se`).
 
 Memory. `plan_chunks` turns a byte budget into a number of records and of samples per step, so
 peak memory is bounded by the budget and never grows with K.
