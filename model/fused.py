@@ -48,10 +48,19 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     gradients on, off the CPU, or in a dtype oneDNN does not multiply."""
     if torch.is_grad_enabled() or x.device.type != "cpu" or not available():
         return None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    dtype = _cpu_autocast_dtype() or x.dtype
     if x.dtype not in _DTYPES or dtype not in _DTYPES:
         return None
     return dtype
+
+
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The CPU autocast dtype when CPU autocast is on (torch >= 2.4 takes a device type; the
+    older calls are the CPU-specific ones)."""
+    if hasattr(torch, "get_autocast_dtype"):
+        on = torch.is_autocast_enabled("cpu")
+        return torch.get_autocast_dtype("cpu") if on else None
+    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
 def linear(
