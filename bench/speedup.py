@@ -2,6 +2,7 @@
 
     python bench/speedup.py --baseline 387521e~1    # the code before the estimator changes
     python bench/speedup.py --baseline HEAD --rounds 3
+    python bench/speedup.py --quick                 # 2 rounds (make bench-quick)
 
 Both codes score the same in-memory batches (bench/estimators.py's model: 32 features, latent 8,
 hidden [128, 128]) with `score_records` at their own default K and precision, and at K=64 in
@@ -89,8 +90,11 @@ def main() -> None:
     parser.add_argument("--baseline", default="387521e~1", help="the commit to compare with")
     parser.add_argument("--rounds", type=int, default=5, help="alternations of the two codes")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per process (best)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 3 timed calls")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.repeats = 2, 3
     if args.child is not None:
         print(json.dumps(measure(args.child, args.repeats)))
         return
