@@ -20,13 +20,8 @@ import functools
 import torch
 from torch import nn
 
-# eager activation module -> (oneDNN post-op, its algorithm argument)
-_POST_OPS: dict[type, tuple[str, str]] = {
-    nn.ReLU: ("relu", ""),
-    nn.Tanh: ("tanh", ""),
-    nn.SiLU: ("swish", ""),
-    nn.GELU: ("gelu", "none"),
-}
+# eager activation module -> oneDNN post-op (GELU also passes its `approximate`, "none" or "tanh")
+_POST_OPS: dict[type, str] = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.SiLU: "swish", nn.GELU: "gelu"}
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -63,42 +58,28 @@ def _cpu_autocast_dtype() -> torch.dtype | None:
     return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
-def linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    post_op: tuple[str, str] = ("none", ""),
-) -> torch.Tensor:
-    """activation(x @ weight.T + bias), fused where `compute_dtype` allows, else eager
-    (`F.linear`, which autocast handles). (..., in) -> (..., out)"""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias, fused where `compute_dtype` allows, else `F.linear` (which autocast
+    handles). (..., in) -> (..., out)"""
     dtype = compute_dtype(x)
     if dtype is None:
-        out = nn.functional.linear(x, weight, bias)
-        return _eager_post_op(out, post_op)
+        return nn.functional.linear(x, weight, bias)
+    return _fused(x, weight, bias, "none", "", dtype)
+
+
+def _fused(x, weight, bias, attr: str, algorithm: str, dtype: torch.dtype) -> torch.Tensor:
     bias = None if bias is None else bias.to(dtype)
-    attr, algorithm = post_op
     return torch.ops.mkldnn._linear_pointwise(
         x.to(dtype), weight.to(dtype), bias, attr, [], algorithm
     )
-
-
-def _eager_post_op(out: torch.Tensor, post_op: tuple[str, str]) -> torch.Tensor:
-    attr = post_op[0]
-    if attr == "none":
-        return out
-    return {
-        "relu": torch.relu,
-        "tanh": torch.tanh,
-        "swish": nn.functional.silu,
-        "gelu": functools.partial(nn.functional.gelu, approximate=post_op[1] or "none"),
-    }[attr](out)
 
 
 def run(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """`net(x)` for an MLP of Linear layers with an activation module after some of them
     (model/vae.py `mlp`), each Linear + activation as one fused call where possible. The
     output is in the compute dtype (bf16 under bf16 autocast), as the eager net's would be."""
-    if compute_dtype(x) is None:
+    dtype = compute_dtype(x)
+    if dtype is None:
         return net(x)
     layers = list(net)
     i = 0
@@ -110,13 +91,12 @@ def run(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
             x = layer(x)  # an activation with no Linear before it in `net`
             i += 1
             continue
-        post_op = ("none", "")
+        attr, algorithm = "none", ""
         if i + 1 < len(layers) and type(layers[i + 1]) in _POST_OPS:
             activation = layers[i + 1]
-            post_op = _POST_OPS[type(activation)]
-            if isinstance(activation, nn.GELU):
-                post_op = ("gelu", activation.approximate)  # "none" or "tanh"
+            attr = _POST_OPS[type(activation)]
+            algorithm = activation.approximate if isinstance(activation, nn.GELU) else ""
             i += 1
-        x = linear(x, layer.weight, layer.bias, post_op)
+        x = _fused(x, layer.weight, layer.bias, attr, algorithm, dtype)
         i += 1
     return x
