@@ -113,6 +113,7 @@ def train_command(**options) -> None:
             kl_warmup_epochs=o["kl_warmup_epochs"],
             free_bits=o["free_bits"],
             robust_trim=o["robust_trim"],
+            trim_from_start=o["trim_from_start"],
             validation_fraction=o["validation_fraction"],
             patience=o["patience"],
             min_steps_per_epoch=o["min_steps_per_epoch"],

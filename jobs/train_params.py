@@ -144,6 +144,13 @@ robust_trim = option(
     help="After the KL warm-up, each batch's loss leaves out this share of its worst-explained "
     "rows, so anomalies in the training data are not learned as normal (0 = plain likelihood).",
 )
+trim_from_start = option(
+    "--trim-from-start/--trim-after-warmup",
+    default=defaults.TRIM_FROM_START,
+    help="Trim from the first update rather than after the KL warm-up: for small tables holding "
+    "more anomalies than the trim's share, which the warm-up would otherwise learn "
+    "(use with a larger --robust-trim, e.g. 0.2).",
+)
 validation_fraction = option(
     "--validation-fraction",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
@@ -231,6 +238,7 @@ def training_options(command):
             kl_warmup_epochs,
             free_bits,
             robust_trim,
+            trim_from_start,
             validation_fraction,
             patience,
             min_steps_per_epoch,

@@ -63,6 +63,7 @@ class TrainConfig:
     # model improved on every normal row)
     # after the KL warm-up, each batch's loss leaves out its worst-explained records (robust_mean)
     robust_trim: float = defaults.ROBUST_TRIM
+    trim_from_start: bool = defaults.TRIM_FROM_START  # ... or from the first update
 
     def __post_init__(self) -> None:
         if self.objective not in ("elbo", "iwae"):
@@ -234,8 +235,11 @@ def train(
     for epoch in range(config.epochs):
         started = time.perf_counter()
         beta = min(1.0, (epoch + 1) / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0
-        # trimming starts once the warm-up is over: an unfitted model ranks records by noise
-        trim = config.robust_trim if epoch >= config.kl_warmup_epochs else 0.0
+        # by default trimming starts once the warm-up is over; from the start, the rows an
+        # unfitted model explains worst (those far from the bulk) never get a gradient, so a
+        # cluster of anomalies larger than the trim is not learned during the warm-up either
+        trimming = config.trim_from_start or epoch >= config.kl_warmup_epochs
+        trim = config.robust_trim if trimming else 0.0
         running, running_elbo, seen = 0.0, 0.0, 0
         batches = (b for _ in range(passes) for b in data.batches(config.batch_size, generator))
         for x, mask_b in batches:
