@@ -75,10 +75,17 @@ def export(commit: str, work: Path) -> Path:
     return work
 
 
-def child(pythonpath: Path | None, records: int, repeats: int) -> dict:
+def child_env(pythonpath: Path | None) -> dict:
+    """The environment of a child process that imports the code under `pythonpath` (None:
+    the installed one)."""
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
+    return env
+
+
+def child(pythonpath: Path | None, records: int, repeats: int) -> dict:
+    env = child_env(pythonpath)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(records)]
     cmd += ["--repeats", str(repeats)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)

@@ -145,7 +145,8 @@ def build(pipeline: beam.Pipeline, plan: ScorePlan):
                 split
                 for f, groups in zip(plan.files, plan.row_groups, strict=True)
                 for split in row_group_splits(f.path, groups)
-            ]
+            ],
+            reshuffle=False,  # ReadParquet redistributes the splits itself
         )
         | "ScoreParquet"
         >> ScoreParquet(

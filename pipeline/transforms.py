@@ -4,8 +4,8 @@ Composite transforms a Beam user can apply in their own pipeline:
 
 - `ReadParquetTables`: file paths -> Arrow tables (one per row-group batch), projected to the
   columns asked for; a file that does not decode fails with `CorruptInputError` naming it;
-- `Rebatch`: Arrow tables -> tables of at most `rows` rows (Beam's `BatchElements` sized in
-  rows, so batches never cross a window or a bundle by hand);
+- `Rebatch` (pipeline/batching.py): Arrow tables -> tables of at most `rows` rows, never
+  across a window or a bundle, never merging two schemas;
 - `ScoreRecords`: Arrow tables -> a tuple of tagged outputs, `scored` (kept columns + score
   columns) and `rejected` (input columns + `reason`), the model loaded once per worker process.
 
@@ -34,6 +34,7 @@ from vaewatch.model.errors import UserError
 from vaewatch.model.features import SchemaMismatchError
 from vaewatch.model.scoring import ScoringOverrides
 from vaewatch.pipeline import faults, progress
+from vaewatch.pipeline.batching import Rebatch
 
 SCORED_TAG = "scored"
 REJECTED_TAG = "rejected"
@@ -172,50 +173,6 @@ class ReadParquetTables(beam.PTransform):
             | "SplitRowGroups" >> beam.FlatMap(_splits)
             | "Redistribute" >> beam.Reshuffle()
             | "ReadRowGroups" >> beam.ParDo(_ReadRowGroups(self._columns, self._provenance))
-        )
-
-
-# ------------------------------------------------------------------------------ batching
-def _slices(table: pa.Table, rows: int) -> Iterator[pa.Table]:
-    for start in range(0, table.num_rows, rows):
-        yield table.slice(start, rows)
-
-
-def _concat_by_schema(tables: list[pa.Table]) -> Iterator[pa.Table]:
-    """Concatenate consecutive tables of one schema (a file with other column types is never
-    merged with another: its rows are scored, or rejected, in its own types)."""
-    run: list[pa.Table] = []
-    for table in tables:
-        if run and not table.schema.equals(run[0].schema, check_metadata=False):
-            yield pa.concat_tables(run)
-            run = []
-        run.append(table)
-    if run:
-        yield pa.concat_tables(run)
-
-
-class Rebatch(beam.PTransform):
-    """Arrow tables -> tables of at most `rows` rows, for large model calls and row groups."""
-
-    def __init__(self, rows: int):
-        super().__init__()
-        if rows < 1:
-            raise ValueError(f"rows must be >= 1, got {rows}")
-        self._rows = rows
-
-    def expand(self, tables):
-        rows = self._rows
-        return (
-            tables
-            | "Split" >> beam.FlatMap(_slices, rows)
-            | "Batch"
-            >> beam.BatchElements(
-                min_batch_size=rows,
-                max_batch_size=rows,
-                element_size_fn=lambda table: table.num_rows,
-                record_metrics=False,
-            )
-            | "Concat" >> beam.FlatMap(_concat_by_schema)
         )
 
 

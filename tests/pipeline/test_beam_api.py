@@ -51,6 +51,35 @@ def test_rebatch_bounds_rows_and_never_merges_schemas():
         assert_that(out | beam.combiners.ToList(), lambda lists: check(lists[0]))
 
 
+def test_rebatch_emits_full_batches_and_keeps_windows_apart():
+    """The DoFn on its own, one bundle: sizes worked out by hand from the rule (cut full
+    10-row tables as rows arrive; a new schema sends the held rows out first; the rest goes out
+    when the bundle ends, in its own window)."""
+    from apache_beam.transforms.window import GlobalWindow, IntervalWindow
+
+    from vaewatch.pipeline.batching import _RebatchFn
+
+    fn, glob, other = _RebatchFn(10), GlobalWindow(), IntervalWindow(0, 60)
+    fn.start_bundle()
+    out = []
+    for table, window in [
+        (_table(7), glob),
+        (_table(3, 7), glob),
+        (_table(6, 100), other),
+        (_table(25, 10), glob),
+        (_table(4, 35, wide=True), glob),
+        (_table(1, 39), glob),
+    ]:
+        out += [(t, window) for t in fn.process(table, window)]
+    out += [(w.value, w.windows[0]) for w in fn.finish_bundle()]
+    assert [(t.num_rows, w) for t, w in out] == [
+        (10, glob), (10, glob), (10, glob), (5, glob), (4, glob), (1, glob), (6, other)
+    ]  # fmt: skip
+    assert [v for t, w in out if w == glob for v in t["v"].to_pylist()] == list(range(40))
+    assert out[4][0].schema.field("v").type == pa.int64()  # the wide rows alone
+    assert out[6][0]["v"].to_pylist() == list(range(100, 106))
+
+
 @pytest.fixture(scope="module")
 def holdout(workspace):
     table = pq.read_table(next((workspace / "holdout").glob("*.parquet"))).slice(0, 600)

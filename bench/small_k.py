@@ -1,0 +1,108 @@
+"""`vaewatch score` at K=1 against the pyarrow read + write of the same rows (issue: the
+pipeline's own overhead at small K), this code against an earlier commit's.
+
+    python bench/small_k.py --baseline HEAD~1          # 200,000 rows in 4 files, 5 rounds
+    python bench/small_k.py --baseline HEAD~1 --quick  # 2 rounds
+
+bench/pipeline.py's data and model (32 features, latent 8, hidden [128, 128]; the model saved
+with K=1). Each measurement is a fresh process that times the IO floor and the whole scoring job
+(plan, Beam's in-process runner, scoring, zstd Parquet, commit) in turn, best of `--repeats`; the
+two codes alternate, round after round, so a slow minute of this shared machine hits both. The
+table gives medians over rounds; "vs IO floor" is the job's rows/s over the floor's in the same
+process. The baseline runs from a `git archive` of the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0]).resolve() == HERE:
+    sys.path.pop(0)  # bench/pipeline.py would shadow the `pipeline` package
+
+
+def measure(data: Path, model: Path, rows: int, repeats: int) -> dict:
+    """In the child: best seconds of the IO floor and of the K=1 job, alternating."""
+    sys.path.append(str(HERE))
+    from pipeline import io_floor, pipeline_run  # bench/pipeline.py, appended last
+    from vaewatch.model.artifact import ModelArtifact
+
+    columns = ["record_id", *ModelArtifact.load(model).spec.names()]
+    floor, job = [], []
+    with tempfile.TemporaryDirectory() as work:
+        for i in range(repeats + 1):  # the first round warms the page cache and the imports
+            out = Path(work) / f"run{i}"
+            f = io_floor(data, out / "floor", columns)
+            j = pipeline_run(data, model, out / "scores", k=1)
+            shutil.rmtree(out)
+            if i:
+                floor.append(f)
+                job.append(j)
+    import vaewatch.pipeline.score as code
+
+    return {"floor": rows / min(floor), "job": rows / min(job), "code": code.__file__}
+
+
+def main() -> None:
+    sys.path.append(str(HERE))
+    from speedup import child_env, export
+
+    from pipeline import make_model, write_input
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default="HEAD~1", help="the commit to compare with")
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed jobs per process (best)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds")
+    parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        data, model = map(Path, args.child)
+        print(json.dumps(measure(data, model, args.rows, args.repeats)))
+        return
+    if args.quick:
+        args.rounds = 2
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        write_input(work / "input", args.rows, 4)
+        make_model(work / "model", k=1)
+        baseline = export(args.baseline, work / "baseline")
+        results: dict[str, list[dict]] = {args.baseline: [], "now": []}
+        print(f"baseline from {baseline}", flush=True)
+        started = time.perf_counter()
+        for _ in range(args.rounds):
+            for code, path in ((args.baseline, baseline), ("now", None)):
+                cmd = [sys.executable, __file__, "--rows", str(args.rows)]
+                cmd += ["--repeats", str(args.repeats), "--child"]
+                cmd += [str(work / "input"), str(work / "model")]
+                done = subprocess.run(
+                    cmd, env=child_env(path), capture_output=True, text=True, check=True
+                )
+                results[code].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"{args.rows:,} rows, K=1, {args.rounds} rounds in {time.perf_counter() - started:.0f} s")
+    print("\n| code | IO floor rows/s | vaewatch score rows/s | vs IO floor |")
+    print("|---|---:|---:|---:|")
+    for code, runs in results.items():
+        floor = statistics.median(r["floor"] for r in runs)
+        job = statistics.median(r["job"] for r in runs)
+        ratio = statistics.median(r["job"] / r["floor"] for r in runs)
+        print(f"| {code} | {floor:,.0f} | {job:,.0f} | {ratio:.2f}x |")
+    for code, runs in results.items():
+        print(f"{code}: ran {runs[0]['code']}")
+    old = statistics.median(r["job"] for r in results[args.baseline])
+    now = statistics.median(r["job"] for r in results["now"])
+    print(f"\njob rows/s now / {args.baseline}: {now / old:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
