@@ -1,8 +1,8 @@
 """`vaewatch score` at K=1 against the pyarrow read + write of the same rows (issue: the
 pipeline's own overhead at small K), this code against an earlier commit's.
 
-    python bench/small_k.py --baseline HEAD~1          # 200,000 rows in 4 files, 5 rounds
-    python bench/small_k.py --baseline HEAD~1 --quick  # 2 rounds
+    python bench/small_k.py                      # against 0e226eb~1, before the DoFn cut; 5 rounds
+    python bench/small_k.py --baseline HEAD --quick  # 2 rounds
 
 bench/pipeline.py's data and model (32 features, latent 8, hidden [128, 128]; the model saved
 with K=1). Each measurement is a fresh process that times the IO floor and the whole scoring job
@@ -57,7 +57,7 @@ def main() -> None:
     from pipeline import make_model, write_input
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", default="HEAD~1", help="the commit to compare with")
+    parser.add_argument("--baseline", default="0e226eb~1", help="the commit to compare with")
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="timed jobs per process (best)")
