@@ -28,19 +28,28 @@ if sys.path and Path(sys.path[0]).resolve() == HERE:
     sys.path.pop(0)  # bench/pipeline.py would shadow the `pipeline` package
 
 
+def _pipeline_bench():
+    """bench/pipeline.py (its data, model and timers), loaded by path under its own name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pipeline_bench", HERE / "pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def measure(data: Path, model: Path, rows: int, repeats: int) -> dict:
     """In the child: best seconds of the IO floor and of the K=1 job, alternating."""
-    sys.path.append(str(HERE))
-    from pipeline import io_floor, pipeline_run  # bench/pipeline.py, appended last
     from vaewatch.model.artifact import ModelArtifact
 
+    bench = _pipeline_bench()
     columns = ["record_id", *ModelArtifact.load(model).spec.names()]
     floor, job = [], []
     with tempfile.TemporaryDirectory() as work:
         for i in range(repeats + 1):  # the first round warms the page cache and the imports
             out = Path(work) / f"run{i}"
-            f = io_floor(data, out / "floor", columns)
-            j = pipeline_run(data, model, out / "scores", k=1)
+            f = bench.io_floor(data, out / "floor", columns)
+            j = bench.pipeline_run(data, model, out / "scores", k=1)
             shutil.rmtree(out)
             if i:
                 floor.append(f)
@@ -53,8 +62,6 @@ def measure(data: Path, model: Path, rows: int, repeats: int) -> dict:
 def main() -> None:
     sys.path.append(str(HERE))
     from speedup import child_env, export
-
-    from pipeline import make_model, write_input
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="0e226eb~1", help="the commit to compare with")
@@ -74,8 +81,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        write_input(work / "input", args.rows, 4)
-        make_model(work / "model", k=1)
+        bench = _pipeline_bench()
+        bench.write_input(work / "input", args.rows, 4)
+        bench.make_model(work / "model", k=1)
         baseline = export(args.baseline, work / "baseline")
         results: dict[str, list[dict]] = {args.baseline: [], "now": []}
         print(f"baseline from {baseline}", flush=True)
