@@ -18,6 +18,7 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,7 +78,6 @@ def main() -> None:
         return
     if args.quick:
         args.rounds = 2
-    import subprocess
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
