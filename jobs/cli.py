@@ -138,6 +138,7 @@ def train_command(**options) -> None:
             train=train,
             scoring=ScoringDefaults(k=o["k"], seed=o["seed"]),
             threshold_quantile=o["threshold_quantile"],
+            flag_rule=o["flag_rule"],
             max_validation_rows=o["max_validation_rows"],
             cache_bytes=o["cache_mib"] * 2**20,
         )

@@ -150,7 +150,8 @@ threshold_quantile = option(
     "--threshold-quantile",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=None,
-    help="Quantile of validation scores where is_anomaly starts (default: the model's).",
+    help="Share of validation rows is_anomaly leaves unflagged, 1 - the share it flags "
+    "(default: the model's).",
 )
 
 input_path = option(

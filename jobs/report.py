@@ -25,8 +25,9 @@ from vaewatch.model.errors import UserError  # noqa: E402
 SAMPLE_ROWS = 100_000  # rows drawn for the distribution and projection plots
 BLUE, RED = "#3b6ea5", "#c8453b"
 CAPTIONS = {
-    "distribution": "Anomaly score = minus the IWAE log-likelihood of the record, in nats; red "
-    "records are above the threshold stored with the model.",
+    "distribution": "Anomaly score = minus the IWAE log-likelihood of the record, in nats; red: "
+    "flagged records (is_anomaly): every record above the dashed threshold, and below it those "
+    "with one feature in its own tail.",
     "per_day": "Bars: flagged records per partition; line: their share of the day's records.",
     "drift": "Each day against the model's calibration sample: the flagged rate against the "
     "rate its threshold implies, the score distribution (two-sample Kolmogorov-Smirnov D; PSI "
@@ -51,14 +52,16 @@ def _style(ax) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def score_distribution(scores: np.ndarray, threshold: float) -> str:
+def score_distribution(scores: np.ndarray, flagged: np.ndarray, threshold: float) -> str:
+    """Stacked histogram of the sampled scores, flagged records in red."""
     fig, ax = plt.subplots(figsize=(7.5, 3.6), constrained_layout=True)
-    finite = scores[np.isfinite(scores)]
-    upper = max(np.quantile(finite, 0.999), threshold) * 1.15
-    clipped = np.clip(finite, None, upper)
+    finite = np.isfinite(scores)
+    upper = max(np.quantile(scores[finite], 0.999), threshold) * 1.15
+    clipped = np.clip(scores[finite], None, upper)
+    flagged = flagged[finite]
     bins = np.linspace(clipped.min(), upper, 80)
-    ax.hist(clipped[clipped <= threshold], bins=bins, color=BLUE, label="normal")
-    ax.hist(clipped[clipped > threshold], bins=bins, color=RED, label="flagged")
+    ax.hist([clipped[~flagged], clipped[flagged]], bins=bins, color=[BLUE, RED],
+            label=["normal", "flagged"], stacked=True)  # fmt: skip
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
     ax.annotate(f"threshold {threshold:.1f}", (threshold, 0.95), xycoords=("data", "axes fraction"),
                 xytext=(4, 0), textcoords="offset points", fontsize=9, va="top")  # fmt: skip
@@ -186,7 +189,7 @@ def build(output: str, top_n: int = 20) -> str:
     top_columns, top_rows = top.columns, top.fetchall()
 
     images = {
-        "distribution": score_distribution(scores, threshold),
+        "distribution": score_distribution(scores, flagged, threshold),
         "per_day": anomalies_per_day(
             [r[0] for r in per_day], [r[1] for r in per_day], [r[2] for r in per_day]
         ),

@@ -155,7 +155,7 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
             {
                 "best_epoch": fitted.best_epoch,
                 "calibration_threshold": threshold,
-                "calibration_median_score": calibration.threshold(0.5),
+                "calibration_median_score": calibration.score_quantile(0.5),
                 "calibration_rows": calibration.rows,
             }
         )
@@ -205,6 +205,7 @@ def _params(job: TrainJob, prepared: Prepared) -> dict:
         "score.k": config.scoring.k,
         "score.seed": config.scoring.seed,
         "threshold_quantile": config.threshold_quantile,
+        "flag_rule": config.flag_rule,
         "features.count": len(spec.features),
         "features.names": ",".join(spec.names()),
         "features.max_categories": config.max_categories,

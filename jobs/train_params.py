@@ -209,7 +209,16 @@ train_threshold_quantile = option(
     "--threshold-quantile",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=defaults.THRESHOLD_QUANTILE,
-    help="Quantile of validation anomaly scores stored as the model's is_anomaly threshold.",
+    help="Share of validation rows NOT flagged: is_anomaly flags 1 - this of them (stored with "
+    "the model as its default).",
+)
+flag_rule = option(
+    "--flag-rule",
+    type=click.Choice(["any", "total"]),
+    default=defaults.FLAG_RULE,
+    help="is_anomaly: 'any' flags a record whose total score or any single feature is in its "
+    "own calibration tail (at one level, flagging 1 - the threshold quantile of validation "
+    "rows); 'total': anomaly_score above its validation quantile only.",
 )
 
 
@@ -248,6 +257,7 @@ def training_options(command):
             threads,
             score_k,
             train_threshold_quantile,
+            flag_rule,
             max_validation_rows,
             cache_bytes,
             progress,

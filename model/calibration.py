@@ -8,12 +8,26 @@ contribution -log p(x_j|z) (the baseline that `top_features` are measured agains
 - `percentile(score)`: the empirical CDF of the calibration scores, linearly interpolated
   between grid points, in percent [0, 100]. Scores below the smallest calibration score are 0,
   above the largest 100.
-- `threshold(q)`: the q-quantile of calibration scores (exact for grid levels, interpolated
-  otherwise). `is_anomaly = anomaly_score > threshold`.
+- `score_quantile(q)`: the q-quantile of calibration scores (exact for grid levels,
+  interpolated otherwise).
+- `flags(scores, feature_nll, q)`: `is_anomaly`. The default rule ("any") flags a record when
+  its total score *or any one feature's* -log p(x_j|z) is in its own upper tail, at one common
+  tail level chosen so that a share 1 - q of the calibration rows is flagged. Each term's tail
+  above its TAIL_LEVEL quantile is summarised as exponential (peaks over threshold, with a
+  robust scale: the median excess / ln 2), so a term's *surprise* is its excess over that
+  quantile in units of its tail scale; a record's surprise is the largest of its terms', and
+  the flag threshold is the q-quantile of the calibration rows' surprises. A sparse anomaly
+  (one value the model finds very unlikely, diluted in the total by every other feature's
+  spread) is flagged; the flagged share of calibration rows stays 1 - q. The "total" rule
+  (and models that predate "any") flag `anomaly_score > score_quantile(q)`.
+- `threshold(q)`: the anomaly score above which every record is flagged (under "any", the
+  total's own cut; a record below it can still be flagged by one feature).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -25,6 +39,7 @@ from vaewatch.model.errors import UserError
 
 DEFAULT_THRESHOLD_QUANTILE = defaults.THRESHOLD_QUANTILE
 DEFAULT_TOP_FEATURES = defaults.TOP_FEATURES
+FLAG_RULES = ("any", "total")
 
 
 def quantile_levels() -> np.ndarray:
@@ -48,6 +63,13 @@ class Calibration:
     # True: anomaly_score = -log_likelihood + each missing feature's baseline (`complete`);
     # False in models that predate it (their score is -log_likelihood)
     completes_missing: bool = False
+    # the is_anomaly rule (module docstring); "total" in models that predate "any"
+    flag_rule: str = "total"
+    # per term, the total score first and then each feature: where its exponential tail starts
+    # (its TAIL_LEVEL quantile) and the tail's scale (nats); None in models that predate them
+    tail_start: list[float] | None = None
+    tail_scale: list[float] | None = None
+    surprise_quantiles: list[float] | None = None  # calibration rows' surprises at `levels`
 
     @classmethod
     def fit(
@@ -57,6 +79,7 @@ class Calibration:
         threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE,
         top_feature_count: int = DEFAULT_TOP_FEATURES,
         missing: np.ndarray | None = None,
+        flag_rule: str = defaults.FLAG_RULE,
     ) -> Calibration:
         """`anomaly_scores` are -log_likelihood; with `missing` ((n, F) bool, True where the
         value was missing) they are completed (`complete`) before their quantiles are taken."""
@@ -65,12 +88,17 @@ class Calibration:
         scores = np.asarray(anomaly_scores, dtype=np.float64)
         if missing is not None:
             scores = scores + _missing_cost(missing, baseline)
-        scores = scores[np.isfinite(scores)]
+        finite = np.isfinite(scores)
+        scores, terms = scores[finite], feature_nll[finite]
         if scores.size == 0:
             raise ValueError("cannot calibrate on no finite scores")
         check_quantile(threshold_quantile)
+        if flag_rule not in FLAG_RULES:
+            raise ValueError(f"flag_rule must be one of {FLAG_RULES}, got {flag_rule!r}")
         levels = quantile_levels()
         quantiles = np.maximum.accumulate(np.quantile(scores, levels))
+        start, scale = exponential_tails(np.column_stack([scores, terms]))
+        surprise = _surprise(scores, terms, start, scale)
         top, _, keep = _top(feature_nll, baseline, top_feature_count)
         named = np.bincount(top[keep], minlength=feature_nll.shape[1])
         return cls(
@@ -82,6 +110,10 @@ class Calibration:
             top_feature_share=(named / max(feature_nll.shape[0], 1)).tolist(),
             top_feature_count=int(top_feature_count),
             completes_missing=missing is not None,
+            flag_rule=flag_rule,
+            tail_start=start.tolist(),
+            tail_scale=scale.tolist(),
+            surprise_quantiles=np.maximum.accumulate(np.quantile(surprise, levels)).tolist(),
         )
 
     def complete(self, log_likelihood: np.ndarray, missing: np.ndarray) -> np.ndarray:
@@ -95,9 +127,40 @@ class Calibration:
             return score
         return score + _missing_cost(missing, self.feature_baseline)
 
+    def score_quantile(self, quantile: float) -> float:
+        """The `quantile` of the calibration rows' anomaly scores."""
+        return float(np.interp(check_quantile(quantile), self.levels, self.quantiles))
+
     def threshold(self, quantile: float | None = None) -> float:
+        """The anomaly score above which every record is flagged at `quantile` (default: the
+        model's): the total's own cut under the "any" rule, its quantile under "total"."""
         q = self.threshold_quantile if quantile is None else check_quantile(quantile)
-        return float(np.interp(q, self.levels, self.quantiles))
+        if not self._any:
+            return self.score_quantile(q)
+        return self.tail_start[0] + self.tail_scale[0] * self.surprise_threshold(q)
+
+    def surprise_threshold(self, quantile: float) -> float:
+        """The `quantile` of the calibration rows' surprises ("any" rule only)."""
+        return float(np.interp(check_quantile(quantile), self.levels, self.surprise_quantiles))
+
+    def surprise(self, anomaly_scores: np.ndarray, feature_nll: np.ndarray) -> np.ndarray:
+        """(B,) float64: each record's largest tail excess over its terms ("any" rule only)."""
+        start, scale = np.asarray(self.tail_start), np.asarray(self.tail_scale)
+        return _surprise(anomaly_scores, feature_nll, start, scale)
+
+    def flags(
+        self, anomaly_scores: np.ndarray, feature_nll: np.ndarray, quantile: float | None = None
+    ) -> np.ndarray:
+        """(B,) bool: `is_anomaly` at `quantile` (default: the model's)."""
+        q = self.threshold_quantile if quantile is None else check_quantile(quantile)
+        scores = np.asarray(anomaly_scores, dtype=np.float64)
+        if not self._any:
+            return scores > self.score_quantile(q)
+        return self.surprise(scores, feature_nll) > self.surprise_threshold(q)
+
+    @property
+    def _any(self) -> bool:
+        return self.flag_rule == "any" and self.surprise_quantiles is not None
 
     def percentile(self, anomaly_scores: np.ndarray) -> np.ndarray:
         """(B,) float64 in [0, 100]. Flat stretches of the quantile curve (ties in the
@@ -161,6 +224,30 @@ def top_features(
         fields=list(TOP_FEATURE_TYPE.value_type),
     )
     return pa.ListArray.from_arrays(pa.array(offsets), entries, type=TOP_FEATURE_TYPE)
+
+
+def exponential_tails(terms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of `terms` (n, T): (start, scale) of its upper tail seen as exponential: the
+    TAIL_LEVEL quantile, and the median excess above it / ln 2 (the exponential's median is
+    scale * ln 2; a median, not a mean, so the few anomalies a contaminated calibration holds
+    do not stretch the tail), at least MIN_TAIL_SCALE nats."""
+    terms = np.asarray(terms, dtype=np.float64)
+    start = np.quantile(terms, defaults.TAIL_LEVEL, axis=0)
+    excess = np.where(terms > start, terms - start, np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a column with nothing above its start
+        median = np.nanmedian(excess, axis=0)
+    scale = np.maximum(np.nan_to_num(median / math.log(2.0), nan=0.0), defaults.MIN_TAIL_SCALE)
+    return start, scale
+
+
+def _surprise(scores, feature_nll, start, scale) -> np.ndarray:
+    """(B,) float64: max over terms (the total score, then each feature) of (x - start) / scale."""
+    total = (np.asarray(scores, dtype=np.float64) - start[0]) / scale[0]
+    nll = np.asarray(feature_nll, dtype=np.float64)
+    if nll.shape[1] == 0:
+        return total
+    return np.maximum(total, ((nll - start[1:]) / scale[1:]).max(axis=1))
 
 
 def _missing_cost(missing, baseline) -> np.ndarray:

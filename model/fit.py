@@ -60,6 +60,7 @@ class FitConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scoring: ScoringDefaults = field(default_factory=ScoringDefaults)  # K, S, seed at scoring
     threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE
+    flag_rule: str = defaults.FLAG_RULE  # is_anomaly's rule (model/calibration.py)
     max_validation_rows: int = DEFAULT_MAX_VALIDATION_ROWS
     cache_bytes: int = DEFAULT_CACHE_BYTES
 
@@ -155,6 +156,7 @@ def fit(
         config.threshold_quantile,
         config.scoring.top_features,
         missing=missing,
+        flag_rule=config.flag_rule,
     )
     scores = calibration.complete(log_likelihood, missing)
     best = result.history[result.best_epoch]

@@ -203,7 +203,8 @@ class Scorer:
     def _columns(self, arrays: dict[str, np.ndarray], version: str) -> pa.Table:
         """The output contract's score columns from the estimator's per-record arrays."""
         n = len(arrays["log_likelihood"])
-        anomaly = self.artifact.calibration.complete(arrays["log_likelihood"], arrays["missing"])
+        calibration, nll = self.artifact.calibration, arrays["feature_nll"]
+        anomaly = calibration.complete(arrays["log_likelihood"], arrays["missing"])
         latent_type = self.schema.field("latent_mean").type
 
         def fixed(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -219,12 +220,12 @@ class Scorer:
                 pa.array(arrays["log_likelihood"], pa.float64()),
                 pa.array(arrays["log_likelihood_se"], pa.float64()),
                 pa.array(anomaly, pa.float64()),
-                pa.array(self.artifact.calibration.percentile(anomaly), pa.float64()),
-                pa.array(anomaly > self.threshold, pa.bool_()),
+                pa.array(calibration.percentile(anomaly), pa.float64()),
+                pa.array(calibration.flags(anomaly, nll, self.threshold_quantile), pa.bool_()),
                 fixed(arrays["latent_mean"]),
                 fixed(arrays["latent_std"]),
                 top_features(
-                    arrays["feature_nll"],
+                    nll,
                     self._baseline,
                     self._names,
                     self.artifact.scoring.top_features,

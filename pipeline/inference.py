@@ -23,13 +23,13 @@ unlike Beam's PyOD adapter, which `pickle.load`s its model file.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.ml.anomaly.base import AnomalyPrediction
 from apache_beam.ml.anomaly.detectors.offline import OfflineDetector
-from apache_beam.ml.anomaly.thresholds import FixedThreshold
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult
 
 from vaewatch.model import defaults
@@ -128,25 +128,39 @@ def _as_tables(batch: Sequence[Example]):
         yield pa.Table.from_pylist(records)
 
 
-def to_anomaly_prediction(keyed: tuple[Any, PredictionResult]) -> tuple[Any, AnomalyPrediction]:
-    """(key, PredictionResult of one record) -> (key, AnomalyPrediction): the anomaly score
-    (None for a rejected record, which Beam's thresholds leave unlabelled) and the reason."""
+def to_anomaly_prediction(
+    keyed: tuple[Any, PredictionResult], threshold: float | None = None
+) -> tuple[Any, AnomalyPrediction]:
+    """(key, PredictionResult of one record) -> (key, AnomalyPrediction): the anomaly score, the
+    model's own label (1 where `is_anomaly`, else 0; None for a rejected record, whose score is
+    None too), the anomaly-score `threshold` above which every record is flagged, the reason."""
     key, prediction = keyed
     columns = prediction.inference
-    return key, AnomalyPrediction(score=columns["anomaly_score"], info=columns[REASON_COLUMN])
+    flagged = columns["is_anomaly"]
+    return key, AnomalyPrediction(
+        score=columns["anomaly_score"],
+        label=None if flagged is None else int(flagged),
+        threshold=threshold,
+        info=columns[REASON_COLUMN],
+    )
 
 
 def vaewatch_detector(
     model_uri: str, tracking_uri: str = "", *, features: Sequence[str] | None = None, **kwargs
 ) -> OfflineDetector:
-    """An offline detector for Beam's `AnomalyDetection`: scores with the model, labels with
-    the threshold stored in it (`threshold_quantile=` overrides the quantile). `kwargs` go to
+    """An offline detector for Beam's `AnomalyDetection`: scores with the model and labels with
+    its own rule, `is_anomaly` (`threshold_quantile=` overrides the model's quantile). The rule
+    looks at each feature's term as well as the total score, so it is the model's label rather
+    than a `ThresholdFn` on the score; `threshold_criterion=` replaces it with one (Beam's
+    `FixedThreshold`, `QuantileThreshold`) on `anomaly_score`. Other `kwargs` go to
     `VaewatchModelHandler`."""
+    criterion = kwargs.pop("threshold_criterion", None)
     handler = VaewatchModelHandler(model_uri, tracking_uri, **kwargs)
-    keyed = KeyedModelHandler(handler).with_postprocess_fn(to_anomaly_prediction)
+    postprocess = partial(to_anomaly_prediction, threshold=handler.threshold())
+    keyed = KeyedModelHandler(handler).with_postprocess_fn(postprocess)
     return OfflineDetector(
         keyed,
-        threshold_criterion=FixedThreshold(handler.threshold()),
+        threshold_criterion=criterion,
         model_id=f"vaewatch:{model_uri}",
         features=features,
     )

@@ -137,6 +137,7 @@ def test_option_defaults_are_the_code_defaults():
         "min_category_share",
         "missingness",
         "max_validation_rows",
+        "flag_rule",
     ):
         assert train[name] == getattr(fit, name), name
     assert train["cache_mib"] * 2**20 == fit.cache_bytes

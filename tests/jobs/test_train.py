@@ -65,14 +65,22 @@ def test_calibration_is_the_production_score_of_the_held_out_rows(trained, works
     scores = np.sort(result.scores["anomaly_score"].to_numpy())
     assert cal.rows == len(scores) == len(result.scored_rows) > 1_000
     np.testing.assert_allclose(np.sort(outcome.calibration_scores), scores, rtol=1e-9)
-    assert cal.threshold() == pytest.approx(np.quantile(scores, 0.99), rel=1e-9)
+    assert cal.score_quantile(0.99) == pytest.approx(np.quantile(scores, 0.99), rel=1e-9)
     assert len(cal.feature_baseline) == len(outcome.artifact.spec.features)
-    # on an unseen day, normal rows are flagged at the stored quantile's rate: 1 % of about
-    # 4,750 rows, binomial sd 0.14 %, so within 0.6 % (over 4 sd)
+    # the flag threshold sits at the calibration rows' 0.99 quantile: they are flagged at 1 %,
+    # up to one row for the interpolation between two of them
+    flagged_held = result.aligned()["is_anomaly"].to_numpy(zero_copy_only=False).astype(bool)
+    assert abs(flagged_held.sum() - 0.01 * len(scores)) <= 1.0
+    # those rows hold the training days' injected anomalies (0.5 %), which the flag catches,
+    # so normal rows get the rest of the 1 %: on an unseen day they are flagged at the rate of
+    # the calibration's normal rows (binomial sd over ~1,520 and ~4,750 rows: < 0.2 %; 4 sd)
+    injected = table.filter(pa.array(held))["is_injected_anomaly"].to_numpy()
+    expected = flagged_held[~injected].mean()
+    assert 0.002 < expected < 0.01
     holdout = pq.read_table(workspace / "holdout")
     flagged = scorer.score(holdout).aligned()["is_anomaly"].to_numpy(zero_copy_only=False)
     normal = ~holdout["is_injected_anomaly"].to_numpy()
-    assert abs(np.mean(flagged[normal].astype(float)) - 0.01) < 0.006
+    assert abs(np.mean(flagged[normal].astype(float)) - expected) < 0.008
 
 
 def test_reloaded_model_scores_exactly_like_the_in_memory_one(trained, workspace):

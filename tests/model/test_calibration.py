@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from vaewatch.model.calibration import Calibration, quantile_levels, top_features
+from vaewatch.model import defaults
+from vaewatch.model.calibration import (
+    Calibration,
+    exponential_tails,
+    quantile_levels,
+    top_features,
+)
 from vaewatch.model.errors import UserError
 
 
@@ -15,14 +21,14 @@ def calibration():
     return scores, nll, Calibration.fit(scores, nll, threshold_quantile=0.99)
 
 
-def test_threshold_is_the_empirical_quantile(calibration):
+def test_score_quantile_is_the_empirical_quantile(calibration):
     scores, _, cal = calibration
-    assert cal.threshold() == pytest.approx(np.quantile(scores, 0.99), abs=1e-12)
-    assert cal.threshold(0.999) == pytest.approx(np.quantile(scores, 0.999), abs=1e-12)
-    assert cal.threshold(0.9995) == pytest.approx(np.quantile(scores, 0.9995), abs=1e-12)
+    assert cal.score_quantile(0.99) == pytest.approx(np.quantile(scores, 0.99), abs=1e-12)
+    assert cal.score_quantile(0.999) == pytest.approx(np.quantile(scores, 0.999), abs=1e-12)
+    assert cal.score_quantile(0.9995) == pytest.approx(np.quantile(scores, 0.9995), abs=1e-12)
     # off-grid levels interpolate between neighbouring grid quantiles
-    assert abs(cal.threshold(0.9805) - np.quantile(scores, 0.9805)) < 0.01
-    assert np.mean(scores > cal.threshold()) == pytest.approx(0.01, abs=1e-4)
+    assert abs(cal.score_quantile(0.9805) - np.quantile(scores, 0.9805)) < 0.01
+    assert np.mean(scores > cal.score_quantile(0.99)) == pytest.approx(0.01, abs=1e-4)
 
 
 def test_percentile_is_the_empirical_cdf(calibration):
@@ -71,3 +77,84 @@ def test_top_features_by_hand():
         {"feature": "c", "contribution": 7.0},
         {"feature": "a", "contribution": 2.0},
     ]
+
+
+# ----------------------------------------------------------------------------- the flag rule
+def test_exponential_tails_by_hand():
+    """Column 0 is 0..99: numpy's linear 0.9 quantile is 89.1; the values above it are 90..99,
+    excesses 0.9..9.9, whose median is (4.9 + 5.9) / 2 = 5.4, so the scale is 5.4 / ln 2. A
+    constant column has nothing above its start, and a column spread over a tenth of a nat has
+    a scale below the floor: both get MIN_TAIL_SCALE."""
+    terms = np.column_stack([np.arange(100.0), np.full(100, 3.0), np.arange(100.0) * 1e-3])
+    start, scale = exponential_tails(terms)
+    np.testing.assert_allclose(start, [89.1, 3.0, 0.0891], rtol=1e-12)
+    np.testing.assert_allclose(scale[0], 5.4 / np.log(2.0), rtol=1e-12)
+    assert scale[1] == scale[2] == defaults.MIN_TAIL_SCALE
+
+
+def test_the_tail_scale_is_an_exponentials_and_ignores_a_few_huge_values():
+    """Above any level an exponential's excess is the same exponential (memorylessness), so
+    5 + Exp(scale 2) has tail scale 2; with 20,000 excesses the median's relative error is
+    ~1 %, so 4 % is 4 sd. One percent of values at 1e6 (a contaminated calibration set) would
+    make a mean excess ~1,000x too large; the median moves by ~10 %."""
+    rng = np.random.default_rng(3)
+    clean = 5.0 + rng.exponential(2.0, 200_000)
+    assert exponential_tails(clean[:, None])[1][0] == pytest.approx(2.0, rel=0.04)
+    dirty = np.concatenate([clean, np.full(2_000, 1e6)])
+    assert exponential_tails(dirty[:, None])[1][0] == pytest.approx(2.0, rel=0.2)
+
+
+@pytest.fixture(scope="module")
+def sparse():
+    """20 features whose costs are Gamma(2, 1) nats each; the total is their sum."""
+    rng = np.random.default_rng(5)
+
+    def draw(n):
+        nll = rng.gamma(2.0, 1.0, (n, 20))
+        return nll.sum(axis=1), nll
+
+    scores, nll = draw(20_000)
+    return draw, Calibration.fit(scores, nll, threshold_quantile=0.99)
+
+
+def test_the_flag_keeps_its_rate_on_fresh_rows_of_the_same_law(sparse):
+    """The threshold is the calibration rows' 0.99 quantile of the surprise, so new rows from
+    the same law are flagged at 1 %: 20,000 rows, binomial sd 0.07 %, band 0.35 % (5 sd)."""
+    draw, cal = sparse
+    assert cal.flag_rule == "any" and len(cal.tail_start) == 21
+    for q, rate in ((0.99, 0.01), (0.999, 0.001)):
+        scores, nll = draw(20_000)
+        band = 5 * np.sqrt(rate / 20_000)
+        assert np.mean(cal.flags(scores, nll, q)) == pytest.approx(rate, abs=band)
+
+
+def test_one_very_unlikely_feature_is_flagged_where_the_total_is_not(sparse):
+    """19 features at their median and one at 20 nats: the total, 19 * 1.68 + 20 ~ 52, is below
+    the total's 0.99 quantile (Gamma(40, 1): ~56), but 20 nats is ~13 tail scales above that
+    feature's 0.9 quantile (3.9). A record at the total's threshold is flagged whatever its
+    features; one just below it with typical features is not."""
+    _, cal = sparse
+    median = np.median(np.random.default_rng(6).gamma(2.0, 1.0, 100_000))
+    nll = np.full((1, 20), median)
+    nll[0, 7] = 20.0
+    total = nll.sum(axis=1)
+    assert total[0] < cal.score_quantile(0.99)
+    assert cal.flags(total, nll).tolist() == [True]
+    typical = np.full((2, 20), median)
+    at = np.array([cal.threshold() + 1e-9, cal.threshold() - 1e-9])
+    assert cal.flags(at, typical).tolist() == [True, False]
+    assert cal.threshold() > cal.score_quantile(0.99)  # the total's share of the 1 % is less
+
+
+def test_the_total_rule_and_older_models_flag_on_the_score_alone(sparse):
+    draw, cal = sparse
+    scores, nll = draw(5_000)
+    total = Calibration.fit(scores, nll, flag_rule="total")
+    older = {k: v for k, v in cal.to_json().items() if k not in {
+        "flag_rule", "tail_start", "tail_scale", "surprise_quantiles"}}  # fmt: skip
+    for model in (total, Calibration.from_json(older)):
+        assert model.threshold() == model.score_quantile(0.99)
+        np.testing.assert_array_equal(model.flags(scores, nll), scores > model.threshold())
+    assert Calibration.from_json(cal.to_json()) == cal
+    with pytest.raises(ValueError, match="flag_rule must be one of"):
+        Calibration.fit(scores, nll, flag_rule="some")

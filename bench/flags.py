@@ -1,0 +1,96 @@
+"""What `is_anomaly` flags on bench/quality.py's datasets: the share of the test split's normal
+rows (false alarms) and of its anomalies (hits), under the default rule ("any": the total score
+or any one feature in its tail) and under "total" (anomaly_score above its calibration
+quantile), both at the default threshold quantile (0.99), from one model per split.
+
+    python bench/flags.py              # seed 0, every split (~4 min on 2 cores)
+    python bench/flags.py --seeds 3
+
+Each model is fitted in process on the split's training rows (the defaults, as `vaewatch
+train`) and scores the test rows with the production `Scorer`; "total" is read from the same
+scores, so the two rules are compared on identical models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from vaewatch.model import defaults
+from vaewatch.model.fit import FitConfig, fit
+from vaewatch.model.scoring import Scorer
+from vaewatch.model.training import TrainConfig
+
+HERE = Path(__file__).resolve().parent
+
+
+def _quality():
+    """bench/quality.py, loaded by path (its splits and Parquet writer)."""
+    spec = importlib.util.spec_from_file_location("bench_quality", HERE / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rates(split, seed: int, work: Path, quality) -> tuple[int, float, float, float, float]:
+    """(calibration rows, normal flagged any/total, anomalies flagged any/total)."""
+    folder = work / f"{split.name}-s{seed}"
+    quality._to_parquet(split.train, folder / "train.parquet")
+    quality._to_parquet(split.test, folder / "test.parquet")
+    config = FitConfig(id_column="record_id", train=TrainConfig(seed=seed, device="cpu"))
+    fitted = fit(str(folder / "train.parquet"), config)
+    calibration = fitted.artifact.calibration
+    scored = Scorer(fitted.artifact, model_version="bench", device="cpu").score(
+        pq.read_table(folder / "test.parquet")
+    )
+    rows = scored.scored_rows
+    flagged = scored.scores["is_anomaly"].to_numpy(zero_copy_only=False).astype(bool)
+    total = scored.scores["anomaly_score"].to_numpy() > calibration.score_quantile(
+        defaults.THRESHOLD_QUANTILE
+    )
+    anomalous = split.test_labels[rows].astype(bool)
+    return (
+        calibration.rows,
+        flagged[~anomalous].mean(),
+        total[~anomalous].mean(),
+        flagged[anomalous].mean(),
+        total[anomalous].mean(),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--digits", default="8,1", help="digit classes of the one-class splits")
+    parser.add_argument("--quick", action="store_true", help="one seed (make bench-quick)")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds = 1
+    quality = _quality()
+    digits = [int(d) for d in args.digits.split(",")]
+    groups = collections.defaultdict(list)
+    print("| group | split | seed | calibration rows | normal flagged, any | total | anomalies "
+          "flagged, any | total |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seeds):
+            for split in quality.build_splits(seed, digits):
+                cal, *shares = rates(split, seed, Path(tmp), quality)
+                groups[split.group].append(shares)
+                cells = " | ".join(f"{s:.1%}" for s in shares)
+                print(f"| {split.group} | {split.name} | {seed} | {cal:,} | {cells} |", flush=True)
+    print("\n| group | splits | normal flagged, any | total | anomalies flagged, any | total |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for group, shares in groups.items():
+        means = np.mean(shares, axis=0)
+        print(f"| {group} | {len(shares)} | " + " | ".join(f"{m:.1%}" for m in means) + " |")
+
+
+if __name__ == "__main__":
+    main()
