@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
+import sys
 import tempfile
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def _quality():
     """bench/quality.py, loaded by path (its splits and Parquet writer)."""
     spec = importlib.util.spec_from_file_location("bench_quality", HERE / "quality.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -149,7 +149,8 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
         echo(f"trained {len(fitted.history)} epochs; best epoch {fitted.best_epoch}")
         echo(
             f"calibration: {calibration.rows:,} validation rows, IWAE K={config.scoring.k}; "
-            f"threshold {threshold:.3f} nats at quantile {config.threshold_quantile}"
+            f"threshold {threshold:.3f} nats at quantile {config.threshold_quantile}, flag rule "
+            f"{calibration.flag_rule}"
         )
         mlrun.log_metrics(
             {

@@ -19,7 +19,8 @@ contribution -log p(x_j|z) (the baseline that `top_features` are measured agains
   the flag threshold is the q-quantile of the calibration rows' surprises. A sparse anomaly
   (one value the model finds very unlikely, diluted in the total by every other feature's
   spread) is flagged; the flagged share of calibration rows stays 1 - q. The "total" rule
-  (and models that predate "any") flag `anomaly_score > score_quantile(q)`.
+  (and models that predate "any", and any calibrated on fewer than MIN_TAIL_ROWS rows, too few
+  to fit a tail per term) flag `anomaly_score > score_quantile(q)`.
 - `threshold(q)`: the anomaly score above which every record is flagged (under "any", the
   total's own cut; a record below it can still be flagged by one feature).
 """
@@ -95,6 +96,8 @@ class Calibration:
         check_quantile(threshold_quantile)
         if flag_rule not in FLAG_RULES:
             raise ValueError(f"flag_rule must be one of {FLAG_RULES}, got {flag_rule!r}")
+        if scores.size < defaults.MIN_TAIL_ROWS:
+            flag_rule = "total"  # too few rows to fit a tail per term
         levels = quantile_levels()
         quantiles = np.maximum.accumulate(np.quantile(scores, levels))
         start, scale = exponential_tails(np.column_stack([scores, terms]))

@@ -158,3 +158,12 @@ def test_the_total_rule_and_older_models_flag_on_the_score_alone(sparse):
     assert Calibration.from_json(cal.to_json()) == cal
     with pytest.raises(ValueError, match="flag_rule must be one of"):
         Calibration.fit(scores, nll, flag_rule="some")
+
+
+def test_too_few_calibration_rows_for_a_tail_per_term_fall_back_to_the_total(sparse):
+    draw, _ = sparse
+    scores, nll = draw(defaults.MIN_TAIL_ROWS - 1)
+    few = Calibration.fit(scores, nll)
+    assert few.flag_rule == "total"
+    np.testing.assert_array_equal(few.flags(scores, nll), scores > few.score_quantile(0.99))
+    assert Calibration.fit(*draw(defaults.MIN_TAIL_ROWS)).flag_rule == "any"
