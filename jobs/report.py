@@ -204,7 +204,10 @@ def build(output: str, top_n: int = 20) -> str:
         ("records scored", f"{total:,}"),
         ("flagged", f"{flagged_total:,} ({flagged_total / total:.2%})"),
         ("model", html.escape(model.uri)),
-        ("threshold", f"{threshold:.2f} nats (q = {latest.threshold_quantile})"),
+        (
+            "threshold",
+            f"{threshold:.2f} nats (q = {latest.threshold_quantile}, flag rule {latest.flag_rule})",
+        ),
         ("IWAE samples", f"K = {latest.k}, seed {latest.seed}"),
         (
             "drift alarms",

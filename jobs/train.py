@@ -150,7 +150,7 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
         echo(
             f"calibration: {calibration.rows:,} validation rows, IWAE K={config.scoring.k}; "
             f"threshold {threshold:.3f} nats at quantile {config.threshold_quantile}, flag rule "
-            f"{calibration.flag_rule}"
+            f"{calibration.effective_rule}"
         )
         mlrun.log_metrics(
             {

@@ -164,6 +164,11 @@ class Calibration:
         return self.surprise(scores, feature_nll) > self.surprise_threshold(q)
 
     @property
+    def effective_rule(self) -> str:
+        """The rule `flags` applies: "any" only where this calibration has its tails."""
+        return "any" if self._any else "total"
+
+    @property
     def _any(self) -> bool:
         return self.flag_rule == "any" and self.surprise_quantiles is not None
 

@@ -75,6 +75,7 @@ class MetadataKey(str, enum.Enum):
     SEED = "vaewatch.seed"
     THRESHOLD_QUANTILE = "vaewatch.threshold_quantile"
     THRESHOLD = "vaewatch.threshold"
+    FLAG_RULE = "vaewatch.flag_rule"
     VERSION = "vaewatch.version"
     RUN_ID = "vaewatch.run_id"
 
@@ -133,6 +134,9 @@ class Manifest:
     started: str  # ISO-8601, UTC
     vaewatch_version: str
     precision: str = "fp32"  # the scoring matmuls' precision option (auto | fp32 | bf16)
+    # how is_anomaly was decided (model/calibration.py): "any" (the total score or one feature
+    # in its tail) or "total" (anomaly_score > threshold); manifests before it were "total"
+    flag_rule: str = "total"
     finished: str = ""  # set at commit
     files: tuple[str, ...] = ()  # scored files, relative to the output
     rejected_files: tuple[str, ...] = ()  # relative to the output
@@ -162,6 +166,7 @@ class Manifest:
             MetadataKey.SEED.value: str(self.seed),
             MetadataKey.THRESHOLD_QUANTILE.value: str(self.threshold_quantile),
             MetadataKey.THRESHOLD.value: repr(self.threshold),
+            MetadataKey.FLAG_RULE.value: self.flag_rule,
             MetadataKey.VERSION.value: self.vaewatch_version,
             MetadataKey.RUN_ID.value: self.run_id,
         }
@@ -199,6 +204,7 @@ class Manifest:
             started=d["started"],
             vaewatch_version=d["vaewatch_version"],
             precision=d.get("precision", "fp32"),
+            flag_rule=d.get("flag_rule", "total"),
             finished=d.get("finished", ""),
             files=tuple(d.get("files", ())),
             rejected_files=tuple(d.get("rejected_files", ())),

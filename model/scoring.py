@@ -37,6 +37,7 @@ class ScoringSettings:
     seed: int
     threshold_quantile: float
     threshold: float
+    flag_rule: str = "total"  # the calibration's is_anomaly rule (Calibration.effective_rule)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class ScoringOverrides:
             seed=stored.seed if self.seed is None else self.seed,
             threshold_quantile=quantile,
             threshold=calibration.threshold(quantile),
+            flag_rule=calibration.effective_rule,
         )
 
 

@@ -150,6 +150,7 @@ def make_plan(job: ScoreJob) -> ScorePlan:
         seed=settings.seed,
         threshold_quantile=settings.threshold_quantile,
         threshold=settings.threshold,
+        flag_rule=settings.flag_rule,
         batch_size=options.batch_size,
         runner=options.runner,
         precision=options.precision,

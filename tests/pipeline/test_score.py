@@ -103,8 +103,10 @@ def test_output_follows_the_contract(trained, default_run):
     assert meta["vaewatch.model_requested"] == "models:/transactions@champion"
     assert (meta["vaewatch.k"], meta["vaewatch.seed"]) == (str(defaults.K), "0")
     assert "vaewatch.samples" not in meta
+    assert meta["vaewatch.flag_rule"] == "any"
     assert meta["vaewatch.version"]
     manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["flag_rule"] == "any"
     # the JSON itself is the contract: plain keys a reader in any language can follow
     assert manifest["model"]["version"] == outcome.resolved.version
     assert manifest["rows"] == {"in": 5000, "scored": 5000, "rejected": 0}
