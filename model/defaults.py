@@ -18,7 +18,7 @@ THRESHOLD_QUANTILE = 0.99  # flags ~1% of normal records; overridable at scoring
 TOP_FEATURES = 3  # features reported per record in top_features
 # is_anomaly: the total score or any one feature in its tail (model/calibration.py). On the
 # demo, trained on a day holding its injected rows: unseen merchants flagged 19 % -> 100 %,
-# impossible combinations 75 % -> 96 %, normal rows 0.66 % -> 0.58 % (3 seeds, in process;
+# impossible combinations 70 % -> 90 %, normal rows 0.77 % -> 0.61 % (8 seeds, in process;
 # bench/RESULTS.md). "total" is anomaly_score > its quantile alone.
 FLAG_RULE = "any"
 # a term's tail is exponential above this quantile of its calibration values (peaks over
