@@ -218,7 +218,7 @@ def _score_options(o: dict, ctx):
     from vaewatch.pipeline.plan import ScoreOptions
 
     return ScoreOptions(
-        overrides=ScoringOverrides(o["k"], o["seed"], o["threshold_quantile"]),
+        overrides=ScoringOverrides(o["k"], o["seed"], o["threshold_quantile"], o["flag_rule"]),
         batch_size=o["batch_size"],
         keep=o["keep"],
         runner=o["runner"],

@@ -153,6 +153,13 @@ threshold_quantile = option(
     help="Share of validation rows is_anomaly leaves unflagged, 1 - the share it flags "
     "(default: the model's).",
 )
+score_flag_rule = option(
+    "--flag-rule",
+    type=click.Choice(["any", "total"]),
+    default=None,
+    help="is_anomaly's rule: 'any' (the total score or one feature in its tail) or 'total' "
+    "(anomaly_score alone) (default: the model's).",
+)
 
 input_path = option(
     "--input",
@@ -319,6 +326,7 @@ def scoring_options(command):
             score_batch_size,
             keep,
             threshold_quantile,
+            score_flag_rule,
             runner,
             workers,
             shards,

@@ -136,11 +136,12 @@ class Calibration:
         """The `quantile` of the calibration rows' anomaly scores."""
         return float(np.interp(check_quantile(quantile), self.levels, self.quantiles))
 
-    def threshold(self, quantile: float | None = None) -> float:
+    def threshold(self, quantile: float | None = None, rule: str | None = None) -> float:
         """The anomaly score above which every record is flagged at `quantile` (default: the
-        model's): the total's own cut under the "any" rule, its quantile under "total"."""
+        model's) under `rule` (default: the model's): the total's own cut under "any", its
+        quantile under "total"."""
         q = self.threshold_quantile if quantile is None else check_quantile(quantile)
-        if not self._any:
+        if self.check_rule(rule) == "total":
             return self.score_quantile(q)
         return self.tail_start[0] + self.tail_scale[0] * self.surprise_threshold(q)
 
@@ -154,23 +155,47 @@ class Calibration:
         return _surprise(anomaly_scores, feature_nll, start, scale)
 
     def flags(
-        self, anomaly_scores: np.ndarray, feature_nll: np.ndarray, quantile: float | None = None
+        self,
+        anomaly_scores: np.ndarray,
+        feature_nll: np.ndarray,
+        quantile: float | None = None,
+        rule: str | None = None,
     ) -> np.ndarray:
-        """(B,) bool: `is_anomaly` at `quantile` (default: the model's)."""
+        """(B,) bool: `is_anomaly` at `quantile` under `rule` (defaults: the model's)."""
         q = self.threshold_quantile if quantile is None else check_quantile(quantile)
         scores = np.asarray(anomaly_scores, dtype=np.float64)
-        if not self._any:
+        if self.check_rule(rule) == "total":
             return scores > self.score_quantile(q)
         return self.surprise(scores, feature_nll) > self.surprise_threshold(q)
 
     @property
     def effective_rule(self) -> str:
-        """The rule `flags` applies: "any" only where this calibration has its tails."""
-        return "any" if self._any else "total"
+        """The rule `flags` applies by default: "any" only where this calibration has tails."""
+        return "any" if self.flag_rule == "any" and self.has_tails else "total"
 
     @property
-    def _any(self) -> bool:
-        return self.flag_rule == "any" and self.surprise_quantiles is not None
+    def has_tails(self) -> bool:
+        """Whether the "any" rule can be applied: tails fitted on enough calibration rows."""
+        return self.surprise_quantiles is not None and self.rows >= defaults.MIN_TAIL_ROWS
+
+    def check_rule(self, rule: str | None) -> str:
+        """`rule` (None: the model's own) if this calibration can apply it, else a UserError."""
+        if rule is None:
+            return self.effective_rule
+        if rule not in FLAG_RULES:
+            raise UserError(f"flag rule must be one of {', '.join(FLAG_RULES)}, got {rule!r}")
+        if rule == "any" and not self.has_tails:
+            why = (
+                "was trained before that rule"
+                if self.surprise_quantiles is None
+                else f"was calibrated on {self.rows} rows, fewer than the "
+                f"{defaults.MIN_TAIL_ROWS} a tail per feature needs"
+            )
+            raise UserError(
+                f"flag rule 'any' needs per-feature tails and this model {why}; use "
+                "--flag-rule total, or retrain with more rows"
+            )
+        return rule
 
     def percentile(self, anomaly_scores: np.ndarray) -> np.ndarray:
         """(B,) float64 in [0, 100]. Flat stretches of the quantile curve (ties in the

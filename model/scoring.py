@@ -48,6 +48,7 @@ class ScoringOverrides:
     k: int | None = None
     seed: int | None = None
     threshold_quantile: float | None = None
+    flag_rule: str | None = None  # "any" | "total"
 
     def resolve(self, artifact: ModelArtifact) -> ScoringSettings:
         stored, calibration = artifact.scoring, artifact.calibration
@@ -59,12 +60,13 @@ class ScoringOverrides:
             if self.threshold_quantile is None
             else check_quantile(self.threshold_quantile)
         )
+        rule = calibration.check_rule(self.flag_rule)
         return ScoringSettings(
             k=k,
             seed=stored.seed if self.seed is None else self.seed,
             threshold_quantile=quantile,
-            threshold=calibration.threshold(quantile),
-            flag_rule=calibration.effective_rule,
+            threshold=calibration.threshold(quantile, rule),
+            flag_rule=rule,
         )
 
 
@@ -109,6 +111,7 @@ class Scorer:
         settings = overrides.resolve(artifact)
         self.k, self.seed = settings.k, settings.seed
         self.threshold_quantile, self.threshold = settings.threshold_quantile, settings.threshold
+        self.flag_rule = settings.flag_rule
         calibration = artifact.calibration
         self.memory_budget = memory_budget
         self.model_version = model_version
@@ -223,7 +226,10 @@ class Scorer:
                 pa.array(arrays["log_likelihood_se"], pa.float64()),
                 pa.array(anomaly, pa.float64()),
                 pa.array(calibration.percentile(anomaly), pa.float64()),
-                pa.array(calibration.flags(anomaly, nll, self.threshold_quantile), pa.bool_()),
+                pa.array(
+                    calibration.flags(anomaly, nll, self.threshold_quantile, self.flag_rule),
+                    pa.bool_(),
+                ),
                 fixed(arrays["latent_mean"]),
                 fixed(arrays["latent_std"]),
                 top_features(

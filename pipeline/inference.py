@@ -52,6 +52,7 @@ class VaewatchModelHandler(ModelHandler[Example, PredictionResult, Scorer]):
         k: int | None = None,
         seed: int | None = None,
         threshold_quantile: float | None = None,
+        flag_rule: str | None = None,
         model_version: str = "",
         precision: str = defaults.PRECISION,
         min_batch_size: int = 1,
@@ -62,7 +63,7 @@ class VaewatchModelHandler(ModelHandler[Example, PredictionResult, Scorer]):
             location=model_uri,
             tracking_uri=tracking_uri,
             model_version=model_version,
-            overrides=ScoringOverrides(k, seed, threshold_quantile),
+            overrides=ScoringOverrides(k, seed, threshold_quantile, flag_rule),
             precision=precision,
         )
         self._batching = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
@@ -149,9 +150,9 @@ def vaewatch_detector(
     model_uri: str, tracking_uri: str = "", *, features: Sequence[str] | None = None, **kwargs
 ) -> OfflineDetector:
     """An offline detector for Beam's `AnomalyDetection`: scores with the model and labels with
-    its own rule, `is_anomaly` (`threshold_quantile=` overrides the model's quantile). The rule
-    looks at each feature's term as well as the total score, so it is the model's label rather
-    than a `ThresholdFn` on the score; `threshold_criterion=` replaces it with one (Beam's
+    its own rule, `is_anomaly` (`threshold_quantile=` and `flag_rule=` override the model's).
+    The rule looks at each feature's term as well as the total score, so it is the model's label
+    rather than a `ThresholdFn` on the score; `threshold_criterion=` replaces it with one (Beam's
     `FixedThreshold`, `QuantileThreshold`) on `anomaly_score`. Other `kwargs` go to
     `VaewatchModelHandler`."""
     criterion = kwargs.pop("threshold_criterion", None)

@@ -158,7 +158,7 @@ def test_option_defaults_are_the_code_defaults():
         given = _defaults(command, *args)
         for name in ("batch_size", "keep", "runner", "workers", "shards", "threads", "precision"):
             assert given[name] == getattr(options, name), (command, name)
-        for name in ("k", "seed", "threshold_quantile"):
+        for name in ("k", "seed", "threshold_quantile", "flag_rule"):
             assert given[name] == getattr(options.overrides, name), (command, name)
     demo = _defaults("demo")
     assert demo["k"] == scoring.k and demo["seed"] == train_config.seed

@@ -18,7 +18,7 @@ from vaewatch.model import defaults, registry
 from vaewatch.model.contract import SCORE_COLUMNS
 from vaewatch.model.estimators import score_records
 from vaewatch.model.metrics import roc_auc
-from vaewatch.model.scoring import Scorer
+from vaewatch.model.scoring import Scorer, ScoringOverrides
 from vaewatch.model.training_data import row_uniforms
 
 
@@ -81,6 +81,23 @@ def test_calibration_is_the_production_score_of_the_held_out_rows(trained, works
     flagged = scorer.score(holdout).aligned()["is_anomaly"].to_numpy(zero_copy_only=False)
     normal = ~holdout["is_injected_anomaly"].to_numpy()
     assert abs(np.mean(flagged[normal].astype(float)) - expected) < 0.008
+
+
+def test_the_flag_rule_can_be_overridden_at_scoring(trained, workspace):
+    _, outcome = trained
+    holdout = pq.read_table(workspace / "holdout")
+    total = Scorer(
+        outcome.artifact,
+        model_version="x",
+        device="cpu",
+        overrides=ScoringOverrides(flag_rule="total"),
+    )
+    assert total.flag_rule == "total"
+    scored = total.score(holdout).scores
+    flagged = scored["is_anomaly"].to_numpy(zero_copy_only=False)
+    cut = outcome.artifact.calibration.score_quantile(0.99)
+    np.testing.assert_array_equal(flagged, scored["anomaly_score"].to_numpy() > cut)
+    assert ScoringOverrides().resolve(outcome.artifact).flag_rule == "any"
 
 
 def test_reloaded_model_scores_exactly_like_the_in_memory_one(trained, workspace):

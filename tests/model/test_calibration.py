@@ -182,3 +182,26 @@ def test_the_threshold_set_out_of_fold_keeps_the_rate_on_a_small_calibration():
     fresh = draw(50_000)
     rates = [Calibration.fit(*draw(300)).flags(*fresh).mean() for _ in range(40)]
     assert 0.008 < np.mean(rates) < 0.015
+
+
+def test_the_rule_can_be_chosen_at_scoring_where_the_model_supports_it(sparse):
+    draw, cal = sparse
+    scores, nll = draw(5_000)
+    np.testing.assert_array_equal(
+        cal.flags(scores, nll, rule="total"), scores > cal.score_quantile(0.99)
+    )
+    assert cal.threshold(rule="total") == cal.score_quantile(0.99)
+    assert cal.threshold(rule="any") == cal.threshold() > cal.score_quantile(0.99)
+    # a model trained with the total rule has its tails too: "any" can be asked for
+    as_total, as_any = (Calibration.fit(scores, nll, flag_rule=r) for r in ("total", "any"))
+    fresh = draw(5_000)
+    np.testing.assert_array_equal(as_total.flags(*fresh, rule="any"), as_any.flags(*fresh))
+    assert as_total.flags(*fresh).tolist() != as_any.flags(*fresh).tolist()
+    with pytest.raises(UserError, match="flag rule must be one of any, total, got 'some'"):
+        cal.check_rule("some")
+    stripped = {k: v for k, v in cal.to_json().items() if k != "surprise_quantiles"}
+    with pytest.raises(UserError, match="trained before that rule; use --flag-rule total"):
+        Calibration.from_json(stripped).flags(scores, nll, rule="any")
+    few = Calibration.fit(*draw(50))
+    with pytest.raises(UserError, match="calibrated on 50 rows, fewer than the 200"):
+        few.threshold(rule="any")
