@@ -98,12 +98,19 @@ class Calibration:
         check_quantile(threshold_quantile)
         if flag_rule not in FLAG_RULES:
             raise ValueError(f"flag_rule must be one of {FLAG_RULES}, got {flag_rule!r}")
-        if scores.size < defaults.MIN_TAIL_ROWS:
-            flag_rule = "total"  # too few rows to fit a tail per term
         levels = quantile_levels()
         quantiles = np.maximum.accumulate(np.quantile(scores, levels))
-        start, scale = exponential_tails(np.column_stack([scores, terms]))
-        surprise = _out_of_fold_surprise(np.column_stack([scores, terms]))
+        tails = {}
+        if scores.size >= defaults.MIN_TAIL_ROWS:
+            start, scale = exponential_tails(np.column_stack([scores, terms]))
+            surprise = _out_of_fold_surprise(np.column_stack([scores, terms]))
+            tails = dict(
+                tail_start=start.tolist(),
+                tail_scale=scale.tolist(),
+                surprise_quantiles=np.maximum.accumulate(np.quantile(surprise, levels)).tolist(),
+            )
+        else:
+            flag_rule = "total"  # too few rows to fit a tail per term
         top, _, keep = _top(feature_nll, baseline, top_feature_count)
         named = np.bincount(top[keep], minlength=feature_nll.shape[1])
         return cls(
@@ -116,9 +123,7 @@ class Calibration:
             top_feature_count=int(top_feature_count),
             completes_missing=missing is not None,
             flag_rule=flag_rule,
-            tail_start=start.tolist(),
-            tail_scale=scale.tolist(),
-            surprise_quantiles=np.maximum.accumulate(np.quantile(surprise, levels)).tolist(),
+            **tails,
         )
 
     def complete(self, log_likelihood: np.ndarray, missing: np.ndarray) -> np.ndarray:
@@ -186,10 +191,10 @@ class Calibration:
             raise UserError(f"flag rule must be one of {', '.join(FLAG_RULES)}, got {rule!r}")
         if rule == "any" and not self.has_tails:
             why = (
-                "was trained before that rule"
-                if self.surprise_quantiles is None
-                else f"was calibrated on {self.rows} rows, fewer than the "
+                f"was calibrated on {self.rows} rows, fewer than the "
                 f"{defaults.MIN_TAIL_ROWS} a tail per feature needs"
+                if self.rows < defaults.MIN_TAIL_ROWS
+                else "was trained before that rule"
             )
             raise UserError(
                 f"flag rule 'any' needs per-feature tails and this model {why}; use "

@@ -167,6 +167,8 @@ def test_too_few_calibration_rows_for_a_tail_per_term_fall_back_to_the_total(spa
     assert few.flag_rule == "total"
     np.testing.assert_array_equal(few.flags(scores, nll), scores > few.score_quantile(0.99))
     assert Calibration.fit(*draw(defaults.MIN_TAIL_ROWS)).flag_rule == "any"
+    one = Calibration.fit(np.array([3.0]), np.zeros((1, 2)))  # a one-row validation split
+    assert one.flags(np.array([2.0, 4.0]), np.zeros((2, 2))).tolist() == [False, True]
 
 
 def test_the_threshold_set_out_of_fold_keeps_the_rate_on_a_small_calibration():
