@@ -134,7 +134,7 @@ def run(
     injected = np.asarray(joined["is_injected_anomaly"], dtype=bool)
     kinds = np.asarray(joined["anomaly_kind"], dtype=object)
     auc = roc_auc(anomaly, injected)
-    echo("\nflagged by the stored threshold, per injected kind:")
+    echo("\nflagged (is_anomaly, the model's flag rule), per injected kind:")
     rates = {}
     for kind in sorted(set(kinds) - {""}):
         rows = kinds == kind

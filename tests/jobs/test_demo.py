@@ -1,4 +1,4 @@
-"""The demo at its default settings: what it injects, flagged by the model's stored threshold.
+"""The demo at its default settings: what it injects, flagged by the model's is_anomaly.
 
 Training is on the first day, which itself holds 0.5 % injected anomalies (25 rows of each kind),
 as a nightly user's last month would. Every kind must be flagged at >= 90 % on the scored days
