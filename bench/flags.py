@@ -3,8 +3,13 @@ rows (false alarms) and of its anomalies (hits), under the default rule ("any": 
 or any one feature in its tail) and under "total" (anomaly_score above its calibration
 quantile), both at the default threshold quantile (0.99), from one model per split.
 
-    python bench/flags.py              # seed 0, every split (~4 min on 2 cores)
+    python bench/flags.py              # seed 0, every split (~1.5 min on 2 cores)
     python bench/flags.py --seeds 3
+    python bench/flags.py --seeds 0 --demo-seeds 8   # the demo's data only (~4 min)
+
+`--demo-seeds N` adds the demo's data for seeds 0..N-1: a model fitted on the first day (which
+holds 0.5 % injected rows) scores the next three days, and each injected kind's flagged share
+is reported under both rules.
 
 Each model is fitted in process on the split's training rows (the defaults, as `vaewatch
 train`) and scores the test rows with the production `Scorer`; "total" is read from the same
@@ -21,11 +26,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vaewatch.jobs.demo import write_partitions
 from vaewatch.model import defaults
+from vaewatch.model.artifact import ScoringDefaults
 from vaewatch.model.fit import FitConfig, fit
-from vaewatch.model.scoring import Scorer
+from vaewatch.model.scoring import Scorer, ScoringOverrides
+from vaewatch.model.synthetic import ANOMALY_KINDS, LABEL_COLUMNS
 from vaewatch.model.training import TrainConfig
 
 HERE = Path(__file__).resolve().parent
@@ -66,14 +75,57 @@ def rates(split, seed: int, work: Path, quality) -> tuple[int, float, float, flo
     )
 
 
+def demo_rates(seed: int, work: Path) -> dict[str, tuple[float, float]]:
+    """Per injected kind ("" = normal rows): (flagged share under "any", under "total") on the
+    demo's three scored days, the model fitted on its first day as `vaewatch demo` does."""
+    paths = write_partitions(work / f"demo-s{seed}", 4, 20_000, seed)
+    config = FitConfig(
+        id_column="record_id",
+        exclude=[c for c in LABEL_COLUMNS if c != "record_id"],
+        train=TrainConfig(epochs=30, seed=seed, device="cpu"),
+        scoring=ScoringDefaults(seed=seed),
+    )
+    fitted = fit(str(paths[0]), config)
+    days = pa.concat_tables([pq.read_table(p) for p in paths[1:]])
+    shares = {}
+    for rule in defaults.FLAG_RULES:
+        scorer = Scorer(
+            fitted.artifact,
+            model_version="bench",
+            device="cpu",
+            precision="fp32",
+            overrides=ScoringOverrides(flag_rule=rule),
+        )
+        scored = scorer.score(days)
+        flagged = scored.scores["is_anomaly"].to_numpy(zero_copy_only=False).astype(bool)
+        kinds = np.asarray(days["anomaly_kind"].take(pa.array(scored.scored_rows)).to_pylist())
+        shares[rule] = {kind: flagged[kinds == kind].mean() for kind in ["", *ANOMALY_KINDS]}
+    return {kind: (shares["any"][kind], shares["total"][kind]) for kind in shares["any"]}
+
+
+def print_demo(seeds: int, work: Path) -> None:
+    kinds = ["", *ANOMALY_KINDS]
+    print("\n| demo seed | " + " | ".join(k or "normal" for k in kinds) + " |  (total -> any)")
+    print("|---:|" + "---:|" * len(kinds))
+    rows = []
+    for seed in range(seeds):
+        rates = demo_rates(seed, work)
+        rows.append([rates[k] for k in kinds])
+        cells = " | ".join(f"{t:.1%} -> {a:.1%}" for a, t in rows[-1])
+        print(f"| {seed} | {cells} |", flush=True)
+    means = np.mean(rows, axis=0)
+    print("| mean | " + " | ".join(f"{t:.1%} -> {a:.1%}" for a, t in means) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--digits", default="8,1", help="digit classes of the one-class splits")
+    parser.add_argument("--demo-seeds", type=int, default=0, help="also the demo's data")
     parser.add_argument("--quick", action="store_true", help="one seed (make bench-quick)")
     args = parser.parse_args()
     if args.quick:
-        args.seeds = 1
+        args.seeds, args.demo_seeds = 1, 0
     quality = _quality()
     digits = [int(d) for d in args.digits.split(",")]
     groups = collections.defaultdict(list)
@@ -81,14 +133,17 @@ def main() -> None:
           "flagged, any | total |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
+        if args.demo_seeds:
+            print_demo(args.demo_seeds, Path(tmp))
         for seed in range(args.seeds):
             for split in quality.build_splits(seed, digits):
                 cal, *shares = rates(split, seed, Path(tmp), quality)
                 groups[split.group].append(shares)
                 cells = " | ".join(f"{s:.1%}" for s in shares)
                 print(f"| {split.group} | {split.name} | {seed} | {cal:,} | {cells} |", flush=True)
-    print("\n| group | splits | normal flagged, any | total | anomalies flagged, any | total |")
-    print("|---|---:|---:|---:|---:|---:|")
+    if groups:
+        print("\n| group | splits | normal flagged, any | total | anomalies flagged, any | total |")
+        print("|---|---:|---:|---:|---:|---:|")
     for group, shares in groups.items():
         means = np.mean(shares, axis=0)
         print(f"| {group} | {len(shares)} | " + " | ".join(f"{m:.1%}" for m in means) + " |")

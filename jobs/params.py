@@ -155,7 +155,7 @@ threshold_quantile = option(
 )
 score_flag_rule = option(
     "--flag-rule",
-    type=click.Choice(["any", "total"]),
+    type=click.Choice(defaults.FLAG_RULES),
     default=None,
     help="is_anomaly's rule: 'any' (the total score or one feature in its tail) or 'total' "
     "(anomaly_score alone) (default: the model's).",

@@ -214,7 +214,7 @@ train_threshold_quantile = option(
 )
 flag_rule = option(
     "--flag-rule",
-    type=click.Choice(["any", "total"]),
+    type=click.Choice(defaults.FLAG_RULES),
     default=defaults.FLAG_RULE,
     help="is_anomaly: 'any' flags a record whose total score or any single feature is in its "
     "own calibration tail (at one level, flagging 1 - the threshold quantile of validation "

@@ -42,7 +42,7 @@ from vaewatch.model.errors import UserError
 
 DEFAULT_THRESHOLD_QUANTILE = defaults.THRESHOLD_QUANTILE
 DEFAULT_TOP_FEATURES = defaults.TOP_FEATURES
-FLAG_RULES = ("any", "total")
+FLAG_RULES = defaults.FLAG_RULES
 
 
 def quantile_levels() -> np.ndarray:
@@ -102,8 +102,9 @@ class Calibration:
         quantiles = np.maximum.accumulate(np.quantile(scores, levels))
         tails = {}
         if scores.size >= defaults.MIN_TAIL_ROWS:
-            start, scale = exponential_tails(np.column_stack([scores, terms]))
-            surprise = _out_of_fold_surprise(np.column_stack([scores, terms]))
+            columns = np.column_stack([scores, terms])  # the total first, then each feature
+            start, scale = exponential_tails(columns)
+            surprise = _out_of_fold_surprise(columns)
             tails = dict(
                 tail_start=start.tolist(),
                 tail_scale=scale.tolist(),

@@ -21,6 +21,7 @@ TOP_FEATURES = 3  # features reported per record in top_features
 # impossible combinations 70 % -> 90 %, normal rows 0.77 % -> 0.61 % (8 seeds, in process;
 # bench/RESULTS.md). "total" is anomaly_score > its quantile alone.
 FLAG_RULE = "any"
+FLAG_RULES = ("any", "total")
 # a term's tail is exponential above this quantile of its calibration values (peaks over
 # threshold); scales below MIN_TAIL_SCALE nats (a near-deterministic feature) are raised to it,
 # so that differences of a fraction of a nat, at the level of Monte Carlo noise, never flag
