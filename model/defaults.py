@@ -41,6 +41,10 @@ PRECISION = "auto"
 
 # ---------------------------------------------------------------- features
 MAX_CATEGORIES = 1000  # vocabulary cap per categorical column; rarer values share OOV
+# a categorical with at least this many classes is decoded as a two-level softmax (cluster, then
+# class within it: ~2 sqrt(V) logits per sample instead of V). Below ~130 classes the flat head
+# is as fast on this CPU; 256 keeps every small vocabulary on the flat head it had before.
+TWO_LEVEL_MIN_CLASSES = 256
 MIN_CATEGORY_COUNT = 1  # training rows a value needs for its own vocabulary entry
 # ... and the share of the training rows it needs (0 = no such rule). Measured against 0.001 on
 # the demo, whose training day holds 3 anomalous merchants with ~8 rows each: pooling them into

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaewatch.model import defaults, fused
-from vaewatch.model.categorical import Categories
+from vaewatch.model.categorical import Categories, layout
 from vaewatch.model.features import FeatureKind, FeatureSpec
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -46,6 +46,9 @@ class VAEConfig:
     # per feature, the log-probability charged for a missing value of a feature that was never
     # missing in training (no Bernoulli to learn); empty = 0 for all (marginalise)
     missing_log_prob: list[float] = field(default_factory=list)
+    # a categorical with at least this many classes (OOV included) is decoded as a two-level
+    # softmax (model/categorical.py); 0: none, what every model saved before it was
+    two_level_min: int = 0
 
     @classmethod
     def for_spec(cls, spec: FeatureSpec, missingness: str = "model", **overrides) -> VAEConfig:
@@ -70,7 +73,11 @@ class VAEConfig:
                 [j for j, f in enumerate(spec.features) if f.missing_share > 0] if modelled else []
             ),
             missing_log_prob=[0.0 if f.missing_share > 0 else unseen for f in spec.features],
-            **{"variance_floor": spec.quantisation_variance, **overrides},
+            **{
+                "variance_floor": spec.quantisation_variance,
+                "two_level_min": defaults.TWO_LEVEL_MIN_CLASSES,
+                **overrides,
+            },
         )
 
     @property
@@ -83,8 +90,7 @@ class VAEConfig:
         return self.n_continuous + self.n_boolean + sum(self.category_sizes) + self.n_features
 
     def category_offsets(self) -> torch.Tensor:
-        """(n_cat,) long: where each categorical's block starts in the flat one-hot / logit
-        vector."""
+        """(n_cat,) long: where each categorical's block starts in the flat one-hot vector."""
         return torch.tensor([0, *self.category_sizes[:-1]], dtype=torch.long).cumsum(0)
 
     @property
@@ -94,10 +100,15 @@ class VAEConfig:
         return (
             2 * self.n_continuous
             + self.n_boolean
-            + sum(self.category_sizes)
+            + self.category_logit_rows
             + len(self.atom_features)
             + len(self.missing_features)
         )
+
+    @property
+    def category_logit_rows(self) -> int:
+        """Rows of the decoder's last layer that hold categorical logits (model/categorical.py)."""
+        return sum(layout(self.category_sizes, self.two_level_min)[0])
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -226,11 +237,13 @@ class Decoder(nn.Module):
         self.net = mlp(
             [config.latent_dim, *config.hidden, config.decoder_output_dim], config.activation
         )
-        # the categorical logits are rows [2 nc + nb, + sum(sizes)) of the last layer
+        # the categorical logits are rows [2 nc + nb, + category_logit_rows) of the last layer
         first = 2 * config.n_continuous + config.n_boolean
-        self.categories = Categories(config.category_sizes, config.category_offsets(), first)
+        self.categories = Categories(
+            config.category_sizes, first, two_level_min=config.two_level_min
+        )
         if self.categories.blocked:  # the last layer's other rows, evaluated apart from them
-            end = first + sum(config.category_sizes)
+            end = first + self.categories.rows
             other = [torch.arange(first), torch.arange(end, config.decoder_output_dim)]
             self.register_buffer("other_rows", torch.cat(other), persistent=False)
         floor = [config.min_variance] * config.n_continuous
@@ -295,12 +308,16 @@ class Decoder(nn.Module):
         c = self.config
         nc, nb, n_cat = c.n_continuous, c.n_boolean, len(c.category_sizes)
         x_cont, x_bool, x_cat = x.split([nc, nb, n_cat], dim=-1)
-        widths = [nc, nc, nb, sum(c.category_sizes), len(c.atom_features), len(c.missing_features)]
+        widths = [nc, nc, nb, c.category_logit_rows, len(c.atom_features), len(c.missing_features)]
         # densities in the input's precision, whatever the MLP's
         if self.categories.blocked:
             hidden, head = fused.run(self.net[:-1], z), self.net[-1]
+            weight, bias = (
+                fused.cast(head.weight, hidden.dtype),
+                fused.cast(head.bias, hidden.dtype),
+            )
             rows = self.other_rows
-            out = fused.linear(hidden, head.weight[rows], head.bias[rows]).to(z.dtype)
+            out = fused.linear(hidden, weight[rows], bias[rows]).to(z.dtype)
             widths[3] = 0
             lp_cat = self.categories.from_hidden(hidden, head, x_cat.long(), z.dtype)
         else:
@@ -332,7 +349,8 @@ class Decoder(nn.Module):
             observed = mask.index_select(1, self.missing_index)
             # log p(observed) = logsigmoid(-l), log p(missing) = logsigmoid(l)
             sign = torch.where(observed, -1.0, 1.0).to(lp.dtype)
-            lp = lp.index_add(-1, self.missing_index, F.logsigmoid(sign * logits_missing))
+            # in place: lp is a fresh tensor whose producers (cat, where) keep no copy of it
+            lp.index_add_(-1, self.missing_index, F.logsigmoid(sign * logits_missing))
         return FeatureLogProbs(lp, n_continuous=nc, n_boolean=nb)
 
 
