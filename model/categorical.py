@@ -38,10 +38,12 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vaewatch.model import fused
 
 BLOCK_LOGITS = 1024  # logits normalised together; above this in all, the head is blocked
+TRAIN_GATHERED = 2**22  # class-row elements gathered at once with gradients (`_two_level`)
 
 
 def two_level_shape(size: int) -> tuple[int, int]:
@@ -175,15 +177,9 @@ class Categories(nn.Module):
             if shape:
                 if per_record is None:
                     per_record = hidden.reshape(-1, *hidden.shape[-2:]).transpose(0, 1).contiguous()
-                lp = two_level_log_prob(
-                    per_record,
-                    weight[rows],
-                    bias[rows],
-                    codes[:, g0:g1],
-                    self.sizes[g0:g1],
-                    shape,
-                    dtype,
-                )  # (B, L, groups)
+                lp = self._two_level(
+                    per_record, weight[rows], bias[rows], codes, g0, g1, shape, dtype
+                )
                 parts.append(lp.transpose(0, 1).reshape(*hidden.shape[:-1], g1 - g0))
                 continue
             logits = fused.linear(hidden, weight[rows], bias[rows])
@@ -195,6 +191,32 @@ class Categories(nn.Module):
             else:
                 parts.append(self._normalise(logits.to(dtype), codes[:, g0:g1], g0, g1))
         return torch.cat(parts, dim=-1)
+
+    def _two_level(self, per_record, weight, bias, codes, g0, g1, shape, dtype) -> torch.Tensor:
+        """A two-level block [g0, g1) (`two_level_log_prob`), (B, L, g1 - g0). With gradients
+        (training) it runs a few groups at a time under activation checkpointing: the class rows
+        gathered per record are then neither kept for the backward pass nor held for every
+        group at once (recomputed there instead), so training's memory does not grow with the
+        number of large columns: on 40 strings of 1,000 values the gathered rows were ~170 MB
+        per 256-row batch, kept twice."""
+        clusters, width = shape
+        split = (g1 - g0) * clusters * width
+        if not torch.is_grad_enabled():
+            steps = [(g0, g1)]
+        else:
+            per_call = max(1, TRAIN_GATHERED // (per_record.shape[0] * width * per_record.shape[2]))
+            steps = [(a, min(a + per_call, g1)) for a in range(g0, g1, per_call)]
+        parts = []
+        for a, b in steps:
+            classes = slice((a - g0) * clusters * width, (b - g0) * clusters * width)
+            tops = slice(split + (a - g0) * clusters, split + (b - g0) * clusters)
+            args = (per_record, weight[classes], bias[classes], weight[tops], bias[tops])
+            rest = (codes[:, a:b], self.sizes[a:b], shape, dtype)
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(two_level_log_prob, *args, *rest, use_reentrant=False))
+            else:
+                parts.append(two_level_log_prob(*args, *rest))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def _normalise(self, logits: torch.Tensor, codes: torch.Tensor, g0: int, g1: int):
         """log p(code) for groups [g0, g1), whose logits are the last axis of `logits`."""
@@ -220,37 +242,38 @@ class Categories(nn.Module):
 
 def two_level_log_prob(
     per_record: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
+    class_weight: torch.Tensor,
+    class_bias: torch.Tensor,
+    cluster_weight: torch.Tensor,
+    cluster_bias: torch.Tensor,
     codes: torch.Tensor,
     sizes: list[int],
     shape: tuple[int, int],
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """log p(code | z) of a block of m two-level groups of `sizes` classes, laid out with
-    `shape` = (clusters, width) (`layout`): `weight` (m * clusters * (width + 1), H) and `bias`
-    hold every group's class rows (cluster after cluster, `width` each), then every group's
-    cluster rows. per_record (B, L, H): the hidden units of each record's L samples; codes
-    (B, m) -> (B, L, m), each softmax normalised in `dtype`."""
+    """log p(code | z) of m two-level groups of `sizes` classes, laid out with `shape` =
+    (clusters, width) (`layout`): `class_weight` (m * clusters * width, H) holds every group's
+    class rows (cluster after cluster, `width` each), `cluster_weight` (m * clusters, H) every
+    group's cluster rows, with their biases. per_record (B, L, H): the hidden units of each
+    record's L samples; codes (B, m) -> (B, L, m), each softmax normalised in `dtype`."""
     clusters, width = shape
     n, samples, h = per_record.shape
     m = codes.shape[1]
     cluster, position = codes // width, codes % width  # (B, m)
-    split = m * clusters * width
-    class_bias, cluster_bias = bias[:split].view(m * clusters, width), bias[split:]
+    class_bias = class_bias.view(m * clusters, width)
     if clusters * width > min(sizes):  # rows past a group's last code are no class: -inf bias
-        limit = torch.tensor(sizes, device=bias.device)[:, None, None]  # (m, 1, 1)
-        code = torch.arange(clusters * width, device=bias.device).view(1, clusters, width)
+        limit = torch.tensor(sizes, device=class_bias.device)[:, None, None]  # (m, 1, 1)
+        code = torch.arange(clusters * width, device=class_bias.device).view(1, clusters, width)
         class_bias = class_bias.masked_fill((code >= limit).view(m * clusters, width), -math.inf)
         empty = code[:, :, 0] >= limit[:, :, 0]  # (m, clusters): clusters a group does not use
         cluster_bias = cluster_bias.masked_fill(empty.view(-1), -math.inf)
     # every group's cluster logits in one matmul
-    top = fused.linear(per_record, weight[split:], cluster_bias)  # (B, L, m * clusters)
+    top = fused.linear(per_record, cluster_weight, cluster_bias)  # (B, L, m * clusters)
     top = torch.log_softmax(top.view(n, samples, m, clusters), -1, dtype=dtype)
     top = top.gather(-1, cluster[:, None, :, None].expand(n, samples, m, 1))
     # the class rows of each record's own clusters, gathered once and shared by its samples
     chosen = (cluster + clusters * torch.arange(m, device=codes.device)).view(-1)  # (B * m,)
-    rows = weight[:split].view(m * clusters, width, h).index_select(0, chosen)
+    rows = class_weight.view(m * clusters, width, h).index_select(0, chosen)
     shift = class_bias.index_select(0, chosen).view(n, 1, m * width)
     logits = torch.baddbmm(shift, per_record, rows.view(n, m * width, h).transpose(1, 2))
     low = torch.log_softmax(logits.view(n, samples, m, width), -1, dtype=dtype)

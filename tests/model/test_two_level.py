@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from vaewatch.model import defaults
+from vaewatch.model import categorical, defaults
 from vaewatch.model.categorical import layout, pack_blocks, two_level_shape
 from vaewatch.model.estimators import bytes_per_pair
 from vaewatch.model.features import Feature, FeatureKind, FeatureSpec
@@ -75,7 +75,12 @@ def _inputs(b: int):
     return x.double(), torch.ones(b, 2 + len(SIZES), dtype=torch.bool)
 
 
-def test_two_level_groups_are_the_hand_computed_factorisation_with_their_gradients():
+@pytest.mark.parametrize("gathered", [categorical.TRAIN_GATHERED, 1])
+def test_two_level_groups_are_the_hand_computed_factorisation_with_their_gradients(
+    gathered, monkeypatch
+):
+    """gathered=1: with gradients every group runs as its own checkpointed call."""
+    monkeypatch.setattr(categorical, "TRAIN_GATHERED", gathered)
     config = VAEConfig(**CONFIG)
     per_group = [3, 18 * 19, 18 * 19, 5, 16 * 18]
     assert config.decoder_output_dim == 2 + 1 + sum(per_group)
