@@ -6,6 +6,7 @@ import pytest
 from vaewatch.model import defaults
 from vaewatch.model.calibration import (
     Calibration,
+    _top,
     exponential_tails,
     quantile_levels,
     top_features,
@@ -80,6 +81,28 @@ def test_top_features_by_hand():
 
 
 # ----------------------------------------------------------------------------- the flag rule
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_features_order_is_the_stable_sort(seed):
+    """The n largest excesses, largest first, ties by feature index: what a stable sort of
+    (rows x features) gives, on tables with many ties, infinities and NaN, and n from 1 to
+    more than the features."""
+    rng = np.random.default_rng(seed)
+    for features in [1, 3, 13, 40, 320]:
+        nll = rng.integers(-3, 3, (200, features)).astype(float)  # many ties
+        if seed % 2:
+            nll = rng.normal(size=(200, features))
+        nll[rng.random(nll.shape) < 0.01] = rng.choice([np.inf, -np.inf, np.nan])
+        baseline = rng.normal(size=features)
+        excess = nll - baseline[None, :]
+        for n in [1, 3, 5, 9, 400]:
+            top, values, keep = _top(nll, baseline, n)
+            expected = np.argsort(-excess, axis=1, kind="stable")[:, : min(n, features)]
+            np.testing.assert_array_equal(top, expected)
+            np.testing.assert_array_equal(values, np.take_along_axis(excess, expected, axis=1))
+
+
 def test_exponential_tails_by_hand():
     """Column 0 is 0..99: numpy's linear 0.9 quantile is 89.1; the values above it are 90..99,
     excesses 0.9..9.9, whose median is (4.9 + 5.9) / 2 = 5.4, so the scale is 5.4 / ln 2. A

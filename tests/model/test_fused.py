@@ -76,3 +76,24 @@ def test_scores_with_the_fused_path_equal_the_eager_ones(monkeypatch):
     eager = score_records(model, x, mask, log_std=log_std, k=16)
     for name in ("log_likelihood", "elbo", "log_likelihood_se", "feature_nll"):
         torch.testing.assert_close(getattr(fast, name), getattr(eager, name), rtol=1e-5, atol=1e-4)
+
+
+def test_cached_bf16_copy_follows_the_parameter():
+    """At inference the bf16 copy of a weight is kept and reused; an in-place update of the
+    parameter (an optimiser step, a loaded state) must be seen at the next call."""
+    layer = nn.Linear(4, 3)
+    with torch.inference_mode():
+        first = fused.cast(layer.weight, torch.bfloat16)
+        assert fused.cast(layer.weight, torch.bfloat16) is first  # reused
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    with torch.inference_mode():
+        second = fused.cast(layer.weight, torch.bfloat16)
+    assert second is not first
+    torch.testing.assert_close(second, layer.weight.detach().to(torch.bfloat16), rtol=0, atol=0)
+    layer.load_state_dict({"weight": torch.zeros(3, 4), "bias": torch.zeros(3)})
+    with torch.no_grad():
+        assert fused.cast(layer.weight, torch.bfloat16).abs().max() == 0
+    # with gradients it is a differentiable conversion, never the cached copy
+    converted = fused.cast(layer.weight, torch.bfloat16)
+    assert converted.requires_grad and converted.grad_fn is not None
