@@ -164,12 +164,16 @@ class Categories(nn.Module):
         return self._normalise(logits, codes, 0, len(self.sizes))
 
     def from_hidden(
-        self, hidden: torch.Tensor, layer: nn.Linear, codes: torch.Tensor, dtype: torch.dtype
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        codes: torch.Tensor,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
-        """The last layer's categorical rows applied to `hidden` (..., B, H) a block at a time,
-        each normalised in `dtype`: log p(code) (..., B, n_cat)."""
-        # the layer in the hidden units' dtype once (bf16 at inference: cached, model/fused.py)
-        weight, bias = fused.cast(layer.weight, hidden.dtype), fused.cast(layer.bias, hidden.dtype)
+        """The last layer's categorical rows (of `weight`, `bias`: the whole layer, in the
+        hidden units' dtype) applied to `hidden` (..., B, H) a block at a time, each normalised
+        in `dtype`: log p(code) (..., B, n_cat)."""
         per_record = None  # hidden as (B, samples, H), for the two-level groups
         parts = []
         for (g0, g1), shape in zip(self.blocks, self.shapes, strict=True):

@@ -308,10 +308,12 @@ class Decoder(nn.Module):
         c = self.config
         nc, nb, n_cat = c.n_continuous, c.n_boolean, len(c.category_sizes)
         x_cont, x_bool, x_cat = x.split([nc, nb, n_cat], dim=-1)
-        widths = [nc, nc, nb, c.category_logit_rows, len(c.atom_features), len(c.missing_features)]
+        cat_rows = self.categories.rows  # the layout, computed once when the decoder was built
+        widths = [nc, nc, nb, cat_rows, len(c.atom_features), len(c.missing_features)]
         # densities in the input's precision, whatever the MLP's
         if self.categories.blocked:
             hidden, head = fused.run(self.net[:-1], z), self.net[-1]
+            # the last layer in the hidden units' dtype once (bf16 at inference: cached)
             weight, bias = (
                 fused.cast(head.weight, hidden.dtype),
                 fused.cast(head.bias, hidden.dtype),
@@ -319,7 +321,7 @@ class Decoder(nn.Module):
             rows = self.other_rows
             out = fused.linear(hidden, weight[rows], bias[rows]).to(z.dtype)
             widths[3] = 0
-            lp_cat = self.categories.from_hidden(hidden, head, x_cat.long(), z.dtype)
+            lp_cat = self.categories.from_hidden(hidden, weight, bias, x_cat.long(), z.dtype)
         else:
             out = fused.run(self.net, z).to(z.dtype)
         mean, raw_log_var, logits_bool, logits_cat, logits_atom, logits_missing = out.split(
