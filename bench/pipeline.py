@@ -90,14 +90,21 @@ def make_model(folder: Path, k: int) -> ModelArtifact:
     return artifact
 
 
-def io_floor(source: Path, out: Path, columns: list[str]) -> float:
-    """Seconds to read the projected columns batch by batch and write them back (zstd)."""
+def io_floor(source: Path, out: Path, columns: list[str], strings_only: bool = False) -> float:
+    """Seconds to read the projected columns batch by batch and write them back (zstd), with
+    pyarrow's default dictionary encoding (every column), or with `strings_only` the one the
+    scored output is written with (string columns only)."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.glob("*.parquet")):
         reader = pq.ParquetFile(path)
         schema = pa.schema([reader.schema_arrow.field(c) for c in columns])
-        with pq.ParquetWriter(out / path.name, schema, compression="zstd") as writer:
+        dictionary = (
+            [f.name for f in schema if pa.types.is_string(f.type)] if strings_only else True
+        )
+        with pq.ParquetWriter(
+            out / path.name, schema, compression="zstd", use_dictionary=dictionary
+        ) as writer:
             for batch in reader.iter_batches(batch_size=ROW_GROUP, columns=columns):
                 writer.write_batch(batch)
     return time.perf_counter() - started

@@ -3,13 +3,16 @@ pipeline's own overhead at small K), this code against an earlier commit's.
 
     python bench/small_k.py                      # against 0e226eb~1, before the DoFn cut; 5 rounds
     python bench/small_k.py --baseline HEAD --quick  # 2 rounds
+    python bench/small_k.py --rows 1000000 --files 8  # bench/pipeline.py's full data
 
 bench/pipeline.py's data and model (32 features, latent 8, hidden [128, 128]; the model saved
 with K=1). Each measurement is a fresh process that times the IO floor and the whole scoring job
 (plan, Beam's in-process runner, scoring, zstd Parquet, commit) in turn, best of `--repeats`; the
 two codes alternate, round after round, so a slow minute of this shared machine hits both. The
 table gives medians over rounds; "vs IO floor" is the job's rows/s over the floor's in the same
-process. The baseline runs from a `git archive` of the commit.
+process. The floor is pyarrow's defaults (a dictionary tried on every column, as a plain
+`pq.ParquetWriter` does); the table also gives it with dictionaries for the string columns only,
+as vaewatch writes its output. The baseline runs from a `git archive` of the commit.
 """
 
 from __future__ import annotations
@@ -45,19 +48,26 @@ def measure(data: Path, model: Path, rows: int, repeats: int) -> dict:
 
     bench = _pipeline_bench()
     columns = ["record_id", *ModelArtifact.load(model).spec.names()]
-    floor, job = [], []
+    floor, plain, job = [], [], []
     with tempfile.TemporaryDirectory() as work:
         for i in range(repeats + 1):  # the first round warms the page cache and the imports
             out = Path(work) / f"run{i}"
             f = bench.io_floor(data, out / "floor", columns)
+            p = bench.io_floor(data, out / "plain", columns, strings_only=True)
             j = bench.pipeline_run(data, model, out / "scores", k=1)
             shutil.rmtree(out)
             if i:
                 floor.append(f)
+                plain.append(p)
                 job.append(j)
     import vaewatch.pipeline.score as code
 
-    return {"floor": rows / min(floor), "job": rows / min(job), "code": code.__file__}
+    return {
+        "floor": rows / min(floor),
+        "floor_strings": rows / min(plain),
+        "job": rows / min(job),
+        "code": code.__file__,
+    }
 
 
 def main() -> None:
@@ -67,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="0e226eb~1", help="the commit to compare with")
     parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="timed jobs per process (best)")
     parser.add_argument("--quick", action="store_true", help="2 rounds")
@@ -82,7 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         bench = _pipeline_bench()
-        bench.write_input(work / "input", args.rows, 4)
+        bench.write_input(work / "input", args.rows, args.files)
         bench.make_model(work / "model", k=1)
         baseline = export(args.baseline, work / "baseline")
         results: dict[str, list[dict]] = {args.baseline: [], "now": []}
@@ -97,14 +108,25 @@ def main() -> None:
                     cmd, env=child_env(path), capture_output=True, text=True, check=True
                 )
                 results[code].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"{args.rows:,} rows, K=1, {args.rounds} rounds in {time.perf_counter() - started:.0f} s")
-    print("\n| code | IO floor rows/s | vaewatch score rows/s | vs IO floor |")
-    print("|---|---:|---:|---:|")
+    print(
+        f"{args.rows:,} rows in {args.files} files, K=1, {args.rounds} rounds in "
+        f"{time.perf_counter() - started:.0f} s"
+    )
+    print(
+        "\n| code | IO floor rows/s | vaewatch score rows/s | vs IO floor "
+        "| floor, strings-only dictionary | vs that |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for code, runs in results.items():
         floor = statistics.median(r["floor"] for r in runs)
+        plain = statistics.median(r["floor_strings"] for r in runs)
         job = statistics.median(r["job"] for r in runs)
         ratio = statistics.median(r["job"] / r["floor"] for r in runs)
-        print(f"| {code} | {floor:,.0f} | {job:,.0f} | {ratio:.2f}x |")
+        ratio_plain = statistics.median(r["job"] / r["floor_strings"] for r in runs)
+        print(
+            f"| {code} | {floor:,.0f} | {job:,.0f} | {ratio:.2f}x "
+            f"| {plain:,.0f} | {ratio_plain:.2f}x |"
+        )
     for code, runs in results.items():
         print(f"{code}: ran {runs[0]['code']}")
     old = statistics.median(r["job"] for r in results[args.baseline])

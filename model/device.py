@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from vaewatch.model.errors import UserError
@@ -47,6 +49,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     bf16 where the device has it natively, else float32."""
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "fp32" or (precision == "auto" and not bf16_is_fast(device)):
+    fast = bf16_is_fast(device)
+    if precision == "fp32" or (precision == "auto" and not fast):
         return None
+    if not fast:
+        logging.getLogger(__name__).warning(
+            "precision bf16 asked for on a %s without native bfloat16 (AVX-512 BF16 or AMX on "
+            "CPU): bf16 is emulated there and slower than fp32; --precision auto picks fp32 "
+            "on this machine",
+            device.type.upper() if device.type == "cuda" else "CPU",
+        )
     return torch.bfloat16

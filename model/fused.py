@@ -10,7 +10,7 @@ adds the bias and applies the activation in the GEMM's epilogue while the tile i
 
 The result is the same function (tests compare it with the eager layers); anything the fused path
 does not cover runs the eager modules unchanged: gradients (training), CUDA, float64, a torch
-build without oneDNN.
+build without oneDNN, bfloat16 on a CPU without bf16 instructions.
 """
 
 from __future__ import annotations
@@ -26,13 +26,16 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.cache
-def available() -> bool:
-    """Whether this torch build has oneDNN's fused linear (x86 and Arm CPU builds do)."""
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build and CPU run oneDNN's fused linear in `dtype` (x86 and Arm CPU
+    builds do in float32; bfloat16 needs the CPU's bf16 instructions, e.g. AVX-512 BF16 or AMX:
+    on an AVX2-only CPU oneDNN has no bf16 kernel and the call fails)."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
         op = torch.ops.mkldnn._linear_pointwise
-        op(torch.ones(2, 3), torch.ones(4, 3), torch.zeros(4), "relu", [], "")
+        ones = functools.partial(torch.ones, dtype=dtype)
+        op(ones(2, 3), ones(4, 3), torch.zeros(4, dtype=dtype), "relu", [], "")
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -41,10 +44,10 @@ def available() -> bool:
 def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype a fused pass over `x` runs in, or None when the eager layers must run: with
     gradients on, off the CPU, or in a dtype oneDNN does not multiply."""
-    if torch.is_grad_enabled() or x.device.type != "cpu" or not available():
+    if torch.is_grad_enabled() or x.device.type != "cpu":
         return None
     dtype = _cpu_autocast_dtype() or x.dtype
-    if x.dtype not in _DTYPES or dtype not in _DTYPES:
+    if x.dtype not in _DTYPES or dtype not in _DTYPES or not available(dtype):
         return None
     return dtype
 
@@ -84,6 +87,13 @@ def cast(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _fused(x, weight, bias, attr: str, algorithm: str, dtype: torch.dtype) -> torch.Tensor:
     bias = None if bias is None else cast(bias, dtype)
+    if x.numel() == x.shape[-1]:
+        # one row: oneDNN takes a matrix-vector kernel that sums in another order than its
+        # GEMM (1e-7 apart on AVX2), so a record scored alone would differ from the same
+        # record in a batch. The row is run as two, the same kernel as every other call.
+        pair = x.reshape(1, -1).repeat(2, 1)
+        out = _fused(pair, weight, bias, attr, algorithm, dtype)[:1]
+        return out.reshape(*x.shape[:-1], out.shape[-1])
     return torch.ops.mkldnn._linear_pointwise(
         x.to(dtype), cast(weight, dtype), bias, attr, [], algorithm
     )

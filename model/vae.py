@@ -187,17 +187,17 @@ class Encoder(nn.Module):
         self.register_buffer("category_offsets", config.category_offsets(), persistent=False)
 
     def inputs(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, F) values + mask -> (B, encoder_input_dim); missing entries are zero everywhere."""
+        """(B, F) values + mask -> (B, encoder_input_dim): the values, each category one-hot,
+        the mask; missing entries are zero everywhere."""
         c = self.config
-        n_num = c.n_continuous + c.n_boolean
+        n_num, width = c.n_continuous + c.n_boolean, sum(c.category_sizes)
         observed = mask.to(x.dtype)
-        parts = [x[:, :n_num] * observed[:, :n_num]]
-        for j, size in enumerate(c.category_sizes):
-            col = n_num + j
-            one_hot = F.one_hot(x[:, col].long(), size).to(x.dtype)  # (B, size)
-            parts.append(one_hot * observed[:, col : col + 1])
-        parts.append(observed)
-        return torch.cat(parts, dim=-1)
+        out = torch.zeros(x.shape[0], c.encoder_input_dim, dtype=x.dtype, device=x.device)
+        torch.mul(x[:, :n_num], observed[:, :n_num], out=out[:, :n_num])
+        codes = x[:, n_num:].long() + self.category_offsets + n_num
+        out.scatter_(1, codes, observed[:, n_num:])  # a missing category writes its 0
+        out[:, n_num + width :] = observed
+        return out
 
     def first_layer(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The first Linear applied to `inputs(x, mask)` without building the one-hot columns:
@@ -214,7 +214,7 @@ class Encoder(nn.Module):
         weight = layer.weight  # (hidden, n_num + width + n_features)
         dense_weight = torch.cat([weight[:, :n_num], weight[:, n_num + width :]], dim=1)
         dense = torch.cat([x[:, :n_num] * observed[:, :n_num], observed], dim=1)
-        out = F.linear(dense, dense_weight, layer.bias)
+        out = fused.linear(dense, dense_weight, layer.bias)  # oneDNN at inference: see fused
         codes = x[:, n_num:].long() + self.category_offsets  # (B, n_cat) rows of the table
         table = weight[:, n_num : n_num + width].t()  # (width, hidden)
         looked_up = F.embedding_bag(
@@ -223,8 +223,15 @@ class Encoder(nn.Module):
         return out + looked_up.to(out.dtype)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> Posterior:
-        # under bf16 autocast: the MLP's matmuls in bf16, the posterior in the input's precision
-        h = fused.run(self.net[1:], self.first_layer(x, mask)).to(x.dtype)
+        # under bf16 autocast: the MLP's matmuls in bf16, the posterior in the input's precision.
+        # At inference an input no wider than the first layer's output is built whole, and the
+        # first Linear fuses with its activation like the others (1.5x on 32 features); wider
+        # ones take `first_layer`'s lookup, which never builds the one-hot columns.
+        narrow = self.config.encoder_input_dim <= self.net[0].out_features
+        if narrow and fused.compute_dtype(x) is not None:
+            h = fused.run(self.net, self.inputs(x, mask)).to(x.dtype)
+        else:
+            h = fused.run(self.net[1:], self.first_layer(x, mask)).to(x.dtype)
         mean, log_var = h.chunk(2, dim=-1)
         low, high = self.config.encoder_log_var_range
         return Posterior(mean, log_var.clamp(low, high))

@@ -18,6 +18,8 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.utils.windowed_value import WindowedValue
 
+from vaewatch.pipeline.tables import ArrowTableCoder  # noqa: F401  (registered for pa.Table)
+
 
 class _Held:
     """The tables of one window waiting to be emitted, and their row count."""
@@ -75,4 +77,4 @@ class Rebatch(beam.PTransform):
         self._rows = rows
 
     def expand(self, tables):
-        return tables | "Rebatch" >> beam.ParDo(_RebatchFn(self._rows))
+        return tables | "Rebatch" >> beam.ParDo(_RebatchFn(self._rows)).with_output_types(pa.Table)

@@ -5,8 +5,8 @@ ListInputs (Create: the files resolved at launch)
   -> ScoreParquet
        ReadParquet (ReadParquetTables: row-group splits, projected to features + kept columns)
        -> ScoreRecords (Rebatch to --batch-size rows, ScoreBatches: model loaded once per worker)
-            -> scored   -> RechunkScored   -> WriteScored   (WriteToParquetBatched, zstd)
-            -> rejected -> RechunkRejected -> WriteRejected (WriteToParquetBatched, zstd)
+            -> scored   -> RechunkScored   -> WriteScored   (WriteParquetTables, zstd)
+            -> rejected -> RechunkRejected -> WriteRejected (WriteParquetTables, zstd)
 ```
 
 The pipeline only stages files. The commit (row counts checked, manifest, `_SUCCESS`, the
@@ -26,7 +26,6 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.parquetio import WriteToParquetBatched
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
@@ -39,6 +38,7 @@ from vaewatch.pipeline.commit import PART_PREFIX, REJECTED_DIR, OutputError, out
 from vaewatch.pipeline.drift import STATS_FILE, WriteDayStats, read_stats
 from vaewatch.pipeline.loopback import loopback_only
 from vaewatch.pipeline.plan import LOCAL_RUNNER, ScoreJob, ScoreOptions, ScorePlan, make_plan
+from vaewatch.pipeline.tables import WriteParquetTables
 from vaewatch.pipeline.transforms import (
     METRICS_NAMESPACE,
     REJECTED_TAG,
@@ -53,7 +53,6 @@ from vaewatch.pipeline.transforms import (
     row_group_splits,
 )
 
-PARQUET_CODEC = "zstd"  # Beam's default is no compression
 __all__ = ["ScoreJob", "ScoreOptions", "ScoreParquet", "ScoreResult", "build", "run"]
 
 
@@ -111,16 +110,9 @@ class ScoreParquet(beam.PTransform):
             written[tag] = (
                 outputs[tag]
                 | f"Rechunk{name}" >> Rebatch(WRITE_CHUNK_ROWS)
-                | f"Written{name}" >> beam.FlatMap(pass_then, f"write:{tag}")
-                | f"Write{name}"
-                >> WriteToParquetBatched(
-                    prefix,
-                    schema=schema,
-                    codec=PARQUET_CODEC,
-                    file_name_suffix=".parquet",
-                    num_shards=shards,
-                    shard_name_template="-SSSSS-of-NNNNN",
-                )
+                | f"Written{name}"
+                >> beam.FlatMap(pass_then, f"write:{tag}").with_output_types(pa.Table)
+                | f"Write{name}" >> WriteParquetTables(prefix, schema, num_shards=shards)
             )
         if self._drift is not None:
             written["drift"] = outputs[SCORED_TAG] | "DriftStats" >> WriteDayStats(*self._drift)

@@ -172,7 +172,10 @@ class ReadParquetTables(beam.PTransform):
             paths
             | "SplitRowGroups" >> beam.FlatMap(_splits)
             | "Redistribute" >> beam.Reshuffle()
-            | "ReadRowGroups" >> beam.ParDo(_ReadRowGroups(self._columns, self._provenance))
+            | "ReadRowGroups"
+            >> beam.ParDo(_ReadRowGroups(self._columns, self._provenance)).with_output_types(
+                pa.Table
+            )
         )
 
 
@@ -340,7 +343,10 @@ class ScoreRecords(beam.PTransform):
         return (
             tables
             | "BatchRows" >> Rebatch(self._batch_size)
-            | "ScoreVAE" >> beam.ParDo(self._score).with_outputs(REJECTED_TAG, main=SCORED_TAG)
+            | "ScoreVAE"
+            >> beam.ParDo(self._score)
+            .with_output_types(pa.Table, **{REJECTED_TAG: pa.Table})
+            .with_outputs(REJECTED_TAG, main=SCORED_TAG)
         )
 
 

@@ -118,6 +118,14 @@ def test_encoder_looks_up_categories_instead_of_one_hot(sizes):
     x = torch.where(mask, x, torch.zeros(()))  # what encode() gives a missing value
     one_hot = encoder.inputs(x, mask)
     assert one_hot.shape[1] == config.encoder_input_dim
+    # built independently: values, each category one-hot, the mask; missing entries zero
+    observed = mask.float()
+    parts = [x[:, :5] * observed[:, :5]]
+    for j, size in enumerate(sizes):
+        parts.append(
+            torch.nn.functional.one_hot(x[:, 5 + j].long(), size) * observed[:, 5 + j, None]
+        )
+    torch.testing.assert_close(one_hot, torch.cat([*parts, observed], 1), rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(
             encoder.first_layer(x, mask), encoder.net[0](one_hot), rtol=1e-5, atol=1e-6

@@ -114,12 +114,14 @@ def test_a_batch_is_scored_in_slices_that_fit_the_memory_budget(fitted):
             assert x == y, name
 
 
-def test_precision_choice(monkeypatch):
+def test_precision_choice(monkeypatch, caplog):
     cpu = torch.device("cpu")
     assert devices.resolve_precision("fp32", cpu) is None
-    assert devices.resolve_precision("bf16", cpu) is torch.bfloat16
     monkeypatch.setattr(devices, "bf16_is_fast", lambda device: False)
     assert devices.resolve_precision("auto", cpu) is None
+    with caplog.at_level("WARNING", logger=devices.__name__):
+        assert devices.resolve_precision("bf16", cpu) is torch.bfloat16  # asked for: honoured
+    assert "without native bfloat16" in caplog.text and "slower than fp32" in caplog.text
     monkeypatch.setattr(devices, "bf16_is_fast", lambda device: True)
     assert devices.resolve_precision("auto", cpu) is torch.bfloat16
     with pytest.raises(UserError, match="precision 'fp16' is not one of auto, fp32, bf16"):
