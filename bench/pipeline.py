@@ -99,6 +99,8 @@ def io_floor(source: Path, out: Path, columns: list[str], strings_only: bool = F
     for path in sorted(source.glob("*.parquet")):
         reader = pq.ParquetFile(path)
         schema = pa.schema([reader.schema_arrow.field(c) for c in columns])
+        # the input's strings are top-level columns; not pipeline/tables.py's `string_columns`,
+        # which a baseline commit run by bench/small_k.py may not have
         dictionary = (
             [f.name for f in schema if pa.types.is_string(f.type)] if strings_only else True
         )

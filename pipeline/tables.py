@@ -71,7 +71,7 @@ def string_columns(schema: pa.Schema) -> list[str]:
 class _ParquetTableSink(filebasedsink.FileBasedSink):
     """Each element, a pa.Table of the sink's schema, appended to the shard's Parquet file."""
 
-    def __init__(self, file_path_prefix: str, schema: pa.Schema, *, num_shards: int, **kwargs):
+    def __init__(self, file_path_prefix: str, schema: pa.Schema, *, num_shards: int):
         super().__init__(
             file_path_prefix,
             coder=None,
@@ -80,7 +80,6 @@ class _ParquetTableSink(filebasedsink.FileBasedSink):
             shard_name_template="-SSSSS-of-NNNNN",
             mime_type="application/x-parquet",
             compression_type=CompressionTypes.UNCOMPRESSED,  # compressed per page instead
-            **kwargs,
         )
         self._schema = schema
         self._dictionary = string_columns(schema)
