@@ -10,10 +10,14 @@
   encoding only for the string columns. pyarrow's default tries a dictionary for every column
   and, for high-cardinality floats (scores, latent codes), builds one per row group only to
   fall back to plain encoding: on the scored table that is 2-3x the write time, for a larger
-  file.
+  file. Each shard's writer encodes and compresses on a thread of its own, one table behind
+  the bundle (`_OverlappedWriter`).
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import apache_beam as beam
 import pyarrow as pa
@@ -68,6 +72,76 @@ def string_columns(schema: pa.Schema) -> list[str]:
     ]
 
 
+class _OverlappedWriter:
+    """One open shard: a `pq.ParquetWriter` and the file it writes, fed from a thread.
+
+    pyarrow releases the GIL while it encodes and compresses a table, so the write of one table
+    runs while the bundle reads, encodes and scores the next, on a core the single-threaded
+    stretches of that work leave idle. At most one table is in flight (`write` waits for the
+    previous one first), so memory grows by one table, and tables are written in the order
+    given. A failed write is raised by the next `write` or by `close`, never dropped, and the
+    file is closed then (Beam fails the bundle and discards the shard's temporary file).
+    """
+
+    def __init__(self, writer: pq.ParquetWriter, handle):
+        self._writer, self._handle = writer, handle
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+
+    def _write(self, table: pa.Table) -> None:
+        try:
+            self._writer.write_table(table)
+        except BaseException as err:  # raised on the bundle's thread by _wait
+            self._error = err
+
+    def _wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._abandon()
+            try:
+                raise error
+            finally:
+                del error  # no cycle through this frame (see `_abandon`)
+
+    def _abandon(self) -> None:
+        """After a failed write the file is garbage: close what can be closed and raise the
+        write's own error. The error's traceback holds pyarrow's writer, whose destructor tries
+        to finish the file; with no reference cycle it runs when the error is dropped, against
+        a closed handle, rather than in some later garbage collection inside unrelated code
+        (where, on Python 3.11, it broke `compile` with "AST constructor recursion depth
+        mismatch")."""
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        self._writer.is_open = False  # pyarrow's __del__ would close (and raise) again
+        with contextlib.suppress(Exception):
+            self._handle.close()
+
+    def write(self, table: pa.Table) -> None:
+        if self._closed:
+            raise ValueError("write to a closed Parquet shard")
+        self._wait()
+        self._thread = threading.Thread(
+            target=self._write, args=(table,), name="vaewatch-parquet-write", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._wait()
+            self._writer.close()
+        finally:
+            if not self._closed:
+                self._closed = True
+                self._handle.close()
+
+
 class _ParquetTableSink(filebasedsink.FileBasedSink):
     """Each element, a pa.Table of the sink's schema, appended to the shard's Parquet file."""
 
@@ -85,20 +159,22 @@ class _ParquetTableSink(filebasedsink.FileBasedSink):
         self._dictionary = string_columns(schema)
 
     def open(self, temp_path: str):
-        """(the Parquet writer, the file it writes): each open file keeps its own handle."""
+        """The shard's writer: each open file keeps its own handle and write thread."""
         handle = super().open(temp_path)
-        writer = pq.ParquetWriter(
-            handle, self._schema, compression=PARQUET_CODEC, use_dictionary=self._dictionary
-        )
-        return writer, handle
+        try:
+            writer = pq.ParquetWriter(
+                handle, self._schema, compression=PARQUET_CODEC, use_dictionary=self._dictionary
+            )
+        except BaseException:
+            handle.close()
+            raise
+        return _OverlappedWriter(writer, handle)
 
-    def write_record(self, opened, table: pa.Table) -> None:
-        opened[0].write_table(table)
+    def write_record(self, opened: _OverlappedWriter, table: pa.Table) -> None:
+        opened.write(table)
 
-    def close(self, opened) -> None:
-        writer, handle = opened
-        writer.close()
-        handle.close()
+    def close(self, opened: _OverlappedWriter) -> None:
+        opened.close()
 
     def display_data(self):
         return {**super().display_data(), "codec": PARQUET_CODEC, "schema": str(self._schema)}

@@ -1,16 +1,27 @@
 """Arrow tables as Beam elements (pipeline/tables.py): the coder the pipeline's PCollections of
 tables get, and the Parquet sink's encodings."""
 
+import gc
+import io
+import weakref
+
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
 from vaewatch.model.contract import score_schema
 from vaewatch.pipeline.batching import Rebatch
-from vaewatch.pipeline.tables import ArrowTableCoder, WriteParquetTables, string_columns
+from vaewatch.pipeline.tables import (
+    PARQUET_CODEC,
+    ArrowTableCoder,
+    WriteParquetTables,
+    _OverlappedWriter,
+    string_columns,
+)
 from vaewatch.pipeline.transforms import ReadParquetTables
 
 
@@ -107,3 +118,63 @@ def test_the_sink_dictionary_encodes_only_string_columns(tmp_path):
         dictionary = any("DICTIONARY" in e for e in column.encodings)
         assert dictionary == (column.physical_type == "BYTE_ARRAY"), column.path_in_schema
         assert column.compression == "ZSTD"
+
+
+class _Handle(io.BytesIO):
+    """A file that fails like a full disk once `limit` bytes are written."""
+
+    def __init__(self, limit: int | None = None):
+        super().__init__()
+        self.limit = limit
+        self.written = 0
+
+    def write(self, data) -> int:
+        self.written += len(data)
+        if self.limit is not None and self.written > self.limit:
+            raise OSError(28, "No space left on device")
+        return super().write(data)
+
+    def close(self) -> None:
+        self.final = self.getvalue()
+        super().close()
+
+
+def _writer(handle: _Handle, schema: pa.Schema) -> _OverlappedWriter:
+    return _OverlappedWriter(pq.ParquetWriter(handle, schema, compression=PARQUET_CODEC), handle)
+
+
+def test_the_overlapped_writer_keeps_the_order_of_its_tables():
+    tables = [_scored(500, seed=s) for s in range(6)]
+    handle = _Handle()
+    writer = _writer(handle, tables[0].schema)
+    for table in tables:
+        writer.write(table)
+    writer.close()
+    assert handle.closed
+    back = pq.read_table(pa.BufferReader(handle.final))
+    assert back.column("id").to_pylist() == pa.concat_tables(tables).column("id").to_pylist()
+    assert pq.ParquetFile(pa.BufferReader(handle.final)).metadata.num_row_groups == 6
+
+
+def test_a_failed_background_write_is_raised_and_the_file_closed():
+    """The write runs on a thread: its error must reach the bundle (Beam then retries it and
+    discards the temporary file), from the next write or from close, never be dropped, and the
+    failed writer must go with the error, not linger in a reference cycle."""
+    tables = [_scored(2_000, seed=s) for s in range(4)]
+    handle = _Handle(limit=30_000)  # less than one table's worth
+    writer = _writer(handle, tables[0].schema)
+    with pytest.raises(OSError, match="No space left") as raised:
+        for table in tables:
+            writer.write(table)
+        writer.close()
+    assert handle.closed
+    writer.close()  # Beam may close it again: nothing left to do, nothing raised
+    with pytest.raises(ValueError, match="closed"):
+        writer.write(tables[0])
+    alive = weakref.ref(writer)
+    gc.disable()
+    try:
+        del writer, raised
+        assert alive() is None
+    finally:
+        gc.enable()
