@@ -36,11 +36,10 @@ from vaewatch.model.estimators import (
     DEFAULT_MEMORY_BUDGET,
     IWAE_STREAM,
     elbo,
-    iid_noise,
     iwae,
-    noise,
     score_records,
 )
+from vaewatch.model.noise import iid_noise, noise
 
 
 def linear_flops(sizes: list[int]) -> int:

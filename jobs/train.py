@@ -151,6 +151,7 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
             f"calibration: {calibration.rows:,} validation rows, IWAE K={config.scoring.k}; "
             f"threshold {threshold:.3f} nats at quantile {config.threshold_quantile}, flag rule "
             f"{calibration.effective_rule}"
+            + (" (with -log p(discrete | continuous))" if calibration.conditional_term else "")
         )
         mlrun.log_metrics(
             {

@@ -216,9 +216,10 @@ flag_rule = option(
     "--flag-rule",
     type=click.Choice(defaults.FLAG_RULES),
     default=defaults.FLAG_RULE,
-    help="is_anomaly: 'any' flags a record whose total score or any single feature is in its "
-    "own calibration tail (at one level, flagging 1 - the threshold quantile of validation "
-    "rows); 'total': anomaly_score above its validation quantile only.",
+    help="is_anomaly: 'any' flags a record whose total score, any single feature, or its "
+    "discrete values given its continuous ones is in its own calibration tail (at one level, "
+    "flagging 1 - the threshold quantile of validation rows); 'total': anomaly_score above its "
+    "validation quantile only.",
 )
 
 

@@ -20,7 +20,11 @@ contribution -log p(x_j|z) (the baseline that `top_features` are measured agains
   tails fitted on the other folds of the calibration rows (as a new row's is, on rows it is not
   part of). A sparse anomaly
   (one value the model finds very unlikely, diluted in the total by every other feature's
-  spread) is flagged; the flagged share of calibration rows stays 1 - q. The "total" rule
+  spread) is flagged; the flagged share of calibration rows stays 1 - q. In a table with both
+  continuous and discrete features one more term is tested the same way: -log p(x_d | x_c),
+  the discrete values given the continuous ones (`discrete_nll`, model/estimators.py), which
+  sees a combination that never occurs (an in-person purchase at an online-only merchant)
+  where the record's own features' terms each look ordinary. The "total" rule
   (and models that predate "any", and any calibrated on fewer than MIN_TAIL_ROWS rows, too few
   to fit a tail per term) flag `anomaly_score > score_quantile(q)`.
 - `threshold(q)`: the anomaly score above which every record is flagged (under "any", the
@@ -73,6 +77,9 @@ class Calibration:
     tail_start: list[float] | None = None
     tail_scale: list[float] | None = None
     surprise_quantiles: list[float] | None = None  # calibration rows' surprises at `levels`
+    # True: the tails' last term is -log p(x_discrete | x_continuous) (`discrete_nll`); False
+    # in tables without both kinds and in models that predate it
+    conditional_term: bool = False
 
     @classmethod
     def fit(
@@ -83,9 +90,11 @@ class Calibration:
         top_feature_count: int = DEFAULT_TOP_FEATURES,
         missing: np.ndarray | None = None,
         flag_rule: str = defaults.FLAG_RULE,
+        discrete_nll: np.ndarray | None = None,
     ) -> Calibration:
         """`anomaly_scores` are -log_likelihood; with `missing` ((n, F) bool, True where the
-        value was missing) they are completed (`complete`) before their quantiles are taken."""
+        value was missing) they are completed (`complete`) before their quantiles are taken.
+        With `discrete_nll` ((n,), -log p(x_d|x_c)) the "any" rule tests it as one more term."""
         feature_nll = np.asarray(feature_nll, dtype=np.float64)
         baseline = np.median(feature_nll, axis=0)
         scores = np.asarray(anomaly_scores, dtype=np.float64)
@@ -93,6 +102,8 @@ class Calibration:
             scores = scores + _missing_cost(missing, baseline)
         finite = np.isfinite(scores)
         scores, terms = scores[finite], feature_nll[finite]
+        if discrete_nll is not None:
+            terms = np.column_stack([terms, np.asarray(discrete_nll, dtype=np.float64)[finite]])
         if scores.size == 0:
             raise ValueError("cannot calibrate on no finite scores")
         check_quantile(threshold_quantile)
@@ -124,6 +135,7 @@ class Calibration:
             top_feature_count=int(top_feature_count),
             completes_missing=missing is not None,
             flag_rule=flag_rule,
+            conditional_term=discrete_nll is not None and bool(tails),
             **tails,
         )
 
@@ -155,10 +167,21 @@ class Calibration:
         """The `quantile` of the calibration rows' surprises ("any" rule only)."""
         return float(np.interp(check_quantile(quantile), self.levels, self.surprise_quantiles))
 
-    def surprise(self, anomaly_scores: np.ndarray, feature_nll: np.ndarray) -> np.ndarray:
-        """(B,) float64: each record's largest tail excess over its terms ("any" rule only)."""
+    def surprise(
+        self,
+        anomaly_scores: np.ndarray,
+        feature_nll: np.ndarray,
+        discrete_nll: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """(B,) float64: each record's largest tail excess over its terms ("any" rule only);
+        `discrete_nll` is required where the model tests it (`conditional_term`)."""
         start, scale = np.asarray(self.tail_start), np.asarray(self.tail_scale)
-        return _surprise(anomaly_scores, feature_nll, start, scale)
+        terms = np.asarray(feature_nll, dtype=np.float64)
+        if self.conditional_term:
+            if discrete_nll is None:
+                raise ValueError("this calibration tests -log p(x_d|x_c): pass discrete_nll")
+            terms = np.column_stack([terms, np.asarray(discrete_nll, dtype=np.float64)])
+        return _surprise(anomaly_scores, terms, start, scale)
 
     def flags(
         self,
@@ -166,13 +189,15 @@ class Calibration:
         feature_nll: np.ndarray,
         quantile: float | None = None,
         rule: str | None = None,
+        discrete_nll: np.ndarray | None = None,
     ) -> np.ndarray:
         """(B,) bool: `is_anomaly` at `quantile` under `rule` (defaults: the model's)."""
         q = self.threshold_quantile if quantile is None else check_quantile(quantile)
         scores = np.asarray(anomaly_scores, dtype=np.float64)
         if self.check_rule(rule) == "total":
             return scores > self.score_quantile(q)
-        return self.surprise(scores, feature_nll) > self.surprise_threshold(q)
+        surprise = self.surprise(scores, feature_nll, discrete_nll)
+        return surprise > self.surprise_threshold(q)
 
     @property
     def effective_rule(self) -> str:
@@ -313,7 +338,8 @@ def _out_of_fold_surprise(terms: np.ndarray) -> np.ndarray:
 
 
 def _surprise(scores, feature_nll, start, scale) -> np.ndarray:
-    """(B,) float64: max over terms (the total score, then each feature) of (x - start) / scale."""
+    """(B,) float64: max over terms (the total score, then each feature, then -log p(x_d|x_c)
+    where tested) of (x - start) / scale."""
     total = (np.asarray(scores, dtype=np.float64) - start[0]) / scale[0]
     nll = np.asarray(feature_nll, dtype=np.float64)
     if nll.shape[1] == 0:

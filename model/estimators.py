@@ -41,50 +41,17 @@ from dataclasses import dataclass
 import torch
 
 from vaewatch.model import defaults
+from vaewatch.model.noise import iid_noise, noise, replicates
 from vaewatch.model.vae import LOG_2PI, VAE, FeatureLogProbs, Posterior, gaussian_kl
 
 DEFAULT_K = defaults.K
 DEFAULT_SEED = defaults.SEED
-REPLICATES = 4  # independent scramblings: their spread is the standard error (3 dof)
 DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes of decoder intermediates per step; 64 MiB measured
 # faster than 256 MiB on CPU (bench/estimators.py --budgets): chunks stay cache- and malloc-friendly
 SAMPLES_PER_STEP = 8  # at least this many samples per decoder step, fewer records (plan_chunks)
 UNBOUNDED = 2**62  # a budget that never splits (training: one pass per mini-batch)
 
 IWAE_STREAM, ELBO_STREAM = 1, 2
-
-
-def replicates(count: int) -> int:
-    """How many equal, independent replicates `count` points are drawn as: 4, 3, 2 or 1."""
-    return next(r for r in (REPLICATES, 3, 2, 1) if count % r == 0 and count >= r)
-
-
-def noise(count: int, latent_dim: int, seed: int, stream: int) -> torch.Tensor:
-    """(count, latent_dim) float64 points, each marginally N(0, I): `replicates(count)` blocks,
-    each a scrambled Sobol sequence with its own seed, through the normal inverse CDF.
-
-    A pure function of (seed, stream, count), made on the CPU, so the same seed gives the same
-    points on any device and worker."""
-    blocks = replicates(count)
-    points = []
-    for block in range(blocks):
-        engine = torch.quasirandom.SobolEngine(
-            latent_dim, scramble=True, seed=_block_seed(seed, stream, block)
-        )
-        uniform = engine.draw(count // blocks, dtype=torch.float64)
-        points.append(torch.special.ndtri(uniform.clamp(2.0**-53, 1.0 - 2.0**-53)))
-    return torch.cat(points)
-
-
-def iid_noise(count: int, latent_dim: int, seed: int, stream: int) -> torch.Tensor:
-    """(count, latent_dim) i.i.d. standard normals from the seed: the baseline `noise` is
-    measured against (bench/estimators.py), and fresh noise for training."""
-    generator = torch.Generator(device="cpu").manual_seed(_block_seed(seed, stream, 0))
-    return torch.randn((count, latent_dim), generator=generator, dtype=torch.float64)
-
-
-def _block_seed(seed: int, stream: int, block: int) -> int:
-    return (int(seed) * 1_000_003 + stream * 7_919 + block) % (2**63 - 1)
 
 
 def bytes_per_pair(model: VAE, dtype: torch.dtype = torch.float32, shared_by: int = 8) -> int:
@@ -211,6 +178,9 @@ class IWAEResult:
     # replicates (NaN when K has a single replicate); None unless asked for
     log_likelihood_se: torch.Tensor | None = None
     feature_nll: torch.Tensor | None = None  # (B, F) float64: -log p(x_j|z), normalised weights
+    # (B,) float64: -log p(x_discrete | x_continuous), from the same K points (`iwae`); None
+    # unless asked for, or when the model lacks continuous or discrete features
+    discrete_nll: torch.Tensor | None = None
 
 
 def iwae(
@@ -224,6 +194,7 @@ def iwae(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     contributions: bool = False,
     standard_error: bool = False,
+    conditional: bool = False,
     eps: torch.Tensor | None = None,
     posterior: Posterior | None = None,
 ) -> IWAEResult:
@@ -234,6 +205,11 @@ def iwae(
     record (training); `posterior` reuses an encoder pass. Differentiable when called with grad
     enabled (the IWAE training objective uses it). `standard_error` treats the K points as
     `replicates(K)` equal blocks, as `noise` draws them.
+
+    `conditional`: -log p(x_d | x_c) = log p(x_c) - log p(x), how unlikely the discrete values
+    (booleans, categories, whether each was observed) are given the continuous ones, both from
+    the same K points: p(x_c) is the importance sum with the discrete terms left out of each
+    weight (q(z|x) is a valid proposal for p(z|x_c) too); the Jacobian and log K cancel.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -242,12 +218,14 @@ def iwae(
     k = eps.shape[0]
     blocks = replicates(k)
     block_of = torch.arange(k, device=x.device) // (k // blocks)  # (K,) replicate of each point
-    lls, elbos, ses, nlls = [], [], [], []
+    n_cont = model.config.n_continuous
+    conditional = conditional and 0 < n_cont < model.config.n_features
+    lls, elbos, ses, nlls, conds = [], [], [], [], []
     for chunk in weight_chunks(
         model, x, mask, eps, posterior=posterior, memory_budget=memory_budget
     ):
         b = chunk.mask.shape[0]
-        running_max = running_sum = weighted_nll = None
+        running_max = running_sum = weighted_nll = continuous = None
         log_w_sum = torch.zeros(b, dtype=torch.float64, device=x.device)
         block_sums = torch.zeros((blocks, b), dtype=torch.float64, device=x.device)
         for s in chunk.samples:
@@ -272,6 +250,9 @@ def iwae(
                 weighted_nll = (
                     chunk_nll if rescale is None else weighted_nll * rescale[:, None] + chunk_nll
                 )
+            if conditional:  # log p(x_c, z_k) - log q(z_k|x): the discrete terms taken out
+                discrete = s.feature_lp.stacked()[..., n_cont:].sum(-1).to(torch.float64)
+                continuous = _running_log_sum_exp(continuous, log_w - discrete)
             running_max = new_max
         correction = jacobian(chunk.density, log_std)
         lls.append(running_max + torch.log(running_sum) - math.log(k) - correction)
@@ -285,12 +266,27 @@ def iwae(
                 dense = chunk.density.to(torch.float64)
                 nll[:, :n_cont] += dense * log_std.to(device=nll.device, dtype=torch.float64)
             nlls.append(nll)
+        if conditional:
+            conds.append(
+                continuous[0] + torch.log(continuous[1]) - running_max - torch.log(running_sum)
+            )
     return IWAEResult(
         log_likelihood=torch.cat(lls),
         elbo=torch.cat(elbos),
         log_likelihood_se=torch.cat(ses) if standard_error else None,
         feature_nll=torch.cat(nlls) if contributions else None,
+        discrete_nll=torch.cat(conds) if conditional else None,
     )
+
+
+def _running_log_sum_exp(state, log_w: torch.Tensor):
+    """(max, sum of exp(log_w - max)) over the sample axis, `state` holding the earlier chunks'
+    (None for the first)."""
+    top = log_w.max(0).values
+    if state is not None:
+        top = torch.maximum(state[0], top)
+    total = torch.exp(log_w - top).sum(0)
+    return (top, total) if state is None else (top, state[1] * torch.exp(state[0] - top) + total)
 
 
 def _replicate_error(block_sums: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -352,6 +348,7 @@ class RecordScores:
     latent_mean: torch.Tensor  # (B, D) float32
     latent_std: torch.Tensor  # (B, D) float32
     feature_nll: torch.Tensor  # (B, F) float64
+    discrete_nll: torch.Tensor | None = None  # (B,) float64, -log p(x_d|x_c); None: no pair
 
     @property
     def anomaly_score(self) -> torch.Tensor:
@@ -370,7 +367,8 @@ def score_records(
     matmul_dtype: torch.dtype | None = None,
 ) -> RecordScores:
     """The production estimator: one encoder pass and one decoder pass over the K seeded
-    points give the IWAE, the ELBO, the standard error and the attribution. `matmul_dtype`
+    points give the IWAE, the ELBO, the standard error, the attribution and the discrete
+    features' conditional term of the flag rule. `matmul_dtype`
     (torch.bfloat16) runs the MLPs' matmuls in that dtype under autocast; the densities stay
     in the input's precision (model/device.py `resolve_precision`)."""
     autocast = torch.autocast(
@@ -389,6 +387,7 @@ def score_records(
             posterior=posterior,
             contributions=True,
             standard_error=True,
+            conditional=True,
         )
     return RecordScores(
         elbo=result.elbo,
@@ -397,4 +396,5 @@ def score_records(
         latent_mean=posterior.mean.float(),
         latent_std=posterior.std.float(),
         feature_nll=result.feature_nll,
+        discrete_nll=result.discrete_nll,
     )

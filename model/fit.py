@@ -148,7 +148,9 @@ def fit(
 
     model = VAE(vae_config)
     result = train(model, data, config=train_config, on_epoch=on_epoch, on_step=on_step)
-    log_likelihood, feature_nll = calibration_scores(model, data, spec, config.scoring, device)
+    log_likelihood, feature_nll, discrete_nll = calibration_scores(
+        model, data, spec, config.scoring, device
+    )
     missing = ~data.m_val.cpu().numpy()
     calibration = Calibration.fit(
         -log_likelihood,
@@ -157,6 +159,7 @@ def fit(
         config.scoring.top_features,
         missing=missing,
         flag_rule=config.flag_rule,
+        discrete_nll=discrete_nll,
     )
     scores = calibration.complete(log_likelihood, missing)
     best = result.history[result.best_epoch]
@@ -204,10 +207,10 @@ def capacity(rows: int) -> tuple[int, tuple[int, ...]]:
 
 def calibration_scores(
     model: VAE, data: TrainingData, spec: FeatureSpec, scoring: ScoringDefaults, device
-) -> tuple[np.ndarray, np.ndarray]:
-    """(log_likelihood, per-feature -log p(x_j|z)) of the validation rows, scored as in
-    production."""
-    anomaly, nll = [], []
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(log_likelihood, per-feature -log p(x_j|z), -log p(x_d|x_c) or None where the table
+    lacks continuous or discrete features) of the validation rows, scored as in production."""
+    anomaly, nll, discrete = [], [], []
     log_std = spec.continuous_log_std.to(device)
     for start in range(0, data.x_val.shape[0], CALIBRATION_CHUNK_ROWS):
         x = data.x_val[start : start + CALIBRATION_CHUNK_ROWS].to(device)
@@ -215,4 +218,10 @@ def calibration_scores(
         s = score_records(model, x, m, log_std=log_std, k=scoring.k, seed=scoring.seed)
         anomaly.append(s.log_likelihood.cpu().numpy())
         nll.append(s.feature_nll.cpu().numpy())
-    return np.concatenate(anomaly), np.concatenate(nll)
+        if s.discrete_nll is not None:
+            discrete.append(s.discrete_nll.cpu().numpy())
+    return (
+        np.concatenate(anomaly),
+        np.concatenate(nll),
+        np.concatenate(discrete) if discrete else None,
+    )

@@ -167,6 +167,7 @@ class Scorer:
                     "latent_mean": np.zeros((0, d), np.float32),
                     "latent_std": np.zeros((0, d), np.float32),
                     "feature_nll": np.zeros((0, f)),
+                    "discrete_nll": np.zeros(0),
                     "missing": np.zeros((0, f), dtype=bool),
                 },
                 version,
@@ -200,6 +201,8 @@ class Scorer:
                          "latent_std", "feature_nll")
         }  # fmt: skip
         arrays["missing"] = ~mask.cpu().numpy()
+        if scores.discrete_nll is not None:
+            arrays["discrete_nll"] = scores.discrete_nll.cpu().numpy()
         finite = np.isfinite(arrays["log_likelihood"]) & np.isfinite(arrays["elbo"])
         if not finite.all():
             arrays = {name: values[finite] for name, values in arrays.items()}
@@ -227,7 +230,13 @@ class Scorer:
                 pa.array(anomaly, pa.float64()),
                 pa.array(calibration.percentile(anomaly), pa.float64()),
                 pa.array(
-                    calibration.flags(anomaly, nll, self.threshold_quantile, self.flag_rule),
+                    calibration.flags(
+                        anomaly,
+                        nll,
+                        self.threshold_quantile,
+                        self.flag_rule,
+                        discrete_nll=arrays.get("discrete_nll"),
+                    ),
                     pa.bool_(),
                 ),
                 fixed(arrays["latent_mean"]),

@@ -16,12 +16,11 @@ from vaewatch.model.estimators import (
     IWAE_STREAM,
     bytes_per_pair,
     iwae,
-    noise,
     plan_chunks,
-    replicates,
     score_records,
 )
 from vaewatch.model.features import FeatureSpec
+from vaewatch.model.noise import noise, replicates
 from vaewatch.model.synthetic import LABEL_COLUMNS as LABELS
 from vaewatch.model.vae import VAE, VAEConfig
 

@@ -7,7 +7,8 @@ import torch
 
 from tests.model.ppca import make_ppca
 from vaewatch.model import defaults
-from vaewatch.model.estimators import ELBO_STREAM, IWAE_STREAM, elbo, iid_noise, iwae, noise
+from vaewatch.model.estimators import ELBO_STREAM, IWAE_STREAM, elbo, iwae
+from vaewatch.model.noise import iid_noise, noise
 
 N_RECORDS = 200
 
