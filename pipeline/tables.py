@@ -108,8 +108,9 @@ class _OverlappedWriter:
                 del error  # no cycle through this frame (see `_abandon`)
 
     def _abandon(self) -> None:
-        """After a failed write the file is garbage: close what can be closed and raise the
-        write's own error. The error's traceback holds pyarrow's writer, whose destructor tries
+        """After a failed write or close the file is garbage: close what can be closed (the
+        caller raises the original error). The error's traceback holds pyarrow's writer, whose
+        destructor tries
         to finish the file; with no reference cycle it runs when the error is dropped, against
         a closed handle, rather than in some later garbage collection inside unrelated code
         (where, on Python 3.11, it broke `compile` with "AST constructor recursion depth
@@ -133,13 +134,14 @@ class _OverlappedWriter:
     def close(self) -> None:
         if self._closed:
             return
+        self._wait()  # a failed last write raises here, the file already abandoned
         try:
-            self._wait()
             self._writer.close()
-        finally:
-            if not self._closed:
-                self._closed = True
-                self._handle.close()
+        except BaseException:
+            self._abandon()
+            raise
+        self._closed = True
+        self._handle.close()
 
 
 class _ParquetTableSink(filebasedsink.FileBasedSink):
