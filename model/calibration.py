@@ -234,8 +234,12 @@ class Calibration:
         q = np.asarray(self.quantiles)
         levels = np.asarray(self.levels)
         scores = np.asarray(anomaly_scores, dtype=np.float64)
-        left = np.searchsorted(q, scores, side="left")
         right = np.searchsorted(q, scores, side="right")
+        # the left insertion point differs from the right one only where a score equals a
+        # calibration quantile (a plateau's level): searched for those rows alone
+        left = right.copy()
+        tied = np.flatnonzero(q[np.clip(right - 1, 0, len(q) - 1)] == scores)
+        left[tied] = np.searchsorted(q, scores[tied], side="left")
         # strictly between two distinct quantiles: interpolate; on a plateau: its mid level
         lo = np.clip(right - 1, 0, len(q) - 1)
         hi = np.clip(right, 0, len(q) - 1)
@@ -340,11 +344,14 @@ def _out_of_fold_surprise(terms: np.ndarray) -> np.ndarray:
 def _surprise(scores, feature_nll, start, scale) -> np.ndarray:
     """(B,) float64: max over terms (the total score, then each feature, then -log p(x_d|x_c)
     where tested) of (x - start) / scale."""
-    total = (np.asarray(scores, dtype=np.float64) - start[0]) / scale[0]
+    surprise = (np.asarray(scores, dtype=np.float64) - start[0]) / scale[0]
     nll = np.asarray(feature_nll, dtype=np.float64)
-    if nll.shape[1] == 0:
-        return total
-    return np.maximum(total, ((nll - start[1:]) / scale[1:]).max(axis=1))
+    # a running maximum over the columns: numpy's max along the short last axis of (B, F) is
+    # ~4x slower than this, and it was a K=1 job's largest numpy cost (bench/RESULTS.md);
+    # np.maximum propagates NaN as max does
+    for j in range(nll.shape[1]):
+        np.maximum(surprise, (nll[:, j] - start[j + 1]) / scale[j + 1], out=surprise)
+    return surprise
 
 
 def _missing_cost(missing, baseline) -> np.ndarray:

@@ -6,6 +6,7 @@ import pytest
 from vaewatch.model import defaults
 from vaewatch.model.calibration import (
     Calibration,
+    _surprise,
     _top,
     exponential_tails,
     quantile_levels,
@@ -52,6 +53,29 @@ def test_ties_map_to_the_middle_of_their_levels():
     assert cal.percentile(np.array([1.0]))[0] == pytest.approx(24.7, abs=1e-9)
     assert cal.percentile(np.array([1.5]))[0] == pytest.approx(50.0, abs=1e-9)
     assert cal.percentile(np.array([2.0]))[0] == pytest.approx(50 * (0.506 + 1.0), abs=1e-9)
+
+
+def test_plateau_and_interpolated_scores_in_one_batch():
+    """The ties test's three scores mixed with scores between and outside the quantiles, in one
+    call: each row gets what it gets alone (the plateau search runs on the tied rows only)."""
+    cal = Calibration.fit(np.array([1.0] * 50 + [2.0] * 50), np.zeros((100, 1)))
+    batch = np.array([2.0, 0.5, 1.0, 1.5, np.nan, 1.25, 1.0, 3.0])
+    alone = np.array([cal.percentile(np.array([s]))[0] for s in batch])
+    np.testing.assert_array_equal(cal.percentile(batch), alone)
+    assert cal.percentile(batch)[[1, 2, 3, 7]].tolist() == pytest.approx([0.0, 24.7, 50.0, 100])
+
+
+def test_surprise_by_hand():
+    """The largest of (term - start) / scale over the total and each feature; NaN anywhere in a
+    row makes its surprise NaN (as numpy's max), infinities count as such."""
+    start, scale = np.array([1.0, 0.0, 2.0]), np.array([2.0, 0.5, 4.0])
+    scores = np.array([5.0, 1.0, 1.0, 1.0, 0.0])
+    nll = np.array([[0.5, 2.0], [1.0, 10.0], [np.inf, 0.0], [0.0, np.nan], [-1.0, -2.0]])
+    expected = [2.0, 2.0, np.inf, np.nan, -0.5]  # (5-1)/2; (10-2)/4; inf; NaN; (0-1)/2
+    np.testing.assert_array_equal(_surprise(scores, nll, start, scale), expected)
+    assert _surprise(scores, np.zeros((5, 0)), start[:1], scale[:1]).tolist() == [
+        2.0, 0.0, 0.0, 0.0, -0.5
+    ]  # fmt: skip
 
 
 def test_json_round_trip_and_levels(calibration):
