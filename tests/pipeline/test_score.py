@@ -185,6 +185,27 @@ def test_rejected_rows_are_counted_and_explained(trained, workspace, tmp_path):
     assert oov["top_features"][0].as_py()[0]["feature"] == "merchant_category"
 
 
+def test_a_day_with_every_row_rejected_commits_and_reports_no_drift(trained, workspace, tmp_path):
+    """No scored rows: the run still commits (every row in the rejected output), the manifest's
+    drift section says there was nothing to compare rather than raising an alarm, and the day's
+    statistics file does not stay behind in the output."""
+    table = pq.read_table(workspace / "holdout").slice(0, 5)
+    amount = pa.array([float("inf")] * 5, table.schema.field("amount").type)
+    table = table.set_column(table.schema.get_field_index("amount"), "amount", amount)
+    source = tmp_path / "in"
+    source.mkdir()
+    pq.write_table(table, source / "all-bad.parquet")
+    result = run(_job(trained, tmp_path, source))
+    assert result.manifest.rows.to_json() == {"in": 5, "scored": 0, "rejected": 5}
+    assert result.manifest.drift == {
+        "alarm": False,
+        "assessed": False,
+        "why": "no scored rows to compare",
+    }
+    left = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert not any("drift" in name for name in left), left
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
