@@ -235,14 +235,14 @@ class Calibration:
         levels = np.asarray(self.levels)
         scores = np.asarray(anomaly_scores, dtype=np.float64)
         right = np.searchsorted(q, scores, side="right")
+        lo = np.clip(right - 1, 0, len(q) - 1)
+        hi = np.clip(right, 0, len(q) - 1)
         # the left insertion point differs from the right one only where a score equals a
         # calibration quantile (a plateau's level): searched for those rows alone
         left = right.copy()
-        tied = np.flatnonzero(q[np.clip(right - 1, 0, len(q) - 1)] == scores)
+        tied = np.flatnonzero(q[lo] == scores)
         left[tied] = np.searchsorted(q, scores[tied], side="left")
         # strictly between two distinct quantiles: interpolate; on a plateau: its mid level
-        lo = np.clip(right - 1, 0, len(q) - 1)
-        hi = np.clip(right, 0, len(q) - 1)
         span = q[hi] - q[lo]
         frac = np.where(span > 0, (scores - q[lo]) / np.where(span > 0, span, 1.0), 0.0)
         interpolated = levels[lo] + frac * (levels[hi] - levels[lo])
