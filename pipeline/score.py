@@ -5,8 +5,8 @@ ListInputs (Create: the files resolved at launch)
   -> ScoreParquet
        ReadParquet (ReadParquetTables: row-group splits, projected to features + kept columns)
        -> ScoreRecords (Rebatch to --batch-size rows, ScoreBatches: model loaded once per worker)
-            -> scored   -> RechunkScored   -> WriteScored   (WriteParquetTables, zstd)
-            -> rejected -> RechunkRejected -> WriteRejected (WriteParquetTables, zstd)
+            -> scored, rejected -> WriteOutputs (one sink: zstd Parquet per bundle, the
+                                                 drift statistics, one finalising step)
 ```
 
 The pipeline only stages files. The commit (row counts checked, manifest, `_SUCCESS`, the
@@ -35,10 +35,10 @@ from vaewatch.model.drift import Reference
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline import faults, progress, services, storage
 from vaewatch.pipeline.commit import PART_PREFIX, REJECTED_DIR, OutputError, output_lock
-from vaewatch.pipeline.drift import STATS_FILE, WriteDayStats, read_stats
+from vaewatch.pipeline.drift import STATS_FILE, DayStatsOf, read_stats
 from vaewatch.pipeline.loopback import loopback_only
+from vaewatch.pipeline.outputs import Output, WriteOutputs
 from vaewatch.pipeline.plan import LOCAL_RUNNER, ScoreJob, ScoreOptions, ScorePlan, make_plan
-from vaewatch.pipeline.tables import WriteParquetTables
 from vaewatch.pipeline.transforms import (
     METRICS_NAMESPACE,
     REJECTED_TAG,
@@ -47,9 +47,7 @@ from vaewatch.pipeline.transforms import (
     CorruptInputError,
     ModelSettings,
     ReadParquetTables,
-    Rebatch,
     ScoreRecords,
-    pass_then,
     row_group_splits,
 )
 
@@ -60,7 +58,8 @@ class ScoreParquet(beam.PTransform):
     """PCollection[str] of Parquet paths (or row-group splits) -> scored and rejected Parquet
     files.
 
-    Returns {"scored": PCollection of written scored files, "rejected": ... of rejected files}.
+    Returns {"scored": PCollection of written scored files, "rejected": ... of rejected files,
+    and with `drift`, "stats": the statistics file}.
     The files are plain Beam sink output under the two prefixes; `vaewatch score` stages them
     and commits them atomically afterwards, a Beam user may do as they wish.
     """
@@ -82,7 +81,6 @@ class ScoreParquet(beam.PTransform):
     ):
         super().__init__()
         self._columns = input_schema.names
-        self._drift = drift  # (the calibration to compare with, where the day's stats go)
         self._score = ScoreRecords(
             model,
             input_schema=input_schema,
@@ -93,10 +91,17 @@ class ScoreParquet(beam.PTransform):
             progress_seconds=progress_seconds,
         )
         rejected = rejected_schema(input_schema).with_metadata(scored_schema.metadata)
-        self._sinks = {  # tag: (prefix, schema, shards); rejected rows are few: runner decides
-            SCORED_TAG: (scored_prefix, scored_schema, shards),
-            REJECTED_TAG: (rejected_prefix, rejected, 0),
-        }
+        self._write = WriteOutputs(
+            {
+                SCORED_TAG: Output(scored_prefix, scored_schema),
+                REJECTED_TAG: Output(rejected_prefix, rejected),
+            },
+            shards=shards,
+            sharded=SCORED_TAG,  # rejected rows are few: one file per bundle that has any
+            stats=None if drift is None else (DayStatsOf(drift[0]), drift[1]),
+            stats_tag=SCORED_TAG,
+            chunk_rows=WRITE_CHUNK_ROWS,
+        )
 
     def expand(self, paths):
         outputs = (
@@ -104,19 +109,10 @@ class ScoreParquet(beam.PTransform):
             | "ReadParquet" >> ReadParquetTables(self._columns, provenance=True)
             | "ScoreRecords" >> self._score
         )
-        written = {}
-        for tag, (prefix, schema, shards) in self._sinks.items():
-            name = tag.capitalize()
-            written[tag] = (
-                outputs[tag]
-                | f"Rechunk{name}" >> Rebatch(WRITE_CHUNK_ROWS)
-                | f"Written{name}"
-                >> beam.FlatMap(pass_then, f"write:{tag}").with_output_types(pa.Table)
-                | f"Write{name}" >> WriteParquetTables(prefix, schema, num_shards=shards)
-            )
-        if self._drift is not None:
-            written["drift"] = outputs[SCORED_TAG] | "DriftStats" >> WriteDayStats(*self._drift)
-        return written
+        return {
+            SCORED_TAG: outputs[SCORED_TAG],
+            REJECTED_TAG: outputs[REJECTED_TAG],
+        } | "WriteOutputs" >> self._write
 
 
 @dataclass(frozen=True)

@@ -6,24 +6,25 @@
   it pickles each sampled table to measure it, which for 64k-row tables cost a K=1 job more
   time than its own Parquet reads (bench/RESULTS.md). A transform that emits tables declares
   `.with_output_types(pa.Table)` to get this coder.
-- `WriteParquetTables`: Beam's file sink writing each table as row groups, with dictionary
+- `open_parquet`: a Parquet file written table by table as row groups, with dictionary
   encoding only for the string columns. pyarrow's default tries a dictionary for every column
   and, for high-cardinality floats (scores, latent codes), builds one per row group only to
   fall back to plain encoding: on the scored table that is 2-3x the write time, for a larger
-  file. Each shard's writer encodes and compresses on a thread of its own, one table behind
-  the bundle (`_OverlappedWriter`).
+  file. Each open file encodes and compresses on a thread of its own, one table behind the
+  bundle (`_OverlappedWriter`). The output sink (pipeline/outputs.py) writes with it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 
 PARQUET_CODEC = "zstd"  # Beam's default is no compression
 
@@ -59,6 +60,7 @@ class ArrowTableCoder(beam.coders.Coder):
 beam.coders.registry.register_coder(pa.Table, ArrowTableCoder)
 
 
+@functools.lru_cache(maxsize=64)
 def string_columns(schema: pa.Schema) -> list[str]:
     """The Parquet column paths of `schema`'s string and binary leaves (nested ones included,
     e.g. `top_features.list.element.feature`), as the writer names them."""
@@ -144,52 +146,17 @@ class _OverlappedWriter:
         self._handle.close()
 
 
-class _ParquetTableSink(filebasedsink.FileBasedSink):
-    """Each element, a pa.Table of the sink's schema, appended to the shard's Parquet file."""
-
-    def __init__(self, file_path_prefix: str, schema: pa.Schema, *, num_shards: int):
-        super().__init__(
-            file_path_prefix,
-            coder=None,
-            file_name_suffix=".parquet",
-            num_shards=num_shards,
-            shard_name_template="-SSSSS-of-NNNNN",
-            mime_type="application/x-parquet",
-            compression_type=CompressionTypes.UNCOMPRESSED,  # compressed per page instead
+def open_parquet(path: str, schema: pa.Schema) -> _OverlappedWriter:
+    """A new Parquet file at `path` (any Beam file system), zstd, dictionaries for the string
+    columns only, written from a thread of its own."""
+    handle = FileSystems.create(
+        path, mime_type="application/x-parquet", compression_type=CompressionTypes.UNCOMPRESSED
+    )  # compressed per page instead
+    try:
+        writer = pq.ParquetWriter(
+            handle, schema, compression=PARQUET_CODEC, use_dictionary=string_columns(schema)
         )
-        self._schema = schema
-        self._dictionary = string_columns(schema)
-
-    def open(self, temp_path: str):
-        """The shard's writer: each open file keeps its own handle and write thread."""
-        handle = super().open(temp_path)
-        try:
-            writer = pq.ParquetWriter(
-                handle, self._schema, compression=PARQUET_CODEC, use_dictionary=self._dictionary
-            )
-        except BaseException:
-            handle.close()
-            raise
-        return _OverlappedWriter(writer, handle)
-
-    def write_record(self, opened: _OverlappedWriter, table: pa.Table) -> None:
-        opened.write(table)
-
-    def close(self, opened: _OverlappedWriter) -> None:
-        opened.close()
-
-    def display_data(self):
-        return {**super().display_data(), "codec": PARQUET_CODEC, "schema": str(self._schema)}
-
-
-class WriteParquetTables(beam.PTransform):
-    """PCollection[pa.Table] -> Parquet files `prefix-SSSSS-of-NNNNN.parquet` (zstd), one row
-    group per table or more; returns Beam's PCollection of the written file names.
-    `num_shards=0` lets the runner decide."""
-
-    def __init__(self, file_path_prefix: str, schema: pa.Schema, *, num_shards: int = 0):
-        super().__init__()
-        self._sink = _ParquetTableSink(file_path_prefix, schema, num_shards=num_shards)
-
-    def expand(self, tables):
-        return tables | beam.io.Write(self._sink)
+    except BaseException:
+        handle.close()
+        raise
+    return _OverlappedWriter(writer, handle)

@@ -16,7 +16,7 @@ the in-process runner, multi-processing workers, Dataflow, Spark or Flink.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -348,10 +348,3 @@ class ScoreRecords(beam.PTransform):
             .with_output_types(pa.Table, **{REJECTED_TAG: pa.Table})
             .with_outputs(REJECTED_TAG, main=SCORED_TAG)
         )
-
-
-def pass_then(table: pa.Table, point: str) -> Iterator[pa.Table]:
-    """Hands `table` downstream, then reaches the named fault point (the fused writer has
-    written the table into its temporary file by then)."""
-    yield table
-    faults.point(point)

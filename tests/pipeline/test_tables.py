@@ -1,5 +1,5 @@
 """Arrow tables as Beam elements (pipeline/tables.py): the coder the pipeline's PCollections of
-tables get, and the Parquet sink's encodings."""
+tables get, and the overlapped Parquet writer."""
 
 import gc
 import io
@@ -18,7 +18,6 @@ from vaewatch.pipeline.batching import Rebatch
 from vaewatch.pipeline.tables import (
     PARQUET_CODEC,
     ArrowTableCoder,
-    WriteParquetTables,
     _OverlappedWriter,
     string_columns,
 )
@@ -93,31 +92,6 @@ def test_string_columns_are_the_byte_array_leaves():
         "model_version",
     ]
     assert string_columns(pa.schema([("x", pa.float64())])) == []
-
-
-def test_the_sink_dictionary_encodes_only_string_columns(tmp_path):
-    """pyarrow's default tries a dictionary on every column; the sink keeps it for strings,
-    where it pays, and writes the floats plainly. The rows read back unchanged."""
-    tables = [_scored(300, seed=s) for s in range(3)]
-    with TestPipeline() as p:
-        _ = (
-            p
-            | beam.Create(tables, reshuffle=False).with_output_types(pa.Table)
-            | WriteParquetTables(str(tmp_path / "part"), tables[0].schema, num_shards=1)
-        )
-    (written,) = tmp_path.glob("part-*.parquet")
-    assert written.name == "part-00000-of-00001.parquet"
-    back = pq.read_table(written)
-    assert back.schema.metadata[b"vaewatch.k"] == b"24"
-    expected = pa.concat_tables(tables)
-    key = [("log_likelihood", "ascending")]
-    assert back.sort_by(key).equals(expected.sort_by(key).cast(back.schema))
-    meta = pq.ParquetFile(written).metadata.row_group(0)
-    for i in range(meta.num_columns):
-        column = meta.column(i)
-        dictionary = any("DICTIONARY" in e for e in column.encodings)
-        assert dictionary == (column.physical_type == "BYTE_ARRAY"), column.path_in_schema
-        assert column.compression == "ZSTD"
 
 
 class _Handle(io.BytesIO):
