@@ -78,9 +78,12 @@ class ScoreParquet(beam.PTransform):
         torch_threads: int | None = None,
         progress_seconds: float = progress.DEFAULT_INTERVAL,
         drift: tuple[Reference, str] | None = None,
+        redistribute: bool = True,
     ):
         super().__init__()
-        self._columns = input_schema.names
+        self._read = ReadParquetTables(
+            input_schema.names, provenance=True, redistribute=redistribute
+        )
         self._score = ScoreRecords(
             model,
             input_schema=input_schema,
@@ -104,11 +107,7 @@ class ScoreParquet(beam.PTransform):
         )
 
     def expand(self, paths):
-        outputs = (
-            paths
-            | "ReadParquet" >> ReadParquetTables(self._columns, provenance=True)
-            | "ScoreRecords" >> self._score
-        )
+        outputs = paths | "ReadParquet" >> self._read | "ScoreRecords" >> self._score
         return {
             SCORED_TAG: outputs[SCORED_TAG],
             REJECTED_TAG: outputs[REJECTED_TAG],
@@ -122,8 +121,9 @@ class ScoreResult:
     counters: dict[str, int]  # the run's Beam counters (namespace vaewatch): rows_in, ...
 
 
-def build(pipeline: beam.Pipeline, plan: ScorePlan):
-    """Attach the scoring transforms to `pipeline` (tests drive it with a TestPipeline)."""
+def build(pipeline: beam.Pipeline, plan: ScorePlan, *, single_worker: bool = False):
+    """Attach the scoring transforms to `pipeline` (tests drive it with a TestPipeline).
+    `single_worker`: the runner has one worker, so the input splits are not redistributed."""
     staging = plan.committer.staging
     return (
         pipeline
@@ -149,6 +149,7 @@ def build(pipeline: beam.Pipeline, plan: ScorePlan):
             torch_threads=plan.torch_threads,
             progress_seconds=plan.job.options.progress_seconds,
             drift=(plan.drift, FileSystems.join(staging, STATS_FILE)),
+            redistribute=not single_worker,
         )
     )
 
@@ -179,10 +180,12 @@ def run(job: ScoreJob, pipeline: beam.Pipeline | None = None) -> ScoreResult:
         with output_lock(job.output):
             plan.committer.prepare()
             faults.point("launch:staged")
+            # Beam's in-process runner with one worker: nowhere to redistribute the input to
+            single = pipeline is None and job.options.local and job.options.workers == 1
             if pipeline is None:
                 options, runner = pipeline_options(job)
                 pipeline = beam.Pipeline(runner=runner, options=options)
-            build(pipeline, plan)
+            build(pipeline, plan, single_worker=single)
             try:
                 with loopback_only() if job.options.local else contextlib.nullcontext():
                     result = pipeline.run()

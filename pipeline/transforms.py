@@ -108,14 +108,19 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 # ------------------------------------------------------------------------------ reading
 class _ReadRowGroups(beam.DoFn):
-    """(path, [row group indices]) -> Arrow tables of at most READ_BATCH_ROWS rows; with
-    `provenance`, each table carries SOURCE_COLUMN naming its split and the split's rows."""
+    """(path, [row group indices]), or a path to read whole, -> Arrow tables of at most
+    READ_BATCH_ROWS rows; with `provenance`, each table carries SOURCE_COLUMN naming its split
+    and the split's rows."""
 
     def __init__(self, columns: Sequence[str], provenance: bool = False):
         self._columns = list(columns)
         self._provenance = provenance
 
-    def process(self, split: tuple[str, list[int]]):
+    def process(self, element: str | tuple[str, list[int]]):
+        for split in _splits(element):
+            yield from self._read(split)
+
+    def _read(self, split: tuple[str, list[int]]):
         path, row_groups = split
         groups = f"row groups {row_groups[0]}-{row_groups[-1]}" if row_groups else "no row groups"
         rows = 0
@@ -160,23 +165,28 @@ class ReadParquetTables(beam.PTransform):
     """PCollection[str] of Parquet paths -> PCollection[pa.Table] projected to `columns`.
     Files are split by row groups and redistributed, so a large file is read in parallel.
     Elements may also be ready-made splits (`row_group_splits`), when the launcher has read
-    the footers already."""
+    the footers already.
 
-    def __init__(self, columns: Sequence[str], provenance: bool = False):
+    `redistribute=False` reads each element where it is, in turn: for a runner with a single
+    worker, where a redistribution (Beam's `Reshuffle`: six transforms and a `GroupByKey`)
+    has nowhere to send the splits and only adds to the job's fixed cost."""
+
+    def __init__(self, columns: Sequence[str], provenance: bool = False, redistribute=True):
         super().__init__()
         self._columns = list(columns)
         self._provenance = provenance  # add SOURCE_COLUMN (ScoreRecords reports per split)
+        self._redistribute = redistribute
 
     def expand(self, paths):
-        return (
-            paths
-            | "SplitRowGroups" >> beam.FlatMap(_splits)
-            | "Redistribute" >> beam.Reshuffle()
-            | "ReadRowGroups"
-            >> beam.ParDo(_ReadRowGroups(self._columns, self._provenance)).with_output_types(
-                pa.Table
+        if self._redistribute:
+            paths = (
+                paths
+                | "SplitRowGroups" >> beam.FlatMap(_splits)
+                | "Redistribute" >> beam.Reshuffle()
             )
-        )
+        return paths | "ReadRowGroups" >> beam.ParDo(
+            _ReadRowGroups(self._columns, self._provenance)
+        ).with_output_types(pa.Table)
 
 
 # ------------------------------------------------------------------------------ scoring
