@@ -220,11 +220,15 @@ def _finalize(_, sink: _Sink, minimum: dict[str, int], *outputs: list[Written]):
     if sink.stats_path is not None:
         stats = sink.stats_of.merge(w.stats for w in written if w.stats is not None)
         yield beam.pvalue.TaggedOutput("stats", write_stats(stats, sink.stats_path))
-    if FileSystems.exists(sink.temp_dir):
-        try:
+    try:  # what failed bundles left, then the folder (object stores have no folder to delete)
+        pattern = FileSystems.join(sink.temp_dir, "*")
+        left = [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list]
+        if left:
+            FileSystems.delete(left)
+        if FileSystems.exists(sink.temp_dir):
             FileSystems.delete([sink.temp_dir])
-        except BeamIOError:
-            pass  # debris only; the committer removes any temporary folder left in staging
+    except (BeamIOError, OSError):
+        pass  # debris only; the committer removes any temporary folder left in staging
 
 
 def _rename(sources: list[str], finals: list[str]) -> None:
