@@ -1,8 +1,8 @@
 """Committing a scoring run: readers see the previous complete output or the new one, never a mix.
 
-Beam's file sink renames shards one at a time, leaves `beam-temp-*` folders behind when a run
-dies, and a re-run with another shard count keeps the old shards. So a run never writes into
-the output directory. It writes everything (scored shards, `_rejected/`, `_manifest.json`,
+A sink renames shards one at a time, leaves `beam-temp-*` folders behind when a run dies, and
+a re-run with another shard count keeps the old shards. So a run never writes into the output
+directory. It writes everything (scored shards, `_rejected/`, `_manifest.json`,
 `_SUCCESS`) into its own staging folder, checks rows in = scored + rejected there, and only then
 publishes:
 
@@ -44,12 +44,13 @@ from apache_beam.io.filesystems import FileSystems
 
 from vaewatch.model.contract import Manifest
 from vaewatch.model.errors import UserError
-from vaewatch.pipeline import faults
+from vaewatch.pipeline import faults, storage
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 REJECTED_DIR = "_rejected"
 PART_PREFIX = "part"
+TEMP_PREFIX = "beam-temp-"  # a sink's temporary folder in staging; removed at commit
 
 
 class OutputError(UserError):
@@ -132,7 +133,7 @@ class LocalCommitter:
         committed = _check_counts(self.output, scored, rejected, manifest)
         faults.point("commit:counted")
         root = Path(self.staging)
-        for debris in root.rglob("beam-temp-*"):
+        for debris in root.rglob(f"{TEMP_PREFIX}*"):
             shutil.rmtree(debris, ignore_errors=True)
         _write_manifest_and_success(str(root), committed)
         faults.point("commit:success")
@@ -186,7 +187,7 @@ class ObjectStoreCommitter:
             for p in listing
             if Path(p).name.startswith(PART_PREFIX + "-")
             and f"/{REJECTED_DIR}/" not in p
-            and "beam-temp" not in p
+            and f"/{TEMP_PREFIX}" not in p
         )
         rejected = sorted(p for p in listing if f"/{REJECTED_DIR}/{PART_PREFIX}-" in p)
         return scored, rejected
@@ -215,10 +216,7 @@ class ObjectStoreCommitter:
                 destinations.append(target)
         if sources:
             for folder in {d.rsplit("/", 1)[0] for d in destinations}:
-                try:  # a no-op on object stores; local paths need the folder
-                    FileSystems.mkdirs(folder)
-                except OSError:
-                    pass  # already there
+                storage.make_dirs(folder)
             FileSystems.copy(sources, destinations)
         committed = dataclasses.replace(
             committed,

@@ -24,11 +24,12 @@ class DayStatsOf:
     """Scored Arrow tables -> the day's DayStats against `reference`'s quantiles and features."""
 
     def __init__(self, reference: Reference):
+        self._reference = reference
         self._quantiles = np.asarray(reference.quantiles)
         self._features = list(reference.features)
 
     def empty(self) -> DayStats:
-        return DayStats.empty(len(self._quantiles), len(self._features))
+        return self._reference.empty_stats()
 
     def add(self, stats: DayStats, table: pa.Table) -> DayStats:
         stats.add(

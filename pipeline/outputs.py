@@ -11,7 +11,7 @@ costs the launcher and the runner a little, which at K=1 was a visible part of a
    random name in one `beam-temp-*` folder beside the outputs), per output, and sums the drift
    statistics of its scored rows. Tables are held until `chunk_rows` rows of
    an output are there, so row groups stay large whatever the batch size. When the bundle
-   finishes it emits one `Written` record: its files and its statistics.
+   finishes it emits one `Written` record: its file and its statistics.
 2. **Finalise.** One step receives the records as side inputs. A runner commits a bundle's
    output only when the bundle succeeds, so a retried bundle's files are never listed, and the
    finalising step renames exactly the listed ones to `PREFIX-SSSSS-of-NNNNN.parquet`, writes
@@ -34,7 +34,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
@@ -47,14 +47,11 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from vaewatch.model.drift import DayStats
 from vaewatch.pipeline import faults
+from vaewatch.pipeline.commit import TEMP_PREFIX
 from vaewatch.pipeline.drift import DayStatsOf, write_stats
-from vaewatch.pipeline.tables import (  # noqa: F401  (ArrowTableCoder: registered for pa.Table)
-    PARQUET_CODEC,
-    ArrowTableCoder,
-    open_parquet,
-)
+from vaewatch.pipeline.storage import make_dirs
+from vaewatch.pipeline.tables import PARQUET_CODEC, open_parquet
 
-TEMP_PREFIX = "beam-temp-"  # the committer removes any such folder a killed run left behind
 SUFFIX = ".parquet"
 
 
@@ -66,12 +63,13 @@ class Output:
     schema: pa.Schema
 
 
-@dataclass
+@dataclass(frozen=True)
 class Written:
-    """What one bundle (or one shard key) wrote: temporary files per output, and the drift
-    statistics of the scored rows it saw (None when the sink keeps none)."""
+    """What one bundle (or one shard key) wrote for output `tag`: its temporary file, and the
+    drift statistics of the rows (None when the sink keeps none for that output)."""
 
-    files: dict[str, list[str]] = field(default_factory=dict)
+    tag: str
+    path: str
     stats: DayStats | None = None
 
 
@@ -110,12 +108,14 @@ class _Files:
         self._writer.write(tables[0] if len(tables) == 1 else pa.concat_tables(tables))
         faults.point(f"write:{self._tag}")
 
-    def close(self) -> Written:
+    def close(self) -> Written | None:
+        """The file finished; None when no table came (nothing was opened)."""
         if self._rows:
             self._write()
-        if self._writer is not None:
-            self._writer.close()
-        return Written({self._tag: [self._path]} if self._path else {}, self._stats)
+        if self._writer is None:
+            return None
+        self._writer.close()
+        return Written(self._tag, self._path, self._stats)
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class _WriteBundles(beam.DoFn):
         self._files: _Files | None = None
 
     def setup(self) -> None:
-        _make_dirs(self._sink.temp_dir)
+        make_dirs(self._sink.temp_dir)
 
     def start_bundle(self) -> None:
         self._files = None
@@ -156,7 +156,9 @@ class _WriteBundles(beam.DoFn):
     def finish_bundle(self) -> Iterator[WindowedValue]:
         if self._files is not None:
             files, self._files = self._files, None
-            yield _global(files.close())
+            written = files.close()
+            if written is not None:
+                yield _global(written)
 
 
 class _WriteGroups(beam.DoFn):
@@ -166,13 +168,15 @@ class _WriteGroups(beam.DoFn):
         self._sink, self._tag = sink, tag
 
     def setup(self) -> None:
-        _make_dirs(self._sink.temp_dir)
+        make_dirs(self._sink.temp_dir)
 
     def process(self, keyed: tuple[int, Iterator[pa.Table]]) -> Iterator[Written]:
         files = _Files(self._sink, self._tag)
         for table in keyed[1]:
             files.add(table)
-        yield files.close()
+        written = files.close()
+        if written is not None:
+            yield written
 
 
 class _SpreadOverShards(beam.DoFn):
@@ -190,27 +194,17 @@ class _SpreadOverShards(beam.DoFn):
         yield self._next, table
 
 
-def _make_dirs(path: str) -> None:
-    """A folder on a file system that has them (object stores have none: nothing to do)."""
-    if not FileSystems.exists(path):
-        try:
-            FileSystems.mkdirs(path)
-        except OSError:
-            if not FileSystems.exists(path):  # another worker may have made it meanwhile
-                raise
-
-
 def _finalize(_, sink: _Sink, minimum: dict[str, int], *outputs: list[Written]):
     """Rename the temporary files the `Written` records list (side inputs: one list per
     writer), fill each output to its minimum with empty files, write the merged statistics,
     delete the temporary folder; emits (tag, final path)."""
     written = [w for records in outputs for w in records]
     for tag, output in sink.outputs.items():
-        sources = sorted(path for w in written for path in w.files.get(tag, ()))
+        sources = sorted(w.path for w in written if w.tag == tag)
         count = max(len(sources), minimum.get(tag, 1))
         finals = [f"{output.prefix}-{i:05d}-of-{count:05d}{SUFFIX}" for i in range(count)]
         if finals:
-            _make_dirs(FileSystems.split(output.prefix)[0])
+            make_dirs(FileSystems.split(output.prefix)[0])
         _rename(sources, finals[: len(sources)])
         for path in finals[len(sources) :]:
             with FileSystems.create(path) as handle:

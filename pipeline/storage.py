@@ -35,6 +35,17 @@ class StorageUnavailable(UserError):
     """A path's scheme needs client libraries that are not installed."""
 
 
+def make_dirs(path: str) -> None:
+    """A folder and its parents, on a file system that has folders (object stores have none:
+    nothing to do); one that is already there, or made meanwhile by another worker, is fine."""
+    if not FileSystems.exists(path):
+        try:
+            FileSystems.mkdirs(path)
+        except OSError:
+            if not FileSystems.exists(path):
+                raise
+
+
 def scheme(location: str) -> str:
     """'s3', 'gs', ... or 'file' for a local path."""
     return location.split("://", 1)[0].lower() if "://" in location else "file"

@@ -13,8 +13,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from tests.pipeline.test_tables import _scored
 from vaewatch.model.drift import Reference
+from vaewatch.pipeline.commit import TEMP_PREFIX
 from vaewatch.pipeline.drift import DayStatsOf
-from vaewatch.pipeline.outputs import TEMP_PREFIX, Output, WriteOutputs, Written, _finalize
+from vaewatch.pipeline.outputs import Output, WriteOutputs, Written, _finalize
 from vaewatch.pipeline.tables import PARQUET_CODEC
 
 REJECTED = pa.schema([("id", pa.string()), ("amount", pa.float64()), ("reason", pa.string())])
@@ -162,7 +163,7 @@ def test_finalising_renames_only_what_succeeded_and_may_run_again(tmp_path):
         pq.write_table(table, temp / f"{name}.parquet")
     of = DayStatsOf(REFERENCE)
     written = [
-        Written({"scored": [str(temp / f"{name}.parquet")]}, of.add(of.empty(), tables[name]))
+        Written("scored", str(temp / f"{name}.parquet"), of.add(of.empty(), tables[name]))
         for name in ("b", "a")
     ]
     first = list(_finalize(None, sink, {}, written))
