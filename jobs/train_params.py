@@ -141,15 +141,40 @@ robust_trim = option(
     "--robust-trim",
     type=click.FloatRange(0, 0.5, max_open=True),
     default=defaults.ROBUST_TRIM,
-    help="After the KL warm-up, each batch's loss leaves out this share of its worst-explained "
-    "rows, so anomalies in the training data are not learned as normal (0 = plain likelihood).",
+    help="Each batch's worst-explained share of rows counts only --trim-weight in the loss "
+    "(after the KL warm-up unless --trim-from-start), so anomalies in the training data are not "
+    "learned as normal (0 = plain likelihood).",
+)
+trim_weight = option(
+    "--trim-weight",
+    type=click.FloatRange(0, 1),
+    default=defaults.TRIM_WEIGHT,
+    help="What a trimmed row's loss counts (0 = left out, 1 = no trim). Above 0 a long "
+    "legitimate tail is still learned under a large --robust-trim; a tight cluster of repeated "
+    "anomalies may be learned too (see --robust-drop).",
+)
+robust_drop = option(
+    "--robust-drop",
+    type=click.FloatRange(0, 0.5, max_open=True),
+    default=defaults.ROBUST_DROP,
+    help="With --trim-weight above 0: the worst-explained share of each batch that still counts "
+    "nothing (at most --robust-trim).",
 )
 trim_from_start = option(
     "--trim-from-start/--trim-after-warmup",
     default=defaults.TRIM_FROM_START,
-    help="Trim from the first update rather than after the KL warm-up: for small tables holding "
-    "more anomalies than the trim's share, which the warm-up would otherwise learn "
-    "(use with a larger --robust-trim, e.g. 0.2).",
+    help="Trim from the first update rather than after the KL warm-up, by which time a cluster "
+    "of anomalies larger than the trim may have been learned. For small tables holding more "
+    "than a few percent of anomalies: --trim-from-start --robust-trim 0.2 --trim-weight 0.2 "
+    "--weight-prior 2.",
+)
+weight_prior = option(
+    "--weight-prior",
+    type=click.FloatRange(min=0),
+    default=defaults.WEIGHT_PRIOR,
+    help="Precision of a Gaussian prior on the network's weights, for the table as a whole "
+    "(the L2 penalty per row is this over the training rows): strong on a table of a few "
+    "dozen rows, negligible on a large one (0 = off).",
 )
 validation_fraction = option(
     "--validation-fraction",
@@ -248,7 +273,10 @@ def training_options(command):
             kl_warmup_epochs,
             free_bits,
             robust_trim,
+            trim_weight,
+            robust_drop,
             trim_from_start,
+            weight_prior,
             validation_fraction,
             patience,
             min_steps_per_epoch,

@@ -43,6 +43,7 @@ class TrainConfig:
     batch_size: int = defaults.BATCH_SIZE
     learning_rate: float = defaults.LEARNING_RATE
     weight_decay: float = defaults.WEIGHT_DECAY
+    weight_prior: float = defaults.WEIGHT_PRIOR  # a table-wide Gaussian prior on the weights
     objective: str = defaults.OBJECTIVE
     train_k: int = defaults.TRAIN_K
     kl_warmup_epochs: int = defaults.KL_WARMUP_EPOCHS
@@ -61,9 +62,12 @@ class TrainConfig:
     # likely as the model fits normal data, so they dominate a plain mean (measured on the demo:
     # 0.5% contamination drove the mean validation ELBO from -12 to -47,000 nats while the
     # model improved on every normal row)
-    # after the KL warm-up, each batch's loss leaves out its worst-explained records (robust_mean)
+    # each batch's loss down-weights its worst-explained records (robust_mean; the share that
+    # counts nothing is at most robust_trim)
     robust_trim: float = defaults.ROBUST_TRIM
     trim_from_start: bool = defaults.TRIM_FROM_START  # ... or from the first update
+    trim_weight: float = defaults.TRIM_WEIGHT  # what a trimmed record's loss counts (0: nothing)
+    robust_drop: float = defaults.ROBUST_DROP  # ... except the very worst, which count nothing
 
     def __post_init__(self) -> None:
         if self.objective not in ("elbo", "iwae"):
@@ -72,7 +76,12 @@ class TrainConfig:
             raise ValueError(
                 f"validation_fraction must be in (0, 1), got {self.validation_fraction}"
             )
-        for name in ("validation_trim", "robust_trim"):
+        for name in ("weight_decay", "weight_prior"):
+            if getattr(self, name) < 0.0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.trim_weight <= 1.0:
+            raise ValueError(f"trim_weight must be in [0, 1], got {self.trim_weight}")
+        for name in ("validation_trim", "robust_trim", "robust_drop"):
             if not 0.0 <= getattr(self, name) < 0.5:
                 raise ValueError(f"{name} must be in [0, 0.5), got {getattr(self, name)}")
         for name in (
@@ -88,6 +97,13 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def decay_per_record(self, train_rows: int) -> float:
+        """The L2 coefficient of the per-record mean loss: `weight_decay` plus the prior's
+        precision spread over the rows. The prior is N(0, 1/weight_prior) on every weight, once
+        for the whole table, so it is strong where a few dozen rows could be memorised and
+        vanishes as the table grows (maximum a posteriori, not a per-record penalty)."""
+        return self.weight_decay + self.weight_prior / max(1, train_rows)
 
     def passes_per_epoch(self, train_rows: int) -> int:
         """How many passes over `train_rows` rows make one epoch (>= min_steps_per_epoch)."""
@@ -119,25 +135,40 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------- the loop
-def robust_mean(losses: torch.Tensor, trim: float) -> torch.Tensor:
-    """Mean of the per-record `losses` without the worst `trim` fraction of the batch (at least
-    one record kept): the records a model of normal data explains worst get no gradient, so a
-    few anomalies in the training data cannot pull the density towards themselves."""
-    if trim <= 0.0:
+def robust_mean(
+    losses: torch.Tensor, trim: float, trim_weight: float = 0.0, drop: float = 0.0
+) -> torch.Tensor:
+    """Weighted mean of the per-record `losses`: the worst `drop` fraction of the batch counts
+    nothing, the rest of its worst `trim` fraction counts `trim_weight` each, every other record
+    1 (at least one record at full weight). The records a model of normal data explains worst
+    get little or no gradient, so anomalies in the training data cannot pull the density
+    towards themselves."""
+    n = losses.shape[0]
+    keep = max(1, n - int(trim * n)) if trim > 0.0 else n
+    if keep == n:
         return losses.mean()
-    keep = max(1, losses.shape[0] - int(trim * losses.shape[0]))
-    return losses.topk(keep, largest=False, sorted=False).values.mean()
+    if trim_weight <= 0.0:  # every trimmed record left out
+        return losses.topk(keep, largest=False, sorted=False).values.mean()
+    dropped = min(int(drop * n), n - keep)
+    weights = torch.full_like(losses, trim_weight)
+    order = losses.detach().argsort()
+    weights[order[:keep]] = 1.0
+    weights[order[n - dropped :]] = 0.0
+    return (weights * losses).sum() / weights.sum()
 
 
 def _loss(model: VAE, x, mask, config: TrainConfig, beta: float, generator, trim: float = 0.0):
     """(loss to minimise, plain ELBO per record detached), both per-record means; the loss
-    leaves out the worst `trim` fraction of the batch (`robust_mean`)."""
+    down-weights the worst `trim` fraction of the batch (`robust_mean`)."""
     posterior = model.encoder(x, mask)
     d = model.config.latent_dim
     if config.objective == "iwae":
         eps = torch.randn((config.train_k, x.shape[0], d), generator=generator).to(x.device)
         bound = iwae_estimate(model, x, mask, eps=eps, memory_budget=UNBOUNDED, posterior=posterior)
-        return robust_mean(-bound.log_likelihood, trim), bound.elbo.detach().mean()
+        return (
+            robust_mean(-bound.log_likelihood, trim, config.trim_weight, config.robust_drop),
+            bound.elbo.detach().mean(),
+        )
     eps = torch.randn((1, x.shape[0], d), generator=generator).to(x.device)
     reconstruction = elbo_estimate(
         model, x, mask, eps=eps, memory_budget=UNBOUNDED, posterior=posterior
@@ -148,7 +179,10 @@ def _loss(model: VAE, x, mask, config: TrainConfig, beta: float, generator, trim
         kl_dims = torch.clamp(kl_dims.mean(0, keepdim=True), min=config.free_bits).expand_as(
             kl_dims
         )
-    return robust_mean(-(reconstruction - beta * kl_dims.sum(-1)), trim), plain
+    loss = robust_mean(
+        -(reconstruction - beta * kl_dims.sum(-1)), trim, config.trim_weight, config.robust_drop
+    )
+    return loss, plain
 
 
 def trimmed_mean(values: np.ndarray, trim: float) -> float:
@@ -227,7 +261,9 @@ def train(
     model.to(device).train()
     x_val, m_val = data.x_val.to(device), data.m_val.to(device)
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        model.parameters(),
+        lr=config.learning_rate,
+        weight_decay=config.decay_per_record(data.counts.rows_train),
     )
     result = TrainResult(device=str(device))
     best, best_state, stale = -math.inf, None, 0

@@ -210,3 +210,29 @@ def test_an_unexpected_crash_is_one_line_and_exit_70(monkeypatch, tmp_path):
     assert "ZeroDivisionError" in report.read_text() and str(report) in result.output
     verbose = CliRunner().invoke(main, ["-v", "summary", "anything"])
     assert verbose.exit_code == 70 and "Traceback (most recent call last)" in verbose.output
+
+
+def test_the_robust_training_options_reach_the_training_config(monkeypatch, tmp_path):
+    """--robust-trim, --trim-weight, --robust-drop, --trim-from-start and --weight-prior end up
+    in the TrainConfig that `vaewatch train` runs (and the registered model's train_config)."""
+    import vaewatch.jobs.train as train_module
+
+    seen = {}
+
+    def fake_run(job, echo):
+        seen["train"] = job.fit.train
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_module, "run", fake_run)
+    args = ["train", "--data", str(tmp_path), "--model-name", "m", "--robust-trim", "0.2"]
+    args += ["--trim-weight", "0.2", "--robust-drop", "0.05", "--trim-from-start"]
+    args += ["--weight-prior", "2"]
+    CliRunner().invoke(main, args)
+    train = seen["train"]
+    assert (train.robust_trim, train.trim_weight, train.robust_drop) == (0.2, 0.2, 0.05)
+    assert train.trim_from_start and train.weight_prior == 2.0
+    assert train.decay_per_record(100) == pytest.approx(0.02)
+    result = CliRunner().invoke(
+        main, ["train", "--data", "d", "--model-name", "m", "--trim-weight", "2"]
+    )
+    assert result.exit_code == 2 and "--trim-weight" in result.output
