@@ -100,7 +100,7 @@ class TrainConfig:
 
     def decay_per_record(self, train_rows: int) -> float:
         """The L2 coefficient of the per-record mean loss: `weight_decay` plus the prior's
-        precision spread over the rows. The prior is N(0, 1/weight_prior) on every weight, once
+        precision spread over the rows. The prior is N(0, 1/weight_prior) on every parameter, once
         for the whole table, so it is strong where a few dozen rows could be memorised and
         vanishes as the table grows (maximum a posteriori, not a per-record penalty)."""
         return self.weight_decay + self.weight_prior / max(1, train_rows)
