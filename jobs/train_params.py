@@ -158,7 +158,7 @@ robust_drop = option(
     type=click.FloatRange(0, 0.5, max_open=True),
     default=defaults.ROBUST_DROP,
     help="With --trim-weight above 0: the worst-explained share of each batch that still counts "
-    "nothing (at most --robust-trim).",
+    "nothing once the KL warm-up is over (at most --robust-trim).",
 )
 trim_from_start = option(
     "--trim-from-start/--trim-after-warmup",

@@ -80,21 +80,18 @@ FREE_BITS = 0.0  # nats per latent dim below which KL is not penalised (0 = off)
 # data holds the anomalies users want found, and maximum likelihood would learn them
 ROBUST_TRIM = 0.05
 # ... all of them (what a trimmed record's loss counts: 0), and the trim waits for the warm-up to
-# end. Other settings, measured in bench/RESULTS.md ("Down-weighted trimming and a weight
-# prior"): a 20 % trim from the first update at a fifth of the weight with --weight-prior 2
-# meets the contaminated benchmark (0.839 mean ROC-AUC against IsolationForest's 0.817; wine
-# 0.68 -> 0.82) and keeps the one-class group ahead of kNN, but a *tight* cluster (a planted
-# 3 %, or the demo's repeated anomalies) costs so little at a fifth of the weight that it is
-# learned: 12 % of the planted cluster caught where these defaults catch 100 %, and one of the
-# demo's seeds flags 35 % of its impossible combinations instead of 90 %. Dropping the worst 5 %
-# as well catches the tight clusters but costs the digit tables 0.02-0.04. Trimming from the
-# first update alone keeps a cluster larger than the trim from being learned (a planted 8 %
-# cluster under a 20 % trim: caught 0 % after the warm-up, 100 % from the start), but costs the
-# digit tables 0.04-0.09 and the demo most of two injected kinds (the rows it never trains on
-# are legitimate too). For small tables known to hold more anomalies than the trim:
-# --trim-from-start --robust-trim 0.2 --trim-weight 0.2 --weight-prior 2
+# end. Measured in bench/RESULTS.md ("Down-weighted trimming and a weight prior"): a 20 % trim
+# from the first update at a fifth of the weight, the worst 5 % dropped after the warm-up, and
+# --weight-prior 2 lift the contaminated benchmark from 0.783 to 0.855 mean ROC-AUC
+# (IsolationForest 0.817) with the one-class group still ahead of kNN, but on a large table a
+# handful of repeated anomalies is learned during the warm-up even at a fifth of the weight
+# (one of the demo's seeds: 32 % of its impossible combinations flagged instead of 90 %).
+# Trimming 20 % from the first update with no down-weighting costs the digit tables 0.04-0.09
+# (the rows it never trains on are legitimate too). For small tables known to hold more
+# anomalies than the trim:
+# --trim-from-start --robust-trim 0.2 --trim-weight 0.2 --robust-drop 0.05 --weight-prior 2
 TRIM_WEIGHT = 0.0
-ROBUST_DROP = 0.0  # with TRIM_WEIGHT > 0: the worst share that still counts nothing
+ROBUST_DROP = 0.0  # with TRIM_WEIGHT > 0: the worst share dropped after the warm-up
 TRIM_FROM_START = False
 # the precision of a Gaussian prior on the network's weights, for the table as a whole (maximum
 # a posteriori: weight_prior / training rows is the L2 coefficient per record): strong on a

@@ -19,7 +19,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ class TrainConfig:
     robust_trim: float = defaults.ROBUST_TRIM
     trim_from_start: bool = defaults.TRIM_FROM_START  # ... or from the first update
     trim_weight: float = defaults.TRIM_WEIGHT  # what a trimmed record's loss counts (0: nothing)
-    robust_drop: float = defaults.ROBUST_DROP  # ... except the very worst, which count nothing
+    robust_drop: float = defaults.ROBUST_DROP  # ... but the worst count nothing after the warm-up
 
     def __post_init__(self) -> None:
         if self.objective not in ("elbo", "iwae"):
@@ -276,12 +276,17 @@ def train(
         # cluster of anomalies larger than the trim is not learned during the warm-up either
         trimming = config.trim_from_start or epoch >= config.kl_warmup_epochs
         trim = config.robust_trim if trimming else 0.0
+        # the records that count nothing (robust_drop) wait for the warm-up in any case: dropped
+        # from the first update, they are a share of every table never learned (the digit
+        # tables' hard cases), while after the warm-up they are what the model cannot explain
+        warm = epoch >= config.kl_warmup_epochs
+        step_config = config if warm or not config.robust_drop else replace(config, robust_drop=0.0)
         running, running_elbo, seen = 0.0, 0.0, 0
         batches = (b for _ in range(passes) for b in data.batches(config.batch_size, generator))
         for x, mask_b in batches:
             x, mask_b = x.to(device, non_blocking=True), mask_b.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss, plain = _loss(model, x, mask_b, config, beta, generator, trim)
+                loss, plain = _loss(model, x, mask_b, step_config, beta, generator, trim)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at epoch {epoch}; lower --learning-rate "

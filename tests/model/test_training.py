@@ -301,3 +301,34 @@ def test_the_default_objective_learns_a_legitimate_mode_larger_than_its_trim(row
 )  # fmt: skip
 def test_capacity_scales_with_the_training_rows(rows, latent, hidden):
     assert capacity(rows) == (latent, hidden)
+
+
+def test_the_dropped_share_waits_for_the_warm_up(monkeypatch):
+    """--robust-drop counts nothing only once the KL warm-up is over (dropped from the first
+    update it is a share of every table that is never learned); the down-weighting starts from
+    the first update when asked."""
+    import vaewatch.model.training as training
+
+    calls = []
+    real = training.robust_mean
+
+    def spy(losses, trim, trim_weight=0.0, drop=0.0):
+        calls.append((trim, trim_weight, drop))
+        return real(losses, trim, trim_weight, drop)
+
+    monkeypatch.setattr(training, "robust_mean", spy)
+    x, _ = _planted_cluster(rows=200, planted=0)
+    model = VAE(VAEConfig(n_continuous=x.shape[1], latent_dim=2, hidden=[8]))
+    config = TrainConfig(
+        epochs=3,
+        kl_warmup_epochs=2,
+        min_steps_per_epoch=1,
+        batch_size=200,
+        patience=10,
+        robust_trim=0.2,
+        trim_weight=0.2,
+        robust_drop=0.05,
+        trim_from_start=True,
+    )
+    train(model, x, torch.ones_like(x, dtype=torch.bool), config)
+    assert calls == [(0.2, 0.2, 0.0), (0.2, 0.2, 0.0), (0.2, 0.2, 0.05)]
