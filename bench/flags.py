@@ -6,10 +6,13 @@ quantile), both at the default threshold quantile (0.99), from one model per spl
     python bench/flags.py              # seed 0, every split (~1.5 min on 2 cores)
     python bench/flags.py --seeds 3
     python bench/flags.py --seeds 0 --demo-seeds 8   # the demo's data only (~4 min)
+    python bench/flags.py --seeds 0 --demo-seeds 8 --set train.robust_trim=0.2  # other settings
 
 `--demo-seeds N` adds the demo's data for seeds 0..N-1: a model fitted on the first day (which
 holds 0.5 % injected rows) scores the next three days, and each injected kind's flagged share
-is reported under both rules.
+is reported under both rules, with a second table of what decides them: the flag threshold, the
+normal rows' 99th percentile of `anomaly_score`, and per kind its median and its ROC-AUC against
+the normal rows. `--set` takes bench/quality.py's fit.NAME=VALUE / train.NAME=VALUE overrides.
 
 Each model is fitted in process on the split's training rows (the defaults, as `vaewatch
 train`) and scores the test rows with the production `Scorer`; "total" is read from the same
@@ -23,11 +26,13 @@ import collections
 import importlib.util
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from sklearn.metrics import roc_auc_score
 
 from vaewatch.jobs.demo import write_partitions
 from vaewatch.model import defaults
@@ -49,12 +54,18 @@ def _quality():
     return module
 
 
-def rates(split, seed: int, work: Path, quality) -> tuple[int, float, float, float, float]:
+def rates(
+    split, seed: int, work: Path, quality, settings: tuple[dict, dict] = ({}, {})
+) -> tuple[int, float, float, float, float]:
     """(calibration rows, normal flagged any/total, anomalies flagged any/total)."""
     folder = work / f"{split.name}-s{seed}"
     quality._to_parquet(split.train, folder / "train.parquet")
     quality._to_parquet(split.test, folder / "test.parquet")
-    config = FitConfig(id_column="record_id", train=TrainConfig(seed=seed, device="cpu"))
+    config = FitConfig(
+        id_column="record_id",
+        train=TrainConfig(seed=seed, device="cpu", **settings[1]),
+        **settings[0],
+    )
     fitted = fit(str(folder / "train.parquet"), config)
     calibration = fitted.artifact.calibration
     scored = Scorer(fitted.artifact, model_version="bench", device="cpu").score(
@@ -75,19 +86,31 @@ def rates(split, seed: int, work: Path, quality) -> tuple[int, float, float, flo
     )
 
 
-def demo_rates(seed: int, work: Path) -> dict[str, tuple[float, float]]:
-    """Per injected kind ("" = normal rows): (flagged share under "any", under "total") on the
-    demo's three scored days, the model fitted on its first day as `vaewatch demo` does."""
+@dataclass
+class DemoRates:
+    """One demo seed: flagged shares per injected kind ("" = normal rows) under "any" and
+    "total", and what decides them (the threshold, and where each kind's scores lie)."""
+
+    shares: dict[str, tuple[float, float]]
+    threshold: float  # the total score's calibration quantile
+    normal_q99: float  # the normal scored rows' 99th percentile of anomaly_score
+    medians: dict[str, float]  # per anomaly kind: median anomaly_score
+    aucs: dict[str, float]  # per anomaly kind: ROC-AUC of anomaly_score against the normal rows
+
+
+def demo_rates(seed: int, work: Path, settings: tuple[dict, dict] = ({}, {})) -> DemoRates:
+    """The demo's three scored days, the model fitted on its first day as `vaewatch demo` does."""
     paths = write_partitions(work / f"demo-s{seed}", 4, 20_000, seed)
     config = FitConfig(
         id_column="record_id",
         exclude=[c for c in LABEL_COLUMNS if c != "record_id"],
-        train=TrainConfig(epochs=30, seed=seed, device="cpu"),
+        train=TrainConfig(epochs=30, seed=seed, device="cpu", **settings[1]),
         scoring=ScoringDefaults(seed=seed),
+        **settings[0],
     )
     fitted = fit(str(paths[0]), config)
     days = pa.concat_tables([pq.read_table(p) for p in paths[1:]])
-    shares = {}
+    shares, score, kinds = {}, None, None
     for rule in defaults.FLAG_RULES:
         scorer = Scorer(
             fitted.artifact,
@@ -99,22 +122,46 @@ def demo_rates(seed: int, work: Path) -> dict[str, tuple[float, float]]:
         scored = scorer.score(days)
         flagged = scored.scores["is_anomaly"].to_numpy(zero_copy_only=False).astype(bool)
         kinds = np.asarray(days["anomaly_kind"].take(pa.array(scored.scored_rows)).to_pylist())
+        score = scored.scores["anomaly_score"].to_numpy()  # the same under either rule
         shares[rule] = {kind: flagged[kinds == kind].mean() for kind in ["", *ANOMALY_KINDS]}
-    return {kind: (shares["any"][kind], shares["total"][kind]) for kind in shares["any"]}
+    normal = score[kinds == ""]
+    return DemoRates(
+        shares={kind: (shares["any"][kind], shares["total"][kind]) for kind in shares["any"]},
+        threshold=fitted.artifact.calibration.score_quantile(defaults.THRESHOLD_QUANTILE),
+        normal_q99=float(np.quantile(normal, 0.99)),
+        medians={k: float(np.median(score[kinds == k])) for k in ANOMALY_KINDS},
+        aucs={k: _auc(normal, score[kinds == k]) for k in ANOMALY_KINDS},
+    )
 
 
-def print_demo(seeds: int, work: Path) -> None:
+def _auc(normal: np.ndarray, anomalous: np.ndarray) -> float:
+    """ROC-AUC of a score that should be higher for the anomalous rows (ties count half)."""
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+    return float(roc_auc_score(labels, np.r_[normal, anomalous]))
+
+
+def print_demo(seeds: int, work: Path, settings: tuple[dict, dict] = ({}, {})) -> None:
     kinds = ["", *ANOMALY_KINDS]
     print("\n| demo seed | " + " | ".join(k or "normal" for k in kinds) + " |  (total -> any)")
     print("|---:|" + "---:|" * len(kinds))
-    rows = []
+    rows, details = [], []
     for seed in range(seeds):
-        rates = demo_rates(seed, work)
-        rows.append([rates[k] for k in kinds])
+        found = demo_rates(seed, work, settings)
+        rows.append([found.shares[k] for k in kinds])
+        details.append(found)
         cells = " | ".join(f"{t:.1%} -> {a:.1%}" for a, t in rows[-1])
         print(f"| {seed} | {cells} |", flush=True)
     means = np.mean(rows, axis=0)
     print("| mean | " + " | ".join(f"{t:.1%} -> {a:.1%}" for a, t in means) + " |")
+    print(
+        "\n| demo seed | threshold | normal 99th percentile | "
+        + " | ".join(ANOMALY_KINDS)
+        + " |  (median anomaly_score, ROC-AUC against normal rows)"
+    )
+    print("|---:|---:|---:|" + "---:|" * len(ANOMALY_KINDS))
+    for seed, found in enumerate(details):
+        cells = " | ".join(f"{found.medians[k]:.1f}, {found.aucs[k]:.3f}" for k in ANOMALY_KINDS)
+        print(f"| {seed} | {found.threshold:.1f} | {found.normal_q99:.1f} | {cells} |")
 
 
 def main() -> None:
@@ -123,10 +170,14 @@ def main() -> None:
     parser.add_argument("--digits", default="8,1", help="digit classes of the one-class splits")
     parser.add_argument("--demo-seeds", type=int, default=0, help="also the demo's data")
     parser.add_argument("--quick", action="store_true", help="one seed (make bench-quick)")
+    parser.add_argument(
+        "--set", action="append", default=[], help="fit.NAME=VALUE or train.NAME=VALUE (JSON)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.demo_seeds = 1, 0
     quality = _quality()
+    settings = quality.overrides(args.set)
     digits = [int(d) for d in args.digits.split(",")]
     groups = collections.defaultdict(list)
     print("| group | split | seed | calibration rows | normal flagged, any | total | anomalies "
@@ -134,10 +185,10 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         if args.demo_seeds:
-            print_demo(args.demo_seeds, Path(tmp))
+            print_demo(args.demo_seeds, Path(tmp), settings)
         for seed in range(args.seeds):
             for split in quality.build_splits(seed, digits):
-                cal, *shares = rates(split, seed, Path(tmp), quality)
+                cal, *shares = rates(split, seed, Path(tmp), quality, settings)
                 groups[split.group].append(shares)
                 cells = " | ".join(f"{s:.1%}" for s in shares)
                 print(f"| {split.group} | {split.name} | {seed} | {cal:,} | {cells} |", flush=True)
