@@ -166,7 +166,7 @@ trim_from_start = option(
     help="Trim from the first update rather than after the KL warm-up, by which time a cluster "
     "of anomalies larger than the trim may have been learned. For small tables holding more "
     "than a few percent of anomalies: --trim-from-start --robust-trim 0.2 --trim-weight 0.2 "
-    "--weight-prior 2.",
+    "--robust-drop 0.05 --weight-prior 2.",
 )
 weight_prior = option(
     "--weight-prior",

@@ -274,12 +274,11 @@ def train(
         # by default trimming starts once the warm-up is over; from the start, the rows an
         # unfitted model explains worst (those far from the bulk) never get a gradient, so a
         # cluster of anomalies larger than the trim is not learned during the warm-up either
-        trimming = config.trim_from_start or epoch >= config.kl_warmup_epochs
-        trim = config.robust_trim if trimming else 0.0
+        warm = epoch >= config.kl_warmup_epochs
+        trim = config.robust_trim if config.trim_from_start or warm else 0.0
         # the records that count nothing (robust_drop) wait for the warm-up in any case: dropped
         # from the first update, they are a share of every table never learned (the digit
         # tables' hard cases), while after the warm-up they are what the model cannot explain
-        warm = epoch >= config.kl_warmup_epochs
         step_config = config if warm or not config.robust_drop else replace(config, robust_drop=0.0)
         running, running_elbo, seen = 0.0, 0.0, 0
         batches = (b for _ in range(passes) for b in data.batches(config.batch_size, generator))
