@@ -21,16 +21,12 @@ continuous feature j adds back log|d x_std / d x| = -log std_j.
 Randomness. Scoring uses common random numbers: one set of K points in latent space, made on the
 CPU from the seed and reused for every record, so a record's score is a deterministic function
 of (record, model, K, seed) alone, whatever the batch it arrives in, the device or the number of
-workers. The points are randomised quasi-Monte Carlo, not i.i.d.: R = 4 independently scrambled
-Sobol sequences of K/R points each (Owen scrambling, seeded), mapped through the normal inverse
-CDF. Each point is still marginally N(0, I), so the ELBO stays unbiased and the IWAE keeps its
-bound, but the points cover the space evenly: on the suite's closed-form model (latent 4)
-IWAE_24 is as accurate as i.i.d. IWAE_64; with other latent sizes and on trained models it lies
-between i.i.d. IWAE_24 and IWAE_64 (model/defaults.py, bench/accuracy_breadth.py). The R
-replicates are independent, so their spread is a standard error for the record's estimate
-(`log_likelihood_se`): honest on likely records, too small on the least likely of a trained
-model, whose importance weights are too heavy-tailed for four replicates to see, and never
-including the IWAE's downward bias.
+workers. The points are randomised quasi-Monte Carlo: R = 4 independently scrambled Sobol
+sequences of K/R points (Owen scrambling, seeded) through the normal inverse CDF, each point
+marginally N(0, I), so the ELBO stays unbiased and the IWAE keeps its bound. How accurate that
+is at the default K: model/defaults.py. The replicates' spread is the standard error
+(`log_likelihood_se`): honest on likely records, too small on the least likely records of a
+trained model (heavy-tailed weights), and never including the IWAE's downward bias.
 
 Memory. `plan_chunks` turns a byte budget into a number of records and of samples per step, so
 peak memory is bounded by the budget and never grows with K.
