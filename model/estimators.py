@@ -25,8 +25,8 @@ workers. The points are randomised quasi-Monte Carlo: R = 4 independently scramb
 sequences of K/R points (Owen scrambling, seeded) through the normal inverse CDF, each point
 marginally N(0, I), so the ELBO stays unbiased and the IWAE keeps its bound. How accurate that
 is at the default K: model/defaults.py. The replicates' spread is the standard error
-(`log_likelihood_se`): honest on likely records, too small on the least likely records of a
-trained model (heavy-tailed weights), and never including the IWAE's downward bias.
+(`log_likelihood_se`, `_replicate_error`): the seed-to-seed spread, on likely and unlikely
+records alike, never the IWAE's downward bias.
 
 Memory. `plan_chunks` turns a byte budget into a number of records and of samples per step, so
 peak memory is bounded by the budget and never grows with K.
