@@ -28,7 +28,7 @@ from vaewatch.model.data import (
 )
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline import faults
-from vaewatch.pipeline.commit import read_manifest
+from vaewatch.pipeline.commit import output_lock, read_manifest
 from vaewatch.pipeline.plan import ScoreJob, ScoreOptions
 from vaewatch.pipeline.score import run
 
@@ -168,31 +168,38 @@ def run_nightly(job: NightlyJob, echo: Callable[[str], None] = print) -> list[Da
     outcomes = []
     for day in job.days:
         out = partition(job.output_root, day)
-        committed = read_manifest(out)
-        if committed and committed.model.uri == pinned.uri and not job.force:
-            stale = stale_inputs(committed, inputs[day])
-            if stale is None:
-                rows = committed.rows
-                echo(f"{day}: already committed with {pinned.uri}; skipped (--force re-scores)")
-                outcomes.append(
-                    DayOutcome(day, "skipped", rows.rows_in, rows.scored, rows.rejected, out)
-                )
-                continue
-            echo(f"{day}: re-scoring: {stale}")
-        result = run(
-            ScoreJob(
-                input=partition(job.input_root, day),
-                output=out,
-                model=pinned.uri,
-                tracking_uri=job.tracking_uri,
-                options=job.options,
-            )
-        )
-        rows = result.manifest.rows
-        echo(
-            f"{day}: scored {rows.scored:,} of {rows.rows_in:,} rows "
-            f"({rows.rejected:,} rejected) -> {out}"
-        )
-        outcomes.append(DayOutcome(day, "scored", rows.rows_in, rows.scored, rows.rejected, out))
-        faults.point("nightly:day-committed")
+        # the check and the run under one lock: a concurrent nightly run either fails at once
+        # ("another vaewatch run is writing") or, coming after, finds the day committed
+        with output_lock(out):
+            outcomes.append(_day(job, day, out, pinned.uri, inputs[day], echo))
+        if outcomes[-1].status == "scored":
+            faults.point("nightly:day-committed")
     return outcomes
+
+
+def _day(job: NightlyJob, day, out: str, uri: str, files, echo) -> DayOutcome:
+    """One day: skipped when committed with this model version and these inputs, else scored."""
+    committed = read_manifest(out)
+    if committed and committed.model.uri == uri and not job.force:
+        stale = stale_inputs(committed, files)
+        if stale is None:
+            rows = committed.rows
+            echo(f"{day}: already committed with {uri}; skipped (--force re-scores)")
+            return DayOutcome(day, "skipped", rows.rows_in, rows.scored, rows.rejected, out)
+        echo(f"{day}: re-scoring: {stale}")
+    result = run(
+        ScoreJob(
+            input=partition(job.input_root, day),
+            output=out,
+            model=uri,
+            tracking_uri=job.tracking_uri,
+            options=job.options,
+        ),
+        lock_held=True,
+    )
+    rows = result.manifest.rows
+    echo(
+        f"{day}: scored {rows.scored:,} of {rows.rows_in:,} rows "
+        f"({rows.rejected:,} rejected) -> {out}"
+    )
+    return DayOutcome(day, "scored", rows.rows_in, rows.scored, rows.rejected, out)

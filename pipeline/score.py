@@ -169,15 +169,19 @@ def pipeline_options(job: ScoreJob) -> tuple[PipelineOptions, object]:
     return options, FnApiRunner()
 
 
-def run(job: ScoreJob, pipeline: beam.Pipeline | None = None) -> ScoreResult:
-    """Plan, run and commit. `pipeline` (e.g. a TestPipeline) replaces the configured one."""
+def run(
+    job: ScoreJob, pipeline: beam.Pipeline | None = None, *, lock_held: bool = False
+) -> ScoreResult:
+    """Plan, run and commit. `pipeline` (e.g. a TestPipeline) replaces the configured one;
+    `lock_held`: the caller holds `output_lock(job.output)` already (`vaewatch nightly`, which
+    checks the day's manifest under the same lock)."""
     services.check(job.options.beam_args)
     storage.probe(job.output, "--output")
     plan = make_plan(job)
     faults.point("launch:planned")
     storage.configure(job.options.beam_args)
     try:
-        with output_lock(job.output):
+        with contextlib.nullcontext() if lock_held else output_lock(job.output):
             plan.committer.prepare()
             faults.point("launch:staged")
             # Beam's in-process runner with one worker: nowhere to redistribute the input to
