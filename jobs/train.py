@@ -148,7 +148,8 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
         threshold = calibration.threshold()
         echo(f"trained {len(fitted.history)} epochs; best epoch {fitted.best_epoch}")
         echo(
-            f"calibration: {calibration.rows:,} validation rows, IWAE K={config.scoring.k}; "
+            f"calibration: {calibration.rows:,} validation rows, IWAE K={config.scoring.k}, "
+            f"proposal scale {artifact.scoring.proposal_scale:g}; "
             f"threshold {threshold:.3f} nats at quantile {config.threshold_quantile}, flag rule "
             f"{calibration.effective_rule}"
             + (" (with -log p(discrete | continuous))" if calibration.conditional_term else "")
@@ -159,6 +160,7 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
                 "calibration_threshold": threshold,
                 "calibration_median_score": calibration.score_quantile(0.5),
                 "calibration_rows": calibration.rows,
+                "proposal_scale": artifact.scoring.proposal_scale,
             }
         )
         artifact.metadata.update(

@@ -2,9 +2,9 @@
 
     config.json           format version, vaewatch version, the VAE config, the feature spec
                           (normalisation, vocabularies), calibration (score quantiles, threshold,
-                          per-feature baselines), scoring defaults (K, S, seed), the id column,
-                          training config, history and data fingerprint, and the sha256 of
-                          weights.safetensors (checked at every load)
+                          per-feature baselines), scoring defaults (K, seed, proposal scale),
+                          the id column, training config, history and data fingerprint, and
+                          the sha256 of weights.safetensors (checked at every load)
     weights.safetensors   the state dict (safetensors: a header + raw tensors, no code runs)
 
 A model trained on a GPU loads anywhere: tensors are read onto the CPU, then moved.
@@ -48,6 +48,9 @@ class ScoringDefaults:
     k: int = DEFAULT_K  # IWAE samples; the calibration was computed with K and the seed
     seed: int = DEFAULT_SEED  # common-random-numbers seed
     top_features: int = DEFAULT_TOP_FEATURES
+    # q(z|x)'s standard deviation times this in the importance weights, chosen at training on
+    # the validation rows (model/fit.py `choose_proposal_scale`); 1 for models saved before it
+    proposal_scale: float = 1.0
 
 
 @dataclass

@@ -365,30 +365,22 @@ def score_records(
     seed: int = DEFAULT_SEED,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     matmul_dtype: torch.dtype | None = None,
+    proposal_scale: float = 1.0,
 ) -> RecordScores:
-    """The production estimator: one encoder pass and one decoder pass over the K seeded
-    points give the IWAE, the ELBO, the standard error, the attribution and the discrete
-    features' conditional term of the flag rule. `matmul_dtype`
-    (torch.bfloat16) runs the MLPs' matmuls in that dtype under autocast; the densities stay
-    in the input's precision (model/device.py `resolve_precision`)."""
+    """The production estimator: one encoder pass and one decoder pass over the K seeded points
+    give the IWAE, the ELBO, the standard error, the attribution and the discrete features'
+    conditional term of the flag rule. `matmul_dtype` (torch.bfloat16) runs the MLPs' matmuls in
+    that dtype under autocast; the densities stay in the input's precision. `proposal_scale`
+    widens q(z|x)'s standard deviation for the importance weights (model/fit.py)."""
     autocast = torch.autocast(
         x.device.type, dtype=matmul_dtype or torch.bfloat16, enabled=matmul_dtype is not None
     )
     with torch.inference_mode(), autocast:
         posterior = model.encoder(x, mask)
-        result = iwae(
-            model,
-            x,
-            mask,
-            k=k,
-            seed=seed,
-            log_std=log_std,
-            memory_budget=memory_budget,
-            posterior=posterior,
-            contributions=True,
-            standard_error=True,
-            conditional=True,
-        )
+        proposal = posterior.widened(proposal_scale)
+        result = iwae(model, x, mask, k=k, seed=seed, log_std=log_std, memory_budget=memory_budget,
+                      posterior=proposal, contributions=True, standard_error=True,
+                      conditional=True)  # fmt: skip
     return RecordScores(
         elbo=result.elbo,
         log_likelihood=result.log_likelihood,

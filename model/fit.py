@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -22,14 +22,20 @@ from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
 from vaewatch.model.calibration import DEFAULT_THRESHOLD_QUANTILE, Calibration
 from vaewatch.model.data import Fingerprint, ParquetSource
 from vaewatch.model.device import resolve_device
-from vaewatch.model.estimators import score_records
+from vaewatch.model.estimators import iwae, score_records
 from vaewatch.model.features import (
     DEFAULT_MAX_CATEGORIES,
     DEFAULT_MIN_CATEGORY_COUNT,
     DEFAULT_MIN_CATEGORY_SHARE,
     FeatureSpec,
 )
-from vaewatch.model.training import EpochStats, TrainConfig, train
+from vaewatch.model.training import (
+    VALIDATION_IWAE_ROWS,
+    EpochStats,
+    TrainConfig,
+    train,
+    trimmed_mean,
+)
 from vaewatch.model.training_data import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_MAX_VALIDATION_ROWS,
@@ -148,8 +154,14 @@ def fit(
 
     model = VAE(vae_config)
     result = train(model, data, config=train_config, on_epoch=on_epoch, on_step=on_step)
+    scoring = replace(
+        config.scoring,
+        proposal_scale=choose_proposal_scale(
+            model, data, spec, config.scoring, device, train_config.validation_trim
+        ),
+    )
     log_likelihood, feature_nll, discrete_nll = calibration_scores(
-        model, data, spec, config.scoring, device
+        model, data, spec, scoring, device
     )
     missing = ~data.m_val.cpu().numpy()
     calibration = Calibration.fit(
@@ -167,7 +179,7 @@ def fit(
         model,
         spec,
         calibration,
-        scoring=config.scoring,
+        scoring=scoring,
         id_column=id_column,
         metadata={
             "vaewatch_version": package_version(),
@@ -205,6 +217,32 @@ def capacity(rows: int) -> tuple[int, tuple[int, ...]]:
     return latent, hidden
 
 
+def choose_proposal_scale(
+    model: VAE, data: TrainingData, spec: FeatureSpec, scoring: ScoringDefaults, device, trim
+) -> float:
+    """The factor on q(z|x)'s standard deviation that scoring's importance weights use: the one
+    of defaults.PROPOSAL_SCALES whose IWAE (the scoring K and points) has the highest trimmed
+    mean on the validation rows. Each IWAE is a lower bound in expectation, so the highest is
+    the tightest; an encoder trained on the ELBO tends to be narrower than its posterior, and a
+    wider proposal then brings every record's estimate closer to log p(x)
+    (bench/RESULTS.md, "A proposal scale chosen per model")."""
+    rows = min(data.x_val.shape[0], VALIDATION_IWAE_ROWS)
+    x, m = data.x_val[:rows].to(device), data.m_val[:rows].to(device)
+    log_std = spec.continuous_log_std.to(device)
+    best, best_value = 1.0, -math.inf
+    with torch.inference_mode():
+        posterior = model.encoder(x, m)
+        for scale in defaults.PROPOSAL_SCALES:
+            ll = iwae(
+                model, x, m, k=scoring.k, seed=scoring.seed, log_std=log_std,
+                posterior=posterior.widened(scale),
+            ).log_likelihood  # fmt: skip
+            value = trimmed_mean(ll.cpu().numpy(), trim)
+            if value > best_value:
+                best, best_value = scale, value
+    return best
+
+
 def calibration_scores(
     model: VAE, data: TrainingData, spec: FeatureSpec, scoring: ScoringDefaults, device
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -215,7 +253,10 @@ def calibration_scores(
     for start in range(0, data.x_val.shape[0], CALIBRATION_CHUNK_ROWS):
         x = data.x_val[start : start + CALIBRATION_CHUNK_ROWS].to(device)
         m = data.m_val[start : start + CALIBRATION_CHUNK_ROWS].to(device)
-        s = score_records(model, x, m, log_std=log_std, k=scoring.k, seed=scoring.seed)
+        s = score_records(
+            model, x, m, log_std=log_std, k=scoring.k, seed=scoring.seed,
+            proposal_scale=scoring.proposal_scale,
+        )  # fmt: skip
         anomaly.append(s.log_likelihood.cpu().numpy())
         nll.append(s.feature_nll.cpu().numpy())
         if s.discrete_nll is not None:

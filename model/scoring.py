@@ -194,6 +194,7 @@ class Scorer:
             seed=self.seed,
             memory_budget=self.memory_budget,
             matmul_dtype=self.matmul_dtype,
+            proposal_scale=self.artifact.scoring.proposal_scale,
         )
         arrays = {
             name: getattr(scores, name).cpu().numpy()

@@ -147,6 +147,12 @@ class Posterior:
     def std(self) -> torch.Tensor:
         return torch.exp(0.5 * self.log_var)
 
+    def widened(self, scale: float) -> Posterior:
+        """The same Gaussian with its standard deviation times `scale` (a wider proposal)."""
+        if scale == 1.0:
+            return self
+        return Posterior(self.mean, self.log_var + 2.0 * math.log(scale))
+
 
 @dataclass
 class FeatureLogProbs:

@@ -25,7 +25,11 @@ def artifact(transactions_table):
     s = score_records(model, enc.x, enc.mask, log_std=spec.continuous_log_std, k=8)
     calibration = Calibration.fit(s.anomaly_score.numpy(), s.feature_nll.numpy())
     return ModelArtifact.from_model(
-        model, spec, calibration, scoring=ScoringDefaults(k=8, seed=3), id_column="record_id"
+        model,
+        spec,
+        calibration,
+        scoring=ScoringDefaults(k=8, seed=3, proposal_scale=1.25),
+        id_column="record_id",
     ), enc
 
 
@@ -65,6 +69,16 @@ def test_weights_are_safetensors_and_config_is_plain_json(artifact, tmp_path):
     assert config["format_version"] == 1 and config["scoring"]["k"] == 8
     assert len(config["calibration"]["quantiles"]) == len(config["calibration"]["levels"])
     assert np.all(np.diff(config["calibration"]["quantiles"]) >= 0)
+
+
+def test_a_model_saved_before_the_proposal_scale_scores_with_the_encoders_q(artifact, tmp_path):
+    art, _ = artifact
+    art.save(tmp_path)
+    assert ModelArtifact.load(tmp_path).scoring.proposal_scale == 1.25
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["scoring"]["proposal_scale"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert ModelArtifact.load(tmp_path).scoring == ScoringDefaults(k=8, seed=3)
 
 
 def test_broken_folders_name_the_problem(artifact, tmp_path):

@@ -228,3 +228,66 @@ def test_standard_error_holds_where_one_replicate_takes_the_weight(ppca):
             delta.append(((a - b) / torch.hypot(d_a, d_b)).std().item())
     assert all(0.75 < v < 1.75 for v in standardised), standardised
     assert np.mean(delta) > 1.9, delta  # the case this test is about: the old rule fails here
+
+
+def _validation(ppca, rows=2000):
+    """What `choose_proposal_scale` reads of the training data: the validation rows."""
+    from types import SimpleNamespace
+
+    spec = ppca.spec()
+    enc = spec.encode(ppca.sample_table(rows, np.random.default_rng(7)))
+    return spec, SimpleNamespace(x_val=enc.x, m_val=enc.mask)
+
+
+@pytest.mark.parametrize(
+    "var_scale, allowed",
+    [
+        (1.0, {1.0}),  # q is the exact posterior: every weight is p(x), widening only adds noise
+        (1.5, {1.0}),  # q already wider than the posterior
+        (0.7, {1.25, 1.5}),  # q's sd 0.84 of the posterior's: the match is a factor of 1.2
+        (0.3, {1.5, 2.0}),  # q's sd 0.55 of the posterior's: the match is a factor of 1.8
+    ],
+)
+def test_the_proposal_scale_is_chosen_by_how_wide_q_is(ppca, var_scale, allowed):
+    from vaewatch.model.artifact import ScoringDefaults
+    from vaewatch.model.fit import choose_proposal_scale
+
+    spec, data = _validation(ppca)
+    vae = ppca.to_vae(var_scale=var_scale)
+    scale = choose_proposal_scale(vae, data, spec, ScoringDefaults(), "cpu", trim=0.01)
+    assert scale in allowed, (var_scale, scale)
+
+
+def test_a_wider_proposal_brings_a_narrow_qs_estimate_closer_to_log_p(ppca):
+    """The chosen scale is worth having: with q's variance at 0.3 of the posterior's, the
+    mean |IWAE_K - log p(x)| at the default K falls from 0.88 to 0.017 nats (measured; it chose
+    2, the most accurate of the four: 0.41 at 1.25, 0.14 at 1.5) when q is widened, and
+    the scorer uses the artifact's factor (its log_likelihood equals the IWAE computed here with
+    the widened Gaussian written out by hand)."""
+    from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
+    from vaewatch.model.calibration import Calibration
+    from vaewatch.model.fit import choose_proposal_scale
+    from vaewatch.model.scoring import Scorer
+    from vaewatch.model.vae import Posterior
+
+    spec, data = _validation(ppca)
+    vae = ppca.to_vae(var_scale=0.3)
+    scale = choose_proposal_scale(vae, data, spec, ScoringDefaults(), "cpu", trim=0.01)
+    table = ppca.sample_table(2000, np.random.default_rng(8))
+    enc, exact = spec.encode(table), ppca.exact_log_likelihood(table)
+    with torch.inference_mode():
+        post = vae.encoder(enc.x, enc.mask)
+        wide = Posterior(post.mean, post.log_var + 2.0 * np.log(scale))
+        plain_ll = iwae(vae, enc.x, enc.mask, log_std=spec.continuous_log_std, posterior=post)
+        wide_ll = iwae(vae, enc.x, enc.mask, log_std=spec.continuous_log_std, posterior=wide)
+    plain_error = np.abs(plain_ll.log_likelihood.numpy() - exact).mean()
+    wide_error = np.abs(wide_ll.log_likelihood.numpy() - exact).mean()
+    assert wide_error < 0.1 * plain_error, (plain_error, wide_error)
+    calibration = Calibration.fit(-wide_ll.log_likelihood.numpy(), np.zeros((2000, 20)))
+    artifact = ModelArtifact.from_model(
+        vae, spec, calibration, scoring=ScoringDefaults(proposal_scale=scale)
+    )
+    scored = Scorer(artifact, model_version="t", device="cpu", precision="fp32").score(table)
+    np.testing.assert_allclose(
+        scored.scores["log_likelihood"].to_numpy(), wide_ll.log_likelihood.numpy(), rtol=1e-9
+    )

@@ -69,6 +69,7 @@ def test_scores_equal_the_direct_estimator(trained, workspace, default_run):
         log_std=artifact.spec.continuous_log_std,
         k=artifact.scoring.k,
         matmul_dtype=resolve_precision(defaults.PRECISION, torch.device("cpu")),
+        proposal_scale=artifact.scoring.proposal_scale,
     )
     np.testing.assert_allclose(
         scored["log_likelihood"].to_numpy(), direct.log_likelihood.numpy(), rtol=1e-12, atol=0
