@@ -227,7 +227,7 @@ def iwae(
         b = chunk.mask.shape[0]
         running_max = running_sum = weighted_nll = continuous = None
         log_w_sum = torch.zeros(b, dtype=torch.float64, device=x.device)
-        block_sums = torch.zeros((blocks, b), dtype=torch.float64, device=x.device)
+        block_lse = None  # (blocks, b): each replicate's log-sum of w, at its own scale
         for s in chunk.samples:
             log_w = s.log_w.to(torch.float64)
             log_w_sum = log_w_sum + log_w.sum(0)
@@ -238,10 +238,7 @@ def iwae(
             total = scaled.sum(0)
             running_sum = total if rescale is None else running_sum * rescale + total
             if standard_error:
-                if rescale is not None:
-                    block_sums = block_sums * rescale
-                ids = block_of[s.start : s.start + scaled.shape[0]]
-                block_sums = block_sums.index_add(0, ids, scaled.detach())
+                block_lse = _block_log_sums(block_lse, log_w.detach(), block_of, s.start, blocks)
             if contributions:
                 # sum_k scaled_k * log p(x_j|z_k), reduced in the model's dtype (one pass)
                 stacked = s.feature_lp.stacked()  # (k, b, F), only built when attribution is asked
@@ -258,7 +255,7 @@ def iwae(
         lls.append(running_max + torch.log(running_sum) - math.log(k) - correction)
         elbos.append(log_w_sum / k - correction)
         if standard_error:
-            ses.append(_replicate_error(block_sums, running_sum))
+            ses.append(_replicate_error(block_lse, running_sum))
         if contributions:
             nll = weighted_nll / running_sum[:, None]
             n_cont = chunk.density.shape[1]
@@ -289,16 +286,25 @@ def _running_log_sum_exp(state, log_w: torch.Tensor):
     return (top, total) if state is None else (top, state[1] * torch.exp(state[0] - top) + total)
 
 
-def _replicate_error(block_sums: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """SE of log(mean w): sd of the R independent replicates' log-means (one common scale
-    cancels) / sqrt(R); to first order the delta method, but it does not saturate at ~1 nat when
-    one replicate holds nearly all the weight, as on a trained model's least likely records
-    (bench/accuracy_breadth.py). Floored ~700 nats below the top; NaN for one replicate."""
-    blocks = block_sums.shape[0]
+def _block_log_sums(state, log_w: torch.Tensor, block_of, start: int, blocks: int):
+    """Each replicate's log sum_k w_k, updated with a chunk of samples: every replicate at its
+    own scale, so one far below another does not underflow (a shared scale did, ~700 nats)."""
+    ids = block_of[start : start + log_w.shape[0]]
+    chunk = torch.full((blocks, log_w.shape[1]), -math.inf, dtype=log_w.dtype, device=log_w.device)
+    for r in ids.unique().tolist():
+        chunk[r] = torch.logsumexp(log_w[ids == r], 0)
+    return chunk if state is None else torch.logaddexp(state, chunk)
+
+
+def _replicate_error(block_lse: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """SE of log(mean w): sd of the R independent replicates' log-means (log K/R cancels) /
+    sqrt(R); to first order the delta method, but it does not saturate at ~1 nat when one
+    replicate holds nearly all the weight, as on a trained model's least likely records
+    (bench/accuracy_breadth.py). NaN for one replicate."""
+    blocks = block_lse.shape[0]
     if blocks < 2:
         return torch.full_like(total, math.nan)
-    logs = torch.log(block_sums.clamp_min(torch.finfo(block_sums.dtype).tiny))
-    return logs.std(0, correction=1) / math.sqrt(blocks)
+    return block_lse.std(0, correction=1) / math.sqrt(blocks)
 
 
 @dataclass

@@ -291,3 +291,24 @@ def test_a_wider_proposal_brings_a_narrow_qs_estimate_closer_to_log_p(ppca):
     np.testing.assert_allclose(
         scored.scores["log_likelihood"].to_numpy(), wide_ll.log_likelihood.numpy(), rtol=1e-9
     )
+
+
+def test_replicates_far_apart_keep_their_own_scale():
+    """Hand-set log-weights, 4 replicates of 2 points, the first replicate 2,000 nats above the
+    others (as on the demo's most extreme records): each replicate's log-sum is exact, whatever
+    the chunks the samples arrive in, so the standard error is the plain sd of the four
+    log-means / 2 (with one shared scale the lower three underflowed and it stopped near 177)."""
+    from vaewatch.model.estimators import _block_log_sums, _replicate_error
+
+    log_w = torch.tensor([[0.0], [-1.0], [-2000.0], [-2001.0], [-2002.0], [-2000.5], [-2001.5],
+                          [-2003.0]], dtype=torch.float64)  # fmt: skip
+    block_of = torch.arange(8) // 2
+    expected = torch.tensor([np.logaddexp(a, b) for a, b in log_w.view(4, 2).tolist()])
+    for chunk in (8, 3, 1):
+        state = None
+        for start in range(0, 8, chunk):
+            state = _block_log_sums(state, log_w[start : start + chunk], block_of, start, 4)
+        torch.testing.assert_close(state[:, 0], expected, rtol=0, atol=1e-12)
+        se = _replicate_error(state, torch.ones(1))
+        torch.testing.assert_close(se, (expected.std(correction=1) / 2).view(1), rtol=1e-12, atol=0)
+    assert se.item() > 400  # sd of (2000, 0, 0, 0) is 1000; halved: 500
