@@ -217,7 +217,6 @@ def iwae(
         eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM)
     k = eps.shape[0]
     blocks = replicates(k)
-    block_of = torch.arange(k, device=x.device) // (k // blocks)  # (K,) replicate of each point
     n_cont = model.config.n_continuous
     conditional = conditional and 0 < n_cont < model.config.n_features
     lls, elbos, ses, nlls, conds = [], [], [], [], []
@@ -238,7 +237,7 @@ def iwae(
             total = scaled.sum(0)
             running_sum = total if rescale is None else running_sum * rescale + total
             if standard_error:
-                block_lse = _block_log_sums(block_lse, log_w.detach(), block_of, s.start, blocks)
+                block_lse = _block_log_sums(block_lse, log_w.detach(), s.start, k // blocks, blocks)
             if contributions:
                 # sum_k scaled_k * log p(x_j|z_k), reduced in the model's dtype (one pass)
                 stacked = s.feature_lp.stacked()  # (k, b, F), only built when attribution is asked
@@ -255,7 +254,7 @@ def iwae(
         lls.append(running_max + torch.log(running_sum) - math.log(k) - correction)
         elbos.append(log_w_sum / k - correction)
         if standard_error:
-            ses.append(_replicate_error(block_lse, running_sum))
+            ses.append(_replicate_error(block_lse))
         if contributions:
             nll = weighted_nll / running_sum[:, None]
             n_cont = chunk.density.shape[1]
@@ -286,24 +285,26 @@ def _running_log_sum_exp(state, log_w: torch.Tensor):
     return (top, total) if state is None else (top, state[1] * torch.exp(state[0] - top) + total)
 
 
-def _block_log_sums(state, log_w: torch.Tensor, block_of, start: int, blocks: int):
-    """Each replicate's log sum_k w_k, updated with a chunk of samples: every replicate at its
-    own scale, so one far below another does not underflow (a shared scale did, ~700 nats)."""
-    ids = block_of[start : start + log_w.shape[0]]
+def _block_log_sums(state, log_w: torch.Tensor, start: int, size: int, blocks: int):
+    """Each replicate's log sum_k w_k (replicate r: samples [r * size, (r + 1) * size)), updated
+    with the chunk of samples from `start`: every replicate at its own scale, so one far below
+    another does not underflow (a shared scale did, ~700 nats)."""
     chunk = torch.full((blocks, log_w.shape[1]), -math.inf, dtype=log_w.dtype, device=log_w.device)
-    for r in ids.unique().tolist():
-        chunk[r] = torch.logsumexp(log_w[ids == r], 0)
+    end = start + log_w.shape[0]
+    for r in range(start // size, (end - 1) // size + 1):  # the replicates this chunk touches
+        lo, hi = max(start, r * size), min(end, (r + 1) * size)
+        chunk[r] = torch.logsumexp(log_w[lo - start : hi - start], 0)
     return chunk if state is None else torch.logaddexp(state, chunk)
 
 
-def _replicate_error(block_lse: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+def _replicate_error(block_lse: torch.Tensor) -> torch.Tensor:
     """SE of log(mean w): sd of the R independent replicates' log-means (log K/R cancels) /
     sqrt(R); to first order the delta method, but it does not saturate at ~1 nat when one
     replicate holds nearly all the weight, as on a trained model's least likely records
     (bench/accuracy_breadth.py). NaN for one replicate."""
     blocks = block_lse.shape[0]
     if blocks < 2:
-        return torch.full_like(total, math.nan)
+        return torch.full_like(block_lse[0], math.nan)
     return block_lse.std(0, correction=1) / math.sqrt(blocks)
 
 

@@ -302,13 +302,12 @@ def test_replicates_far_apart_keep_their_own_scale():
 
     log_w = torch.tensor([[0.0], [-1.0], [-2000.0], [-2001.0], [-2002.0], [-2000.5], [-2001.5],
                           [-2003.0]], dtype=torch.float64)  # fmt: skip
-    block_of = torch.arange(8) // 2
     expected = torch.tensor([np.logaddexp(a, b) for a, b in log_w.view(4, 2).tolist()])
     for chunk in (8, 3, 1):
         state = None
         for start in range(0, 8, chunk):
-            state = _block_log_sums(state, log_w[start : start + chunk], block_of, start, 4)
+            state = _block_log_sums(state, log_w[start : start + chunk], start, 2, 4)
         torch.testing.assert_close(state[:, 0], expected, rtol=0, atol=1e-12)
-        se = _replicate_error(state, torch.ones(1))
+        se = _replicate_error(state)
         torch.testing.assert_close(se, (expected.std(correction=1) / 2).view(1), rtol=1e-12, atol=0)
     assert se.item() > 400  # sd of (2000, 0, 0, 0) is 1000; halved: 500
