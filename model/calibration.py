@@ -12,15 +12,17 @@ contribution -log p(x_j|z) (the baseline that `top_features` are measured agains
   interpolated otherwise).
 - `flags(scores, feature_nll, q)`: `is_anomaly`. The default rule ("any") flags a record when
   its total score *or any one feature's* -log p(x_j|z) is in its own upper tail, at one common
-  tail level chosen so that a share 1 - q of the calibration rows is flagged. Each term's tail
+  tail level chosen so that a share 1 - q of the calibration rows' normal ones is flagged.
+  Each term's tail
   above its TAIL_LEVEL quantile is summarised as exponential (peaks over threshold, with a
   robust scale: the median excess / ln 2), so a term's *surprise* is its excess over that
   quantile in units of its tail scale; a record's surprise is the largest of its terms', and
   the flag threshold is the q-quantile of the calibration rows' surprises, each computed with
   tails fitted on the other folds of the calibration rows (as a new row's is, on rows it is not
-  part of). A sparse anomaly
+  part of), the rows whose surprise no exponential tail of the rest explains (the training
+  set's own anomalies) set aside first, up to half of 1 - q (`set_aside`). A sparse anomaly
   (one value the model finds very unlikely, diluted in the total by every other feature's
-  spread) is flagged; the flagged share of calibration rows stays 1 - q. In a table with both
+  spread) is flagged. In a table with both
   continuous and discrete features one more term is tested the same way: -log p(x_d | x_c),
   the discrete values given the continuous ones (`discrete_nll`, model/estimators.py), which
   sees a combination that never occurs (an in-person purchase at an online-only merchant)
@@ -77,6 +79,10 @@ class Calibration:
     tail_start: list[float] | None = None
     tail_scale: list[float] | None = None
     surprise_quantiles: list[float] | None = None  # calibration rows' surprises at `levels`
+    # the share of calibration rows whose surprise lies beyond the exponential tail of the
+    # rest (`_surprise_outliers`), left out of the 1 - q the threshold flags (`set_aside`);
+    # 0 in models that predate it
+    surprise_outliers: float = 0.0
     # True: the tails' last term is -log p(x_discrete | x_continuous) (`discrete_nll`); False
     # in tables without both kinds and in models that predate it
     conditional_term: bool = False
@@ -120,6 +126,7 @@ class Calibration:
                 tail_start=start.tolist(),
                 tail_scale=scale.tolist(),
                 surprise_quantiles=np.maximum.accumulate(np.quantile(surprise, levels)).tolist(),
+                surprise_outliers=_surprise_outliers(surprise),
             )
         else:
             flag_rule = "total"  # too few rows to fit a tail per term
@@ -164,8 +171,29 @@ class Calibration:
         return self.tail_start[0] + self.tail_scale[0] * self.surprise_threshold(q)
 
     def surprise_threshold(self, quantile: float) -> float:
-        """The `quantile` of the calibration rows' surprises ("any" rule only)."""
-        return float(np.interp(check_quantile(quantile), self.levels, self.surprise_quantiles))
+        """The `quantile` of the calibration rows' surprises ("any" rule only), the rows whose
+        surprise no tail of the others explains left out (`set_aside`): all of them lie above
+        it, so it is the q (1 - set_aside) quantile of every row's."""
+        q = check_quantile(quantile)
+        return float(np.interp(q * (1.0 - self.set_aside(q)), self.levels, self.surprise_quantiles))
+
+    def set_aside(self, quantile: float) -> float:
+        """The share of calibration rows left out of the 1 - q at `quantile`: their outliers
+        (`surprise_outliers`), at most OUTLIER_SHARE of 1 - q. The outliers are the training
+        set's own anomalies where the rows' tail is light, which would otherwise take part of
+        the 1 - q; where it is heavy (single pixels tens of tail scales out on the digit tables)
+        they are normal rows, and the bound keeps the normal rows flagged under
+        (1 + OUTLIER_SHARE)(1 - q)."""
+        return min(self.surprise_outliers, defaults.OUTLIER_SHARE * (1.0 - quantile))
+
+    def flagged_share(self, quantile: float | None = None, rule: str | None = None) -> float:
+        """The share of the calibration rows that `flags` flags at `quantile` under `rule`
+        (defaults: the model's): 1 - q under "total"; under "any" 1 - q of the rows not set
+        aside, and those. The drift check compares a day's flagged share with it."""
+        q = self.threshold_quantile if quantile is None else check_quantile(quantile)
+        if self.check_rule(rule) == "total":
+            return 1.0 - q
+        return 1.0 - q * (1.0 - self.set_aside(q))
 
     def surprise(
         self,
@@ -339,6 +367,19 @@ def _out_of_fold_surprise(terms: np.ndarray) -> np.ndarray:
         start, scale = exponential_tails(terms[~held])
         surprise[held] = _surprise(terms[held, 0], terms[held, 1:], start, scale)
     return surprise
+
+
+def _surprise_outliers(surprise: np.ndarray) -> float:
+    """The share of calibration surprises beyond the OUTLIER_TAIL level of their upper tail seen
+    as exponential (as a term's in `exponential_tails`, with no floor: a surprise is in tail
+    scales). The median excess ignores the outliers, tens to thousands of tail scales out."""
+    start = np.quantile(surprise, defaults.TAIL_LEVEL)
+    excess = surprise[surprise > start] - start
+    if excess.size == 0:
+        return 0.0
+    scale = np.median(excess) / math.log(2.0)
+    cut = start + scale * math.log((1.0 - defaults.TAIL_LEVEL) / defaults.OUTLIER_TAIL)
+    return float(np.mean(surprise > cut)) if scale > 0.0 else 0.0
 
 
 def _surprise(scores, feature_nll, start, scale) -> np.ndarray:

@@ -93,19 +93,31 @@ class Reference:
 
     levels: tuple[float, ...]
     quantiles: tuple[float, ...]
-    threshold_quantile: float  # the run's (the flagged rate it implies is 1 - this)
+    threshold_quantile: float  # the run's
     rows: int  # calibration rows
     features: tuple[str, ...]
     shares: tuple[float, ...] | None  # calibration top_features share per feature
     not_comparable: str = ""  # why the run's scores cannot be compared ("" when they can)
+    # the share of calibration rows the run's flag rule flags (None: 1 - threshold_quantile)
+    expected_rate: float | None = None
 
     @classmethod
-    def of(cls, calibration, features, *, threshold_quantile: float, k: int, model_k: int):
+    def of(
+        cls,
+        calibration,
+        features,
+        *,
+        threshold_quantile: float,
+        k: int,
+        model_k: int,
+        flag_rule: str | None = None,
+    ):
         shares = calibration.top_feature_share
         return cls(
             levels=tuple(calibration.levels),
             quantiles=tuple(calibration.quantiles),
             threshold_quantile=threshold_quantile,
+            expected_rate=calibration.flagged_share(threshold_quantile, flag_rule),
             rows=calibration.rows,
             features=tuple(features),
             shares=None if shares is None else tuple(shares),
@@ -124,7 +136,7 @@ class Reference:
         return assess(
             stats,
             list(self.levels),
-            self.threshold_quantile,
+            1.0 - self.threshold_quantile if self.expected_rate is None else self.expected_rate,
             self.rows,
             list(self.features),
             None if self.shares is None else list(self.shares),
@@ -162,7 +174,7 @@ def psi(day_shares: np.ndarray, expected: np.ndarray) -> float:
 def assess(
     stats: DayStats,
     levels: list[float],
-    threshold_quantile: float,
+    expected_rate: float,
     calibration_rows: int,
     feature_names: list[str],
     calibration_shares: list[float] | None,
@@ -177,7 +189,6 @@ def assess(
     tests = 2 + (len(feature_names) if calibration_shares is not None else 0)
     cut = alpha / tests
 
-    expected_rate = 1.0 - threshold_quantile
     z, p_rate = two_proportion(stats.flagged, n, expected_rate, m)
     flagged = {
         "rate": stats.flagged / n,

@@ -188,5 +188,6 @@ def make_plan(job: ScoreJob) -> ScorePlan:
             threshold_quantile=settings.threshold_quantile,
             k=settings.k,
             model_k=artifact.scoring.k,
+            flag_rule=settings.flag_rule,
         ),
     )

@@ -254,3 +254,60 @@ def test_the_rule_can_be_chosen_at_scoring_where_the_model_supports_it(sparse):
     few = Calibration.fit(*draw(50))
     with pytest.raises(UserError, match="calibrated on 50 rows, fewer than the 200"):
         few.threshold(rule="any")
+
+
+def _with_anomalies(draw, n, share, rng):
+    """`draw`'s n rows, the first `share` of them anomalies: one feature 30 nats higher."""
+    scores, nll = draw(n)
+    m = int(round(share * n))
+    nll[np.arange(m), rng.integers(0, nll.shape[1], m)] += 30.0
+    scores[:m] += 30.0
+    return scores, nll
+
+
+def test_anomalies_among_the_calibration_rows_do_not_take_the_normal_rows_share(sparse):
+    """Calibration rows are held-out training rows and hold its anomalies. 0.4 % of them with
+    one feature 30 nats up (~20 tail scales: beyond the surprises' 1e-4 tail level, ~9) are
+    set aside, so fresh normal rows are flagged at 1 %; counted among the 1 % (models trained
+    before), 0.4 % of it went to them and normal rows got ~0.6 %. 20,000 fresh rows, binomial
+    sd 0.07 %, bands 4 sd."""
+    draw, _ = sparse
+    rng = np.random.default_rng(21)
+    cal = Calibration.fit(*_with_anomalies(draw, 20_000, 0.004, rng), threshold_quantile=0.99)
+    assert cal.surprise_outliers == pytest.approx(0.004, abs=0.0005)
+    fresh = draw(20_000)
+    band = 4 * np.sqrt(0.01 / 20_000)
+    assert np.mean(cal.flags(*fresh)) == pytest.approx(0.01, abs=band)
+    older = Calibration.from_json(
+        {k: v for k, v in cal.to_json().items() if k != "surprise_outliers"}
+    )
+    assert older.surprise_outliers == 0.0
+    assert np.mean(older.flags(*fresh)) == pytest.approx(0.006, abs=band)
+    # the share of the calibration rows flagged: 1 % of the normal ones and the anomalies
+    assert cal.flagged_share() == pytest.approx(1 - 0.99 * (1 - cal.surprise_outliers))
+    assert older.flagged_share() == cal.flagged_share(rule="total") == pytest.approx(0.01)
+
+
+def test_at_most_half_of_the_flags_share_is_set_aside(sparse):
+    """3 % anomalies: all of them are outliers, but only 0.5 x (1 - q) of the rows is set aside
+    (a normal tail heavier than exponential would otherwise lose its flags' share): the
+    threshold is the 0.99 x 0.995 quantile of all the calibration surprises, by hand from the
+    stored quantiles, and at q = 0.999 the 0.999 x 0.9995 one."""
+    draw, _ = sparse
+    rng = np.random.default_rng(22)
+    cal = Calibration.fit(*_with_anomalies(draw, 20_000, 0.03, rng), threshold_quantile=0.99)
+    assert cal.surprise_outliers == pytest.approx(0.03, abs=0.001)
+    for q in (0.99, 0.999):
+        level = q * (1 - 0.5 * (1 - q))
+        expected = np.interp(level, cal.levels, cal.surprise_quantiles)
+        assert cal.set_aside(q) == pytest.approx(0.5 * (1 - q))
+        assert cal.surprise_threshold(q) == pytest.approx(expected)
+        assert cal.flagged_share(q) == pytest.approx(1 - level)
+
+
+def test_a_clean_calibration_sets_nothing_aside(sparse):
+    """Gamma costs have a lighter tail than the exponential its surprises are tested against:
+    on 20,000 clean rows none is beyond its 1e-4 level (2 expected if the tail were exactly
+    exponential)."""
+    draw, _ = sparse
+    assert Calibration.fit(*draw(20_000)).surprise_outliers <= 2 / 20_000

@@ -178,3 +178,26 @@ def test_a_feature_never_named_in_calibration_gives_finite_statistics():
     assert result["alarm"] and any(r.startswith("a named") for r in result["reasons"])
     json.dumps(result, allow_nan=False)
     assert two_proportion(0, 500, 0.0, 1_000) == (0.0, 1.0)
+
+
+def test_the_flagged_rate_is_compared_with_the_calibration_rows_own():
+    """Under "any" the calibration rows it flags are 1 - q of the normal ones plus those set
+    aside as anomalies (Calibration.set_aside), which is what a day like them is flagged at:
+    1 - 0.99 x (1 - 0.004) here, by hand; under "total" exactly 1 - q."""
+    rng = np.random.default_rng(4)
+    nll = rng.gamma(2.0, 1.0, size=(20_000, 20))
+    nll[np.arange(80), rng.integers(0, 20, 80)] += 30.0  # 0.4 %: beyond the surprises' tail
+    calibration = Calibration.fit(nll.sum(axis=1), nll, threshold_quantile=0.99)
+    assert calibration.surprise_outliers == pytest.approx(0.004, abs=0.0005)
+    names = [f"f{j}" for j in range(20)]
+    expected = 1 - 0.99 * (1 - calibration.surprise_outliers)
+    assert _reference(calibration, names).expected_rate == pytest.approx(expected)
+    total = Reference.of(
+        calibration, names, threshold_quantile=0.99, k=4, model_k=4, flag_rule="total"
+    )
+    assert total.expected_rate == pytest.approx(0.01)
+    stats = DayStats.empty(len(calibration.quantiles), 20)
+    stats.rows, stats.flagged = 20_000, round(20_000 * expected)
+    result = _reference(calibration, names).assess(stats)
+    assert result["flagged"]["expected_rate"] == pytest.approx(expected)
+    assert result["flagged"]["z"] == pytest.approx(0.0, abs=0.05)
