@@ -12,10 +12,9 @@ contribution -log p(x_j|z) (the baseline that `top_features` are measured agains
   interpolated otherwise).
 - `flags(scores, feature_nll, q)`: `is_anomaly`. The default rule ("any") flags a record when
   its total score *or any one feature's* -log p(x_j|z) is in its own upper tail, at one common
-  tail level chosen so that a share 1 - q of the calibration rows' normal ones is flagged.
-  Each term's tail
-  above its TAIL_LEVEL quantile is summarised as exponential (peaks over threshold, with a
-  robust scale: the median excess / ln 2), so a term's *surprise* is its excess over that
+  tail level chosen so that a share 1 - q of the calibration rows' normal ones is flagged. Each
+  term's tail above its TAIL_LEVEL quantile is summarised as exponential (peaks over threshold,
+  with a robust scale: the median excess / ln 2), so a term's *surprise* is its excess over that
   quantile in units of its tail scale; a record's surprise is the largest of its terms', and
   the flag threshold is the q-quantile of the calibration rows' surprises, each computed with
   tails fitted on the other folds of the calibration rows (as a new row's is, on rows it is not
