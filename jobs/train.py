@@ -153,6 +153,7 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
             f"threshold {threshold:.3f} nats at quantile {config.threshold_quantile}, flag rule "
             f"{calibration.effective_rule}"
             + (" (with -log p(discrete | continuous))" if calibration.conditional_term else "")
+            + _set_aside(calibration, config.threshold_quantile)
         )
         mlrun.log_metrics(
             {
@@ -160,6 +161,8 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
                 "calibration_threshold": threshold,
                 "calibration_median_score": calibration.score_quantile(0.5),
                 "calibration_rows": calibration.rows,
+                "calibration_outliers": calibration.surprise_outliers,
+                "calibration_flagged_share": calibration.flagged_share(),
                 "proposal_scale": artifact.scoring.proposal_scale,
             }
         )
@@ -184,6 +187,18 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
         )
     echo(f"registered {resolved.uri} (alias @{job.alias}) in {time.perf_counter() - started:.0f}s")
     return TrainOutcome(resolved=resolved, fitted=fitted)
+
+
+def _set_aside(calibration, quantile: float) -> str:
+    """The end of `vaewatch train`'s calibration line where the "any" rule leaves some of its
+    calibration rows out of the 1 - q it flags (Calibration.set_aside); "" elsewhere."""
+    if calibration.effective_rule != "any" or calibration.surprise_outliers == 0:
+        return ""
+    share, rows = calibration.set_aside(quantile), calibration.rows
+    aside, outlying = round(share * rows), round(calibration.surprise_outliers * rows)
+    count = f"{aside:,}" if aside == outlying else f"{aside:,} of {outlying:,} (the bound)"
+    flagged = f"{1 - quantile:.3g}"
+    return f"; {count} outlying calibration rows ({share:.2%}) set aside from the 1 - q = {flagged}"
 
 
 def _describe(prepared: Prepared, echo: Callable[[str], None]) -> None:

@@ -44,6 +44,13 @@ def test_registered_with_alias_tags_params_metrics_and_plots(trained):
         assert len(client.get_metric_history(run.info.run_id, metric)) == epochs, metric
     active = client.get_metric_history(run.info.run_id, "active_units")[-1].value
     assert 1 <= active <= 8
+    cal = outcome.artifact.calibration
+    for metric, value in (
+        ("calibration_outliers", cal.surprise_outliers),
+        ("calibration_flagged_share", cal.flagged_share()),
+    ):
+        logged = client.get_metric_history(run.info.run_id, metric)[-1].value
+        assert logged == pytest.approx(value), metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert artifacts == {"plots/loss_curves.png", "plots/score_histogram.png"}
     assert any(a.path == "config.json" for a in client.list_artifacts(run.info.run_id))
