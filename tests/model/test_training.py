@@ -279,7 +279,8 @@ def test_the_default_objective_learns_a_legitimate_mode_larger_than_its_trim(row
     """A second mode holding a quarter of the rows is normal data and must not be trimmed away:
     measured 5 % of it flagged against the bulk's 99th percentile with the defaults (300 and
     1,200 rows), 12-16 % when a 20 % trim from the first update drops its rows, 11-18 % with
-    the two-tier trim."""
+    the two-tier trim, 8 % and 20 % with README's small-table setting (the two-tier trim and
+    --weight-prior 2)."""
     rng = np.random.default_rng(1)
     mode = rows // 4
     loadings = rng.normal(size=(6, 2))
