@@ -82,7 +82,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed jobs per process (best)")
     parser.add_argument("--quick", action="store_true", help="2 rounds")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make_model is not None:  # in a child: the model, saved by the code being measured
+        _pipeline_bench().make_model(Path(args.make_model), k=1)
+        return
     if args.child is not None:
         data, model = map(Path, args.child)
         print(json.dumps(measure(data, model, args.rows, args.repeats)))
@@ -94,16 +98,22 @@ def main() -> None:
         work = Path(work)
         bench = _pipeline_bench()
         bench.write_input(work / "input", args.rows, args.files)
-        bench.make_model(work / "model", k=1)
         baseline = export(args.baseline, work / "baseline")
+        codes = ((args.baseline, baseline), ("now", None))
+        # each code reads the model its own code saved: an older commit cannot load fields
+        # added to the artifact since (the same seeded training, the same architecture)
+        models = {code: work / f"model-{i}" for i, (code, _) in enumerate(codes)}
+        for code, path in codes:
+            cmd = [sys.executable, __file__, "--make-model", str(models[code])]
+            subprocess.run(cmd, env=child_env(path), capture_output=True, check=True)
         results: dict[str, list[dict]] = {args.baseline: [], "now": []}
         print(f"baseline from {baseline}", flush=True)
         started = time.perf_counter()
         for _ in range(args.rounds):
-            for code, path in ((args.baseline, baseline), ("now", None)):
+            for code, path in codes:
                 cmd = [sys.executable, __file__, "--rows", str(args.rows)]
                 cmd += ["--repeats", str(args.repeats), "--child"]
-                cmd += [str(work / "input"), str(work / "model")]
+                cmd += [str(work / "input"), str(models[code])]
                 done = subprocess.run(
                     cmd, env=child_env(path), capture_output=True, text=True, check=True
                 )
