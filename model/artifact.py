@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -120,6 +120,14 @@ class ModelArtifact:
                 f"model folder {str(directory)!r} has format_version {version!r}; this vaewatch "
                 f"reads {ARTIFACT_FORMAT_VERSION}. Retrain the model or upgrade vaewatch."
             )
+        unknown = _unknown_settings(config)
+        if unknown:
+            saved_by = config.get("metadata", {}).get("vaewatch_version", "unknown")
+            raise ArtifactError(
+                f"model folder {str(directory)!r} has settings this vaewatch does not know "
+                f"({', '.join(unknown)}): it was saved by a newer vaewatch ({saved_by}). "
+                "Upgrade vaewatch where the model is loaded, or retrain it with this version."
+            )
         weights = directory / WEIGHTS_FILE
         expected = config.get("weights_sha256")
         if expected is not None and sha256_file(weights) != expected:
@@ -146,3 +154,16 @@ class ModelArtifact:
             id_column=config.get("id_column"),
             metadata=config.get("metadata", {}),
         )
+
+
+def _unknown_settings(config: dict) -> list[str]:
+    """The fields of config.json's vae, calibration and scoring sections that this version's
+    dataclasses do not have: a model saved by a later vaewatch, which added them (fields are
+    only ever added, with defaults, so older models load)."""
+    sections = {"vae": VAEConfig, "calibration": Calibration, "scoring": ScoringDefaults}
+    legacy = {"scoring": {"samples"}}  # read and ignored: see `load`
+    unknown = []
+    for name, kind in sections.items():
+        known = {f.name for f in fields(kind)} | legacy.get(name, set())
+        unknown += [f"{name}.{key}" for key in config.get(name, {}) if key not in known]
+    return unknown

@@ -93,3 +93,23 @@ def test_broken_folders_name_the_problem(artifact, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ArtifactError, match="format_version 99"):
         ModelArtifact.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "section, key", [("calibration", "surprise_tail"), ("vae", "gate"), ("scoring", "shards")]
+)
+def test_a_model_saved_by_a_newer_vaewatch_names_what_it_does_not_know(
+    artifact, tmp_path, section, key
+):
+    """Fields are only ever added to the artifact; an older vaewatch reading a newer model
+    would otherwise fail with a TypeError from a dataclass constructor (exit 70, "crashed")."""
+    art, _ = artifact
+    art.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[section][key] = 1.0
+    config.setdefault("metadata", {})["vaewatch_version"] = "99.0"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ArtifactError, match=rf"does not know \({section}\.{key}\).*newer vaewatch \(99\.0\)"
+    ):
+        ModelArtifact.load(tmp_path)
