@@ -336,18 +336,20 @@ def top_features(
     return pa.ListArray.from_arrays(pa.array(offsets), entries, type=TOP_FEATURE_TYPE)
 
 
-def exponential_tails(terms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def exponential_tails(
+    terms: np.ndarray, floor: float = defaults.MIN_TAIL_SCALE
+) -> tuple[np.ndarray, np.ndarray]:
     """Per column of `terms` (n, T): (start, scale) of its upper tail seen as exponential: the
     TAIL_LEVEL quantile, and the median excess above it / ln 2 (the exponential's median is
     scale * ln 2; a median, not a mean, so the few anomalies a contaminated calibration holds
-    do not stretch the tail), at least MIN_TAIL_SCALE nats."""
+    do not stretch the tail), at least `floor` (nats for a term's costs)."""
     terms = np.asarray(terms, dtype=np.float64)
     start = np.quantile(terms, defaults.TAIL_LEVEL, axis=0)
     excess = np.where(terms > start, terms - start, np.nan)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a column with nothing above its start
         median = np.nanmedian(excess, axis=0)
-    scale = np.maximum(np.nan_to_num(median / math.log(2.0), nan=0.0), defaults.MIN_TAIL_SCALE)
+    scale = np.maximum(np.nan_to_num(median / math.log(2.0), nan=0.0), floor)
     return start, scale
 
 
@@ -370,15 +372,13 @@ def _out_of_fold_surprise(terms: np.ndarray) -> np.ndarray:
 
 def _surprise_outliers(surprise: np.ndarray) -> float:
     """The share of calibration surprises beyond the OUTLIER_TAIL level of their upper tail seen
-    as exponential (as a term's in `exponential_tails`, with no floor: a surprise is in tail
-    scales). The median excess ignores the outliers, tens to thousands of tail scales out."""
-    start = np.quantile(surprise, defaults.TAIL_LEVEL)
-    excess = surprise[surprise > start] - start
-    if excess.size == 0:
+    as exponential (`exponential_tails` with no floor: a surprise is in tail scales). The
+    median excess ignores the outliers, tens to thousands of tail scales out."""
+    (start,), (scale,) = exponential_tails(surprise[:, None], floor=0.0)
+    if scale <= 0.0:  # nothing above the start
         return 0.0
-    scale = np.median(excess) / math.log(2.0)
     cut = start + scale * math.log((1.0 - defaults.TAIL_LEVEL) / defaults.OUTLIER_TAIL)
-    return float(np.mean(surprise > cut)) if scale > 0.0 else 0.0
+    return float(np.mean(surprise > cut))
 
 
 def _surprise(scores, feature_nll, start, scale) -> np.ndarray:

@@ -94,12 +94,11 @@ class Reference:
     levels: tuple[float, ...]
     quantiles: tuple[float, ...]
     threshold_quantile: float  # the run's
+    expected_rate: float  # the share of calibration rows the run's flag rule flags
     rows: int  # calibration rows
     features: tuple[str, ...]
     shares: tuple[float, ...] | None  # calibration top_features share per feature
     not_comparable: str = ""  # why the run's scores cannot be compared ("" when they can)
-    # the share of calibration rows the run's flag rule flags (None: 1 - threshold_quantile)
-    expected_rate: float | None = None
 
     @classmethod
     def of(
@@ -136,7 +135,7 @@ class Reference:
         return assess(
             stats,
             list(self.levels),
-            1.0 - self.threshold_quantile if self.expected_rate is None else self.expected_rate,
+            self.expected_rate,
             self.rows,
             list(self.features),
             None if self.shares is None else list(self.shares),

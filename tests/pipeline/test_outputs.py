@@ -24,6 +24,7 @@ REFERENCE = Reference(
     levels=(0.1, 0.5, 0.7, 0.9),
     quantiles=QUANTILES,
     threshold_quantile=0.9,
+    expected_rate=0.1,
     rows=1_000,
     features=("amount", "merchant", "hour"),
     shares=None,
