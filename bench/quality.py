@@ -229,6 +229,8 @@ def vaewatch_scores(
             data=str(folder / "train"),
             model_name=name,
             tracking_uri=tracking_uri,
+            # artifacts beside the SQLite store (MLflow's default is ./mlruns in the cwd)
+            artifact_location=(work / "mlruns").as_uri(),
             fit=FitConfig(
                 id_column="record_id",
                 train=TrainConfig(seed=seed, **settings[1]),
