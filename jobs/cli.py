@@ -9,7 +9,7 @@ import click
 
 from vaewatch.jobs import logs, params, train_params
 from vaewatch.jobs.commands import (
-    MLFLOW_HTTP_DEFAULTS,
+    MLFLOW_ENV_DEFAULTS,
     BeamCommand,
     Group,
     JobFailed,
@@ -46,11 +46,19 @@ def main(verbose: int, quiet: bool, log_format: str) -> None:
     the run committed but a day raised a drift alarm and --fail-on-drift was given; 70 vaewatch
     itself crashed (a bug: one line names the file with the traceback; -v prints it).
     """
-    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+    for name, value in MLFLOW_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     logs.configure(-1 if quiet else verbose, log_format)
     storage.configure()  # Beam's filesystems (s3://, gs://) for listing and reading outputs
     click.get_current_context().meta["verbose"] = verbose > 0
+    click.get_current_context().meta["quiet"] = quiet
+
+
+def _notes(line: str) -> None:
+    """A job's lines for the operator (data, epochs, calibration, a day's status): stderr, and
+    nothing under -q, which promises only warnings and errors there."""
+    if not click.get_current_context().meta.get("quiet"):
+        click.echo(line, err=True)
 
 
 @main.command()
@@ -152,9 +160,13 @@ def train_command(**options) -> None:
             fit=fit,
             experiment=o["experiment"],
             alias=o["alias"],
-            progress=sys.stderr.isatty() if o["progress"] is None else o["progress"],
+            progress=(
+                sys.stderr.isatty() and not click.get_current_context().meta["quiet"]
+                if o["progress"] is None
+                else o["progress"]
+            ),
         )
-        outcome = run(job, echo=lambda line: click.echo(line, err=True))
+        outcome = run(job, echo=_notes)
     if options["json_report"]:
         fitted = outcome.fitted
         emit_json(
@@ -274,7 +286,7 @@ def nightly_command(ctx, **o) -> None:
             force=o["force"],
             options=_score_options(o, ctx),
         )
-        outcomes = run_nightly(job, echo=lambda line: click.echo(line, err=True))
+        outcomes = run_nightly(job, echo=_notes)
     from vaewatch.pipeline.commit import read_manifest
 
     manifests = [(outcome, read_manifest(outcome.output)) for outcome in outcomes]

@@ -44,11 +44,14 @@ for _name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_work
 
 # MLflow's HTTP client retries a failing request 7 times with exponential backoff by default
 # (minutes). vaewatch checks that the server answers first, so later requests need fewer
-# retries; the user's own settings win.
-MLFLOW_HTTP_DEFAULTS = {
+# retries. MLflow also draws a progress bar on stderr for every artifact download (registering a
+# model, loading one to score: one line of 33 carriage-returned redraws in a cron or Airflow
+# log); vaewatch logs what it loads itself. The user's own settings win.
+MLFLOW_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+MLFLOW_LEVEL = "MLFLOW_LOGGING_LEVEL"
+# MLflow gives its logger a handler of its own, at the level this variable names (INFO unless
+# set), when it is first imported: its INFO lines ("Successfully registered model ...") reached
+# stderr under -q. A level the user set stays theirs.
+_USER_MLFLOW_LEVEL = MLFLOW_LEVEL in os.environ
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,3 +45,7 @@ def configure(verbosity: int, log_format: str) -> None:
     root.setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
     own = logging.DEBUG if verbosity >= 1 else logging.INFO if verbosity == 0 else logging.WARNING
     logging.getLogger("vaewatch").setLevel(own)
+    if not _USER_MLFLOW_LEVEL:
+        library = logging.INFO if verbosity >= 1 else logging.WARNING
+        os.environ[MLFLOW_LEVEL] = logging.getLevelName(library)  # for an import still to come
+        logging.getLogger("mlflow").setLevel(library)  # for one already done

@@ -146,7 +146,14 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
         )
         artifact, calibration = fitted.artifact, fitted.artifact.calibration
         threshold = calibration.threshold()
-        echo(f"trained {len(fitted.history)} epochs; best epoch {fitted.best_epoch}")
+        if fitted.best_epoch >= 0:
+            echo(f"trained {len(fitted.history)} epochs; best epoch {fitted.best_epoch}")
+        else:  # early stopping chooses no epoch of the KL warm-up (model/training.py)
+            echo(
+                f"trained {len(fitted.history)} epochs, all inside the "
+                f"{config.train.kl_warmup_epochs}-epoch KL warm-up: none was chosen, the last "
+                "one's weights are kept (more epochs than the warm-up let early stopping choose)"
+            )
         echo(
             f"calibration: {calibration.rows:,} validation rows, IWAE K={config.scoring.k}, "
             f"proposal scale {artifact.scoring.proposal_scale:g}; "

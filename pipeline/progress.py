@@ -4,8 +4,11 @@ line when each input file (or each part of a large file read in parallel) is fin
 worker process reports its own share; the launcher's log shows them as they come.
 
 A file's rows are tracked by a column the reader adds (SOURCE_COLUMN: dictionary-encoded, one
-entry per read split, "ROWS<TAB>path (row groups a-b)"), which survives rebatching (a table's
-chunks keep their source) and is dropped before scoring."""
+entry per read split, "ROWS<TAB>STARTED<TAB>path (row groups a-b)"), which survives rebatching
+(a table's chunks keep their source) and is dropped before scoring. STARTED is the wall-clock
+time the read began, so a split's rows/s spans its read, scoring and hand-over to the writer
+(measured from the first scored batch instead, a split read in one batch reported millions of
+rows/s)."""
 
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ DEFAULT_INTERVAL = 30.0  # seconds between two progress lines of one worker
 SOURCE_COLUMN = "__vaewatch_source"
 
 
-def source_label(name: str, rows: int) -> str:
-    return f"{rows}\t{name}"
+def source_label(name: str, rows: int, started: float) -> str:
+    """`started`: time.time() when the split's read began."""
+    return f"{rows}\t{started:.6f}\t{name}"
 
 
 def source_column(label: str, rows: int) -> pa.DictionaryArray:
@@ -36,7 +40,7 @@ class Progress:
         self.interval = interval
         self.rows_in = self.scored = self.rejected = 0
         self.started = self.last = time.monotonic()
-        self.sources: dict[str, list] = {}  # label -> [rows seen, rejected, first seen]
+        self.sources: dict[str, list] = {}  # label -> [rows seen, rejected]
 
     def add_sources(self, sources: pa.ChunkedArray, rejected_at: np.ndarray) -> None:
         """Account a scored batch to the splits its rows came from (`rejected_at`: positions
@@ -48,7 +52,7 @@ class Progress:
                 rows = int(np.count_nonzero(chunk.indices.to_numpy(zero_copy_only=False) == index))
                 if not rows:
                     continue
-                state = self.sources.setdefault(label, [0, 0, time.monotonic()])
+                state = self.sources.setdefault(label, [0, 0])
                 state[0] += rows
                 if len(chunk.dictionary) == 1:
                     state[1] += int(np.count_nonzero((rejected_at >= start) & (rejected_at < end)))
@@ -57,9 +61,9 @@ class Progress:
             start = end
 
     @staticmethod
-    def _finished(label: str, rows: int, rejected: int, first_seen: float) -> None:
-        name = label.split("\t", 1)[1]
-        rate = rows / max(time.monotonic() - first_seen, 1e-9)
+    def _finished(label: str, rows: int, rejected: int) -> None:
+        _, started, name = label.split("\t", 2)
+        rate = rows / max(time.time() - float(started), 1e-3)
         LOG.info(
             "finished %s: %s rows, %s scored, %s rejected, %s rows/s",
             name, f"{rows:,}", f"{rows - rejected:,}", f"{rejected:,}", f"{rate:,.0f}",

@@ -16,6 +16,7 @@ the in-process runner, multi-processing workers, Dataflow, Spark or Flink.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -123,12 +124,12 @@ class _ReadRowGroups(beam.DoFn):
     def _read(self, split: tuple[str, list[int]]):
         path, row_groups = split
         groups = f"row groups {row_groups[0]}-{row_groups[-1]}" if row_groups else "no row groups"
-        rows = 0
+        rows, started = 0, time.time()
         try:
             with FileSystems.open(path) as handle:
                 reader = pq.ParquetFile(handle)
                 expected = sum(reader.metadata.row_group(g).num_rows for g in row_groups)
-                source = progress.source_label(f"{path} ({groups})", expected)
+                source = progress.source_label(f"{path} ({groups})", expected, started)
                 for batch in reader.iter_batches(
                     READ_BATCH_ROWS, row_groups=row_groups, columns=self._columns
                 ):

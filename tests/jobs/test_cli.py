@@ -236,3 +236,30 @@ def test_the_robust_training_options_reach_the_training_config(monkeypatch, tmp_
         main, ["train", "--data", "d", "--model-name", "m", "--trim-weight", "2"]
     )
     assert result.exit_code == 2 and "--trim-weight" in result.output
+
+
+@pytest.mark.parametrize("user_level, info_shown", [(None, False), ("INFO", True)])
+def test_mlflow_info_lines_follow_our_level_unless_the_user_set_one(user_level, info_shown):
+    """MLflow gives its logger a handler of its own when it is first imported, at the level of
+    MLFLOW_LOGGING_LEVEL (INFO unless set): after our default configuration, an MLflow imported
+    later speaks from WARNING, unless the user's environment names a level."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"}
+    if user_level:
+        env["MLFLOW_LOGGING_LEVEL"] = user_level
+    code = (
+        "import logging, sys\n"
+        "from vaewatch.jobs import logs\n"
+        "assert 'mlflow' not in sys.modules\n"
+        "logs.configure(0, 'text')\n"
+        "import mlflow\n"
+        "print(logging.getLogger('mlflow').isEnabledFor(logging.INFO))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(info_shown)

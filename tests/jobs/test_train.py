@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from vaewatch.jobs import logs
 from vaewatch.jobs.cli import main
 from vaewatch.model import defaults, registry
 from vaewatch.model.contract import SCORE_COLUMNS
@@ -232,8 +233,30 @@ def test_cli_train_prints_the_model_uri(in_workspace):
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == "models:/cli-model/1"
+    # the operator's lines, on stderr; two epochs are inside the KL warm-up, where early
+    # stopping chooses none (it used to print "best epoch -1")
+    assert "trained 2 epochs, all inside the 5-epoch KL warm-up: none was chosen" in result.stderr
     resolved = registry.resolve("models:/cli-model@candidate", registry.default_tracking_uri())
     assert resolved.version == "1"
+
+
+def test_cli_train_quiet_prints_only_the_model_uri(in_workspace):
+    """-q: "only warnings and errors on stderr": none of the job's lines, and MLflow's own
+    INFO lines ("Successfully registered model ...") off too; stdout is the URI alone."""
+    import logging
+
+    data = str(in_workspace / "train")
+    args = ["-q", "train", "--data", data, "--model-name", "quiet-model", "--id-column",
+            "record_id", "--exclude", "event_time,is_injected_anomaly,anomaly_kind",
+            "--epochs", "1"]  # fmt: skip
+    try:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert result.stderr == "" and result.stdout == "models:/quiet-model/1\n"
+        assert not logging.getLogger("mlflow").isEnabledFor(logging.INFO)
+    finally:
+        logs.configure(0, "text")
+    assert logging.getLogger("mlflow").isEnabledFor(logging.WARNING)
 
 
 @pytest.mark.parametrize(

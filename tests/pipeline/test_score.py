@@ -409,3 +409,20 @@ def test_progress_lines_and_beam_counters(trained, workspace, tmp_path, caplog):
     counters = result.counters
     assert counters["rows_in"] == result.manifest.rows.rows_in == 5_000
     assert counters["rows_scored"] == result.manifest.rows.scored
+
+
+def test_no_download_progress_bars_in_the_log_unless_asked(
+    trained, workspace, tmp_path, monkeypatch
+):
+    """MLflow draws a progress bar for each artifact download (loading the model to score): in
+    a scheduler's log, one line of carriage-returned redraws. The CLI turns it off by default;
+    a user's own MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins."""
+    variable = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    monkeypatch.setenv(variable, "true")
+    asked = _score_cli(trained, workspace / "holdout", tmp_path / "asked")
+    assert asked.exit_code == 0, asked.output
+    assert "Downloading artifacts" in asked.output  # what the default leaves out
+    monkeypatch.delenv(variable)
+    result = _score_cli(trained, workspace / "holdout", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "Downloading artifacts" not in result.output and "\r" not in result.output
