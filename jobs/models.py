@@ -16,7 +16,7 @@ COLUMNS = [
     "created",
     "val_iwae",
     "threshold",
-    "epochs",
+    "kept_epoch",
     "data_rows",
     "fingerprint",
 ]
@@ -32,15 +32,16 @@ def list_versions(tracking_uri: str) -> tuple[list[str], list[tuple]]:
             for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
                 metrics = client.get_run(v.run_id).data.metrics if v.run_id else {}
                 created = dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.timezone.utc)
+                val_iwae, epochs = _kept_epoch(client, v.run_id, metrics)
                 rows.append(
                     (
                         model.name,
                         str(v.version),
                         ",".join(sorted(a for a, n in aliases.items() if str(n) == str(v.version))),
                         created.strftime("%Y-%m-%d %H:%M"),
-                        metrics.get("val_iwae"),
+                        val_iwae,
                         metrics.get("calibration_threshold"),
-                        int(metrics["best_epoch"]) + 1 if "best_epoch" in metrics else None,
+                        epochs,
                         v.tags.get("data_rows", ""),
                         v.tags.get("data_fingerprint", ""),
                     )
@@ -48,6 +49,24 @@ def list_versions(tracking_uri: str) -> tuple[list[str], list[tuple]]:
     except MlflowException as err:
         raise UserError(f"cannot list models at {tracking_uri!r}: {err.message}") from err
     return COLUMNS, rows
+
+
+def _kept_epoch(client, run_id: str, metrics: dict) -> tuple[float | None, str | None]:
+    """(the registered weights' validation IWAE, "EPOCH of RUN": the epoch whose weights were
+    kept, of the epochs run; best_epoch -1, none chosen inside the KL warm-up, keeps the last).
+    A run's `val_iwae` metric is its last epoch's, not necessarily the kept one's; runs logged
+    before `best_val_iwae` and `epochs_run` existed are read from the per-epoch history."""
+    if "best_epoch" not in metrics:
+        return metrics.get("val_iwae"), None
+    best = int(metrics["best_epoch"])
+    if "best_val_iwae" in metrics:
+        run = int(metrics["epochs_run"])
+        return metrics["best_val_iwae"], f"{best if best >= 0 else run - 1} of {run}"
+    history = sorted(client.get_metric_history(run_id, "val_iwae"), key=lambda m: m.step)
+    if not history:
+        return metrics.get("val_iwae"), None
+    kept = history[best] if -len(history) <= best < len(history) else history[-1]
+    return kept.value, f"{kept.step} of {len(history)}"
 
 
 def promote(tracking_uri: str, name: str, version: str, alias: str) -> None:

@@ -162,9 +162,12 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
             + (" (with -log p(discrete | continuous))" if calibration.conditional_term else "")
             + _set_aside(calibration, config.threshold_quantile)
         )
+        kept = fitted.history[fitted.best_epoch]  # -1: none chosen, the last epoch's weights
         mlrun.log_metrics(
             {
                 "best_epoch": fitted.best_epoch,
+                "epochs_run": len(fitted.history),
+                "best_val_iwae": kept.val_iwae,  # the registered weights' (val_iwae: each epoch)
                 "calibration_threshold": threshold,
                 "calibration_median_score": calibration.score_quantile(0.5),
                 "calibration_rows": calibration.rows,

@@ -203,6 +203,10 @@ def test_models_list_and_promote(trained):
     assert listed.exit_code == 0, listed.output
     line = next(row for row in listed.output.splitlines() if row.startswith("transactions "))
     assert " champion " in line and outcome.artifact.metadata["data_fingerprint"]["digest"] in line
+    # the registered weights' validation IWAE and epoch, not the last epoch's
+    history, best = outcome.fitted.history, outcome.fitted.best_epoch
+    assert best < len(history) - 1  # early stopping ran past the best: the two differ
+    assert f" {history[best].val_iwae:.3f} " in line and f" {best} of {len(history)} " in line
     promoted = _invoke(
         "models", "--tracking-uri", job.tracking_uri, "promote", "transactions",
         outcome.resolved.version, "--alias", "staging",
@@ -288,3 +292,20 @@ def test_json_reports_match_what_was_committed(trained, workspace, partitions, t
         assert model["model_uri"] == "models:/j/1" and model["rows"]["rows_read"] == 5_000
         promoted = _invoke("models", "promote", "j", "1", "--alias", "staging", "--json")
         assert json.loads(promoted.stdout)["alias_uri"] == "models:/j@staging", promoted.output
+
+
+def test_models_listing_reads_older_runs_from_the_epoch_history():
+    """Runs logged before `best_val_iwae` / `epochs_run`: the kept epoch's value is looked up in
+    the per-epoch history (hand-set), not the run's last `val_iwae`."""
+    from types import SimpleNamespace
+
+    from vaewatch.jobs.models import _kept_epoch
+
+    steps = [SimpleNamespace(step=i, value=v) for i, v in enumerate([-9.0, -8.0, -7.5, -7.9])]
+    client = SimpleNamespace(get_metric_history=lambda run_id, key: list(reversed(steps)))
+    old = {"best_epoch": 2.0, "val_iwae": -7.9}
+    assert _kept_epoch(client, "r", old) == (-7.5, "2 of 4")
+    assert _kept_epoch(client, "r", {"best_epoch": -1.0, "val_iwae": -7.9}) == (-7.9, "3 of 4")
+    new = {"best_epoch": 2.0, "val_iwae": -7.9, "best_val_iwae": -7.5, "epochs_run": 4.0}
+    assert _kept_epoch(None, "r", new) == (-7.5, "2 of 4")
+    assert _kept_epoch(None, "r", {"val_iwae": -7.9}) == (-7.9, None)  # no training metrics
