@@ -219,10 +219,9 @@ def score_command(ctx, **o) -> None:
         emit_json({"command": "score", **run_summary(result.manifest, result.output)})
     else:
         rows = result.manifest.rows
-        click.echo(
+        _notes(
             f"scored {rows.scored:,} of {rows.rows_in:,} rows ({rows.rejected:,} rejected) "
-            f"with {result.manifest.model.uri} -> {result.output}",
-            err=True,
+            f"with {result.manifest.model.uri} -> {result.output}"
         )
         click.echo(result.output)
     report_drift([(result.output, result.manifest)], o["fail_on_drift"])

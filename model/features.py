@@ -289,7 +289,9 @@ class FeatureSpec:
             if index < 0:
                 raise SchemaMismatchError(
                     f"model feature {f.name!r} (expected {f.kind.value}) is missing from the "
-                    f"input; input columns are {schema.names}"
+                    f"input; input columns are {schema.names}. Add the column (all null where "
+                    "the values are unknown: they are scored as missing), or score with a "
+                    f"model trained without it (vaewatch train --exclude {f.name})"
                 )
             found = schema.field(index).type
             compatible = {

@@ -411,7 +411,7 @@ def test_progress_lines_and_beam_counters(trained, workspace, tmp_path, caplog):
     assert counters["rows_scored"] == result.manifest.rows.scored
 
 
-def test_no_download_progress_bars_in_the_log_unless_asked(
+def test_the_score_log_has_no_download_bars_and_q_keeps_warnings_only(
     trained, workspace, tmp_path, monkeypatch
 ):
     """MLflow draws a progress bar for each artifact download (loading the model to score): in
@@ -426,3 +426,14 @@ def test_no_download_progress_bars_in_the_log_unless_asked(
     result = _score_cli(trained, workspace / "holdout", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert "Downloading artifacts" not in result.output and "\r" not in result.output
+    assert "scored 5,000 of 5,000 rows (0 rejected)" in result.stderr
+    # -q: the output folder on stdout, and on stderr warnings only (a drift alarm would be one)
+    job, _ = trained
+    quiet = CliRunner().invoke(
+        main,
+        ["-q", "score", "--input", str(workspace / "holdout"), "--output", str(tmp_path / "q"),
+         "--model", "models:/transactions@champion", "--tracking-uri", job.tracking_uri],
+    )  # fmt: skip
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stdout == f"{tmp_path / 'q'}\n"
+    assert all(line.startswith("drift alarm") for line in quiet.stderr.splitlines()), quiet.stderr
