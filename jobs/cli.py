@@ -308,7 +308,8 @@ def nightly_command(ctx, **o) -> None:
 @params.output_format
 @params.result_out
 def query_command(output, sql, output_format, result_out) -> None:
-    """Run SQL over the committed output in OUTPUT: a view `scores` (with a `dt` column).
+    """Run SQL over the committed output in OUTPUT: views `scores` and `rejected` (the rows not
+    scored, with their `reason`), both with a `dt` column, and `runs` (one row per run).
 
     Example: vaewatch query scores "SELECT dt, count(*) FROM scores GROUP BY dt"
     """

@@ -3,7 +3,10 @@
 Only committed runs are visible: a partition counts when it has `_SUCCESS` and a manifest, and
 only the files its manifest lists are read (so staging folders, debris of a crashed run and, on
 object stores, files of a run still being published are never seen). The view `scores` has every
-score column plus `dt` (the partition date; NULL for a plain `vaewatch score` output).
+score column plus `dt` (the partition date; NULL for a plain `vaewatch score` output); the view
+`rejected` has the rows that were not scored (their input columns as read, `reason`, `dt`;
+days whose inputs had different columns are aligned by column name), and `runs` one row per
+committed run.
 
 No user text is pasted into SQL: file paths go to DuckDB as a Python list, dates and limits as
 bound parameters, and the only generated SQL literal is a partition date that has matched
@@ -42,6 +45,10 @@ class Partition:
     def files(self) -> list[str]:
         return [FileSystems.join(self.root, f) for f in self.manifest.files]
 
+    @property
+    def rejected_files(self) -> list[str]:
+        return [FileSystems.join(self.root, f) for f in self.manifest.rejected_files]
+
 
 def committed_partitions(output: str) -> list[Partition]:
     """The committed runs under `output`: itself, or its dt=YYYY-MM-DD/ partitions."""
@@ -62,7 +69,8 @@ def committed_partitions(output: str) -> list[Partition]:
 
 
 def connect(output: str) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the view `scores` over the committed output."""
+    """A DuckDB connection with the views `scores`, `rejected` and `runs` over the committed
+    output."""
     partitions = committed_partitions(output)
     if not partitions:
         raise UserError(
@@ -71,16 +79,16 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
             "`vaewatch nightly` first"
         )
     con = duckdb.connect()
-    relation = None
+    scored, rejected = [], []
     for p in partitions:
-        if not p.files:
-            continue
         day = f"DATE '{p.day.isoformat()}'" if p.day else "NULL::DATE"  # validated above
-        part = _read(con, p.files).project(f"*, {day} AS dt")
-        relation = part if relation is None else relation.union(part)
-    if relation is None:
+        for files, parts in ((p.files, scored), (p.rejected_files, rejected)):
+            if files:
+                parts.append(_read(con, files).project(f"*, {day} AS dt"))
+    if not scored:
         raise UserError(f"the committed output under {output!r} has no scored rows")
-    relation.create_view("scores")
+    _union_view(con, "scores", scored)
+    _union_view(con, "rejected", rejected)
     runs = pa.table(
         {
             "dt": pa.array([p.day for p in partitions], pa.date32()),
@@ -98,6 +106,21 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
     )
     con.register("runs", runs)  # one row per committed run, from its manifest
     return con
+
+
+def _union_view(con: duckdb.DuckDBPyConnection, name: str, parts: list) -> None:
+    """The view `name` over every partition's rows, aligned by column name: days scored with
+    other --keep columns or another model's features have other columns (NULL where a day has
+    none). With no parts (no rejected files at all), `reason` and `dt` only, no rows."""
+    if not parts:
+        con.execute(
+            f"CREATE VIEW {name} AS SELECT NULL::VARCHAR AS reason, NULL::DATE AS dt LIMIT 0"
+        )
+        return
+    for i, part in enumerate(parts):
+        part.create_view(f"_{name}_{i}")
+    union = " UNION ALL BY NAME ".join(f"SELECT * FROM _{name}_{i}" for i in range(len(parts)))
+    con.execute(f"CREATE VIEW {name} AS {union}")  # generated names only
 
 
 def _read(con: duckdb.DuckDBPyConnection, files: list[str]) -> duckdb.DuckDBPyRelation:

@@ -186,6 +186,30 @@ def test_rejected_rows_are_counted_and_explained(trained, workspace, tmp_path):
     oov = scored.filter(pa.compute.equal(scored["record_id"], ids[5]))
     assert oov["top_features"][0].as_py()[0]["feature"] == "merchant_category"
 
+    # the same rows queried: `vaewatch query`'s view `rejected`, over two days whose rejected
+    # files have different columns (the second keeps one more), aligned by name
+    from vaewatch.jobs.query import connect
+
+    root = tmp_path / "days"
+    run(_job(trained, root, source, name="dt=2026-01-01"))
+    run(_job(trained, root, source, name="dt=2026-01-02", keep=["record_id", "anomaly_kind"]))
+    con = connect(str(root))
+    counts = con.sql(
+        "SELECT CAST(dt AS VARCHAR), reason, count(*), count(anomaly_kind) FROM rejected "
+        "GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    assert counts == [
+        (day, reason, n, n if day.endswith("02") else 0)
+        for day in ("2026-01-01", "2026-01-02")
+        for reason, n in (("all_features_missing", 1), ("non_finite_value", 2),
+                          ("value_out_of_range", 1))
+    ]  # fmt: skip
+    # the scored rows too: the two days' columns differ (a positional union refused them)
+    assert con.sql("SELECT count(*), count(anomaly_kind) FROM scores").fetchall() == [(12, 6)]
+    assert connect(str(tmp_path / "out")).execute("SELECT count(*) FROM rejected").fetchall() == [
+        (4,)
+    ]
+
 
 def test_a_day_with_every_row_rejected_commits_and_reports_no_drift(trained, workspace, tmp_path):
     """No scored rows: the run still commits (every row in the rejected output), the manifest's
