@@ -34,7 +34,8 @@ CAPTIONS = {
     "over calibration deciles, descriptive) and each feature's share of top_features; an alarm "
     "when any test's p-value is below 0.001 divided by the number of tests.",
     "latent": "Latent means projected on their first two principal components ({:,} sampled "
-    "records), coloured by anomaly score; flagged records ringed in red.",
+    "records scored by {}, the model of the latest day: each model version has a latent space "
+    "of its own), coloured by anomaly score; flagged records ringed in red.",
     "contributors": "For each flagged record, the feature whose -log p(x_j|z) most exceeds its "
     "median on the calibration data.",
 }
@@ -169,17 +170,28 @@ def build(output: str, top_n: int = 20) -> str:
         raise UserError(f"the committed output under {output!r} has no scored rows to report on")
     flagged_total = sum(r[2] for r in per_day)
     sample = con.sql(
-        f"SELECT anomaly_score, is_anomaly, latent_mean FROM scores USING SAMPLE {SAMPLE_ROWS} ROWS"
+        f"SELECT anomaly_score, is_anomaly FROM scores USING SAMPLE {SAMPLE_ROWS} ROWS"
     ).fetchnumpy()
     scores = np.asarray(sample["anomaly_score"], dtype=np.float64)
     flagged = np.asarray(sample["is_anomaly"], dtype=bool)
-    latent = np.stack([np.asarray(v, dtype=np.float64) for v in sample["latent_mean"]])
+    # latent codes of one model only: another version's latent space (or size) is not this one's
+    latest_day = per_day[-1][0]
+    where = "dt = $day" if latest_day is not None else "TRUE"
+    day = {"day": latest_day} if latest_day is not None else {}
+    ((version,),) = con.execute(
+        f"SELECT max(model_version::VARCHAR) FROM scores WHERE {where}", day
+    ).fetchall()
+    coded = con.sql(
+        "SELECT anomaly_score, is_anomaly, latent_mean FROM (SELECT * FROM scores "
+        f"WHERE model_version::VARCHAR = $version) USING SAMPLE {SAMPLE_ROWS} ROWS",
+        params={"version": version},
+    ).fetchnumpy()
+    latent = np.stack([np.asarray(v, dtype=np.float64) for v in coded["latent_mean"]])
+    latent_caption = CAPTIONS["latent"].format(len(latent), html.escape(version))
     contributors = con.sql(
         "SELECT top_features[1].feature AS feature, count(*) AS n FROM scores "
         "WHERE is_anomaly AND len(top_features) > 0 GROUP BY feature ORDER BY n DESC, feature"
     ).fetchall()
-    latest_day = per_day[-1][0]
-    where = "dt = $day" if latest_day is not None else "TRUE"
     top = con.sql(
         "SELECT * EXCLUDE (latent_mean, latent_std, elbo, log_likelihood, dt) FROM scores "
         f"WHERE {where} "
@@ -193,7 +205,11 @@ def build(output: str, top_n: int = 20) -> str:
         "per_day": anomalies_per_day(
             [r[0] for r in per_day], [r[1] for r in per_day], [r[2] for r in per_day]
         ),
-        "latent": latent_projection(latent, scores, flagged),
+        "latent": latent_projection(
+            latent,
+            np.asarray(coded["anomaly_score"], dtype=np.float64),
+            np.asarray(coded["is_anomaly"], dtype=bool),
+        ),
         "contributors": top_contributors([c[0] for c in contributors], [c[1] for c in contributors])
         if contributors
         else "",
@@ -273,7 +289,7 @@ th {{ background: #f6f8fa; }} tr:hover td {{ background: #fff8e6; }}
 {figure("distribution", "Score distribution", CAPTIONS["distribution"])}
 {figure("per_day", "Anomalies per day", CAPTIONS["per_day"])}
 </div>
-{figure("latent", "Where records sit in latent space", CAPTIONS["latent"].format(len(scores)))}
+{figure("latent", "Where records sit in latent space", latent_caption)}
 {figure("contributors", "What makes records unusual", CAPTIONS["contributors"])}
 <section><h2>Drift against the model's calibration</h2>
 <table><thead><tr><th>day</th><th>drift</th><th>flagged rate</th><th>KS D</th><th>PSI</th>

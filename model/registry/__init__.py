@@ -239,13 +239,14 @@ class TrainingRun:
         )
 
 
-REGISTRATION_NOTICES = ("Successfully registered model", "Created version")
+REGISTRATION_NOTICES = ("Successfully registered model", "Registered model ", "Created version")
 
 
 @contextlib.contextmanager
 def _registration_notices_off():
-    """MLflow prints "Successfully registered model 'NAME'." and "Created version 'N' of model
-    'NAME'." on stderr whatever its log level (its `eprint`): under -q, which promises only
+    """MLflow prints "Successfully registered model 'NAME'." (or "Registered model 'NAME'
+    already exists. ...") and "Created version 'N' of model 'NAME'." on stderr whatever its log
+    level (its `eprint`): under -q, which promises only
     warnings and errors, and beside `vaewatch train`'s own "registered models:/NAME/N" line.
     Those two notices are dropped from MLflow's stream unless its INFO lines are on (-v);
     everything else it writes passes."""

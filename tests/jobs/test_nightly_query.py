@@ -237,6 +237,37 @@ def test_report_embeds_valid_pngs_and_names_the_top_anomalies(committed, tmp_pat
     assert "Most anomalous records, 2026-03-03" in page
 
 
+def test_report_over_days_scored_by_models_with_other_latent_sizes(
+    committed, partitions, workspace, tmp_path
+):
+    """A retrained model with another latent size scores the next day: the report (which crashed
+    stacking 8- and 2-wide latent means) plots the latest day's model's codes only and says so."""
+    from vaewatch.model.fit import FitConfig, fit
+    from vaewatch.model.training import TrainConfig
+
+    out = tmp_path / "out"
+    shutil.copytree(committed, out)
+    fitted = fit(
+        str(workspace / "train"),
+        FitConfig(
+            id_column="record_id",
+            exclude=TRAIN_EXCLUDE,
+            latent_dim=2,
+            train=TrainConfig(epochs=1, seed=0, device="cpu"),
+        ),
+    )
+    model = fitted.artifact.save(tmp_path / "small-model")
+    day = partitions / "in" / "dt=2026-03-03"
+    scored = _invoke("score", "--input", day, "--output", out / "dt=2026-03-04", "--model", model)
+    assert scored.exit_code == 0, scored.output
+    widths = _invoke("query", out, "SELECT DISTINCT len(latent_mean) AS d FROM scores ORDER BY d")
+    assert widths.output.split()[-2:] == ["2", "8"], widths.output
+    result = _invoke("report", out, "--out", tmp_path / "report.html")
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report.html").read_text()
+    assert f"1,200 sampled records scored by {model}" in page
+
+
 def test_changed_input_is_rescored_and_catch_up_fills_missed_days(trained, tmp_path):
     root = tmp_path
     days = [dt.date.today() - dt.timedelta(days=n) for n in (5, 4, 3)]  # all before yesterday
