@@ -14,8 +14,10 @@ from vaewatch.jobs.commands import (
     Group,
     JobFailed,
     emit_json,
+    notes,
     report_drift,
     run_summary,
+    score_options,
     user_errors_exit_1,
 )
 from vaewatch.model.errors import UserError
@@ -52,13 +54,6 @@ def main(verbose: int, quiet: bool, log_format: str) -> None:
     storage.configure()  # Beam's filesystems (s3://, gs://) for listing and reading outputs
     click.get_current_context().meta["verbose"] = verbose > 0
     click.get_current_context().meta["quiet"] = quiet
-
-
-def _notes(line: str) -> None:
-    """A job's lines for the operator (data, epochs, calibration, a day's status): stderr, and
-    nothing under -q, which promises only warnings and errors there."""
-    if not click.get_current_context().meta.get("quiet"):
-        click.echo(line, err=True)
 
 
 @main.command()
@@ -166,7 +161,7 @@ def train_command(**options) -> None:
                 else o["progress"]
             ),
         )
-        outcome = run(job, echo=_notes)
+        outcome = run(job, echo=notes)
     if options["json_report"]:
         fitted = outcome.fitted
         emit_json(
@@ -212,36 +207,19 @@ def score_command(ctx, **o) -> None:
             output=o["output"],
             model=o["model_uri"],
             tracking_uri=o["tracking_uri"] or registry.default_tracking_uri(),
-            options=_score_options(o, ctx),
+            options=score_options(o, ctx),
         )
         result = run(job)
     if o["json_report"]:
         emit_json({"command": "score", **run_summary(result.manifest, result.output)})
     else:
         rows = result.manifest.rows
-        _notes(
+        notes(
             f"scored {rows.scored:,} of {rows.rows_in:,} rows ({rows.rejected:,} rejected) "
             f"with {result.manifest.model.uri} -> {result.output}"
         )
         click.echo(result.output)
     report_drift([(result.output, result.manifest)], o["fail_on_drift"])
-
-
-def _score_options(o: dict, ctx):
-    from vaewatch.model.scoring import ScoringOverrides
-    from vaewatch.pipeline.plan import ScoreOptions
-
-    return ScoreOptions(
-        overrides=ScoringOverrides(o["k"], o["seed"], o["threshold_quantile"], o["flag_rule"]),
-        batch_size=o["batch_size"],
-        keep=o["keep"],
-        runner=o["runner"],
-        workers=o["workers"],
-        shards=o["shards"],
-        threads=o["threads"],
-        precision=o["precision"],
-        beam_args=ctx.meta["beam_args"],
-    )
 
 
 @main.command("nightly", cls=BeamCommand)
@@ -283,9 +261,9 @@ def nightly_command(ctx, **o) -> None:
                 input_root=o["input_root"],
             ),  # fmt: skip
             force=o["force"],
-            options=_score_options(o, ctx),
+            options=score_options(o, ctx),
         )
-        outcomes = run_nightly(job, echo=_notes)
+        outcomes = run_nightly(job, echo=notes)
     from vaewatch.pipeline.commit import read_manifest
 
     manifests = [(outcome, read_manifest(outcome.output)) for outcome in outcomes]

@@ -159,3 +159,28 @@ def report_drift(runs: list[tuple[str, object]], fail: bool) -> None:
         click.echo(f"drift alarm on {label}: {reasons}", err=True)
     if alarms and fail:
         raise click.exceptions.Exit(ExitCode.DRIFT)
+
+
+def notes(line: str) -> None:
+    """A job's lines for the operator (data, epochs, calibration, a day's status): stderr, and
+    nothing under -q, which promises only warnings and errors there."""
+    if not click.get_current_context().meta.get("quiet"):
+        click.echo(line, err=True)
+
+
+def score_options(o: dict, ctx: click.Context):
+    """The scoring options of `score` and `nightly` from their parsed options."""
+    from vaewatch.model.scoring import ScoringOverrides
+    from vaewatch.pipeline.plan import ScoreOptions
+
+    return ScoreOptions(
+        overrides=ScoringOverrides(o["k"], o["seed"], o["threshold_quantile"], o["flag_rule"]),
+        batch_size=o["batch_size"],
+        keep=o["keep"],
+        runner=o["runner"],
+        workers=o["workers"],
+        shards=o["shards"],
+        threads=o["threads"],
+        precision=o["precision"],
+        beam_args=ctx.meta["beam_args"],
+    )
