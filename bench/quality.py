@@ -482,6 +482,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     tracking_uri = registry.default_tracking_uri(work)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model load
     torch.set_num_threads(os.cpu_count() or 1)
     print(
         f"Run: date {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores, no GPU "

@@ -161,6 +161,12 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
             f"{calibration.effective_rule}"
             + (" (with -log p(discrete | continuous))" if calibration.conditional_term else "")
             + _set_aside(calibration, config.threshold_quantile)
+            + (
+                f"; -log p(discrete | continuous) counts {calibration.discrete_weight:.3g}x in "
+                "anomaly_score"
+                if calibration.discrete_weight != 1.0
+                else ""
+            )
         )
         kept = fitted.history[fitted.best_epoch]  # -1: none chosen, the last epoch's weights
         mlrun.log_metrics(
@@ -173,6 +179,7 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
                 "calibration_rows": calibration.rows,
                 "calibration_outliers": calibration.surprise_outliers,
                 "calibration_flagged_share": calibration.flagged_share(),
+                "calibration_discrete_weight": calibration.discrete_weight,
                 "proposal_scale": artifact.scoring.proposal_scale,
             }
         )

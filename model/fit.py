@@ -173,7 +173,7 @@ def fit(
         flag_rule=config.flag_rule,
         discrete_nll=discrete_nll,
     )
-    scores = calibration.complete(log_likelihood, missing)
+    scores = calibration.complete(log_likelihood, missing, discrete_nll)
     best = result.history[result.best_epoch]
     artifact = ModelArtifact.from_model(
         model,

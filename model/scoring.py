@@ -16,7 +16,8 @@ import torch
 
 from vaewatch.model import defaults
 from vaewatch.model.artifact import ModelArtifact
-from vaewatch.model.calibration import check_quantile, top_features
+from vaewatch.model.attribution import top_features
+from vaewatch.model.calibration import check_quantile
 from vaewatch.model.contract import REASON_COLUMN, RejectReason, score_schema
 from vaewatch.model.device import resolve_device, resolve_precision
 from vaewatch.model.errors import UserError
@@ -213,7 +214,9 @@ class Scorer:
         """The output contract's score columns from the estimator's per-record arrays."""
         n = len(arrays["log_likelihood"])
         calibration, nll = self.artifact.calibration, arrays["feature_nll"]
-        anomaly = calibration.complete(arrays["log_likelihood"], arrays["missing"])
+        anomaly = calibration.complete(
+            arrays["log_likelihood"], arrays["missing"], arrays.get("discrete_nll")
+        )
         latent_type = self.schema.field("latent_mean").type
 
         def fixed(values: np.ndarray) -> pa.FixedSizeListArray:

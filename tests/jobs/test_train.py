@@ -49,6 +49,7 @@ def test_registered_with_alias_tags_params_metrics_and_plots(trained):
     for metric, value in (
         ("calibration_outliers", cal.surprise_outliers),
         ("calibration_flagged_share", cal.flagged_share()),
+        ("calibration_discrete_weight", cal.discrete_weight),
     ):
         logged = client.get_metric_history(run.info.run_id, metric)[-1].value
         assert logged == pytest.approx(value), metric

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from vaewatch.model import defaults
+from vaewatch.model.attribution import top_features, top_indices
 from vaewatch.model.calibration import (
     Calibration,
     _surprise,
-    _top,
+    discrete_weight,
     exponential_tails,
     quantile_levels,
-    top_features,
 )
 from vaewatch.model.errors import UserError
 
@@ -121,7 +121,7 @@ def test_top_features_order_is_the_stable_sort(seed):
         baseline = rng.normal(size=features)
         excess = nll - baseline[None, :]
         for n in [1, 3, 5, 9, 400]:
-            top, values, keep = _top(nll, baseline, n)
+            top, values, keep = top_indices(nll, baseline, n)
             expected = np.argsort(-excess, axis=1, kind="stable")[:, : min(n, features)]
             np.testing.assert_array_equal(top, expected)
             np.testing.assert_array_equal(values, np.take_along_axis(excess, expected, axis=1))
@@ -311,3 +311,44 @@ def test_a_clean_calibration_sets_nothing_aside(sparse):
     exponential)."""
     draw, _ = sparse
     assert Calibration.fit(*draw(20_000)).surprise_outliers <= 2 / 20_000
+
+
+def test_discrete_weight_is_the_ratio_of_the_two_parts_spreads():
+    """Hand-set parts: the rest of the score (-log p(x_c) and the missing costs) has median
+    absolute deviation 10, -log p(x_d|x_c) has 1, so the discrete part counts 10 times; a
+    near-constant part is held at MIN_TAIL_SCALE nats of spread; the weight is never below 1."""
+    d = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    rest = np.array([0.0, 10.0, 20.0, 30.0, 40.0])
+    assert discrete_weight(rest + d, d) == pytest.approx(10.0)
+    assert discrete_weight(rest + 7.0, np.full(5, 7.0)) == pytest.approx(10.0 / 0.25)
+    assert discrete_weight(np.full(5, 3.0) + d, d) == 1.0  # a more variable part: never < 1
+    both = np.r_[rest + d, np.inf]  # a non-finite score does not enter the spreads
+    assert discrete_weight(both, np.r_[d, 1.0]) == pytest.approx(10.0)
+
+
+def test_a_calibration_with_both_kinds_scores_the_weighted_sum():
+    """Calibration.fit with discrete_nll: its quantiles are those of -log p(x_c) + w * -log
+    p(x_d|x_c) (w from the calibration rows' spreads), `complete` gives a new row that score,
+    and refuses to without its discrete part; without both kinds the score stays -log p(x)."""
+    rng = np.random.default_rng(3)
+    n = 4_000
+    cont = rng.normal(20.0, 3.0, n)  # -log p(x_c): MAD 3 * 0.6745
+    disc = rng.exponential(1.0, n)  # -log p(x_d|x_c): MAD about 0.48
+    nll = rng.gamma(2.0, 1.0, (n, 3))
+    cal = Calibration.fit(cont + disc, nll, discrete_nll=disc)
+    mad = lambda v: np.median(np.abs(v - np.median(v)))  # noqa: E731
+    w = mad(cont) / mad(disc)
+    assert cal.discrete_weight == pytest.approx(w) and 3.0 < w < 6.0
+    assert cal.score_quantile(0.5) == pytest.approx(np.quantile(cont + w * disc, 0.5), rel=1e-3)
+    ll = -(np.array([21.0, 19.0]) + np.array([0.1, 3.0]))  # log p(x) of two new rows
+    missing = np.zeros((2, 3), dtype=bool)
+    np.testing.assert_allclose(
+        cal.complete(ll, missing, np.array([0.1, 3.0])), [21.0 + w * 0.1, 19.0 + w * 3.0]
+    )
+    with pytest.raises(ValueError, match="pass discrete_nll"):
+        cal.complete(ll, missing)
+    plain = Calibration.fit(cont + disc, nll)
+    assert plain.discrete_weight == 1.0
+    np.testing.assert_allclose(plain.complete(ll, missing), -ll)
+    older = {k: v for k, v in cal.to_json().items() if k != "discrete_weight"}
+    assert Calibration.from_json(older).discrete_weight == 1.0  # saved before the weight
