@@ -163,8 +163,8 @@ class Calibration:
         of what was observed (and of the observation pattern); a row missing a column would
         otherwise score lower than the same row with any typical value there, since the
         likelihood of fewer features is a sum over fewer terms. In a table with both kinds,
-        -log p(x_d | x_c) counts `discrete_weight` times (`discrete_weight`); `discrete_nll` is
-        required then. (B,) float64"""
+        -log p(x_d | x_c) counts `self.discrete_weight` times (the function `discrete_weight`
+        says why); `discrete_nll` is required then. (B,) float64"""
         score = -np.asarray(log_likelihood, dtype=np.float64)
         if self.completes_missing:
             score = score + _missing_cost(missing, self.feature_baseline)
