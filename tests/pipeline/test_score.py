@@ -440,7 +440,8 @@ def test_the_score_log_has_no_download_bars_and_q_keeps_warnings_only(
 ):
     """MLflow draws a progress bar for each artifact download (loading the model to score): in
     a scheduler's log, one line of carriage-returned redraws. The CLI turns it off by default;
-    a user's own MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins."""
+    a user's own MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins. (MLflow draws it only where tqdm
+    is installed, as most environments have it: the dev extra installs it.)"""
     variable = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     monkeypatch.setenv(variable, "true")
     asked = _score_cli(trained, workspace / "holdout", tmp_path / "asked")
