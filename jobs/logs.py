@@ -15,6 +15,10 @@ MLFLOW_LEVEL = "MLFLOW_LOGGING_LEVEL"
 # set), when it is first imported: its INFO lines ("Successfully registered model ...") reached
 # stderr under -q. A level the user set stays theirs.
 _USER_MLFLOW_LEVEL = MLFLOW_LEVEL in os.environ
+# ... and writes text lines through a handler of its own unless this says not to: under
+# --log-format json its records go to ours instead, as JSON
+MLFLOW_OWN_HANDLER = "MLFLOW_CONFIGURE_LOGGING"
+_USER_MLFLOW_HANDLER = MLFLOW_OWN_HANDLER in os.environ
 
 
 class JsonFormatter(logging.Formatter):
@@ -45,7 +49,17 @@ def configure(verbosity: int, log_format: str) -> None:
     root.setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
     own = logging.DEBUG if verbosity >= 1 else logging.INFO if verbosity == 0 else logging.WARNING
     logging.getLogger("vaewatch").setLevel(own)
-    if not _USER_MLFLOW_LEVEL:
-        library = logging.INFO if verbosity >= 1 else logging.WARNING
-        os.environ[MLFLOW_LEVEL] = logging.getLevelName(library)  # for an import still to come
-        logging.getLogger("mlflow").setLevel(library)  # for one already done
+    if not _USER_MLFLOW_HANDLER:  # for an import still to come
+        if log_format == "json":
+            os.environ[MLFLOW_OWN_HANDLER] = "false"
+        else:
+            os.environ.pop(MLFLOW_OWN_HANDLER, None)
+    level = logging.getLevelName(logging.INFO if verbosity >= 1 else logging.WARNING)
+    if _USER_MLFLOW_LEVEL:
+        level = os.environ[MLFLOW_LEVEL].upper()
+    else:
+        os.environ[MLFLOW_LEVEL] = level  # for an import still to come
+    try:
+        logging.getLogger("mlflow").setLevel(level)  # for one already done, or with no handler
+    except ValueError:  # the user's MLFLOW_LOGGING_LEVEL is no level name: MLflow's own default
+        logging.getLogger("mlflow").setLevel(logging.INFO)

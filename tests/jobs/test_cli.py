@@ -238,28 +238,56 @@ def test_the_robust_training_options_reach_the_training_config(monkeypatch, tmp_
     assert result.exit_code == 2 and "--trim-weight" in result.output
 
 
+def _fresh_python(code: str, **environment: str):
+    """`code` in a new interpreter (MLflow not yet imported) with none of this process's MLFLOW_
+    variables, plus `environment`."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, **environment},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 @pytest.mark.parametrize("user_level, info_shown", [(None, False), ("INFO", True)])
 def test_mlflow_info_lines_follow_our_level_unless_the_user_set_one(user_level, info_shown):
     """MLflow gives its logger a handler of its own when it is first imported, at the level of
     MLFLOW_LOGGING_LEVEL (INFO unless set): after our default configuration, an MLflow imported
     later speaks from WARNING, unless the user's environment names a level."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"}
-    if user_level:
-        env["MLFLOW_LOGGING_LEVEL"] = user_level
-    code = (
+    done = _fresh_python(
         "import logging, sys\n"
         "from vaewatch.jobs import logs\n"
         "assert 'mlflow' not in sys.modules\n"
         "logs.configure(0, 'text')\n"
         "import mlflow\n"
-        "print(logging.getLogger('mlflow').isEnabledFor(logging.INFO))\n"
+        "print(logging.getLogger('mlflow').isEnabledFor(logging.INFO))\n",
+        **({"MLFLOW_LOGGING_LEVEL": user_level} if user_level else {}),
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(info_shown)
+
+
+def test_mlflow_warnings_are_json_lines_under_log_format_json():
+    """With --log-format json every stderr line is a JSON object, MLflow's warnings included
+    (by default MLflow installs a handler of its own, which writes text)."""
+    import json
+
+    done = _fresh_python(
+        "import logging\n"
+        "from vaewatch.jobs import logs\n"
+        "logs.configure(0, 'json')\n"
+        "import mlflow\n"
+        "logging.getLogger('mlflow.tracking').warning('the server is slow')\n"
+        "logging.getLogger('mlflow.tracking').info('not at the default level')\n"
+    )
+    lines = [json.loads(line) for line in done.stderr.strip().splitlines()]
+    assert [(e["logger"], e["level"], e["message"]) for e in lines] == [
+        ("mlflow.tracking", "WARNING", "the server is slow")
+    ]
