@@ -168,12 +168,12 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
                 else ""
             )
         )
-        kept = fitted.history[fitted.best_epoch]  # -1: none chosen, the last epoch's weights
         mlrun.log_metrics(
             {
                 "best_epoch": fitted.best_epoch,
-                "epochs_run": len(fitted.history),
-                "best_val_iwae": kept.val_iwae,  # the registered weights' (val_iwae: each epoch)
+                # the registered weights' (val_iwae is each epoch's), as fit records them
+                "epochs_run": artifact.metadata["epochs_run"],
+                "best_val_iwae": artifact.metadata["best_val_iwae"],
                 "calibration_threshold": threshold,
                 "calibration_median_score": calibration.score_quantile(0.5),
                 "calibration_rows": calibration.rows,
