@@ -225,6 +225,12 @@ def _describe(prepared: Prepared, echo: Callable[[str], None]) -> None:
         f"{fingerprint.total_bytes / 2**20:.1f} MiB (fingerprint {fingerprint.digest})"
     )
     echo("features: " + ", ".join(f"{f.name} ({f.kind.value})" for f in prepared.spec.features))
+    if prepared.unused:
+        echo(
+            "not used (types vaewatch does not model; --exclude them to silence this, or derive "
+            "numeric or string columns from them): "
+            + ", ".join(f"{name} ({arrow_type})" for name, arrow_type in prepared.unused)
+        )
     echo(
         f"rows: {counts.rows_train:,} train, {counts.rows_held_out:,} held out "
         f"({counts.rows_validation:,} kept for validation), {counts.rows_unusable:,} unusable; "

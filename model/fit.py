@@ -91,6 +91,9 @@ class Prepared:
     cached: bool  # training rows held in memory (else streamed from Parquet every epoch)
     vae_config: VAEConfig
     device: torch.device
+    # (name, Arrow type) of the data's columns that are neither features nor excluded: types
+    # vaewatch does not model (timestamps, dates, binary, nested), skipped unless asked for
+    unused: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -148,7 +151,11 @@ def fit(
         latent_dim=latent_dim if config.latent_dim is None else config.latent_dim,
         hidden=list(hidden if config.hidden is None else config.hidden),
     )
-    prepared = Prepared(fingerprint, spec, data.counts, data.cached, vae_config, device)
+    unused = ()
+    if config.features is None:  # every column was a candidate: name the ones skipped
+        used = {*spec.names(), *exclude}
+        unused = tuple((f.name, str(f.type)) for f in source.schema if f.name not in used)
+    prepared = Prepared(fingerprint, spec, data.counts, data.cached, vae_config, device, unused)
     if on_prepared is not None:
         on_prepared(prepared)
 

@@ -261,6 +261,34 @@ def test_cli_train_quiet_prints_only_the_model_uri(in_workspace):
     assert logging.getLogger("mlflow").isEnabledFor(logging.WARNING)
 
 
+def test_train_names_the_columns_it_does_not_model(tmp_path, monkeypatch):
+    """Timestamps, dates and nested columns are skipped when no --features list is given; the
+    operator is told which, with their types, and --exclude silences it."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    n = 300
+    pq.write_table(
+        pa.table({
+            "record_id": np.arange(n),
+            "amount": rng.normal(size=n),
+            "kind": rng.choice(["a", "b"], n),
+            "seen_at": pa.array(np.arange(n).astype("datetime64[us]"), pa.timestamp("us")),
+            "tags": pa.array([["x"]] * n, pa.list_(pa.string())),
+        }),
+        tmp_path / "part-0.parquet",
+    )  # fmt: skip
+    args = ["train", "--data", str(tmp_path), "--model-name", "unused", "--id-column",
+            "record_id", "--epochs", "1", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "features: amount (continuous), kind (categorical)" in result.stderr
+    assert "not used (" in result.stderr
+    assert "seen_at (timestamp[us]), tags (list<element: string>)" in result.stderr
+    result = CliRunner().invoke(main, [*args, "--exclude", "seen_at,tags"])
+    assert result.exit_code == 0, result.output
+    assert "not used" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
