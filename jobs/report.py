@@ -25,9 +25,12 @@ from vaewatch.model.errors import UserError  # noqa: E402
 SAMPLE_ROWS = 100_000  # rows drawn for the distribution and projection plots
 BLUE, RED = "#3b6ea5", "#c8453b"
 CAPTIONS = {
-    "distribution": "Anomaly score = minus the IWAE log-likelihood of the record, in nats; red: "
-    "flagged records (is_anomaly): every record above the dashed threshold, and below it those "
-    "with one feature in its own tail.",
+    "distribution": "Anomaly score, in nats: minus the record's IWAE log-likelihood, plus a "
+    "typical cost for each missing value and, in tables with both numbers and categories, the "
+    "categories' and booleans' part counted discrete_weight times (README, \"What the "
+    'numbers mean"); '
+    "red: flagged records (is_anomaly): every record above the dashed threshold, and below it "
+    "those with one feature in its own tail.",
     "per_day": "Bars: flagged records per partition; line: their share of the day's records.",
     "drift": "Each day against the model's calibration sample: the flagged rate against the "
     "rate its threshold implies, the score distribution (two-sample Kolmogorov-Smirnov D; PSI "
