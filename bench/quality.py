@@ -30,7 +30,8 @@ MLflow registry, and `pipeline.score.run` (what `vaewatch score` calls) scores t
 through the Beam pipeline from `models:/NAME@champion`; the scores are read back from the
 committed output. Defaults everywhere: no per-dataset settings.
 
-  vaewatch IWAE          anomaly_score = -log p(x) by IWAE, K from the model (64)
+  vaewatch IWAE          anomaly_score: -log p(x) by IWAE (K from the model), missing values
+                         costed, the discrete part weighted (README, "What the numbers mean")
   vaewatch ELBO          -ELBO from the same output
   vaewatch recon-only    ablation: -log p(x | z = posterior mean) from the same registered model
   IsolationForest        scikit-learn defaults, 200 trees
