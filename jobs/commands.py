@@ -46,12 +46,16 @@ for _name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_work
 # (minutes). vaewatch checks that the server answers first, so later requests need fewer
 # retries. MLflow also draws a progress bar on stderr for every artifact download (registering a
 # model, loading one to score: one line of 33 carriage-returned redraws in a cron or Airflow
-# log); vaewatch logs what it loads itself. The user's own settings win.
+# log); vaewatch logs what it loads itself. And against a tracking server MLflow writes the
+# run's and the experiment's web addresses to *stdout* when a run ends, where `vaewatch train`
+# promises the model URI alone (URI=$(vaewatch -q train ...)); train logs the run's address on
+# stderr instead. The user's own settings win.
 MLFLOW_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 

@@ -202,7 +202,10 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
             },
             pip_requirements=_pip_requirements(),
         )
-    echo(f"registered {resolved.uri} (alias @{job.alias}) in {time.perf_counter() - started:.0f}s")
+    echo(
+        f"registered {resolved.uri} (alias @{job.alias}) in {time.perf_counter() - started:.0f}s; "
+        + mlrun.where
+    )
     return TrainOutcome(resolved=resolved, fitted=fitted)
 
 

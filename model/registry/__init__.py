@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -161,6 +162,18 @@ class TrainingRun:
     @property
     def run_id(self) -> str:
         return self.run.info.run_id
+
+    @property
+    def where(self) -> str:
+        """The run's web page on a tracking server (the address MLflow itself prints), else
+        "run ID" (a SQLite or file store has no web page)."""
+        uri = urllib.parse.urlsplit(str(self.tracking_uri or ""))
+        if uri.scheme not in ("http", "https"):
+            return f"run {self.run_id}"
+        # never a user:password@ from the URI into a log line
+        base = uri._replace(netloc=uri.netloc.rpartition("@")[2], query="", fragment="")
+        experiment = self.run.info.experiment_id
+        return f"{base.geturl().rstrip('/')}/#/experiments/{experiment}/runs/{self.run_id}"
 
     def log_params(self, params: dict) -> None:
         """Flat str -> scalar params; long values are cut to MLflow's limit (the full values
