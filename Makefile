@@ -33,7 +33,7 @@ $(BENCH): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,spark,aws,gcp,bench]"
 	touch $(BENCH)
 
-# Every benchmark in one go (about an hour on 2 cores); bench-quick: the same, smaller (< 10 min).
+# Every benchmark in one go (about an hour on 2 cores); bench-quick: the same, smaller (about 25 min).
 BENCH_SCRIPTS := estimators accuracy_breadth speedup small_k contention pipeline throughput quality flags flag_calibration iwae_replication wide
 
 bench: $(BENCH)
