@@ -280,8 +280,10 @@ class ScoreBatches(beam.DoFn):
             )
             mask = pa.array(fits)
             kept, scores = conform(kept.filter(mask), keep_schema), scores.filter(mask)
-        if kept.num_rows:
-            self._rows_scored.inc(kept.num_rows)
+        # counted on the scores: with nothing to keep (a model trained without --id-column),
+        # `kept` has no columns, and Arrow gives a column-less table 0 rows after a take
+        if scores.num_rows:
+            self._rows_scored.inc(scores.num_rows)
             yield pa.Table.from_arrays(kept.columns + scores.columns, schema=self._scored_schema)
 
     def _rejected(self, rows: pa.Table, reason: RejectReason, err: Exception):

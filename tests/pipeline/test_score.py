@@ -120,6 +120,20 @@ def test_output_follows_the_contract(trained, default_run):
     assert (out / SUCCESS).read_text().strip() == manifest["run_id"]
 
 
+def test_with_no_column_kept_every_row_is_scored(trained, workspace, tmp_path, default_run):
+    """A model trained without --id-column (or an input without its id column) keeps nothing
+    but the scores. That run used to lose every row (Arrow gives a column-less table 0 rows
+    after a take) and stop at the row-count check, committing nothing."""
+    result = run(_job(trained, tmp_path, workspace / "holdout", keep=[]))
+    assert result.manifest.rows.to_json() == {"in": 5000, "scored": 5000, "rejected": 0}
+    scores = ds.dataset(str(tmp_path / "out"), format="parquet").to_table()
+    assert scores.schema.equals(pa.schema(score_schema(8)), check_metadata=False)
+    reference = _scores(default_run[1])  # the same rows, in the same order per file
+    assert sorted(scores["anomaly_score"].to_pylist()) == sorted(
+        reference["anomaly_score"].to_pylist()
+    )
+
+
 def test_batch_size_and_worker_processes_do_not_change_scores(
     trained, workspace, default_run, tmp_path
 ):
