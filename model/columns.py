@@ -4,6 +4,7 @@ the streaming statistics a feature spec is fitted with."""
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from collections.abc import Sequence
 
@@ -181,3 +182,26 @@ def choose_columns(
             "string is left"
         )
     return chosen
+
+
+# A string column with at least this share of distinct values among its non-null training rows
+# (and at least IDENTIFIER_MIN_ROWS of them) looks like an identifier or a timestamp as text
+IDENTIFIER_SHARE = 0.5
+IDENTIFIER_MIN_ROWS = 100
+
+
+def warn_if_identifier(name: str, distinct: int, observed: int) -> bool:
+    """Warn (on the `vaewatch` logger, so it shows under -q) when a categorical feature looks
+    like an identifier: nearly every value is new, so on a later day nearly every record's is
+    out of vocabulary and every record scores as unusual. True when it warned."""
+    if observed < IDENTIFIER_MIN_ROWS or distinct < IDENTIFIER_SHARE * observed:
+        return False
+    logging.getLogger(__name__).warning(
+        "feature %r has %s distinct values in its %s non-null training rows (%.0f%%): an "
+        "identifier, or a timestamp stored as text? A value not seen in training is out of "
+        "vocabulary, and on a later day nearly every record's would be, so every record would "
+        "score as unusual. Exclude it (--exclude %s), or name it --id-column if it identifies "
+        "the record",
+        name, f"{distinct:,}", f"{observed:,}", 100.0 * distinct / observed, name,
+    )  # fmt: skip
+    return True

@@ -43,6 +43,7 @@ from vaewatch.model.columns import (
     kind_of,
     to_float64,
     to_string,
+    warn_if_identifier,
 )
 from vaewatch.model.contract import RejectReason
 from vaewatch.model.errors import UserError
@@ -239,6 +240,7 @@ class FeatureSpec:
                     )
                 )
             elif kind is FeatureKind.CATEGORICAL:
+                warn_if_identifier(name, len(counts[name]), observed[name])
                 ranked = sorted(
                     (item for item in counts[name].items() if item[1] >= least),
                     key=lambda item: (-item[1], item[0]),

@@ -184,3 +184,28 @@ def test_resolution_is_found_across_batches():
     assert FeatureSpec.fit(iter(batches)).features[0].resolution == 0.01
     batches[1] = pa.record_batch({"x": pa.array([1.5, 2.123456789])})
     assert FeatureSpec.fit(iter(batches)).features[0].resolution is None
+
+
+def test_an_identifier_like_string_column_is_warned_about(caplog):
+    """Half or more of the non-null rows distinct (from 100 rows): a warning naming the column,
+    its counts and the fix. Ordinary categories, and small tables, stay quiet."""
+    n = 400
+    rng = np.random.default_rng(0)
+    table = pa.table({
+        "user": [f"u{i}" for i in range(n)],  # every value new
+        "half": [f"h{i // 2}" if i < 380 else None for i in range(n)],  # 190 of 380: half
+        "below": [f"b{i // 2}" if i < 398 else "b0" for i in range(n)],  # 199 of 400
+        "city": rng.choice(["a", "b", "c"], n),
+        "amount": rng.normal(size=n),
+    })  # fmt: skip
+    with caplog.at_level("WARNING", logger="vaewatch"):
+        FeatureSpec.fit(table)
+    warned = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert len(warned) == 2
+    assert warned[0].startswith("feature 'half' has 190 distinct values in its 380 non-null")
+    assert warned[1].startswith("feature 'user' has 400 distinct values in its 400 non-null")
+    assert "(100%)" in warned[1] and "--exclude user" in warned[1]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vaewatch"):
+        FeatureSpec.fit(table.slice(0, 99))  # too few rows to tell
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
