@@ -205,3 +205,33 @@ def warn_if_identifier(name: str, distinct: int, observed: int) -> bool:
         name, f"{distinct:,}", f"{observed:,}", 100.0 * distinct / observed, name,
     )  # fmt: skip
     return True
+
+
+class Increasing:
+    """Whether a numeric column rises strictly within every record batch: a sequence number or
+    a time. Checked batch by batch (files and batches may come in any order), O(1) memory."""
+
+    def __init__(self) -> None:
+        self.rows = 0  # finite values in batches of two or more
+        self.always = True
+
+    def update(self, values: np.ndarray) -> None:
+        values = values[np.isfinite(values)]
+        if values.size >= 2 and self.always:
+            self.always = bool(np.all(values[1:] > values[:-1]))
+            self.rows += values.size
+
+    def warn(self, name: str) -> bool:
+        """Warn (as `warn_if_identifier`) when the column rose in every batch, over at least
+        IDENTIFIER_MIN_ROWS values: a later day's values lie beyond the training range, so every
+        record would score as unusual. True when it warned."""
+        if not self.always or self.rows < IDENTIFIER_MIN_ROWS:
+            return False
+        logging.getLogger(__name__).warning(
+            "feature %r rises with every row of the training data (%s values): a record number "
+            "or a time? A later day's values would lie beyond the training range, so every "
+            "record would score as unusual. Exclude it (--exclude %s), or name it --id-column "
+            "if it identifies the record",
+            name, f"{self.rows:,}", name,
+        )  # fmt: skip
+        return True

@@ -37,6 +37,7 @@ from vaewatch.model.columns import (
     KIND_ORDER,
     FeatureKind,
     Grid,
+    Increasing,
     RunningMoments,
     SchemaMismatchError,
     choose_columns,
@@ -191,6 +192,7 @@ class FeatureSpec:
 
         moments = {n: RunningMoments() for n, k in chosen if k is FeatureKind.CONTINUOUS}
         grids = {n: Grid() for n in moments}
+        rising = {n: Increasing() for n in moments}
         counts = {n: Counter() for n, k in chosen if k is FeatureKind.CATEGORICAL}
         observed = {n: 0 for n, _ in chosen}
         zeros = {n: 0 for n in moments}
@@ -205,6 +207,7 @@ class FeatureSpec:
                     observed[name] -= int(np.isnan(values).sum()) - column.null_count
                     moments[name].update(values)
                     grids[name].update(values)
+                    rising[name].update(values)
                     zeros[name] += int(np.count_nonzero(values == 0.0))
                 elif kind is FeatureKind.CATEGORICAL:
                     vc = pc.value_counts(to_string(column, name).drop_null())
@@ -225,6 +228,7 @@ class FeatureSpec:
         for name, kind in chosen:
             missing_share = 1.0 - observed[name] / rows
             if kind is FeatureKind.CONTINUOUS:
+                rising[name].warn(name)
                 m = moments[name]
                 fitted.append(
                     Feature(

@@ -209,3 +209,27 @@ def test_an_identifier_like_string_column_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="vaewatch"):
         FeatureSpec.fit(table.slice(0, 99))  # too few rows to tell
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_column_that_rises_with_every_row_is_warned_about(caplog):
+    """A record number or a time (rising within every batch, whatever the batches' order) is
+    warned about; the same values shuffled, a constant stretch, or too few rows are not."""
+    rng = np.random.default_rng(0)
+    ids = np.arange(1_000, 1_300, dtype=np.int64)
+    stamps = 1.7e9 + np.cumsum(rng.exponential(3.0, 300))
+    flat = ids.copy()
+    flat[10] = flat[9]  # one repeat: not strictly rising
+    table = pa.table({
+        "seq": ids, "stamp": stamps, "shuffled": rng.permutation(ids), "flat": flat,
+        "amount": rng.normal(size=300),
+    })  # fmt: skip
+    batches = table.to_batches(max_chunksize=100)
+    with caplog.at_level("WARNING", logger="vaewatch"):
+        FeatureSpec.fit(iter([batches[2], batches[0], batches[1]]))  # batches out of order
+    warned = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert [m.split(" rises")[0] for m in warned] == ["feature 'seq'", "feature 'stamp'"]
+    assert "(300 values)" in warned[0] and "--exclude seq" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vaewatch"):
+        FeatureSpec.fit(table.slice(0, 99))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
