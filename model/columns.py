@@ -185,26 +185,16 @@ def choose_columns(
 
 
 # A string column with at least this share of distinct values among its non-null training rows
-# (and at least IDENTIFIER_MIN_ROWS of them) looks like an identifier or a timestamp as text
+# (and at least IDENTIFIER_MIN_ROWS of them) looks like an identifier or a timestamp as text;
+# past ValueCounts' capacity, where the share is unknown, this share within each batch does
 IDENTIFIER_SHARE = 0.5
+IDENTIFIER_BATCH_SHARE = 0.9
 IDENTIFIER_MIN_ROWS = 100
-
-
-def warn_if_identifier(name: str, distinct: int, observed: int) -> bool:
-    """Warn (on the `vaewatch` logger, so it shows under -q) when a categorical feature looks
-    like an identifier: nearly every value is new, so on a later day nearly every record's is
-    out of vocabulary and every record scores as unusual. True when it warned."""
-    if observed < IDENTIFIER_MIN_ROWS or distinct < IDENTIFIER_SHARE * observed:
-        return False
-    logging.getLogger(__name__).warning(
-        "feature %r has %s distinct values in its %s non-null training rows (%.0f%%): an "
-        "identifier, or a timestamp stored as text? A value not seen in training is out of "
-        "vocabulary, and on a later day nearly every record's would be, so every record would "
-        "score as unusual. Exclude it (--exclude %s), or name it --id-column if it identifies "
-        "the record",
-        name, f"{distinct:,}", f"{observed:,}", 100.0 * distinct / observed, name,
-    )  # fmt: skip
-    return True
+IDENTIFIER_HARM = (
+    "A value not seen in training is out of vocabulary, and on a later day nearly every "
+    "record's would be, so every record would score as unusual. Exclude it (--exclude {name}), "
+    "or name it --id-column if it identifies the record"
+)
 
 
 class Increasing:
@@ -222,7 +212,7 @@ class Increasing:
             self.rows += values.size
 
     def warn(self, name: str) -> bool:
-        """Warn (as `warn_if_identifier`) when the column rose in every batch, over at least
+        """Warn (as `ValueCounts.warn`) when the column rose in every batch, over at least
         IDENTIFIER_MIN_ROWS values: a later day's values lie beyond the training range, so every
         record would score as unusual. True when it warned."""
         if not self.always or self.rows < IDENTIFIER_MIN_ROWS:
@@ -233,5 +223,100 @@ class Increasing:
             "record would score as unusual. Exclude it (--exclude %s), or name it --id-column "
             "if it identifies the record",
             name, f"{self.rows:,}", name,
+        )  # fmt: skip
+        return True
+
+
+EMPTY_COUNTS = pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+
+
+class ValueCounts:
+    """A string column's value counts over a stream of batches, in memory bounded by
+    `capacity` values: exact while the column has at most 2 x capacity distinct values (every
+    ordinary categorical); beyond that (an identifier as text in a large table) the counts are
+    pruned Misra-Gries style, each merge subtracting the (capacity + 1)-th largest count from
+    all and dropping what falls to 0, so a value seen more than rows / capacity times is kept
+    and any count is short by at most that. Merged with Arrow, not value by value in Python."""
+
+    MERGE_PARTS = 64
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.parts: list[pa.Table] = []
+        self.pending = 0  # rows across `parts`
+        self.pruned = False  # some counts were cut: `distinct` is then a lower bound
+        self.observed = 0  # values counted
+        self.batch_distinct = 0  # the sum over batches of each batch's distinct values
+
+    def update(self, values: pa.Array) -> None:
+        counted = pc.value_counts(values)
+        self.observed += len(values)
+        self.batch_distinct += len(counted)
+        self.parts.append(
+            pa.table({"value": counted.field("values"), "count": counted.field("counts")})
+        )
+        self.pending += len(counted)
+        if self.pending > 2 * self.capacity or len(self.parts) > self.MERGE_PARTS:
+            self._merge()
+
+    def _merge(self) -> pa.Table:
+        if len(self.parts) == 1:
+            table = self.parts[0]
+        elif not self.parts:
+            table = pa.table(
+                {"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())}
+            )
+        else:
+            merged = pa.concat_tables(self.parts).group_by("value").aggregate([("count", "sum")])
+            table = merged.rename_columns(["value", "count"])
+        if table.num_rows > 2 * self.capacity:
+            counts = table["count"].to_numpy()
+            cut = np.partition(counts, counts.size - self.capacity - 1)[-self.capacity - 1]
+            keep = pa.array(counts > cut)
+            table = pa.table(
+                {
+                    "value": table["value"].filter(keep),
+                    "count": pc.subtract(table["count"].filter(keep), cut),
+                }
+            )
+            self.pruned = True
+        self.parts, self.pending = [table], table.num_rows
+        return table
+
+    def items(self) -> list[tuple[str, int]]:
+        table = self._merge()
+        return list(zip(table["value"].to_pylist(), table["count"].to_pylist(), strict=True))
+
+    @property
+    def distinct(self) -> int:
+        """Distinct values seen (a lower bound once pruned)."""
+        return self._merge().num_rows
+
+    def warn(self, name: str) -> bool:
+        """Warn (on the `vaewatch` logger, so it shows under -q) when the column looks like an
+        identifier: half or more of its values distinct (past the capacity, 90 % distinct
+        within the batches). True when it warned."""
+        log = logging.getLogger(__name__)
+        if self.observed < IDENTIFIER_MIN_ROWS:
+            return False
+        harm = IDENTIFIER_HARM.format(name=name)
+        if not self.pruned:
+            distinct = self.distinct
+            if distinct < IDENTIFIER_SHARE * self.observed:
+                return False
+            share = 100.0 * distinct / self.observed
+            log.warning(
+                "feature %r has %s distinct values in its %s non-null training rows (%.0f%%): "
+                "an identifier, or a timestamp stored as text? %s",
+                name, f"{distinct:,}", f"{self.observed:,}", share, harm,
+            )  # fmt: skip
+            return True
+        share = self.batch_distinct / self.observed
+        if share < IDENTIFIER_BATCH_SHARE:
+            return False
+        log.warning(
+            "feature %r has more than %s distinct values in its %s non-null training rows, "
+            "%.0f%% distinct within each batch: an identifier, or a timestamp stored as text? %s",
+            name, f"{2 * self.capacity:,}", f"{self.observed:,}", 100.0 * share, harm,
         )  # fmt: skip
         return True

@@ -55,6 +55,8 @@ PRECISION = "auto"
 
 # ---------------------------------------------------------------- features
 MAX_CATEGORIES = 1000  # vocabulary cap per categorical column; rarer values share OOV
+# distinct values a string column's training counts hold exactly (twice this), pruned beyond
+VALUE_COUNT_CAPACITY = 100_000
 # a categorical with at least this many classes is decoded as a two-level softmax (cluster, then
 # class within it: ~2 sqrt(V) logits per sample instead of V). Below ~130 classes the flat head
 # is as fast on this CPU; 256 keeps every small vocabulary on the flat head it had before.

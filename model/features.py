@@ -23,7 +23,6 @@ import enum
 import itertools
 import json
 import math
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -40,11 +39,11 @@ from vaewatch.model.columns import (
     Increasing,
     RunningMoments,
     SchemaMismatchError,
+    ValueCounts,
     choose_columns,
     kind_of,
     to_float64,
     to_string,
-    warn_if_identifier,
 )
 from vaewatch.model.contract import RejectReason
 from vaewatch.model.errors import UserError
@@ -193,7 +192,8 @@ class FeatureSpec:
         moments = {n: RunningMoments() for n, k in chosen if k is FeatureKind.CONTINUOUS}
         grids = {n: Grid() for n in moments}
         rising = {n: Increasing() for n in moments}
-        counts = {n: Counter() for n, k in chosen if k is FeatureKind.CATEGORICAL}
+        capacity = max(defaults.VALUE_COUNT_CAPACITY, 10 * max_categories)
+        counts = {n: ValueCounts(capacity) for n, k in chosen if k is FeatureKind.CATEGORICAL}
         observed = {n: 0 for n, _ in chosen}
         zeros = {n: 0 for n in moments}
         rows = 0
@@ -210,11 +210,7 @@ class FeatureSpec:
                     rising[name].update(values)
                     zeros[name] += int(np.count_nonzero(values == 0.0))
                 elif kind is FeatureKind.CATEGORICAL:
-                    vc = pc.value_counts(to_string(column, name).drop_null())
-                    for value, count in zip(
-                        vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True
-                    ):
-                        counts[name][value] += count
+                    counts[name].update(to_string(column, name).drop_null())
 
         empty = [name for name, n in observed.items() if n == 0]
         if empty:
@@ -244,7 +240,7 @@ class FeatureSpec:
                     )
                 )
             elif kind is FeatureKind.CATEGORICAL:
-                warn_if_identifier(name, len(counts[name]), observed[name])
+                counts[name].warn(name)
                 ranked = sorted(
                     (item for item in counts[name].items() if item[1] >= least),
                     key=lambda item: (-item[1], item[0]),

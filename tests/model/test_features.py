@@ -233,3 +233,42 @@ def test_a_column_that_rises_with_every_row_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="vaewatch"):
         FeatureSpec.fit(table.slice(0, 99))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_value_counts_are_exact_within_capacity_and_bounded_beyond(caplog):
+    """Exact counts up to twice the capacity; past it, memory stays within that and every value
+    seen more than rows / capacity times is kept, its count short by at most that (Misra and
+    Gries 1982)."""
+    from collections import Counter
+
+    from vaewatch.model.columns import ValueCounts
+
+    rng = np.random.default_rng(0)
+    values = [f"v{v}" for v in rng.zipf(1.5, 5_000) % 30]
+    exact = ValueCounts(capacity=100)
+    for start in range(0, len(values), 700):
+        exact.update(pa.array(values[start : start + 700]))
+    assert not exact.pruned and dict(exact.items()) == Counter(values)
+
+    heavy = [f"h{j}" for j in range(5)] * 400  # 2,000 rows, 400 each
+    unique = [f"u{j}" for j in range(8_000)]
+    stream = list(rng.permutation(np.array(heavy + unique, dtype=object)))
+    capacity, n = 10, len(stream)
+    counts = ValueCounts(capacity)
+    for start in range(0, n, 250):
+        counts.update(pa.array(stream[start : start + 250]))
+        assert counts.pending <= 2 * capacity + 250
+    kept = dict(counts.items())
+    assert counts.pruned and len(kept) <= 2 * capacity
+    for j in range(5):
+        assert 400 - n / capacity <= kept[f"h{j}"] <= 400
+    assert not counts.warn("mixed")  # a fifth of each batch repeats five values
+
+    ids = ValueCounts(capacity)
+    for start in range(0, 8_000, 250):
+        ids.update(pa.array(unique[start : start + 250]))
+    with caplog.at_level("WARNING", logger="vaewatch"):
+        assert ids.warn("user")
+    assert "more than 20 distinct values in its 8,000 non-null training rows, 100%" in (
+        caplog.records[-1].getMessage()
+    )
