@@ -7,6 +7,7 @@ parameters, per-epoch metrics, plots and JSON to the run, and registers the arti
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -168,6 +169,7 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
                 else ""
             )
         )
+        _warn_if_few_above(calibration.rows, config.threshold_quantile)
         mlrun.log_metrics(
             {
                 "best_epoch": fitted.best_epoch,
@@ -207,6 +209,28 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
         + mlrun.where
     )
     return TrainOutcome(resolved=resolved, fitted=fitted)
+
+
+# fewer calibration rows than this above the threshold quantile: the threshold is rough
+MIN_ROWS_ABOVE_THRESHOLD = 10
+
+
+def _warn_if_few_above(rows: int, quantile: float) -> bool:
+    """Warn (also under -q) when the threshold is a quantile of so few validation rows that
+    fewer than MIN_ROWS_ABOVE_THRESHOLD lie above it: the share a new day flags then depends
+    on which rows were held out. True when it warned."""
+    above = round(rows * (1.0 - quantile), 9)  # 100 x (1 - 0.9) is 9.999999999999998
+    if above >= MIN_ROWS_ABOVE_THRESHOLD:
+        return False
+    logging.getLogger(__name__).warning(
+        "the flag threshold, quantile %s of %s validation rows, has %.3g of them above it: the "
+        "share of records a new day flags will be rough, and so is the drift check's expected "
+        "rate. %s validation rows give it %d; train on more rows, or raise "
+        "--validation-fraction or lower --threshold-quantile",
+        f"{quantile:g}", f"{rows:,}", above,
+        f"{round(MIN_ROWS_ABOVE_THRESHOLD / (1.0 - quantile)):,}", MIN_ROWS_ABOVE_THRESHOLD,
+    )  # fmt: skip
+    return True
 
 
 def _set_aside(calibration, quantile: float) -> str:

@@ -346,3 +346,20 @@ def test_the_discrete_weight_ranks_the_sparse_kinds_first(trained, workspace):
         rows = (kinds == "") | (kinds == kind)
         got = roc_auc(weighted[rows], kinds[rows] == kind)
         assert got >= 0.99 and got > roc_auc(plain[rows], kinds[rows] == kind) + 0.015, kind
+
+
+def test_a_threshold_on_too_few_validation_rows_is_warned_about(caplog):
+    """Fewer than 10 validation rows above the threshold quantile: a warning with the rows it
+    would take; enough rows: none."""
+    from vaewatch.jobs.train import _warn_if_few_above
+
+    with caplog.at_level("WARNING", logger="vaewatch"):
+        assert not _warn_if_few_above(1_000, 0.99) and not _warn_if_few_above(100, 0.9)
+        assert not caplog.records
+        assert _warn_if_few_above(999, 0.99)
+    message = caplog.records[-1].getMessage()
+    assert "quantile 0.99 of 999 validation rows, has 9.99 of them above it" in message
+    assert "1,000 validation rows give it 10" in message
+    with caplog.at_level("WARNING", logger="vaewatch"):
+        assert _warn_if_few_above(12, 0.9)
+    assert "12 validation rows, has 1.2 of them above it" in caplog.records[-1].getMessage()
