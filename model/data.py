@@ -117,6 +117,25 @@ def filesystem_for(location: str) -> tuple[pafs.FileSystem, str]:
     return filesystem, path
 
 
+def input_containing(location: str | Sequence[str], output: str) -> str | None:
+    """The input location (a directory, or a glob) that would list a scored file written to
+    `output`: a later run over the same input would read this run's output as its records.
+    None when no input does. Paths only; nothing is listed."""
+
+    def normal(path: str) -> str:
+        return path.rstrip("/") if "://" in path else os.path.abspath(path)
+
+    written = normal(output) + "/part-00000-of-00001.parquet"
+    for loc in [location] if isinstance(location, str) else location:
+        base, pattern = _split_glob(normal(loc))
+        if not written.startswith(base.rstrip("/") + "/"):
+            continue
+        relative = written[len(base.rstrip("/")) :].lstrip("/").split("/")
+        if _match_segments(relative, pattern) if pattern else not any(map(_is_hidden, relative)):
+            return loc
+    return None
+
+
 def resolve_files(location: str | Sequence[str]) -> tuple[pafs.FileSystem, list[InputFile]]:
     """Every Parquet file a location (or several) names, sorted, with sizes and mtimes."""
     locations = [location] if isinstance(location, str) else list(location)

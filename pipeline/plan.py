@@ -23,7 +23,7 @@ from vaewatch.model.contract import (
     RowCounts,
     score_schema,
 )
-from vaewatch.model.data import InputFile, read_footers, resolve_files
+from vaewatch.model.data import InputFile, input_containing, read_footers, resolve_files
 from vaewatch.model.drift import Reference
 from vaewatch.model.errors import UserError
 from vaewatch.model.features import FeatureSpec, SchemaMismatchError
@@ -120,6 +120,13 @@ def check_inputs(
 def make_plan(job: ScoreJob) -> ScorePlan:
     """Everything decided once at launch: files, model version, schemas, staging, manifest."""
     options = job.options
+    containing = input_containing(job.input, job.output)
+    if containing is not None:
+        raise UserError(
+            f"output {job.output!r} is inside the input {containing!r}: the next run over that "
+            "input would read this run's scores as records. Write the output outside the input "
+            "(or under a folder whose name starts with '_' or '.', which inputs skip)"
+        )
     filesystem, files = resolve_files(job.input)
     footers = read_footers(files, filesystem)
     download = tempfile.mkdtemp(prefix="vaewatch-model-")

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vaewatch.model.data import InputError, ParquetSource, resolve_files
+from vaewatch.model.data import InputError, ParquetSource, input_containing, resolve_files
 from vaewatch.model.features import FeatureSpec
 from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
 from vaewatch.model.training import TrainConfig, train
@@ -160,3 +160,27 @@ def test_training_from_a_stream_is_deterministic_and_learns(parquet_days):
     vals = [h.val_elbo for h in r1.history]
     assert vals == [h.val_elbo for h in r2.history]
     assert vals[-1] > vals[0] + 1.0, vals
+
+
+@pytest.mark.parametrize(
+    "inputs, output, found",
+    [
+        ("in", "in/out", "in"),  # a directory lists every visible *.parquet below it
+        ("in", "in", "in"),
+        ("in/", "in/a/b", "in/"),
+        ("in", "other", None),
+        ("in", "in2/out", None),  # a prefix of the name is not a parent
+        ("in", "in/_scores", None),  # hidden from directory listings
+        ("in", "in/.scores", None),
+        ("in/*.parquet", "in/out", None),  # one level: the output's files are one deeper
+        ("in/*/*.parquet", "in/out", "in/*/*.parquet"),
+        ("in/**/*.parquet", "in/a/b", "in/**/*.parquet"),
+        (["elsewhere", "in"], "in/x", "in"),
+        ("s3://lake/in", "s3://lake/in/scores", "s3://lake/in"),
+        ("s3://lake/in", "s3://lake/scores", None),
+        ("data/dt=2026-01-05", "data/dt=2026-01-05", "data/dt=2026-01-05"),  # one root for both
+    ],
+)
+def test_an_output_the_input_would_list_is_found(tmp_path, monkeypatch, inputs, output, found):
+    monkeypatch.chdir(tmp_path)
+    assert input_containing(inputs, output) == found

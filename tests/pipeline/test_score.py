@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -132,6 +133,20 @@ def test_with_no_column_kept_every_row_is_scored(trained, workspace, tmp_path, d
     assert sorted(scores["anomaly_score"].to_pylist()) == sorted(
         reference["anomaly_score"].to_pylist()
     )
+
+
+def test_an_output_inside_its_input_is_refused_before_any_work(trained, workspace, tmp_path):
+    """The second run over the folder would read the first run's scores as records (it used to
+    fail then, naming a missing feature and suggesting a retrain)."""
+    source = tmp_path / "in"
+    source.mkdir()
+    shutil.copy(next((workspace / "holdout").glob("*.parquet")), source / "part-0.parquet")
+    result = _score_cli(trained, source, source / "scores")
+    assert result.exit_code == 1, result.output
+    assert f"output '{source / 'scores'}' is inside the input '{source}'" in result.output
+    assert sorted(p.name for p in source.iterdir()) == ["part-0.parquet"]
+    result = _score_cli(trained, source, source / "_scores")  # hidden from listings: allowed
+    assert result.exit_code == 0, result.output
 
 
 def test_batch_size_and_worker_processes_do_not_change_scores(
