@@ -329,7 +329,9 @@ def resolve(uri: str, tracking_uri: str) -> ResolvedModel:
                 )
             mv = max(versions, key=lambda v: int(v.version))
     except MlflowException as err:
-        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+        if alias is not None and err.error_code in ("INVALID_PARAMETER_VALUE", MISSING):
+            _raise_if_alias_missing(client, name, alias, uri, tracking_uri, err)
+        if err.error_code != MISSING:
             raise RegistryError(
                 f"the MLflow server at {tracking_uri!r} failed to resolve {uri!r}: {err.message}"
             ) from err
@@ -341,6 +343,25 @@ def resolve(uri: str, tracking_uri: str) -> ResolvedModel:
             "server."
         ) from err
     return ResolvedModel(name=name, version=str(mv.version), run_id=mv.run_id or "", requested=uri)
+
+
+MISSING = "RESOURCE_DOES_NOT_EXIST"
+
+
+def _raise_if_alias_missing(client, name, alias, uri, tracking_uri, err) -> None:
+    """MLflow reports an alias the model does not have as an invalid parameter, not as missing:
+    where the model exists, say so and list the aliases it has. Returns when the model itself
+    is missing (the caller's message then)."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        return
+    aliases = ", ".join(f"@{a} -> version {v}" for a, v in sorted(model.aliases.items()))
+    raise ModelNotFoundError(
+        f"model {uri!r}: registered model {name!r} at {tracking_uri!r} has no alias {alias!r} "
+        f"(its aliases: {aliases or 'none'}). Point it at a version with `vaewatch models "
+        f"promote {name} VERSION --alias {alias}`, or pass models:/{name}/VERSION"
+    ) from err
 
 
 def _known_models(client: MlflowClient) -> list[str]:

@@ -328,6 +328,13 @@ def test_missing_model_is_a_clear_error(trained):
         registry.resolve("models:/nope@champion", job.tracking_uri)
     with pytest.raises(registry.ModelNotFoundError, match="malformed"):
         registry.resolve("models:/a/b/c", job.tracking_uri)
+    # an alias the model lacks: MLflow calls it an invalid parameter; it used to be reported
+    # as the server failing
+    with pytest.raises(registry.ModelNotFoundError) as missing:
+        registry.resolve("models:/transactions@chamipon", job.tracking_uri)
+    assert "registered model 'transactions'" in str(missing.value)
+    assert "has no alias 'chamipon' (its aliases: @champion -> version " in str(missing.value)
+    assert "vaewatch models promote transactions VERSION --alias chamipon" in str(missing.value)
 
 
 def test_the_discrete_weight_ranks_the_sparse_kinds_first(trained, workspace):
