@@ -206,6 +206,18 @@ def format_table(columns: list[str], rows: list[tuple]) -> str:
 
 def top(con, day: dt.date | None, n: int) -> duckdb.DuckDBPyRelation:
     """The n most anomalous records (of one day if given), with their top features."""
+    if day:
+        days = [
+            d for (d,) in con.sql("SELECT dt FROM runs WHERE dt IS NOT NULL ORDER BY dt").fetchall()
+        ]
+        if day not in days:
+            listed = ", ".join(d.isoformat() for d in days[:5]) + (
+                f", ... {days[-1].isoformat()} ({len(days)} days)" if len(days) > 5 else ""
+            )
+            raise UserError(
+                f"no committed partition for {day.isoformat()}; committed days: "
+                f"{listed or 'none (a plain `vaewatch score` output has no days: omit --date)'}"
+            )
     where = "WHERE dt = $day " if day else ""
     params = {"day": day, "n": n} if day else {"n": n}
     return con.sql(

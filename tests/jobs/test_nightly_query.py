@@ -100,6 +100,13 @@ def test_query_top_summary_see_committed_output_only(committed, tmp_path):
     assert scores == sorted(scores, reverse=True) and rows[0]["top_features"]
     table = _invoke("top", out, "-n", "3")
     assert table.exit_code == 0 and "anomaly_score" in table.output and "+" in table.output
+    # the crashed day is not committed: asking for it says so (it used to print an empty table)
+    missing = _invoke("top", out, "--date", "2026-03-04")
+    assert missing.exit_code == 1, missing.output
+    assert (
+        "no committed partition for 2026-03-04; committed days: 2026-03-01, 2026-03-02, "
+        "2026-03-03" in missing.output
+    )
 
 
 def test_query_formats_are_valid_documents_and_honour_out(committed, tmp_path):
