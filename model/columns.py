@@ -263,22 +263,15 @@ class ValueCounts:
         if len(self.parts) == 1:
             table = self.parts[0]
         elif not self.parts:
-            table = pa.table(
-                {"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())}
-            )
+            table = EMPTY_COUNTS
         else:
             merged = pa.concat_tables(self.parts).group_by("value").aggregate([("count", "sum")])
             table = merged.rename_columns(["value", "count"])
         if table.num_rows > 2 * self.capacity:
             counts = table["count"].to_numpy()
             cut = np.partition(counts, counts.size - self.capacity - 1)[-self.capacity - 1]
-            keep = pa.array(counts > cut)
-            table = pa.table(
-                {
-                    "value": table["value"].filter(keep),
-                    "count": pc.subtract(table["count"].filter(keep), cut),
-                }
-            )
+            kept = table.filter(pa.array(counts > cut))
+            table = kept.set_column(1, "count", pc.subtract(kept["count"], cut))
             self.pruned = True
         self.parts, self.pending = [table], table.num_rows
         return table
