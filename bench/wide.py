@@ -71,16 +71,20 @@ def table(rows: int, numbers: int, strings: int, values: int, seed: int) -> pa.T
     return pa.table(columns)
 
 
-def run_cli(args: list[str], source: Path | None = None) -> tuple[float, int, str]:
-    """(seconds, peak RSS bytes, stdout) of `vaewatch ARGS` in a fresh process; `source` is a
-    folder holding another checkout as `vaewatch/` (found before the installed package)."""
+def run_cli(args: list[str], source: Path | None = None, cwd: Path | None = None):
+    """(seconds, peak RSS bytes, stdout) of `vaewatch ARGS` in a fresh process, run in `cwd`
+    (where a SQLite tracking URI puts its ./mlruns artifacts); `source` is a folder holding
+    another checkout as `vaewatch/` (found before the installed package)."""
     env = dict(os.environ)
     if source is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(source).resolve()), env.get("PYTHONPATH", "")]
+        )
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", _RUNNER, *args], capture_output=True, text=True, check=False, env=env
-    )
+        [sys.executable, "-c", _RUNNER, *args],
+        capture_output=True, text=True, check=False, env=env, cwd=cwd,
+    )  # fmt: skip
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"vaewatch {' '.join(args)} failed:\n{done.stderr[-3000:]}")
@@ -104,11 +108,13 @@ def measure(
         ["train", "--data", str(data / "train"), "--model-name", "wide",
          "--id-column", "record_id", "--tracking-uri", uri, "--epochs", "2", "--no-progress"],
         source,
+        folder,  # the run's artifacts go in ./mlruns beside the SQLite store, not in the caller's
     )  # fmt: skip
     score_s, score_peak, _ = run_cli(
         ["score", "--input", str(data / "score"), "--output", str(folder / "out"),
          "--model", "models:/wide@champion", "--tracking-uri", uri],
         source,
+        folder,
     )  # fmt: skip
     return {
         "code": tag,
