@@ -190,10 +190,10 @@ def choose_columns(
 IDENTIFIER_SHARE = 0.5
 IDENTIFIER_BATCH_SHARE = 0.9
 IDENTIFIER_MIN_ROWS = 100
+EXCLUDE_FIX = "Exclude it (--exclude {name}), or name it --id-column if it identifies the record"
 IDENTIFIER_HARM = (
     "A value not seen in training is out of vocabulary, and on a later day nearly every "
-    "record's would be, so every record would score as unusual. Exclude it (--exclude {name}), "
-    "or name it --id-column if it identifies the record"
+    "record's would be, so every record would score as unusual. " + EXCLUDE_FIX
 )
 
 
@@ -220,9 +220,8 @@ class Increasing:
         logging.getLogger(__name__).warning(
             "feature %r rises with every row of the training data (%s values): a record number "
             "or a time? A later day's values would lie beyond the training range, so every "
-            "record would score as unusual. Exclude it (--exclude %s), or name it --id-column "
-            "if it identifies the record",
-            name, f"{self.rows:,}", name,
+            "record would score as unusual. %s",
+            name, f"{self.rows:,}", EXCLUDE_FIX.format(name=name),
         )  # fmt: skip
         return True
 
