@@ -174,7 +174,10 @@ def train_command(**options) -> None:
                 "run_id": outcome.resolved.run_id,
                 "rows": fitted.prepared.counts.to_json(),
                 "epochs": len(fitted.history),
-                "best_epoch": fitted.best_epoch,
+                # null when every epoch ran inside the KL warm-up (none was chosen); the
+                # registered weights are then the last epoch's, as kept_epoch says
+                "best_epoch": fitted.best_epoch if fitted.best_epoch >= 0 else None,
+                "kept_epoch": fitted.best_epoch % len(fitted.history),
                 "threshold": fitted.artifact.calibration.threshold(),
                 "data_fingerprint": fitted.prepared.fingerprint.digest,
             }

@@ -44,6 +44,20 @@ def kind_of(arrow_type: pa.DataType) -> FeatureKind | None:
     return None  # timestamps, binary, nested: never features unless the user says otherwise
 
 
+def accepts(kind: FeatureKind, arrow_type: pa.DataType) -> bool:
+    """Whether a column of `arrow_type` can be read as a feature of `kind`: numbers and booleans
+    as continuous, booleans as boolean, anything with a kind as categorical (numbers formatted);
+    an all-null column (Arrow's null type) as any kind."""
+    if pa.types.is_null(arrow_type):
+        return True
+    found = kind_of(arrow_type)
+    if kind is FeatureKind.CONTINUOUS:
+        return found in (FeatureKind.CONTINUOUS, FeatureKind.BOOLEAN)
+    if kind is FeatureKind.BOOLEAN:
+        return found is FeatureKind.BOOLEAN
+    return found is not None
+
+
 def to_float64(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
     """A numeric/boolean column as float64 numpy, nulls as NaN. Integers beyond 2^53 round to
     the nearest float64 (a safe cast would refuse the whole batch for one such value; found by

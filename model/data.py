@@ -266,11 +266,19 @@ class ParquetSource:
                 f"has columns {self.schema.names}"
             )
 
-    def file_rows(self) -> list[int]:
-        """Rows per file, from the footers (no data read)."""
+    def footers(self) -> list[pq.FileMetaData]:
+        """Each file's Parquet footer, read once (no data read)."""
         if self._footers is None:
             self._footers = read_footers(self.files, self.filesystem)
-        return [footer.num_rows for footer in self._footers]
+        return self._footers
+
+    def file_rows(self) -> list[int]:
+        """Rows per file, from the footers (no data read)."""
+        return [footer.num_rows for footer in self.footers()]
+
+    def file_schemas(self) -> list[pa.Schema]:
+        """Each file's Arrow schema, from the footers (no data read). `schema` is the first's."""
+        return [footer.schema.to_arrow_schema() for footer in self.footers()]
 
     def batches(
         self,

@@ -40,8 +40,8 @@ from vaewatch.model.columns import (
     RunningMoments,
     SchemaMismatchError,
     ValueCounts,
+    accepts,
     choose_columns,
-    kind_of,
     to_float64,
     to_string,
 )
@@ -296,14 +296,7 @@ class FeatureSpec:
                     f"model trained without it (vaewatch train --exclude {f.name})"
                 )
             found = schema.field(index).type
-            compatible = {
-                FeatureKind.CONTINUOUS: lambda t: (
-                    kind_of(t) in (FeatureKind.CONTINUOUS, FeatureKind.BOOLEAN)
-                ),
-                FeatureKind.BOOLEAN: lambda t: kind_of(t) is FeatureKind.BOOLEAN,
-                FeatureKind.CATEGORICAL: lambda t: kind_of(t) is not None or pa.types.is_null(t),
-            }[f.kind]
-            if not (compatible(found) or pa.types.is_null(found)):
+            if not accepts(f.kind, found):
                 raise SchemaMismatchError(
                     f"model feature {f.name!r} expects a {f.kind.value} column but the input has "
                     f"type {found}; cast the column or retrain the model on this schema"

@@ -10,6 +10,7 @@ training and at scoring.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ import torch
 from vaewatch.model import defaults
 from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
 from vaewatch.model.calibration import DEFAULT_THRESHOLD_QUANTILE, Calibration
+from vaewatch.model.columns import FeatureKind, SchemaMismatchError, accepts, choose_columns
 from vaewatch.model.data import Fingerprint, ParquetSource
 from vaewatch.model.device import resolve_device
 from vaewatch.model.estimators import iwae, score_records
@@ -124,6 +126,16 @@ def fit(
     id_column = config.id_column
     exclude = [*config.exclude, *([id_column] if id_column else [])]
     features = None if config.features is None else [f for f in config.features if f != id_column]
+    check_files(
+        source,
+        choose_columns(
+            source.schema,
+            exclude=exclude,
+            features=features,
+            categorical=config.categorical,
+            continuous=config.continuous,
+        ),
+    )
     spec = FeatureSpec.fit(
         (batch for _, batch in source.batches()),
         exclude=exclude,
@@ -209,6 +221,48 @@ def fit(
         calibration_scores=scores,
         prepared=prepared,
     )
+
+
+def check_files(source: ParquetSource, chosen: Sequence[tuple[str, FeatureKind]]) -> None:
+    """Every training file must have the features chosen from the first file's schema, with a
+    type of the same kind, before a row is read: a feature missing from a later file would
+    otherwise surface mid-fit, and a column only later files have is named, as it is not used.
+    """
+    schemas = source.file_schemas()
+    first, reference = source.files[0].path, schemas[0]
+    later: dict[str, list[str]] = {}
+    for file, schema in zip(source.files[1:], schemas[1:], strict=True):
+        lacking = [name for name, _ in chosen if name not in schema.names]
+        if lacking:
+            raise SchemaMismatchError(
+                f"training file {file.path!r} has no column(s) {lacking}, which the first file "
+                f"({first!r}) has and training uses as features. Add them to every file (null "
+                "where unknown: modelled as missing), or leave them out (--exclude "
+                f"{','.join(lacking)})"
+            )
+        for name, kind in chosen:
+            found = schema.field(name).type
+            if not accepts(kind, found):
+                raise SchemaMismatchError(
+                    f"column {name!r} is {reference.field(name).type} in the first training "
+                    f"file ({first!r}), read as {kind.value}, but {found} in {file.path!r}. "
+                    "Cast it to one type in every file, or leave it out (--exclude "
+                    f"{name})"
+                )
+        for name in schema.names:
+            if name not in reference.names:
+                later.setdefault(name, []).append(file.path)
+    if later:
+        named = "; ".join(
+            f"{name!r} ({len(paths)} file(s), from {paths[0]!r})" for name, paths in later.items()
+        )
+        logging.getLogger(__name__).warning(
+            "column(s) in later training files but not the first (%r) are not used: %s. The "
+            "columns come from the first file; to use them, add them to every file (null where "
+            "unknown)",
+            first,
+            named,
+        )
 
 
 def capacity(rows: int) -> tuple[int, tuple[int, ...]]:

@@ -328,6 +328,8 @@ def test_json_reports_match_what_was_committed(trained, workspace, partitions, t
         assert trained_json.exit_code == 0, trained_json.output
         model = json.loads(trained_json.stdout)
         assert model["model_uri"] == "models:/j/1" and model["rows"]["rows_read"] == 5_000
+        # one epoch, inside the KL warm-up: no epoch was chosen, the only one's weights are kept
+        assert (model["epochs"], model["best_epoch"], model["kept_epoch"]) == (1, None, 0)
         promoted = _invoke("models", "promote", "j", "1", "--alias", "staging", "--json")
         assert json.loads(promoted.stdout)["alias_uri"] == "models:/j@staging", promoted.output
 

@@ -289,6 +289,54 @@ def test_train_names_the_columns_it_does_not_model(tmp_path, monkeypatch):
     assert "not used" not in result.stderr
 
 
+def test_train_checks_every_file_against_the_first_before_reading(tmp_path, monkeypatch):
+    """The features come from the first file's schema. A later file without one of them, or with
+    a type of another kind, is refused before training (exit 1, nothing registered); a column
+    only later files have is named as not used; int64 beside double and dictionary-encoded beside
+    plain strings are the same kinds and train."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    n = 400
+
+    def write(folder, i, **changes):
+        columns = {"amount": rng.normal(size=n), "count": rng.normal(size=n),
+                   "kind": rng.choice(["a", "b", "c"], n)}  # fmt: skip
+        columns.update(changes)
+        (tmp_path / folder).mkdir(exist_ok=True)
+        pq.write_table(pa.table({k: v for k, v in columns.items() if v is not None}),
+                       tmp_path / folder / f"part-{i}.parquet")  # fmt: skip
+
+    def train(folder, *extra):
+        args = ["train", "--data", str(tmp_path / folder), "--model-name", folder,
+                "--epochs", "1", "--no-progress", *extra]  # fmt: skip
+        return CliRunner().invoke(main, args)
+
+    write("ok", 0)
+    as_dictionary = pa.array(rng.choice(["a", "b"], n)).dictionary_encode()
+    write("ok", 1, count=rng.integers(0, 9, n), kind=as_dictionary)
+    write("ok", 2, later=rng.normal(size=n))
+    result = train("ok")
+    assert result.exit_code == 0, result.output
+    assert "later training files but not the first" in result.stderr
+    assert "'later' (1 file(s), from " in result.stderr and "part-2.parquet" in result.stderr
+
+    write("lacking", 0)
+    write("lacking", 1, kind=None)
+    result = train("lacking")
+    assert result.exit_code == 1, result.output
+    assert "part-1.parquet' has no column(s) ['kind']" in result.stderr
+    assert "--exclude kind" in result.stderr
+    assert mlflow.MlflowClient().search_registered_models("name='lacking'") == []
+    assert train("lacking", "--exclude", "kind").exit_code == 0
+
+    write("kinds", 0)
+    write("kinds", 1, count=rng.integers(0, 9, n).astype(str))  # numbers written as text
+    result = train("kinds")
+    assert result.exit_code == 1, result.output
+    assert "column 'count' is double in the first training file" in result.stderr
+    assert "read as continuous, but string in" in result.stderr
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
