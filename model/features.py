@@ -164,6 +164,7 @@ class FeatureSpec:
         max_categories: int = DEFAULT_MAX_CATEGORIES,
         min_category_count: int = DEFAULT_MIN_CATEGORY_COUNT,
         min_category_share: float = DEFAULT_MIN_CATEGORY_SHARE,
+        schema: pa.Schema | None = None,
     ) -> FeatureSpec:
         """Fit from a table or a stream of record batches (one pass, bounded memory).
 
@@ -174,13 +175,14 @@ class FeatureSpec:
         least `min_category_count` times, the `max_categories` most frequent, ties broken by
         value so the result is deterministic. A value needs both `min_category_count` rows and
         `min_category_share` of the table's rows (with a share of 0.1 %, a value seen 8 times in
-        20,000 rows shares the out-of-vocabulary entry with every unseen value).
+        20,000 rows shares the out-of-vocabulary entry with every unseen value). Columns are
+        chosen from `schema` when given (the training files' schema), else the first batch's.
         """
         batches = _as_batches(data)
         first = next(batches, None)
         if first is None:
             raise UserError("cannot fit a FeatureSpec on no data: the input has no record batches")
-        schema = first.schema
+        schema = schema or first.schema
         chosen = choose_columns(
             schema,
             exclude=exclude,

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from vaewatch.model import defaults
@@ -126,10 +127,12 @@ def fit(
     id_column = config.id_column
     exclude = [*config.exclude, *([id_column] if id_column else [])]
     features = None if config.features is None else [f for f in config.features if f != id_column]
+    schema = training_schema(source)
     check_files(
         source,
+        schema,
         choose_columns(
-            source.schema,
+            schema,
             exclude=exclude,
             features=features,
             categorical=config.categorical,
@@ -145,6 +148,7 @@ def fit(
         max_categories=config.max_categories,
         min_category_count=config.min_category_count,
         min_category_share=config.min_category_share,
+        schema=schema,
     )
     train_config = config.train
     data = TrainingData.from_parquet(
@@ -166,7 +170,7 @@ def fit(
     unused = ()
     if config.features is None:  # every column was a candidate: name the ones skipped
         used = {*spec.names(), *exclude}
-        unused = tuple((f.name, str(f.type)) for f in source.schema if f.name not in used)
+        unused = tuple((f.name, str(f.type)) for f in schema if f.name not in used)
     prepared = Prepared(fingerprint, spec, data.counts, data.cached, vae_config, device, unused)
     if on_prepared is not None:
         on_prepared(prepared)
@@ -223,13 +227,29 @@ def fit(
     )
 
 
-def check_files(source: ParquetSource, chosen: Sequence[tuple[str, FeatureKind]]) -> None:
-    """Every training file must have the features chosen from the first file's schema, with a
-    type of the same kind, before a row is read: a feature missing from a later file would
-    otherwise surface mid-fit, and a column only later files have is named, as it is not used.
-    """
+def training_schema(source: ParquetSource) -> pa.Schema:
+    """The first file's schema (from the footers, no data read), where a column Arrow types as
+    null there (no value in that file: pandas writes an all-None column so) takes its type from
+    the first file that has one."""
     schemas = source.file_schemas()
-    first, reference = source.files[0].path, schemas[0]
+    fields = []
+    for column in schemas[0]:
+        if pa.types.is_null(column.type):
+            typed = (s.field(column.name) for s in schemas[1:] if column.name in s.names)
+            column = next((f for f in typed if not pa.types.is_null(f.type)), column)
+        fields.append(column)
+    return pa.schema(fields)
+
+
+def check_files(
+    source: ParquetSource, reference: pa.Schema, chosen: Sequence[tuple[str, FeatureKind]]
+) -> None:
+    """Every training file must have the features chosen from `reference` (training_schema),
+    with a type of the same kind, before a row is read: a feature missing from a later file
+    would otherwise surface mid-fit, and a column only later files have is named, as it is not
+    used."""
+    schemas = source.file_schemas()
+    first = source.files[0].path
     later: dict[str, list[str]] = {}
     for file, schema in zip(source.files[1:], schemas[1:], strict=True):
         lacking = [name for name, _ in chosen if name not in schema.names]
@@ -244,10 +264,10 @@ def check_files(source: ParquetSource, chosen: Sequence[tuple[str, FeatureKind]]
             found = schema.field(name).type
             if not accepts(kind, found):
                 raise SchemaMismatchError(
-                    f"column {name!r} is {reference.field(name).type} in the first training "
-                    f"file ({first!r}), read as {kind.value}, but {found} in {file.path!r}. "
-                    "Cast it to one type in every file, or leave it out (--exclude "
-                    f"{name})"
+                    f"column {name!r} is {reference.field(name).type} (read as {kind.value}) "
+                    f"in the first training file with values for it, but {found} in "
+                    f"{file.path!r}. Cast it to one type in every file, or leave it out "
+                    f"(--exclude {name})"
                 )
         for name in schema.names:
             if name not in reference.names:

@@ -333,8 +333,22 @@ def test_train_checks_every_file_against_the_first_before_reading(tmp_path, monk
     write("kinds", 1, count=rng.integers(0, 9, n).astype(str))  # numbers written as text
     result = train("kinds")
     assert result.exit_code == 1, result.output
-    assert "column 'count' is double in the first training file" in result.stderr
-    assert "read as continuous, but string in" in result.stderr
+    assert "column 'count' is double (read as continuous) in the first training file" in (
+        result.stderr
+    )
+    assert "but string in" in result.stderr and "part-1.parquet" in result.stderr
+
+    # an empty first file, then one where the string column is all null (Arrow's null type):
+    # the column's kind comes from the first file with values, whatever the batches' order
+    write("gaps", 0, amount=np.zeros(0), count=np.zeros(0), kind=pa.array([], pa.string()))
+    write("gaps", 1, kind=pa.nulls(n))
+    write("gaps", 2)
+    result = train("gaps")
+    assert result.exit_code == 0, result.output
+    assert "features: amount (continuous), count (continuous), kind (categorical)" in (
+        result.stderr
+    )
+    assert "not used" not in result.stderr
 
 
 @pytest.mark.parametrize(
