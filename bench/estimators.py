@@ -122,7 +122,7 @@ def run(quick: bool, device: torch.device, budget: int) -> list[dict]:
     rows.insert(
         0,
         {
-            "estimator": "matmul 2048x2048 bf16 (the best this CPU reaches)",
+            "estimator": "matmul 2048x2048 bf16 (the best rate here)",
             "records_per_s": float("nan"),
             "gflops": peak_bf16 / 1e9,
             "fraction": peak_bf16 / peak,

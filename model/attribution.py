@@ -1,13 +1,95 @@
-"""Attribution: which features made a record unusual. Each feature's -log p(x_j|z), averaged
-under the self-normalised importance weights (model/estimators.py), is measured against its
-median on the calibration rows (its baseline); `top_features` lists those most above it."""
+"""Attribution: which features made a record unusual, two ways, each measured against its
+median on the calibration rows (its baseline); `top_features` lists the features most above it.
+
+- Every record: each feature's -log p(x_j|z), averaged under the self-normalised importance
+  weights (model/estimators.py). It costs nothing, but it is read under a posterior that every
+  feature moved: a value far out of range drags z to where the decoder gets the *other*
+  features wrong, and they are named instead of it.
+- Flagged records (`leave_one_out`): -log p(x_j | x_-j), how unlikely each value is given the
+  rest of the record, = log p(x_-j) - log p(x). One more encoder pass and one more pass of the
+  K points per feature, so it is kept to the records `is_anomaly` flags.
+"""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
+import torch
 
 from vaewatch.model.contract import TOP_FEATURE_TYPE
+from vaewatch.model.estimators import IWAE_STREAM, _running_log_sum_exp, weight_chunks
+from vaewatch.model.noise import noise
+from vaewatch.model.vae import VAE
+
+# at most this many features per flagged record get the leave-one-out term: all of them in a
+# table this narrow, else those the cheap attribution ranks first (the cost is one pass of the
+# K points per feature)
+MAX_LEAVE_ONE_OUT = 16
+
+
+def leave_one_out(
+    model: VAE,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    candidates: torch.Tensor,
+    *,
+    k: int,
+    seed: int,
+    log_std: torch.Tensor | None,
+    proposal_scale: float,
+    memory_budget: int,
+    matmul_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(B, F) float64: -log p(x_j | x_-j) where `candidates` ((B, F) bool) and x_j is observed,
+    NaN elsewhere; a continuous value's is a density in the data's units, like log_likelihood.
+
+    log p(x) and each log p(x_-j) are IWAE estimates from the same K seeded points as the
+    scores: p(x) with q(z|x) (the estimator's proposal), p(x_-j) with q(z | x, x_j hidden: the
+    encoder reads it as missing) and feature j's terms (its value, its observation) left out of
+    each weight. Each record's values depend on its own inputs alone, as the scores' do;
+    `matmul_dtype` as in score_records."""
+    eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM)
+    wanted = candidates & mask
+    out = torch.full(x.shape, math.nan, dtype=torch.float64, device=x.device)
+    rows = torch.nonzero(wanted.any(1)).flatten()
+    if rows.numel() == 0:
+        return out
+    x, mask, wanted = x[rows], mask[rows], wanted[rows]
+
+    def log_sum(xs, ms, drop: int | None) -> torch.Tensor:  # log sum_k w_k, per record
+        hidden = (
+            ms if drop is None else ms.index_fill(1, torch.tensor([drop], device=ms.device), False)
+        )
+        proposal = model.encoder(xs, hidden).widened(proposal_scale)
+        parts = []
+        for chunk in weight_chunks(model, xs, ms, eps, posterior=proposal,
+                                   memory_budget=memory_budget):  # fmt: skip
+            state = None
+            for s in chunk.samples:
+                log_w = s.log_w.to(torch.float64)
+                if drop is not None:
+                    log_w = log_w - s.feature_lp.stacked()[..., drop].to(torch.float64)
+                state = _running_log_sum_exp(state, log_w)
+            parts.append(state[0] + torch.log(state[1]))
+        return torch.cat(parts)
+
+    autocast = torch.autocast(
+        x.device.type, dtype=matmul_dtype or torch.bfloat16, enabled=matmul_dtype is not None
+    )
+    with torch.inference_mode(), autocast:
+        full = log_sum(x, mask, None)
+        density = model.decoder.density_mask(x, mask).to(torch.float64)  # (b, F_cont)
+        for j in range(x.shape[1]):
+            at = torch.nonzero(wanted[:, j]).flatten()
+            if at.numel() == 0:
+                continue
+            value = log_sum(x[at], mask[at], j) - full[at]
+            if j < density.shape[1] and log_std is not None:  # the Jacobian of x_j's units
+                value = value + density[at, j] * log_std[j].to(torch.float64)
+            out[rows[at], j] = value
+    return out
 
 
 def top_indices(feature_nll: np.ndarray, baseline: np.ndarray, n: int):
@@ -47,3 +129,49 @@ def top_features(
         fields=list(TOP_FEATURE_TYPE.value_type),
     )
     return pa.ListArray.from_arrays(pa.array(offsets), entries, type=TOP_FEATURE_TYPE)
+
+
+def explain_flagged(
+    model: VAE,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    excess: np.ndarray,
+    flagged: np.ndarray,
+    conditional_baseline: np.ndarray,
+    **estimator,
+) -> np.ndarray:
+    """`excess` ((B, F), the cheap attribution's excess over its baseline) with each flagged
+    record's row replaced by its leave-one-out excess over `conditional_baseline`: its
+    MAX_LEAVE_ONE_OUT candidates (the cheap attribution's first) above the baseline or not,
+    every other feature -inf (never listed). `estimator`: leave_one_out's k, seed, log_std,
+    proposal_scale, memory_budget and matmul_dtype."""
+    rows = np.flatnonzero(flagged)
+    if rows.size == 0:
+        return excess
+    part = excess[rows]
+    candidates = np.ones(part.shape, dtype=bool)
+    if part.shape[1] > MAX_LEAVE_ONE_OUT:
+        top, _, _ = top_indices(part, np.zeros(part.shape[1]), MAX_LEAVE_ONE_OUT)
+        candidates[:] = False
+        np.put_along_axis(candidates, top, True, axis=1)
+    index = torch.from_numpy(rows).to(x.device)
+    conditional = (
+        leave_one_out(
+            model, x[index], mask[index], torch.from_numpy(candidates).to(x.device), **estimator
+        )
+        .cpu()
+        .numpy()
+    )
+    out = excess.copy()
+    out[rows] = np.where(np.isnan(conditional), -np.inf, conditional - conditional_baseline)
+    return out
+
+
+def conditional_baseline(
+    model: VAE, x: torch.Tensor, mask: torch.Tensor, **estimator
+) -> np.ndarray:
+    """Each feature's median -log p(x_j | x_-j) over the records (x, mask), where observed:
+    `explain_flagged`'s baseline (0 for a feature never observed). `estimator`: as there."""
+    every = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    values = leave_one_out(model, x, mask, every, **estimator).cpu().numpy()
+    return np.array([np.median(c[~np.isnan(c)]) if (~np.isnan(c)).any() else 0.0 for c in values.T])

@@ -3,7 +3,7 @@
 At training the validation split is scored with the production estimator (same K, S, seed as
 scoring). We keep its anomaly-score quantiles on a fixed grid of levels (dense in the upper
 tail, where thresholds live), a threshold at a chosen quantile, and each feature's median
-contribution -log p(x_j|z) (the baseline that `top_features` are measured against).
+-log p(x_j|z) and -log p(x_j|x_-j): `top_features`' baselines (model/attribution.py).
 
 - `percentile(score)`: the empirical CDF of the calibration scores, linearly interpolated
   between grid points, in percent [0, 100]. Scores below the smallest calibration score are 0,
@@ -15,19 +15,18 @@ contribution -log p(x_j|z) (the baseline that `top_features` are measured agains
   tail level chosen so that a share 1 - q of the calibration rows' normal ones is flagged. Each
   term's tail above its TAIL_LEVEL quantile is summarised as exponential (peaks over threshold,
   with a robust scale: the median excess / ln 2), so a term's *surprise* is its excess over that
-  quantile in units of its tail scale; a record's surprise is the largest of its terms', and
-  the flag threshold is the q-quantile of the calibration rows' surprises, each computed with
-  tails fitted on the other folds of the calibration rows (as a new row's is, on rows it is not
-  part of), the rows whose surprise no exponential tail of the rest explains (the training
-  set's own anomalies) set aside first, up to half of 1 - q (`set_aside`). A sparse anomaly
-  (one value the model finds very unlikely, diluted in the total by every other feature's
-  spread) is flagged. In a table with both
-  continuous and discrete features one more term is tested the same way: -log p(x_d | x_c),
-  the discrete values given the continuous ones (`discrete_nll`, model/estimators.py), which
-  sees a combination that never occurs (an in-person purchase at an online-only merchant)
-  where the record's own features' terms each look ordinary. The "total" rule
-  (and models that predate "any", and any calibrated on fewer than MIN_TAIL_ROWS rows, too few
-  to fit a tail per term) flag `anomaly_score > score_quantile(q)`.
+  quantile in units of its tail scale; a record's surprise is the largest of its terms', and the
+  flag threshold is the q-quantile of the calibration rows' surprises, each computed with tails
+  fitted on the other folds of the calibration rows (as a new row's is, on rows it is not part
+  of), the rows whose surprise no exponential tail of the rest explains (the training set's own
+  anomalies) set aside first, up to half of 1 - q (`set_aside`). A sparse anomaly (one value the
+  model finds very unlikely, diluted in the total by every other feature's spread) is flagged.
+  In a table with both continuous and discrete features one more term is tested the same way:
+  -log p(x_d | x_c), the discrete values given the continuous ones (`discrete_nll`,
+  model/estimators.py), which sees a combination that never occurs (an in-person purchase at an
+  online-only merchant) where the record's own features' terms each look ordinary. The "total"
+  rule (and models that predate "any", and any calibrated on fewer than MIN_TAIL_ROWS rows, too
+  few to fit a tail per term) flag `anomaly_score > score_quantile(q)`.
 - `threshold(q)`: the anomaly score above which every record is flagged (under "any", the
   total's own cut; a record below it can still be flagged by one feature).
 """
@@ -64,7 +63,7 @@ class Calibration:
     feature_baseline: list[float]  # median -log p(x_j|z) per feature on calibration rows (nats)
     rows: int  # calibration rows scored
     # per feature, the share of calibration rows whose top_features (the first
-    # `top_feature_count`) name it: the drift check's reference; None in older models
+    # `top_feature_count`, as scored) name it: the drift check's reference; None in older models
     top_feature_share: list[float] | None = None
     top_feature_count: int = DEFAULT_TOP_FEATURES
     # True: anomaly_score = -log_likelihood + each missing feature's baseline (`complete`);
@@ -87,6 +86,8 @@ class Calibration:
     # anomaly_score's weight on -log p(x_d | x_c) (`discrete_weight`); 1 in tables without both
     # kinds and in models that predate it (their score is the plain surprisal)
     discrete_weight: float = 1.0
+    # flagged records' top_features baseline, median -log p(x_j|x_-j) (model/attribution.py)
+    conditional_baseline: list[float] | None = None  # None: older models (-log p(x_j|z) then)
 
     @classmethod
     def fit(

@@ -21,11 +21,12 @@ import torch
 
 from vaewatch.model import defaults
 from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
+from vaewatch.model.attribution import conditional_baseline, explain_flagged, top_indices
 from vaewatch.model.calibration import DEFAULT_THRESHOLD_QUANTILE, Calibration
 from vaewatch.model.columns import FeatureKind, SchemaMismatchError, accepts, choose_columns
 from vaewatch.model.data import Fingerprint, ParquetSource
 from vaewatch.model.device import resolve_device
-from vaewatch.model.estimators import iwae, score_records
+from vaewatch.model.estimators import DEFAULT_MEMORY_BUDGET, iwae, score_records
 from vaewatch.model.features import (
     DEFAULT_MAX_CATEGORIES,
     DEFAULT_MIN_CATEGORY_COUNT,
@@ -49,6 +50,7 @@ from vaewatch.model.vae import VAE, VAEConfig
 from vaewatch.model.version import package_version
 
 CALIBRATION_CHUNK_ROWS = 65_536  # validation rows scored per call when calibrating
+CONDITIONAL_BASELINE_ROWS = 512  # validation rows the leave-one-out baseline is a median over
 
 
 @dataclass
@@ -197,6 +199,9 @@ def fit(
         discrete_nll=discrete_nll,
     )
     scores = calibration.complete(log_likelihood, missing, discrete_nll)
+    calibration = with_conditional_attribution(
+        calibration, model, data, (scores, feature_nll, discrete_nll), scoring, spec, device
+    )
     best = result.history[result.best_epoch]
     artifact = ModelArtifact.from_model(
         model,
@@ -322,6 +327,49 @@ def choose_proposal_scale(
             if value > best_value:
                 best, best_value = scale, value
     return best
+
+
+def with_conditional_attribution(
+    calibration: Calibration,
+    model: VAE,
+    data: TrainingData,
+    scored: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    scoring: ScoringDefaults,
+    spec: FeatureSpec,
+    device,
+) -> Calibration:
+    """The flagged records' attribution (model/attribution.py): its baseline, each feature's
+    median -log p(x_j | x_-j) over the first CONDITIONAL_BASELINE_ROWS validation rows, and the
+    drift check's reference shares of top_features, recomputed as scoring names them.
+    `scored`: the validation rows' anomaly scores, -log p(x_j|z) and -log p(x_d|x_c)."""
+    scores, feature_nll, discrete_nll = scored
+    estimator = dict(
+        k=scoring.k,
+        seed=scoring.seed,
+        log_std=spec.continuous_log_std.to(device),
+        proposal_scale=scoring.proposal_scale,
+        memory_budget=DEFAULT_MEMORY_BUDGET,
+    )
+    x, mask = data.x_val.to(device), data.m_val.to(device)
+    n = CONDITIONAL_BASELINE_ROWS
+    baseline = conditional_baseline(model, x[:n], mask[:n], **estimator)
+    flagged = calibration.flags(scores, feature_nll, discrete_nll=discrete_nll)
+    excess = explain_flagged(
+        model,
+        x,
+        mask,
+        feature_nll - np.asarray(calibration.feature_baseline),
+        flagged,
+        baseline,
+        **estimator,
+    )
+    top, _, keep = top_indices(excess, np.zeros(excess.shape[1]), calibration.top_feature_count)
+    named = np.bincount(top[keep], minlength=excess.shape[1])
+    return replace(
+        calibration,
+        conditional_baseline=baseline.tolist(),
+        top_feature_share=(named / max(excess.shape[0], 1)).tolist(),
+    )
 
 
 def calibration_scores(

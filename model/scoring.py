@@ -16,7 +16,7 @@ import torch
 
 from vaewatch.model import defaults
 from vaewatch.model.artifact import ModelArtifact
-from vaewatch.model.attribution import top_features
+from vaewatch.model.attribution import explain_flagged, top_features
 from vaewatch.model.calibration import check_quantile
 from vaewatch.model.contract import REASON_COLUMN, RejectReason, score_schema
 from vaewatch.model.device import resolve_device, resolve_precision
@@ -120,6 +120,7 @@ class Scorer:
         self.log_std = self.spec.continuous_log_std.to(self.device)
         self._names = self.spec.names()
         self._baseline = np.asarray(calibration.feature_baseline)
+        self._zeros = np.zeros(len(self._names))
         # rows per estimator call: the batch-level (rows, features) outputs within the budget
         self.rows_per_call = max(
             MIN_ROWS_PER_CALL, memory_budget // (ROW_BYTES_PER_FEATURE * len(self._names))
@@ -208,15 +209,36 @@ class Scorer:
         finite = np.isfinite(arrays["log_likelihood"]) & np.isfinite(arrays["elbo"])
         if not finite.all():
             arrays = {name: values[finite] for name, values in arrays.items()}
-        return self._columns(arrays, version), finite
+            index = torch.from_numpy(np.flatnonzero(finite)).to(x.device)
+            x, mask = x[index], mask[index]
+        return self._columns(arrays, version, (x, mask)), finite
 
-    def _columns(self, arrays: dict[str, np.ndarray], version: str) -> pa.Table:
-        """The output contract's score columns from the estimator's per-record arrays."""
+    def _columns(
+        self, arrays: dict[str, np.ndarray], version: str, inputs: tuple | None = None
+    ) -> pa.Table:
+        """The output contract's score columns from the estimator's per-record arrays;
+        `inputs` (x, mask) of those records, for the flagged ones' attribution."""
         n = len(arrays["log_likelihood"])
         calibration, nll = self.artifact.calibration, arrays["feature_nll"]
         anomaly = calibration.complete(
             arrays["log_likelihood"], arrays["missing"], arrays.get("discrete_nll")
         )
+        flagged = calibration.flags(
+            anomaly,
+            nll,
+            self.threshold_quantile,
+            self.flag_rule,
+            discrete_nll=arrays.get("discrete_nll"),
+        )
+        excess = nll - self._baseline
+        conditional = calibration.conditional_baseline
+        if inputs is not None and conditional is not None and flagged.any():
+            excess = explain_flagged(
+                self.model, *inputs, excess, flagged, np.asarray(conditional),
+                k=self.k, seed=self.seed, log_std=self.log_std,
+                proposal_scale=self.artifact.scoring.proposal_scale,
+                memory_budget=self.memory_budget, matmul_dtype=self.matmul_dtype,
+            )  # fmt: skip
         latent_type = self.schema.field("latent_mean").type
 
         def fixed(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -233,24 +255,10 @@ class Scorer:
                 pa.array(arrays["log_likelihood_se"], pa.float64()),
                 pa.array(anomaly, pa.float64()),
                 pa.array(calibration.percentile(anomaly), pa.float64()),
-                pa.array(
-                    calibration.flags(
-                        anomaly,
-                        nll,
-                        self.threshold_quantile,
-                        self.flag_rule,
-                        discrete_nll=arrays.get("discrete_nll"),
-                    ),
-                    pa.bool_(),
-                ),
+                pa.array(flagged, pa.bool_()),
                 fixed(arrays["latent_mean"]),
                 fixed(arrays["latent_std"]),
-                top_features(
-                    nll,
-                    self._baseline,
-                    self._names,
-                    self.artifact.scoring.top_features,
-                ),
+                top_features(excess, self._zeros, self._names, self.artifact.scoring.top_features),
                 version_column,
             ],
             schema=self.schema,

@@ -27,6 +27,19 @@ _P_ONLINE = np.array([0.1, 0.0, 0.2, 0.6, 0.5, 1.0, 0.15])
 _CATEGORY_WEIGHTS = np.array([0.3, 0.15, 0.2, 0.05, 0.08, 0.12, 0.1])
 LABEL_COLUMNS = ["record_id", "event_time", "is_injected_anomaly", "anomaly_kind"]
 ANOMALY_KINDS = ["out_of_range", "broken_correlation", "rare_category", "impossible_combination"]
+# the columns each kind changes (`transactions`): what top_features should name first
+CHANGED_COLUMNS = {
+    "out_of_range": ("amount",),
+    "broken_correlation": ("is_online", "distance_km", "travel_min"),
+    "rare_category": ("merchant_category",),
+    "impossible_combination": (
+        "merchant_category",
+        "is_online",
+        "distance_km",
+        "travel_min",
+        "hour",
+    ),
+}
 
 
 def transactions(

@@ -6,24 +6,7 @@ import torch
 
 from vaewatch.model import device as devices
 from vaewatch.model.errors import UserError
-from vaewatch.model.fit import FitConfig, fit
 from vaewatch.model.scoring import Scorer
-from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
-from vaewatch.model.training import TrainConfig
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    import pyarrow.parquet as pq
-
-    folder = tmp_path_factory.mktemp("precision")
-    pq.write_table(transactions(6000, seed=11), folder / "train.parquet")
-    config = FitConfig(
-        id_column="record_id",
-        exclude=[c for c in LABEL_COLUMNS if c != "record_id"],
-        train=TrainConfig(epochs=8, device="cpu"),
-    )
-    return fit(str(folder), config).artifact, transactions(8000, seed=12)
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
