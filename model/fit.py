@@ -354,13 +354,14 @@ def with_conditional_attribution(
     n = CONDITIONAL_BASELINE_ROWS
     baseline = conditional_baseline(model, x[:n], mask[:n], **estimator)
     flagged = calibration.flags(scores, feature_nll, discrete_nll=discrete_nll)
-    excess = explain_flagged(
+    excess, _ = explain_flagged(
         model,
         x,
         mask,
         feature_nll - np.asarray(calibration.feature_baseline),
         flagged,
         baseline,
+        scores,
         **estimator,
     )
     top, _, keep = top_indices(excess, np.zeros(excess.shape[1]), calibration.top_feature_count)

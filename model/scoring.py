@@ -78,6 +78,9 @@ class ScoredBatch:
     rejected_rows: np.ndarray  # (n_rejected,) int64 positions of the rejected rows
     reasons: pa.Array  # (n_rejected,) string: why each rejected row was not scored
     num_rows: int  # rows in the input batch
+    # flagged records whose top_features are -log p(x_j|z): past the batch's leave-one-out
+    # budget (model/attribution.py, EXPLAINED_SHARE), on a day where many records are flagged
+    unexplained: int = 0
 
     def aligned(self) -> pa.Table:
         """One row per input row, in input order: the score columns (null where the row was
@@ -143,14 +146,15 @@ class Scorer:
         if 0 < rows.size < n:  # copy only when some rows are rejected (the rare case)
             index = torch.from_numpy(rows)
             x, mask = x[index], mask[index]
-        tables, kept = [], []
+        tables, kept, unexplained = [], [], 0
         # the per-record outputs are (rows, features) float64 several times over (attribution,
         # top features, missing costs): slices of the batch keep them within the memory budget
         step = self.rows_per_call
         for start in range(0, rows.size, step):
-            table, keep = self._score_rows(
+            table, keep, left = self._score_rows(
                 x[start : start + step], mask[start : start + step], version
             )
+            unexplained += left
             part = rows[start : start + step]
             reasons[part[~keep]] = RejectReason.NON_FINITE_SCORE.value
             tables.append(table)
@@ -161,7 +165,7 @@ class Scorer:
         else:
             d, f = self.artifact.vae_config.latent_dim, len(self._names)
             empty = np.zeros(0)
-            table = self._columns(
+            table, _ = self._columns(
                 {
                     "elbo": empty,
                     "log_likelihood": empty,
@@ -181,10 +185,12 @@ class Scorer:
             rejected_rows=rejected.astype(np.int64),
             reasons=pa.array(reasons[rejected].tolist(), type=pa.string()),
             num_rows=n,
+            unexplained=unexplained,
         )
 
     def _score_rows(self, x: torch.Tensor, mask: torch.Tensor, version: str):
-        """(score columns of the rows whose scores are finite, (rows,) bool: which those are)."""
+        """(score columns of the rows whose scores are finite, (rows,) bool: which those are,
+        flagged records past the leave-one-out budget)."""
         x = x.to(self.device, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
         scores = score_records(
@@ -211,12 +217,14 @@ class Scorer:
             arrays = {name: values[finite] for name, values in arrays.items()}
             index = torch.from_numpy(np.flatnonzero(finite)).to(x.device)
             x, mask = x[index], mask[index]
-        return self._columns(arrays, version, (x, mask)), finite
+        table, unexplained = self._columns(arrays, version, (x, mask))
+        return table, finite, unexplained
 
     def _columns(
         self, arrays: dict[str, np.ndarray], version: str, inputs: tuple | None = None
-    ) -> pa.Table:
-        """The output contract's score columns from the estimator's per-record arrays;
+    ) -> tuple[pa.Table, int]:
+        """(The output contract's score columns from the estimator's per-record arrays; how many
+        flagged records kept the posterior attribution, past the leave-one-out budget).
         `inputs` (x, mask) of those records, for the flagged ones' attribution."""
         n = len(arrays["log_likelihood"])
         calibration, nll = self.artifact.calibration, arrays["feature_nll"]
@@ -230,11 +238,11 @@ class Scorer:
             self.flag_rule,
             discrete_nll=arrays.get("discrete_nll"),
         )
-        excess = nll - self._baseline
+        excess, unexplained = nll - self._baseline, 0
         conditional = calibration.conditional_baseline
         if inputs is not None and conditional is not None and flagged.any():
-            excess = explain_flagged(
-                self.model, *inputs, excess, flagged, np.asarray(conditional),
+            excess, unexplained = explain_flagged(
+                self.model, *inputs, excess, flagged, np.asarray(conditional), anomaly,
                 k=self.k, seed=self.seed, log_std=self.log_std,
                 proposal_scale=self.artifact.scoring.proposal_scale,
                 memory_budget=self.memory_budget, matmul_dtype=self.matmul_dtype,
@@ -248,7 +256,7 @@ class Scorer:
         version_column = pa.DictionaryArray.from_arrays(
             pa.array(np.zeros(n, dtype=np.int32)), pa.array([version], pa.string())
         )
-        return pa.Table.from_arrays(
+        table = pa.Table.from_arrays(
             [
                 pa.array(arrays["elbo"], pa.float64()),
                 pa.array(arrays["log_likelihood"], pa.float64()),
@@ -263,3 +271,4 @@ class Scorer:
             ],
             schema=self.schema,
         )
+        return table, unexplained

@@ -16,6 +16,7 @@ the in-process runner, multi-processing workers, Dataflow, Spark or Flink.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
 from vaewatch.model import defaults, threads
+from vaewatch.model.attribution import EXPLAINED_SHARE
 from vaewatch.model.contract import RejectReason, rejected_schema
 from vaewatch.model.errors import UserError
 from vaewatch.model.features import SchemaMismatchError
@@ -218,6 +220,7 @@ class ScoreBatches(beam.DoFn):
         self._rows_in = Metrics.counter(METRICS_NAMESPACE, "rows_in")
         self._rows_scored = Metrics.counter(METRICS_NAMESPACE, "rows_scored")
         self._rejected_at: list[np.ndarray] = []  # positions rejected in the current batch
+        self._warned_unexplained = False
 
     def setup(self):
         threads.apply(self._torch_threads or threads.threads_for(1))
@@ -254,6 +257,8 @@ class ScoreBatches(beam.DoFn):
             self._rejected_at.append(np.arange(table.num_rows))
             yield self._rejected(table, RejectReason.SCHEMA_MISMATCH, err)
             return
+        if result.unexplained:
+            self._unexplained(result.unexplained)
         if result.scores.num_rows:
             yield from self._scored(table, result)
         if len(result.rejected_rows):
@@ -262,6 +267,20 @@ class ScoreBatches(beam.DoFn):
             for reason, count in zip(*_counts(result.reasons), strict=True):
                 Metrics.counter(METRICS_NAMESPACE, f"rows_rejected_{reason}").inc(count)
             yield beam.pvalue.TaggedOutput(REJECTED_TAG, self._with_reasons(rows, result.reasons))
+
+    def _unexplained(self, count: int) -> None:
+        """Counts (and, once per worker, says) the flagged records left with the posterior's
+        top_features by the leave-one-out budget: many flagged in one batch, a drifted day."""
+        Metrics.counter(METRICS_NAMESPACE, "flagged_rows_posterior_attribution").inc(count)
+        if not self._warned_unexplained:
+            self._warned_unexplained = True
+            logging.getLogger(__name__).warning(
+                "more than %.0f%% of a batch's records are flagged: %d of them keep the "
+                "top_features read under their posterior (-log p(x_j|z)) rather than given the "
+                "rest of the record, which would cost a pass per feature each; the day has "
+                "likely drifted (see its manifest's drift)",
+                100 * EXPLAINED_SHARE, count,
+            )  # fmt: skip
 
     def _scored(self, table: pa.Table, result):
         """The kept columns cast to the output's types beside the scores. A row whose kept

@@ -303,7 +303,9 @@ def test_changed_input_is_rescored_and_catch_up_fills_missed_days(trained, tmp_p
     assert clash.exit_code == 1 and "--catch-up runs up to yesterday" in clash.output
 
 
-def test_json_reports_match_what_was_committed(trained, workspace, partitions, tmp_path):
+def test_json_reports_match_what_was_committed(
+    trained, workspace, partitions, tmp_path, monkeypatch
+):
     job, _ = trained
     scored = _invoke(
         "score", "--input", partitions / "in" / "dt=2026-03-02", "--output", tmp_path / "s",
@@ -320,18 +322,20 @@ def test_json_reports_match_what_was_committed(trained, workspace, partitions, t
     committed = read_manifest(str(partitions / "j" / "dt=2026-03-03"))
     assert (day["day"], day["status"]) == ("2026-03-03", "scored")
     assert day["rows"] == committed.rows.to_json() and day["rows"]["in"] == 1200
-    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
-        trained_json = _invoke(
-            "train", "--data", workspace / "train" / "part-0.parquet", "--model-name", "j",
-            "--epochs", "1", "--exclude", ",".join(TRAIN_EXCLUDE), "--no-progress", "--json",
-        )  # fmt: skip
-        assert trained_json.exit_code == 0, trained_json.output
-        model = json.loads(trained_json.stdout)
-        assert model["model_uri"] == "models:/j/1" and model["rows"]["rows_read"] == 5_000
-        # one epoch, inside the KL warm-up: no epoch was chosen, the only one's weights are kept
-        assert (model["epochs"], model["best_epoch"], model["kept_epoch"]) == (1, None, 0)
-        promoted = _invoke("models", "promote", "j", "1", "--alias", "staging", "--json")
-        assert json.loads(promoted.stdout)["alias_uri"] == "models:/j@staging", promoted.output
+    # a folder of its own: train's default SQLite store and ./mlruns land there
+    (tmp_path / "own").mkdir()
+    monkeypatch.chdir(tmp_path / "own")
+    trained_json = _invoke(
+        "train", "--data", workspace / "train" / "part-0.parquet", "--model-name", "j",
+        "--epochs", "1", "--exclude", ",".join(TRAIN_EXCLUDE), "--no-progress", "--json",
+    )  # fmt: skip
+    assert trained_json.exit_code == 0, trained_json.output
+    model = json.loads(trained_json.stdout)
+    assert model["model_uri"] == "models:/j/1" and model["rows"]["rows_read"] == 5_000
+    # one epoch, inside the KL warm-up: no epoch was chosen, the only one's weights are kept
+    assert (model["epochs"], model["best_epoch"], model["kept_epoch"]) == (1, None, 0)
+    promoted = _invoke("models", "promote", "j", "1", "--alias", "staging", "--json")
+    assert json.loads(promoted.stdout)["alias_uri"] == "models:/j@staging", promoted.output
 
 
 def test_models_listing_reads_older_runs_from_the_epoch_history():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.model.ppca import make_ppca
-from vaewatch.model.attribution import explain_flagged, leave_one_out
+from vaewatch.model.attribution import explain_flagged, explained_rows, leave_one_out
 from vaewatch.model.estimators import iwae
 
 N_RECORDS = 200
@@ -80,10 +80,38 @@ def test_a_value_far_out_of_range_is_named_first(ppca):
     conditional = leave_one_out(vae, normal.x, normal.mask, everything, **estimator).numpy()
     conditional_baseline = np.median(conditional, axis=0)
     excess = cheap(enc) - baseline
-    flagged = np.ones(N_RECORDS, dtype=bool)
-    flagged[::2] = False  # the unflagged keep the cheap attribution
-    explained = explain_flagged(
-        vae, enc.x, enc.mask, excess, flagged, conditional_baseline, **estimator
+    # every third record of the first 192 flagged: 64, the budget of a 200-record batch
+    # (max(64, 10 % of 200)); the unflagged keep the cheap attribution
+    flagged = (np.arange(N_RECORDS) % 3 == 0) & (np.arange(N_RECORDS) < 192)
+    score = -np.arange(N_RECORDS, dtype=float)  # any priority: all 64 fit the budget
+    explained, left = explain_flagged(
+        vae, enc.x, enc.mask, excess, flagged, conditional_baseline, score, **estimator
     )
+    assert left == 0
     assert (explained.argmax(1)[flagged] == pushed[flagged]).all()
     np.testing.assert_array_equal(explained[~flagged], excess[~flagged])
+    # every record flagged: 200 > the budget, so the 64 with the highest scores (hand-set:
+    # those flagged above) get the leave-one-out term, and the other 136 keep the cheap one
+    every = np.ones(N_RECORDS, dtype=bool)
+    chosen = np.flatnonzero(flagged)
+    budgeted, left = explain_flagged(
+        vae, enc.x, enc.mask, excess, every, conditional_baseline, flagged * 1.0, **estimator
+    )
+    assert left == N_RECORDS - 64
+    np.testing.assert_allclose(budgeted[chosen], explained[chosen], rtol=0, atol=1e-9)
+    others = np.setdiff1d(np.arange(N_RECORDS), chosen)
+    np.testing.assert_array_equal(budgeted[others], excess[others])
+
+
+def test_the_budget_picks_the_most_anomalous_flagged_records():
+    flagged = np.zeros(3000, dtype=bool)
+    flagged[:2000] = True
+    score = np.arange(3000, dtype=float) % 1000  # highest at 999, 1999, 998, 1998, ...
+    rows = explained_rows(flagged, score)
+    assert rows.size == 300  # 10 % of 3,000 > 64
+    expected = np.sort(np.concatenate([np.arange(850, 1000), np.arange(1850, 2000)]))
+    np.testing.assert_array_equal(rows, expected)
+    flagged[300:2000] = False  # 300 flagged: within the budget, all of them whatever the score
+    np.testing.assert_array_equal(explained_rows(flagged, score), np.arange(300))
+    small = np.ones(100, dtype=bool)  # a small batch: at least 64
+    np.testing.assert_array_equal(explained_rows(small, -np.arange(100.0)), np.arange(64))

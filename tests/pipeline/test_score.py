@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -491,3 +492,21 @@ def test_the_score_log_has_no_download_bars_and_q_keeps_warnings_only(
     assert quiet.exit_code == 0, quiet.output
     assert quiet.stdout == f"{tmp_path / 'q'}\n"
     assert all(line.startswith("drift alarm") for line in quiet.stderr.splitlines()), quiet.stderr
+
+
+def test_a_day_where_every_row_is_flagged_keeps_scoring_cheap(trained, workspace, tmp_path, caplog):
+    """Amounts in cents instead of dollars (x100): every record is flagged. The leave-one-out
+    attribution (a pass per feature) goes to the 100 most anomalous of each 1,000-row batch
+    (max(64, 10 %)); the others keep the posterior's, and the run counts and says so, once."""
+    table = pq.read_table(workspace / "holdout" / "part-0.parquet")
+    i = table.schema.get_field_index("amount")
+    cents = pc.multiply(table.column("amount"), 100.0)
+    (tmp_path / "in").mkdir()
+    pq.write_table(table.set_column(i, "amount", cents), tmp_path / "in" / "day.parquet")
+    caplog.set_level(logging.WARNING, logger="vaewatch.pipeline.transforms")
+    result = run(_job(trained, tmp_path, tmp_path / "in", batch_size=1000))
+    flagged = _scores(tmp_path / "out")["is_anomaly"].to_numpy(zero_copy_only=False)
+    assert result.manifest.rows.scored == 5_000 and flagged.all()
+    assert result.counters["flagged_rows_posterior_attribution"] == 5_000 - 5 * 100
+    warned = [r.getMessage() for r in caplog.records if "keep the top_features" in r.getMessage()]
+    assert len(warned) == 1 and "more than 10% of a batch's records are flagged" in warned[0]
