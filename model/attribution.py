@@ -10,7 +10,9 @@ median on the calibration rows (its baseline); `top_features` lists the features
   K points per feature, so it is kept to the records `is_anomaly` flags, and to at most
   EXPLAINED_SHARE of a batch's records (`explained_rows`): on a day where most records are
   flagged (a column's units changed upstream) the rest keep the first kind, and scoring costs
-  a bounded multiple of its usual time instead of up to 1 + MAX_LEAVE_ONE_OUT times it.
+  a bounded multiple of its usual time instead of up to 1 + MAX_LEAVE_ONE_OUT times it. A run
+  at another K than the model's keeps the first kind for every record (model/scoring.py): the
+  baseline of the second was taken at the model's K.
 """
 
 from __future__ import annotations
@@ -67,19 +69,23 @@ def leave_one_out(
         return out
     x, mask, wanted = x[rows], mask[rows], wanted[rows]
 
-    def log_sum(xs, ms, drop: int | None) -> torch.Tensor:  # log sum_k w_k, per record
-        hidden = (
-            ms if drop is None else ms.index_fill(1, torch.tensor([drop], device=ms.device), False)
-        )
+    def log_sum(xs, ms, drop: torch.Tensor | None) -> torch.Tensor:  # log sum_k w_k, per record
+        """`drop`: (b,) the feature each record leaves out (hidden from the encoder, its terms
+        out of every weight), or None."""
+        hidden = ms if drop is None else ms.scatter(1, drop[:, None], False)
         proposal = model.encoder(xs, hidden).widened(proposal_scale)
         parts = []
         for chunk in weight_chunks(model, xs, ms, eps, posterior=proposal,
                                    memory_budget=memory_budget):  # fmt: skip
+            b = chunk.mask.shape[0]
+            left_out = None if drop is None else drop[chunk.start : chunk.start + b]
             state = None
             for s in chunk.samples:
                 log_w = s.log_w.to(torch.float64)
-                if drop is not None:
-                    log_w = log_w - s.feature_lp.stacked()[..., drop].to(torch.float64)
+                if left_out is not None:
+                    lp = s.feature_lp.stacked()
+                    index = left_out[None, :, None].expand(lp.shape[0], b, 1)
+                    log_w = log_w - lp.gather(-1, index).squeeze(-1).to(torch.float64)
                 state = _running_log_sum_exp(state, log_w)
             parts.append(state[0] + torch.log(state[1]))
         return torch.cat(parts)
@@ -89,15 +95,18 @@ def leave_one_out(
     )
     with torch.inference_mode(), autocast:
         full = log_sum(x, mask, None)
-        density = model.decoder.density_mask(x, mask).to(torch.float64)  # (b, F_cont)
-        for j in range(x.shape[1]):
-            at = torch.nonzero(wanted[:, j]).flatten()
-            if at.numel() == 0:
-                continue
-            value = log_sum(x[at], mask[at], j) - full[at]
-            if j < density.shape[1] and log_std is not None:  # the Jacobian of x_j's units
-                value = value + density[at, j] * log_std[j].to(torch.float64)
-            out[rows[at], j] = value
+        # every (record, feature) pair in one pass: a record repeated once per feature it leaves
+        # out (one encoder call and one stream of weight chunks, not one per feature)
+        at, j = torch.nonzero(wanted, as_tuple=True)
+        value = log_sum(x[at], mask[at], j) - full[at]
+        if log_std is not None:  # the Jacobian of x_j's units, for a value scored by a density
+            density = model.decoder.density_mask(x, mask).to(torch.float64)  # (b, F_cont)
+            jacobian = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            jacobian[: density.shape[1]] = log_std.to(torch.float64)
+            scored = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+            scored[:, : density.shape[1]] = density
+            value = value + scored[at, j] * jacobian[j]
+        out[rows[at], j] = value
     return out
 
 

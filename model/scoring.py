@@ -124,6 +124,13 @@ class Scorer:
         self._names = self.spec.names()
         self._baseline = np.asarray(calibration.feature_baseline)
         self._zeros = np.zeros(len(self._names))
+        # the flagged records' leave-one-out attribution (model/attribution.py), at the K its
+        # baseline was computed with; a run at another K (IWAE estimates of different K are on
+        # different scales, as for the drift check) keeps -log p(x_j|z) for every record
+        stored = calibration.conditional_baseline
+        self._conditional_baseline = (
+            np.asarray(stored) if stored is not None and self.k == artifact.scoring.k else None
+        )
         # rows per estimator call: the batch-level (rows, features) outputs within the budget
         self.rows_per_call = max(
             MIN_ROWS_PER_CALL, memory_budget // (ROW_BYTES_PER_FEATURE * len(self._names))
@@ -239,10 +246,10 @@ class Scorer:
             discrete_nll=arrays.get("discrete_nll"),
         )
         excess, unexplained = nll - self._baseline, 0
-        conditional = calibration.conditional_baseline
+        conditional = self._conditional_baseline
         if inputs is not None and conditional is not None and flagged.any():
             excess, unexplained = explain_flagged(
-                self.model, *inputs, excess, flagged, np.asarray(conditional), anomaly,
+                self.model, *inputs, excess, flagged, conditional, anomaly,
                 k=self.k, seed=self.seed, log_std=self.log_std,
                 proposal_scale=self.artifact.scoring.proposal_scale,
                 memory_budget=self.memory_budget, matmul_dtype=self.matmul_dtype,
