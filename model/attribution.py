@@ -192,16 +192,12 @@ def explain_flagged(
         candidates[:] = False
         np.put_along_axis(candidates, top, True, axis=1)
     index = torch.from_numpy(rows).to(x.device)
-    conditional = (
-        leave_one_out(
-            model, x[index], mask[index], torch.from_numpy(candidates).to(x.device), **estimator
-        )
-        .cpu()
-        .numpy()
-    )
+    x, mask = x[index], mask[index]
+    wanted = torch.from_numpy(candidates).to(x.device)
+    conditional = leave_one_out(model, x, mask, wanted, **estimator).cpu().numpy()
     first = np.where(np.isnan(conditional), -np.inf, conditional - conditional_baseline)
     out = excess.copy()
-    out[rows] = _chained(model, x[index], mask[index], first, conditional_baseline, **estimator)
+    out[rows] = _chained(model, x, mask, first, conditional_baseline, **estimator)
     return out, left
 
 
