@@ -5,8 +5,9 @@
 
 The default K (model/defaults.py) was chosen on the suite's closed-form pPCA (latent 4, 20
 features) with two mismatched proposals. This script asks the same question of models it was not
-chosen on, for i.i.d. normal points and for the replicated scrambled-Sobol points vaewatch scores
-with, at several K:
+chosen on, for i.i.d. normal points and for the two replicated designs vaewatch scores with
+(model/noise.py: "spherical", the default since 2026-12-04, which is Sobol's beyond 2(D + 1)
+points a replicate; "Sobol x4", older models' points), at several K:
 
 1. **pPCA, latent 2, 4 and 8**, each with three proposals: over-dispersed (posterior means x0.8,
    variances x1.5), under-dispersed (x0.9, x0.7) and anisotropic (per latent dimension a mean
@@ -31,6 +32,7 @@ that standard error's own check (the standardised seed-to-seed difference, as sc
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import tempfile
@@ -45,13 +47,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.model.ppca import make_ppca  # noqa: E402
 from vaewatch.model.defaults import K  # noqa: E402
 from vaewatch.model.estimators import IWAE_STREAM, iwae, jacobian  # noqa: E402
-from vaewatch.model.noise import iid_noise, noise  # noqa: E402
+from vaewatch.model.noise import SOBOL, iid_noise, noise  # noqa: E402
 from vaewatch.model.vae import LOG_2PI  # noqa: E402
 
-POINTS = {"i.i.d.": iid_noise, "Sobol x4": noise}
-PPCA_RUNS = [("i.i.d.", 24), ("i.i.d.", 64), ("Sobol x4", 16), ("Sobol x4", K), ("Sobol x4", 32),
-             ("Sobol x4", 64)]  # fmt: skip
-TRAINED_RUNS = [*PPCA_RUNS, ("i.i.d.", 256), ("Sobol x4", 256), ("as scored", K)]
+POINTS = {
+    "i.i.d.": iid_noise,
+    "Sobol x4": functools.partial(noise, points=SOBOL),
+    "spherical x4": noise,
+}
+PPCA_RUNS = [("i.i.d.", 24), ("i.i.d.", 64), ("Sobol x4", 16), ("Sobol x4", K),
+             ("spherical x4", 16), ("spherical x4", K), ("spherical x4", 32),
+             ("spherical x4", 64)]  # fmt: skip
+TRAINED_RUNS = [*PPCA_RUNS, ("i.i.d.", 256), ("spherical x4", 256), ("as scored", K)]
+REFERENCE_POINTS = ("i.i.d.", "Sobol x4")  # as measured before the spherical points
 REFERENCE_K = 16_384
 REFERENCE_STREAM = 77  # not the scorer's stream: the reference shares no points with the runs
 
@@ -162,10 +170,11 @@ def trained_models(seeds: int, quick: bool) -> list[dict]:
             plain = _pool([
                 iwae(model, x, mask, eps=POINTS[p](REFERENCE_K, d, s, REFERENCE_STREAM),
                      log_std=log_std).log_likelihood.numpy()
-                for p in POINTS for s in (0, 1)
+                for p in REFERENCE_POINTS for s in (0, 1)
             ])  # fmt: skip
             widened = _pool([
-                widened_iwae(model, x, mask, log_std, noise(REFERENCE_K, d, s, REFERENCE_STREAM))
+                widened_iwae(model, x, mask, log_std,
+                             POINTS["Sobol x4"](REFERENCE_K, d, s, REFERENCE_STREAM))
                 for s in (0, 1)
             ])  # fmt: skip
             reference = np.maximum(plain, widened)
@@ -202,9 +211,9 @@ def trained_models(seeds: int, quick: bool) -> list[dict]:
                     biases.append(abs(gap.mean()))
                     covered.append(np.abs(gap) <= 2 * result.log_likelihood_se.numpy())
                 covered = np.stack(covered)
-                label = (
-                    f"Sobol x4, q's sd x {scale:g} (as scored)" if points == "as scored" else points
-                )
+                label = points
+                if points == "as scored":
+                    label = f"spherical x4, q's sd x {scale:g} (as scored)"
                 out.append({
                     "model": name, "kind": "run", "points": label, "k": k,
                     "body": float(np.mean(body)), "tail": float(np.mean(tails)),

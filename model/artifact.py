@@ -24,6 +24,7 @@ from vaewatch.model.calibration import DEFAULT_TOP_FEATURES, Calibration
 from vaewatch.model.errors import UserError
 from vaewatch.model.estimators import DEFAULT_K, DEFAULT_SEED
 from vaewatch.model.features import FeatureSpec
+from vaewatch.model.noise import SOBOL, SPHERICAL
 from vaewatch.model.vae import VAE, VAEConfig
 
 ARTIFACT_FORMAT_VERSION = 1
@@ -51,6 +52,8 @@ class ScoringDefaults:
     # q(z|x)'s standard deviation times this in the importance weights, chosen at training on
     # the validation rows (model/fit.py `choose_proposal_scale`); 1 for models saved before it
     proposal_scale: float = 1.0
+    # the design of the K shared points (model/noise.py); "sobol" for models saved before it
+    points: str = SPHERICAL
 
 
 @dataclass
@@ -148,12 +151,18 @@ class ModelArtifact:
             vae_config=VAEConfig.from_json(config["vae"]),
             state_dict=state_dict,
             calibration=Calibration.from_json(config["calibration"]),
-            scoring=ScoringDefaults(
-                **{k: v for k, v in config["scoring"].items() if k != "samples"}
-            ),  # "samples": the ELBO's own draws, before it shared the K points
+            scoring=_scoring(config["scoring"]),
             id_column=config.get("id_column"),
             metadata=config.get("metadata", {}),
         )
+
+
+def _scoring(saved: dict) -> ScoringDefaults:
+    """The scoring section as saved. A model saved before a field was added was calibrated
+    without it: Sobol points; "samples" (the ELBO's own draws, before it shared the K points) is
+    read and ignored."""
+    kept = {k: v for k, v in saved.items() if k != "samples"}
+    return ScoringDefaults(**{"points": SOBOL, **kept})
 
 
 def _unknown_settings(config: dict) -> list[str]:

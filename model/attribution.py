@@ -26,7 +26,7 @@ import torch
 
 from vaewatch.model.contract import TOP_FEATURE_TYPE
 from vaewatch.model.estimators import IWAE_STREAM, _running_log_sum_exp, weight_chunks
-from vaewatch.model.noise import noise
+from vaewatch.model.noise import SPHERICAL, noise
 from vaewatch.model.vae import VAE
 
 # at most this many features per flagged record get the leave-one-out term: all of them in a
@@ -56,6 +56,7 @@ def leave_one_out(
     proposal_scale: float,
     memory_budget: int,
     matmul_dtype: torch.dtype | None = None,
+    points: str = SPHERICAL,
 ) -> torch.Tensor:
     """(B, F) float64: -log p(x_j | x_-j) where `candidates` ((B, F) bool) and x_j is observed,
     NaN elsewhere; a continuous value's is a density in the data's units, like log_likelihood.
@@ -65,7 +66,7 @@ def leave_one_out(
     encoder reads it as missing) and feature j's terms (its value, its observation) left out of
     each weight. Each record's values depend on its own inputs alone, as the scores' do;
     `matmul_dtype` as in score_records."""
-    eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM)
+    eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM, points)
     wanted = candidates & mask
     out = torch.full(x.shape, math.nan, dtype=torch.float64, device=x.device)
     rows = torch.nonzero(wanted.any(1)).flatten()
@@ -180,7 +181,7 @@ def explain_flagged(
     `conditional_baseline`; how many flagged records kept the cheap one). A replaced row holds
     its MAX_LEAVE_ONE_OUT candidates (the cheap attribution's first) above the baseline or not,
     every other feature -inf (never listed). `estimator`: leave_one_out's k, seed, log_std,
-    proposal_scale, memory_budget and matmul_dtype."""
+    proposal_scale, memory_budget, matmul_dtype and points."""
     rows = explained_rows(flagged, priority)
     left = int(np.count_nonzero(flagged)) - rows.size
     if rows.size == 0:

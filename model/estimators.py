@@ -21,10 +21,10 @@ continuous feature j adds back log|d x_std / d x| = -log std_j.
 Randomness. Scoring uses common random numbers: one set of K points in latent space, made on the
 CPU from the seed and reused for every record, so a record's score is a deterministic function
 of (record, model, K, seed) alone, whatever the batch it arrives in, the device or the number of
-workers. The points are randomised quasi-Monte Carlo: R = 4 independently scrambled Sobol
-sequences of K/R points (Owen scrambling, seeded) through the normal inverse CDF, each point
-marginally N(0, I), so the ELBO stays unbiased and the IWAE keeps its bound. How accurate that
-is at the default K: model/defaults.py. The replicates' spread is the standard error
+workers. The points are a randomised design (model/noise.py): R = 4 independent replicates of
+K/R points (rotated simplices with stratified radii; scrambled Sobol for older models), each
+point marginally N(0, I), so the ELBO stays unbiased and the IWAE keeps its bound. How accurate
+that is at the default K: model/defaults.py. The replicates' spread is the standard error
 (`log_likelihood_se`, `_replicate_error`): the seed-to-seed spread, on likely and unlikely
 records alike, never the IWAE's downward bias.
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from vaewatch.model import defaults
-from vaewatch.model.noise import iid_noise, noise, replicates
+from vaewatch.model.noise import SPHERICAL, iid_noise, noise, replicates
 from vaewatch.model.vae import LOG_2PI, VAE, FeatureLogProbs, Posterior, gaussian_kl
 
 DEFAULT_K = defaults.K
@@ -197,14 +197,14 @@ def iwae(
     conditional: bool = False,
     eps: torch.Tensor | None = None,
     posterior: Posterior | None = None,
+    points: str = SPHERICAL,
 ) -> IWAEResult:
     """IWAE_K = log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k = mu + sigma * eps_k, per record, and
     the ELBO as the mean of the same K log-weights.
 
-    `eps` overrides the seeded common points: (K, D), or (K, B, D) for independent draws per
-    record (training); `posterior` reuses an encoder pass. Differentiable when called with grad
-    enabled (the IWAE training objective uses it). `standard_error` treats the K points as
-    `replicates(K)` equal blocks, as `noise` draws them.
+    `eps` overrides the seeded points of the design `points`: (K, D), or (K, B, D) for draws per
+    record (training); `posterior` reuses an encoder pass. Differentiable with grad enabled (the
+    IWAE objective). `standard_error` takes the K points as `replicates(K)` blocks, as `noise`.
 
     `conditional`: -log p(x_d | x_c) = log p(x_c) - log p(x), how unlikely the discrete values
     (booleans, categories, whether each was observed) are given the continuous ones, both from
@@ -214,7 +214,7 @@ def iwae(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if eps is None:
-        eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM)
+        eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM, points)
     k = eps.shape[0]
     blocks = replicates(k)
     n_cont = model.config.n_continuous
@@ -373,12 +373,13 @@ def score_records(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     matmul_dtype: torch.dtype | None = None,
     proposal_scale: float = 1.0,
+    points: str = SPHERICAL,
 ) -> RecordScores:
     """The production estimator: one encoder pass and one decoder pass over the K seeded points
     give the IWAE, the ELBO, the standard error, the attribution and the discrete features'
     conditional term of the flag rule. `matmul_dtype` (torch.bfloat16) runs the MLPs' matmuls in
     that dtype under autocast; the densities stay in the input's precision. `proposal_scale`
-    widens q(z|x)'s standard deviation for the importance weights (model/fit.py)."""
+    widens q(z|x)'s sd in the importance weights (model/fit.py); `points`: model/noise.py."""
     autocast = torch.autocast(
         x.device.type, dtype=matmul_dtype or torch.bfloat16, enabled=matmul_dtype is not None
     )
@@ -387,7 +388,7 @@ def score_records(
         proposal = posterior.widened(proposal_scale)
         result = iwae(model, x, mask, k=k, seed=seed, log_std=log_std, memory_budget=memory_budget,
                       posterior=proposal, contributions=True, standard_error=True,
-                      conditional=True)  # fmt: skip
+                      conditional=True, points=points)  # fmt: skip
     return RecordScores(
         elbo=result.elbo,
         log_likelihood=result.log_likelihood,

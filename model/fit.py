@@ -26,19 +26,18 @@ from vaewatch.model.calibration import DEFAULT_THRESHOLD_QUANTILE, Calibration
 from vaewatch.model.columns import FeatureKind, SchemaMismatchError, accepts, choose_columns
 from vaewatch.model.data import Fingerprint, ParquetSource
 from vaewatch.model.device import resolve_device
-from vaewatch.model.estimators import DEFAULT_MEMORY_BUDGET, iwae, score_records
+from vaewatch.model.estimators import DEFAULT_MEMORY_BUDGET, score_records
 from vaewatch.model.features import (
     DEFAULT_MAX_CATEGORIES,
     DEFAULT_MIN_CATEGORY_COUNT,
     DEFAULT_MIN_CATEGORY_SHARE,
     FeatureSpec,
 )
+from vaewatch.model.proposal import choose_proposal_scale
 from vaewatch.model.training import (
-    VALIDATION_IWAE_ROWS,
     EpochStats,
     TrainConfig,
     train,
-    trimmed_mean,
 )
 from vaewatch.model.training_data import (
     DEFAULT_CACHE_BYTES,
@@ -303,32 +302,6 @@ def capacity(rows: int) -> tuple[int, tuple[int, ...]]:
     return latent, hidden
 
 
-def choose_proposal_scale(
-    model: VAE, data: TrainingData, spec: FeatureSpec, scoring: ScoringDefaults, device, trim
-) -> float:
-    """The factor on q(z|x)'s standard deviation that scoring's importance weights use: the one
-    of defaults.PROPOSAL_SCALES whose IWAE (the scoring K and points) has the highest trimmed
-    mean on the validation rows. Each IWAE is a lower bound in expectation, so the highest is
-    the tightest; an encoder trained on the ELBO tends to be narrower than its posterior, and a
-    wider proposal then brings every record's estimate closer to log p(x)
-    (bench/RESULTS.md, "A proposal scale chosen per model")."""
-    rows = min(data.x_val.shape[0], VALIDATION_IWAE_ROWS)
-    x, m = data.x_val[:rows].to(device), data.m_val[:rows].to(device)
-    log_std = spec.continuous_log_std.to(device)
-    best, best_value = 1.0, -math.inf
-    with torch.inference_mode():
-        posterior = model.encoder(x, m)
-        for scale in defaults.PROPOSAL_SCALES:
-            ll = iwae(
-                model, x, m, k=scoring.k, seed=scoring.seed, log_std=log_std,
-                posterior=posterior.widened(scale),
-            ).log_likelihood  # fmt: skip
-            value = trimmed_mean(ll.cpu().numpy(), trim)
-            if value > best_value:
-                best, best_value = scale, value
-    return best
-
-
 def with_conditional_attribution(
     calibration: Calibration,
     model: VAE,
@@ -349,6 +322,7 @@ def with_conditional_attribution(
         log_std=spec.continuous_log_std.to(device),
         proposal_scale=scoring.proposal_scale,
         memory_budget=DEFAULT_MEMORY_BUDGET,
+        points=scoring.points,
     )
     x, mask = data.x_val.to(device), data.m_val.to(device)
     n = CONDITIONAL_BASELINE_ROWS
@@ -385,7 +359,7 @@ def calibration_scores(
         m = data.m_val[start : start + CALIBRATION_CHUNK_ROWS].to(device)
         s = score_records(
             model, x, m, log_std=log_std, k=scoring.k, seed=scoring.seed,
-            proposal_scale=scoring.proposal_scale,
+            proposal_scale=scoring.proposal_scale, points=scoring.points,
         )  # fmt: skip
         anomaly.append(s.log_likelihood.cpu().numpy())
         nll.append(s.feature_nll.cpu().numpy())

@@ -19,3 +19,16 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     average = first + (counts + 1) / 2.0
     ranks[order] = np.repeat(average, counts)
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def pooled_standardised_difference(values: list, errors: list) -> float:
+    """How honest a standard error is: the root mean square, over records and over pairs of
+    runs, of (a - b) / sqrt(se_a^2 + se_b^2), runs 0 and 1 paired, then 2 and 3, and so on
+    (each run's per-record values and standard errors). 1 where the errors are right. Every
+    record of a run shares its seed's points, so one pair is one draw of the whole table's
+    errors: pool several."""
+    a, b = np.asarray(values[0::2], dtype=np.float64), np.asarray(values[1::2], dtype=np.float64)
+    se_a = np.asarray(errors[0::2], dtype=np.float64)
+    se_b = np.asarray(errors[1::2], dtype=np.float64)
+    z = (a - b) / np.hypot(se_a, se_b)
+    return float(np.sqrt(np.mean(z**2)))

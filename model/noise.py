@@ -1,17 +1,36 @@
-"""The shared latent points of scoring: common random numbers, randomised quasi-Monte Carlo.
+"""The shared latent points of scoring: common random numbers, randomised designs.
 
-Scoring reuses one set of K points for every record (model/estimators.py, "Randomness"):
-`noise` draws them as R independently scrambled Sobol sequences of K/R points, through the
-normal inverse CDF, so each point is marginally N(0, I), the points cover the space evenly, and
-the R replicates give a standard error. `iid_noise` is the i.i.d. baseline they are measured
-against, and the fresh noise of training.
+Scoring reuses one set of K points for every record (model/estimators.py, "Randomness"), drawn
+as R independent replicates of K/R points, each point marginally N(0, I), so the ELBO stays
+unbiased, the IWAE keeps its bound, and the replicates' spread is a standard error. Two designs
+of a replicate (`POINTS`; a model records the one it was calibrated with):
+
+- `spherical` (the default since 2026-12-04): the points' directions are the vertices of
+  regular simplices centred on 0 (groups of up to D + 1 points, each group turned by its own
+  uniformly random rotation), their radii stratified quantiles of the chi distribution with D
+  degrees of freedom (one radius from each of K/R equal-probability strata, in random order). A
+  direction uniform on the sphere times an independent chi radius is N(0, I); within a group
+  the directions cancel (their sum is 0), a generalisation of antithetic pairs, and the radii
+  cover the distance from the posterior's centre evenly. That wins while a replicate holds a
+  few simplices; from more than SIMPLICES x (D + 1) points a replicate, a Sobol sequence fills
+  the space better (its error falls faster with K), so those replicates are Sobol's.
+  bench/RESULTS.md, "Rotated simplices with stratified radii".
+- `sobol`: scrambled Sobol sequences through the normal inverse CDF (models saved before it).
+
+`iid_noise` is the i.i.d. baseline they are measured against, and the fresh noise of training.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
-REPLICATES = 4  # independent scramblings: their spread is the standard error (3 dof)
+REPLICATES = 4  # independent replicates: their spread is the standard error (3 dof)
+SPHERICAL, SOBOL = "spherical", "sobol"
+POINTS = (SPHERICAL, SOBOL)
+SIMPLICES = 2  # replicates of at most this many simplices' points are spherical, larger Sobol's
 
 
 def replicates(count: int) -> int:
@@ -19,12 +38,76 @@ def replicates(count: int) -> int:
     return next(r for r in (REPLICATES, 3, 2, 1) if count % r == 0 and count >= r)
 
 
-def noise(count: int, latent_dim: int, seed: int, stream: int) -> torch.Tensor:
-    """(count, latent_dim) float64 points, each marginally N(0, I): `replicates(count)` blocks,
-    each a scrambled Sobol sequence with its own seed, through the normal inverse CDF.
+def noise(
+    count: int, latent_dim: int, seed: int, stream: int, points: str = SPHERICAL
+) -> torch.Tensor:
+    """(count, latent_dim) float64 points, each marginally N(0, I): `replicates(count)`
+    independent blocks of the design `points`.
 
-    A pure function of (seed, stream, count), made on the CPU, so the same seed gives the same
-    points on any device and worker."""
+    A pure function of its arguments, made on the CPU, so the same seed gives the same points on
+    any device and worker. Cached: treat the tensor as read-only."""
+    if points not in POINTS:
+        raise ValueError(f"points must be one of {', '.join(POINTS)}, got {points!r}")
+    if points == SPHERICAL and count // replicates(count) <= SIMPLICES * (latent_dim + 1):
+        return _spherical(count, latent_dim, seed, stream)
+    return _sobol(count, latent_dim, seed, stream)
+
+
+@functools.lru_cache(maxsize=32)
+def _spherical(count: int, latent_dim: int, seed: int, stream: int) -> torch.Tensor:
+    blocks, d = replicates(count), latent_dim
+    size = count // blocks
+    generator = torch.Generator(device="cpu").manual_seed(_block_seed(seed, stream, 0))
+    out = []
+    for _ in range(blocks):
+        directions = []
+        for start in range(0, size, d + 1):
+            n = min(d + 1, size - start)
+            frame = _random_frame(max(n - 1, 1), d, generator)  # (n - 1, d) orthonormal rows
+            directions.append(_simplex(n) @ frame if n > 1 else frame)
+        strata = torch.randperm(size, generator=generator).to(torch.float64)
+        u = (strata + torch.rand(size, generator=generator, dtype=torch.float64)) / size
+        out.append(torch.cat(directions) * _chi_quantile(u, d)[:, None])
+    return torch.cat(out)
+
+
+def _simplex(n: int) -> torch.Tensor:
+    """(n, n - 1): the unit vertices of a regular simplex centred on 0 (sum 0, equal angles)."""
+    centred = torch.eye(n, dtype=torch.float64) - 1.0 / n  # rank n - 1, rows of norm sqrt(1-1/n)
+    basis = torch.zeros(n, n - 1, dtype=torch.float64)  # an orthonormal basis of that space
+    for j in range(n - 1):  # (1, -1, 0...)/sqrt2, (1, 1, -2, 0...)/sqrt6, ...: Helmert's
+        basis[: j + 1, j] = 1.0
+        basis[j + 1, j] = -(j + 1.0)
+        basis[:, j] /= math.sqrt((j + 1.0) * (j + 2.0))
+    return centred @ basis / math.sqrt(1.0 - 1.0 / n)
+
+
+def _random_frame(rows: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """(rows, d) orthonormal rows, uniformly distributed (Gram-Schmidt of Gaussian vectors)."""
+    uniform = torch.rand((rows, d), generator=generator, dtype=torch.float64)
+    vectors = torch.special.ndtri(uniform.clamp(2.0**-53, 1.0 - 2.0**-53))
+    frame = []
+    for v in vectors:
+        for f in frame:
+            v = v - (v * f).sum() * f
+        frame.append(v / v.norm())
+    return torch.stack(frame)
+
+
+def _chi_quantile(u: torch.Tensor, d: int) -> torch.Tensor:
+    """The radius r with P(|N(0, I_d)| <= r) = u, by bisection on the regularised gamma
+    function (64 halvings of [0, sqrt(d) + 40]: to float64 resolution)."""
+    lo, hi = torch.zeros_like(u), torch.full_like(u, math.sqrt(d) + 40.0)
+    shape = torch.tensor(d / 2.0, dtype=torch.float64)
+    for _ in range(64):
+        mid = 0.5 * (lo + hi)
+        below = torch.special.gammainc(shape, 0.5 * mid * mid) < u
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+@functools.lru_cache(maxsize=32)
+def _sobol(count: int, latent_dim: int, seed: int, stream: int) -> torch.Tensor:
     blocks = replicates(count)
     points = []
     for block in range(blocks):

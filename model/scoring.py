@@ -210,6 +210,7 @@ class Scorer:
             memory_budget=self.memory_budget,
             matmul_dtype=self.matmul_dtype,
             proposal_scale=self.artifact.scoring.proposal_scale,
+            points=self.artifact.scoring.points,
         )
         arrays = {
             name: getattr(scores, name).cpu().numpy()
@@ -252,6 +253,7 @@ class Scorer:
                 self.model, *inputs, excess, flagged, conditional, anomaly,
                 k=self.k, seed=self.seed, log_std=self.log_std,
                 proposal_scale=self.artifact.scoring.proposal_scale,
+                points=self.artifact.scoring.points,
                 memory_budget=self.memory_budget, matmul_dtype=self.matmul_dtype,
             )  # fmt: skip
         latent_type = self.schema.field("latent_mean").type

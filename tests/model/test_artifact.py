@@ -81,6 +81,37 @@ def test_a_model_saved_before_the_proposal_scale_scores_with_the_encoders_q(arti
     assert ModelArtifact.load(tmp_path).scoring == ScoringDefaults(k=8, seed=3)
 
 
+def test_a_model_saved_before_the_spherical_points_scores_with_sobols(
+    artifact, transactions_table, tmp_path
+):
+    """Its calibration was computed on Sobol points, so it keeps scoring on them: the Scorer's
+    log_likelihood is the estimator's with points="sobol", not the default design's."""
+    from vaewatch.model.noise import SOBOL, SPHERICAL
+    from vaewatch.model.scoring import Scorer
+
+    art, _ = artifact
+    art.save(tmp_path)
+    assert ModelArtifact.load(tmp_path).scoring.points == SPHERICAL
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["scoring"]["points"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    old = ModelArtifact.load(tmp_path)
+    assert old.scoring.points == SOBOL
+    table = transactions_table.slice(0, 500)
+    enc = art.spec.encode(table)
+    model, log_std = art.build(), art.spec.continuous_log_std
+    scored = {}
+    for points, saved in ((SPHERICAL, art), (SOBOL, old)):
+        scorer = Scorer(saved, model_version="1", device="cpu", precision="fp32")
+        scored[points] = scorer.score(table).scores.column("log_likelihood").to_numpy()
+        expected = score_records(
+            model, enc.x, enc.mask, log_std=log_std, k=8, seed=3, proposal_scale=1.25,
+            points=points,
+        ).log_likelihood.numpy()  # fmt: skip
+        np.testing.assert_allclose(scored[points], expected, rtol=1e-12, atol=1e-9)
+    assert not np.allclose(scored[SPHERICAL], scored[SOBOL])
+
+
 def test_broken_folders_name_the_problem(artifact, tmp_path):
     art, _ = artifact
     art.save(tmp_path)

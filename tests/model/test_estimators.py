@@ -20,7 +20,7 @@ from vaewatch.model.estimators import (
     score_records,
 )
 from vaewatch.model.features import FeatureSpec
-from vaewatch.model.noise import noise, replicates
+from vaewatch.model.noise import POINTS, SIMPLICES, noise, replicates
 from vaewatch.model.synthetic import LABEL_COLUMNS as LABELS
 from vaewatch.model.vae import VAE, VAEConfig
 
@@ -304,17 +304,59 @@ def test_elbo_is_the_mean_log_weight_and_a_bound_on_every_record(transactions_ta
     assert checked == 3000 * 4 * 3 * 2
 
 
-def test_the_shared_points_are_seeded_normal_replicates():
-    a = noise(4096, 3, seed=5, stream=IWAE_STREAM)
-    assert torch.equal(a, noise(4096, 3, seed=5, stream=IWAE_STREAM))  # a pure function
-    assert not torch.equal(a, noise(4096, 3, seed=6, stream=IWAE_STREAM))
+@pytest.mark.parametrize("points", POINTS)
+def test_the_shared_points_are_seeded_normal_replicates(points):
+    a = noise(4096, 3, seed=5, stream=IWAE_STREAM, points=points)
+    assert torch.equal(a, noise(4096, 3, seed=5, stream=IWAE_STREAM, points=points))  # pure
+    assert not torch.equal(a, noise(4096, 3, seed=6, stream=IWAE_STREAM, points=points))
     assert replicates(64) == 4 and replicates(6) == 3 and replicates(10) == 2
     assert replicates(7) == 1 and replicates(1) == 1
     # each point is marginally N(0, 1): moments of 4,096 points, and of each replicate block
     assert abs(a.mean().item()) < 0.02 and abs(a.var().item() - 1) < 0.05
     blocks = a.reshape(4, 1024, 3)
-    assert not torch.equal(blocks[0], blocks[1])  # independently scrambled replicates
+    assert not torch.equal(blocks[0], blocks[1])  # independently drawn replicates
     assert (blocks.mean(1).abs() < 0.05).all()
+
+
+def test_spherical_points_are_rotated_simplices_with_one_radius_per_stratum():
+    """Each replicate of K/R points: groups of up to D + 1 directions that are a regular simplex
+    (unit vectors summing to 0, every pair at cos = -1/(n-1)), and radii whose chi_D
+    probabilities fall one in each of K/R equal strata. Checked by hand-derived properties, not
+    by the construction's own helpers. Beyond SIMPLICES x (D + 1) points a replicate, the
+    replicates are Sobol's."""
+    d, k = 4, 36  # 4 replicates of 9 points: groups of 5 and 4
+    points = noise(k, d, seed=2, stream=IWAE_STREAM, points="spherical")
+    for block in points.chunk(4):
+        radius = block.norm(dim=1)
+        cdf = torch.special.gammainc(torch.tensor(d / 2, dtype=torch.float64), radius**2 / 2)
+        assert sorted((cdf * 9).floor().long().tolist()) == list(range(9))
+        unit = block / radius[:, None]
+        for group in (unit[:5], unit[5:]):
+            n = group.shape[0]
+            torch.testing.assert_close(group.sum(0), torch.zeros(d, dtype=torch.float64))
+            cos = group @ group.T
+            off = cos[~torch.eye(n, dtype=torch.bool)]
+            torch.testing.assert_close(off, torch.full_like(off, -1.0 / (n - 1)))
+    above = 4 * (SIMPLICES * (d + 1) + 1)
+    sobol = noise(above, d, seed=2, stream=IWAE_STREAM, points="sobol")
+    assert torch.equal(noise(above, d, seed=2, stream=IWAE_STREAM, points="spherical"), sobol)
+
+
+def test_spherical_points_are_marginally_standard_normal():
+    """Pooled over 500 seeds' points, the coordinates have the N(0, 1) quantiles and are
+    uncorrelated, and the squared radius the chi-squared_D mean and variance: a direction
+    uniform on the sphere times an independent chi radius."""
+    d = 3
+    first = torch.cat([noise(8, d, s, IWAE_STREAM, "spherical") for s in range(500)])
+    assert first.mean(0).abs().max() < 0.08
+    torch.testing.assert_close(
+        torch.cov(first.T), torch.eye(d, dtype=torch.float64), atol=0.1, rtol=0
+    )
+    squared = first.pow(2).sum(1)
+    assert abs(squared.mean().item() - d) < 0.15 and abs(squared.var().item() - 2 * d) < 0.6
+    normal = torch.distributions.Normal(0.0, 1.0)
+    for q in (0.1, 0.5, 0.9):
+        assert abs(torch.quantile(first[:, 0], q).item() - normal.icdf(torch.tensor(q))) < 0.08
 
 
 def test_chunk_plans_fit_the_budget_and_hold_several_samples():
@@ -334,3 +376,13 @@ def test_chunk_plans_fit_the_budget_and_hold_several_samples():
             assert samples >= min(k, SAMPLES_PER_STEP)
     # the production shape: a 65,536-row batch at K=32 with the 64 MiB default
     assert plan_chunks(65_536, 32, 4_496, 64 * 2**20) == (1_865, 8)
+
+
+def test_pooled_standardised_difference_by_hand():
+    """Runs 0 and 1 paired, 2 and 3 paired; z = (a - b) / sqrt(se_a^2 + se_b^2) per record."""
+    from vaewatch.model.metrics import pooled_standardised_difference
+
+    values = [[1.0, 2.0], [0.0, 0.0], [3.0, 3.0], [3.0, 0.0]]
+    errors = [[1.0, 1.0], [1.0, 1.0], [0.6, 2.0], [0.8, 0.0]]
+    # z: 1/sqrt2, 2/sqrt2, 0/1, 3/2 -> mean of squares (0.5 + 2 + 0 + 2.25) / 4
+    assert pooled_standardised_difference(values, errors) == pytest.approx((4.75 / 4) ** 0.5)

@@ -1,5 +1,7 @@
 """Estimators against closed-form answers: probabilistic PCA, where log p(x) is known exactly."""
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -8,7 +10,8 @@ import torch
 from tests.model.ppca import make_ppca
 from vaewatch.model import defaults
 from vaewatch.model.estimators import ELBO_STREAM, IWAE_STREAM, elbo, iwae
-from vaewatch.model.noise import iid_noise, noise
+from vaewatch.model.metrics import pooled_standardised_difference
+from vaewatch.model.noise import POINTS, iid_noise, noise
 
 N_RECORDS = 200
 
@@ -140,15 +143,31 @@ def _mean_error(vae, enc, spec, exact, k, points, seeds=range(6)):
     return _errors(vae, enc, spec, exact, k, points, seeds)[0]
 
 
-def test_scrambled_sobol_points_are_closer_to_exact_than_iid(ppca, data):
-    """At equal K on the mismatched proposal, the replicated scrambled-Sobol points give a mean
-    |IWAE - log p(x)| well under the i.i.d. one (measured 0.061 vs 0.143 at K = 32): the margin
-    asked for, 0.7x, is many seed-to-seed spreads away from chance."""
+@pytest.mark.parametrize("points", POINTS)
+def test_the_randomised_points_are_closer_to_exact_than_iid(ppca, data, points):
+    """At equal K on the mismatched proposal, both designs give a mean |IWAE - log p(x)| well
+    under the i.i.d. one (measured at K = 32: 0.065 for Sobol's, 0.060 for the spherical points,
+    0.145 for i.i.d.): the margin asked for, 0.7x, is many seed-to-seed spreads from chance."""
     _, spec, enc, exact = data
     vae = ppca.to_vae(mean_scale=0.8, var_scale=1.5)
-    sobol = _mean_error(vae, enc, spec, exact, 32, noise)
+    design = _mean_error(vae, enc, spec, exact, 32, functools.partial(noise, points=points))
     plain = _mean_error(vae, enc, spec, exact, 32, iid_noise)
-    assert sobol < 0.7 * plain, (sobol, plain)
+    assert design < 0.7 * plain, (design, plain)
+
+
+def test_spherical_points_at_k16_are_as_accurate_as_iid_at_k64(ppca):
+    """Issue's goal for the points, on the over-dispersed proposal, where it is met clearly
+    (bench/RESULTS.md, 100 seeds: 0.082 / 0.023 against 0.099 / 0.034 nats): on 2,000 records
+    and 16 seeds, the mean |IWAE - log p| and the table-mean bias of the spherical points at
+    K = 16 are below those of i.i.d. points at K = 64 (measured: 0.080 / 0.025 against 0.105 /
+    0.034)."""
+    table = ppca.sample_table(2000, np.random.default_rng(1))
+    spec = ppca.spec()
+    enc, exact = spec.encode(table), ppca.exact_log_likelihood(table)
+    vae = ppca.to_vae(mean_scale=0.8, var_scale=1.5)
+    error, bias = _errors(vae, enc, spec, exact, 16, noise, seeds=range(16))
+    iid_error, iid_bias = _errors(vae, enc, spec, exact, 64, iid_noise, seeds=range(16))
+    assert error < 0.9 * iid_error and bias < iid_bias, (error, bias, iid_error, iid_bias)
 
 
 @pytest.mark.parametrize("mean_scale, var_scale", [(0.8, 1.5), (0.9, 0.7)])
@@ -156,8 +175,9 @@ def test_the_default_k_is_as_accurate_as_iid_k64(ppca, mean_scale, var_scale):
     """The accuracy target the default K was chosen by (model/defaults.py): on 2,000 records and
     8 seeds, with an over- and an under-dispersed proposal, the default K's mean |IWAE - log p|
     and the bias of the table mean are no worse than those of i.i.d. points at K = 64, the
-    default before. Measured at K = 24: 0.093 / 0.027 against 0.111 / 0.033 (over-dispersed),
-    0.096 / 0.069 against 0.127 / 0.101 (under-dispersed)."""
+    default before. Measured at K = 24 with the spherical points: 0.077 / 0.013 against 0.111 /
+    0.032 (over-dispersed), 0.114 / 0.086 against 0.127 / 0.101 (under-dispersed); with Sobol's,
+    0.093 / 0.027 and 0.096 / 0.069."""
     table = ppca.sample_table(2000, np.random.default_rng(1))
     spec = ppca.spec()
     enc, exact = spec.encode(table), ppca.exact_log_likelihood(table)
@@ -167,36 +187,44 @@ def test_the_default_k_is_as_accurate_as_iid_k64(ppca, mean_scale, var_scale):
     assert error <= iid_error and bias <= iid_bias, (error, bias, iid_error, iid_bias)
 
 
-def test_standard_error_is_calibrated(ppca, data):
+@pytest.mark.parametrize("points", POINTS)
+def test_standard_error_is_calibrated(ppca, data, points):
     """Over records, the difference of two independently seeded estimates divided by their
-    combined standard error has a standard deviation near 1 (measured 1.24 at K = 64: R = 4
-    replicates leave the error estimate 3 degrees of freedom, which fattens the tails), at
-    K = 64 and at the default K."""
+    combined standard error has a standard deviation near 1 (R = 4 replicates leave the error
+    estimate 3 degrees of freedom, which fattens the tails), at K = 64 and at the default K.
+    Every record shares a seed's points, so one pair of seeds is one draw of the whole table's
+    errors (0.8-2.0 between pairs, measured): the sd is pooled over four pairs (measured at K = 24:
+    1.21 for the spherical points, 1.04 for Sobol's; at K = 64, where both designs are Sobol's
+    (16 points a replicate in 4 dimensions), 1.19)."""
     _, spec, enc, _ = data
     vae = ppca.to_vae(mean_scale=0.8, var_scale=1.5)
-    with torch.inference_mode():
-        runs = [
-            iwae(vae, enc.x, enc.mask, k=k, seed=s, log_std=spec.continuous_log_std,
-                 standard_error=True)
-            for k in (64, defaults.K) for s in (1, 2, 3, 4)
-        ]  # fmt: skip
-    for a, b in zip(runs[::2], runs[1::2], strict=True):
-        z = (a.log_likelihood - b.log_likelihood) / torch.hypot(
-            a.log_likelihood_se, b.log_likelihood_se
+    for k in (64, defaults.K):
+        with torch.inference_mode():
+            runs = [
+                iwae(vae, enc.x, enc.mask, k=k, seed=s, log_std=spec.continuous_log_std,
+                     standard_error=True, points=points)
+                for s in range(1, 9)
+            ]  # fmt: skip
+        pooled = pooled_standardised_difference(
+            [r.log_likelihood.numpy() for r in runs], [r.log_likelihood_se.numpy() for r in runs]
         )
-        assert 0.75 < z.std().item() < 1.5, z.std().item()
+        assert 0.75 < pooled < 1.5, (k, pooled)
     with torch.inference_mode():
         single = iwae(vae, enc.x, enc.mask, k=1, standard_error=True).log_likelihood_se
     assert torch.isnan(single).all()  # one point: no spread to measure
 
 
-def test_standard_error_holds_where_one_replicate_takes_the_weight(ppca):
+@pytest.mark.parametrize("points", POINTS)
+def test_standard_error_holds_where_one_replicate_takes_the_weight(ppca, points):
     """Records far out in latent space (z at 5x the prior's scale) under a proposal that puts
     them too near the origin and too narrow: their importance weights are heavy-tailed, and a
     few points carry them. `log_likelihood_se` is the sd of the 4 replicates' own estimates / 2
     (recomputed here from four separate IWAE runs on the replicates' points); the delta method
     (sd of the replicate means / 2 over their mean) saturates near 1 nat and understates the
-    seed-to-seed spread on such records (measured 2.1-2.9 against 1.2-1.5 for this)."""
+    seed-to-seed spread on such records. Every record shares a seed's points, so one pair of
+    seeds is one draw of the table's errors (1.3-2.1 between pairs for this rule, measured):
+    the standardised differences are pooled over eight pairs (measured: 1.72 for the spherical
+    points and 1.73 for Sobol's, against 2.94 and 2.89 with the delta method)."""
     rng = np.random.default_rng(1)
     z = rng.standard_normal((1000, ppca.latent_dim)) * 5.0
     x_std = z @ ppca.W.T + ppca.b + rng.standard_normal((1000, ppca.n_features)) * np.sqrt(ppca.psi)
@@ -205,68 +233,88 @@ def test_standard_error_holds_where_one_replicate_takes_the_weight(ppca):
     enc = spec.encode(pa.table({f"x{j}": x[:, j] for j in range(ppca.n_features)}))
     vae = ppca.to_vae(mean_scale=0.7, var_scale=0.5)
     k, log_std = defaults.K, spec.continuous_log_std
-    standardised, delta = [], []
+    values, errors, delta = [], [], []
     with torch.inference_mode():
-        for seed in (1, 3, 5):
-            pair = []
-            for s in (seed, seed + 1):
-                run = iwae(vae, enc.x, enc.mask, k=k, seed=s, log_std=log_std, standard_error=True)
-                eps = noise(k, ppca.latent_dim, s, IWAE_STREAM)
-                blocks = torch.stack([
-                    iwae(vae, enc.x, enc.mask, eps=block, log_std=log_std).log_likelihood
-                    for block in eps.chunk(4)
-                ])  # fmt: skip
-                torch.testing.assert_close(
-                    run.log_likelihood_se, blocks.std(0) / 2, rtol=1e-6, atol=1e-9
-                )
-                means = torch.exp(blocks - blocks.max(0).values)
-                pair.append(
-                    (run.log_likelihood, run.log_likelihood_se, means.std(0) / 2 / means.mean(0))
-                )
-            (a, se_a, d_a), (b, se_b, d_b) = pair
-            standardised.append(((a - b) / torch.hypot(se_a, se_b)).std().item())
-            delta.append(((a - b) / torch.hypot(d_a, d_b)).std().item())
-    assert all(0.75 < v < 1.75 for v in standardised), standardised
-    assert np.mean(delta) > 1.9, delta  # the case this test is about: the old rule fails here
+        for s in range(1, 17):
+            run = iwae(vae, enc.x, enc.mask, k=k, seed=s, log_std=log_std, standard_error=True,
+                       points=points)  # fmt: skip
+            eps = noise(k, ppca.latent_dim, s, IWAE_STREAM, points)
+            blocks = torch.stack([
+                iwae(vae, enc.x, enc.mask, eps=block, log_std=log_std).log_likelihood
+                for block in eps.chunk(4)
+            ])  # fmt: skip
+            torch.testing.assert_close(
+                run.log_likelihood_se, blocks.std(0) / 2, rtol=1e-6, atol=1e-9
+            )
+            means = torch.exp(blocks - blocks.max(0).values)
+            values.append(run.log_likelihood.numpy())
+            errors.append(run.log_likelihood_se.numpy())
+            delta.append((means.std(0) / 2 / means.mean(0)).numpy())
+    pooled = pooled_standardised_difference(values, errors)
+    pooled_delta = pooled_standardised_difference(values, delta)
+    assert 0.75 < pooled < 2.0, pooled
+    assert pooled_delta > 1.25 * pooled, (pooled, pooled_delta)  # the old rule fails here
 
 
-def _validation(ppca, rows=2000):
-    """What `choose_proposal_scale` reads of the training data: the validation rows."""
+def _validation(ppca, rows=2000, exact=False):
+    """What `choose_proposal_scale` reads of the training data: the validation rows (and, with
+    `exact`, their exact log p(x))."""
     from types import SimpleNamespace
 
     spec = ppca.spec()
-    enc = spec.encode(ppca.sample_table(rows, np.random.default_rng(7)))
-    return spec, SimpleNamespace(x_val=enc.x, m_val=enc.mask)
+    table = ppca.sample_table(rows, np.random.default_rng(7))
+    enc = spec.encode(table)
+    data = SimpleNamespace(x_val=enc.x, m_val=enc.mask)
+    return (spec, data, ppca.exact_log_likelihood(table)) if exact else (spec, data)
 
 
 @pytest.mark.parametrize(
     "var_scale, allowed",
     [
-        (1.0, {1.0}),  # q is the exact posterior: every weight is p(x), widening only adds noise
+        # q is the exact posterior: every weight is p(x) at 1. A wider q's weight depends on the
+        # point's radius alone, which the spherical points' stratified radii average closely
+        # (measured: 0.017 nats per record at 1.25), so 1.25 may win on the points' luck
+        (1.0, {1.0, 1.25}),
         (1.5, {1.0}),  # q already wider than the posterior
         (0.7, {1.25, 1.5}),  # q's sd 0.84 of the posterior's: the match is a factor of 1.2
         (0.3, {1.5, 2.0}),  # q's sd 0.55 of the posterior's: the match is a factor of 1.8
     ],
 )
 def test_the_proposal_scale_is_chosen_by_how_wide_q_is(ppca, var_scale, allowed):
+    """The factor chosen is one the match allows, and within 0.02 nats per record of the most
+    accurate of the four (the mean |IWAE - log p(x)| on the same rows, exact): the trimmed mean
+    it is chosen by moves with the shared points by about that much, so it cannot tell apart
+    factors closer than that (measured: q exact, 1.25 chosen at 0.017 against 0.000; q's
+    variance x1.5, 1 at 0.018 against 0.003 for 1.25; x0.7, 1.5 at 0.017 against 0.007 for 2;
+    x0.3, 2 at 0.017, the best)."""
     from vaewatch.model.artifact import ScoringDefaults
-    from vaewatch.model.fit import choose_proposal_scale
+    from vaewatch.model.proposal import choose_proposal_scale
 
-    spec, data = _validation(ppca)
+    spec, data, exact = _validation(ppca, exact=True)
     vae = ppca.to_vae(var_scale=var_scale)
     scale = choose_proposal_scale(vae, data, spec, ScoringDefaults(), "cpu", trim=0.01)
     assert scale in allowed, (var_scale, scale)
+    with torch.inference_mode():
+        posterior = vae.encoder(data.x_val, data.m_val)
+        error = {
+            c: np.abs(
+                iwae(vae, data.x_val, data.m_val, k=defaults.K, log_std=spec.continuous_log_std,
+                     posterior=posterior.widened(c)).log_likelihood.numpy() - exact
+            ).mean()
+            for c in defaults.PROPOSAL_SCALES
+        }  # fmt: skip
+    assert error[scale] <= min(error.values()) + 0.02, (scale, error)
 
 
 def test_a_wider_proposal_brings_a_narrow_qs_estimate_closer_to_log_p(ppca):
     """The chosen scale is worth having: with q's variance at 0.3 of the posterior's, the
-    mean |IWAE_K - log p(x)| at the default K falls from 0.88 to 0.017 nats (measured; it chose
-    2, the most accurate of the four: 0.41 at 1.25, 0.14 at 1.5) when q is widened, and
+    mean |IWAE_K - log p(x)| at the default K falls from 0.82 to 0.017 nats (measured; it chose
+    2, the most accurate of the four: 0.36 at 1.25, 0.12 at 1.5) when q is widened, and
     the scorer uses the artifact's factor (its log_likelihood equals the IWAE computed here with
     the widened Gaussian written out by hand)."""
     from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
     from vaewatch.model.calibration import Calibration
-    from vaewatch.model.fit import choose_proposal_scale
+    from vaewatch.model.proposal import choose_proposal_scale
     from vaewatch.model.scoring import Scorer
     from vaewatch.model.vae import Posterior
 
