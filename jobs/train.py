@@ -156,8 +156,9 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
                 "one's weights are kept (more epochs than the warm-up let early stopping choose)"
             )
         echo(
-            f"calibration: {calibration.rows:,} validation rows, IWAE K={config.scoring.k}, "
-            f"proposal scale {artifact.scoring.proposal_scale:g}; "
+            f"calibration: {calibration.rows:,} validation rows, IWAE K={config.scoring.k} "
+            f"({artifact.scoring.points} points), proposal scale "
+            f"{artifact.scoring.proposal_scale:g}; "
             f"threshold {threshold:.3f} nats at quantile {config.threshold_quantile}, flag rule "
             f"{calibration.effective_rule}"
             + (" (with -log p(discrete | continuous))" if calibration.conditional_term else "")
@@ -273,6 +274,7 @@ def _params(job: TrainJob, prepared: Prepared) -> dict:
         **{f"vae.{k}": v for k, v in prepared.vae_config.to_json().items()},
         "score.k": config.scoring.k,
         "score.seed": config.scoring.seed,
+        "score.points": config.scoring.points,
         "threshold_quantile": config.threshold_quantile,
         "flag_rule": config.flag_rule,
         "features.count": len(spec.features),

@@ -38,6 +38,7 @@ def test_registered_with_alias_tags_params_metrics_and_plots(trained):
     assert run.info.status == "FINISHED"
     p = run.data.params
     assert p["train.learning_rate"] == "0.001" and p["score.k"] == str(defaults.K)
+    assert p["score.points"] == "spherical"  # the design the calibration was computed on
     assert p["data.rows"] == "15000" and p["data.digest"] == fingerprint["digest"]
     assert p["id_column"] == "record_id" and "record_id" not in p["features.names"]
     epochs = len(outcome.history)
