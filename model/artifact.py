@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vaewatch.model import defaults
 from vaewatch.model.calibration import DEFAULT_TOP_FEATURES, Calibration
 from vaewatch.model.errors import UserError
 from vaewatch.model.estimators import DEFAULT_K, DEFAULT_SEED
 from vaewatch.model.features import FeatureSpec
-from vaewatch.model.noise import SOBOL, SPHERICAL
+from vaewatch.model.noise import DESIGNS, SOBOL
 from vaewatch.model.vae import VAE, VAEConfig
 
 ARTIFACT_FORMAT_VERSION = 1
@@ -50,10 +51,10 @@ class ScoringDefaults:
     seed: int = DEFAULT_SEED  # common-random-numbers seed
     top_features: int = DEFAULT_TOP_FEATURES
     # q(z|x)'s standard deviation times this in the importance weights, chosen at training on
-    # the validation rows (model/fit.py `choose_proposal_scale`); 1 for models saved before it
+    # the validation rows (model/proposal.py `choose_proposal_scale`); 1 for models saved before it
     proposal_scale: float = 1.0
     # the design of the K shared points (model/noise.py); "sobol" for models saved before it
-    points: str = SPHERICAL
+    points: str = defaults.POINTS
 
 
 @dataclass
@@ -151,18 +152,25 @@ class ModelArtifact:
             vae_config=VAEConfig.from_json(config["vae"]),
             state_dict=state_dict,
             calibration=Calibration.from_json(config["calibration"]),
-            scoring=_scoring(config["scoring"]),
+            scoring=_scoring(config["scoring"], directory / CONFIG_FILE),
             id_column=config.get("id_column"),
             metadata=config.get("metadata", {}),
         )
 
 
-def _scoring(saved: dict) -> ScoringDefaults:
-    """The scoring section as saved. A model saved before a field was added was calibrated
-    without it: Sobol points; "samples" (the ELBO's own draws, before it shared the K points) is
-    read and ignored."""
+def _scoring(saved: dict, path: Path) -> ScoringDefaults:
+    """The scoring section as saved (`path`: its config.json). A model saved before a field was
+    added was calibrated without it: Sobol points; "samples" (the ELBO's own draws, before it
+    shared the K points) is read and ignored."""
     kept = {k: v for k, v in saved.items() if k != "samples"}
-    return ScoringDefaults(**{"points": SOBOL, **kept})
+    scoring = ScoringDefaults(**{"points": SOBOL, **kept})
+    if scoring.points not in DESIGNS:
+        raise ArtifactError(
+            f"{path} has scoring.points {scoring.points!r}; this vaewatch scores with "
+            f"{' or '.join(repr(d) for d in DESIGNS)}. The model's calibration was computed on "
+            "the points it was saved with: restore the file, or re-register the model."
+        )
+    return scoring
 
 
 def _unknown_settings(config: dict) -> list[str]:

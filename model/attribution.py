@@ -24,9 +24,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from vaewatch.model import defaults
 from vaewatch.model.contract import TOP_FEATURE_TYPE
 from vaewatch.model.estimators import IWAE_STREAM, _running_log_sum_exp, weight_chunks
-from vaewatch.model.noise import SPHERICAL, noise
+from vaewatch.model.noise import noise
 from vaewatch.model.vae import VAE
 
 # at most this many features per flagged record get the leave-one-out term: all of them in a
@@ -56,7 +57,7 @@ def leave_one_out(
     proposal_scale: float,
     memory_budget: int,
     matmul_dtype: torch.dtype | None = None,
-    points: str = SPHERICAL,
+    points: str = defaults.POINTS,
 ) -> torch.Tensor:
     """(B, F) float64: -log p(x_j | x_-j) where `candidates` ((B, F) bool) and x_j is observed,
     NaN elsewhere; a continuous value's is a density in the data's units, like log_likelihood.

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from vaewatch.model import defaults
-from vaewatch.model.noise import SPHERICAL, iid_noise, noise, replicates
+from vaewatch.model.noise import iid_noise, noise, replicates
 from vaewatch.model.vae import LOG_2PI, VAE, FeatureLogProbs, Posterior, gaussian_kl
 
 DEFAULT_K = defaults.K
@@ -197,7 +197,7 @@ def iwae(
     conditional: bool = False,
     eps: torch.Tensor | None = None,
     posterior: Posterior | None = None,
-    points: str = SPHERICAL,
+    points: str = defaults.POINTS,
 ) -> IWAEResult:
     """IWAE_K = log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k = mu + sigma * eps_k, per record, and
     the ELBO as the mean of the same K log-weights.
@@ -373,13 +373,13 @@ def score_records(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     matmul_dtype: torch.dtype | None = None,
     proposal_scale: float = 1.0,
-    points: str = SPHERICAL,
+    points: str = defaults.POINTS,
 ) -> RecordScores:
     """The production estimator: one encoder pass and one decoder pass over the K seeded points
     give the IWAE, the ELBO, the standard error, the attribution and the discrete features'
     conditional term of the flag rule. `matmul_dtype` (torch.bfloat16) runs the MLPs' matmuls in
     that dtype under autocast; the densities stay in the input's precision. `proposal_scale`
-    widens q(z|x)'s sd in the importance weights (model/fit.py); `points`: model/noise.py."""
+    widens q(z|x)'s sd in the importance weights (model/proposal.py); `points`: model/noise.py."""
     autocast = torch.autocast(
         x.device.type, dtype=matmul_dtype or torch.bfloat16, enabled=matmul_dtype is not None
     )

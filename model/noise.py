@@ -3,9 +3,9 @@
 Scoring reuses one set of K points for every record (model/estimators.py, "Randomness"), drawn
 as R independent replicates of K/R points, each point marginally N(0, I), so the ELBO stays
 unbiased, the IWAE keeps its bound, and the replicates' spread is a standard error. Two designs
-of a replicate (`POINTS`; a model records the one it was calibrated with):
+of a replicate (`DESIGNS`; a model records the one it was calibrated with):
 
-- `spherical` (the default since 2026-12-04): the points' directions are the vertices of
+- `spherical` (defaults.POINTS since 2026-12-04): the points' directions are the vertices of
   regular simplices centred on 0 (groups of up to D + 1 points, each group turned by its own
   uniformly random rotation), their radii stratified quantiles of the chi distribution with D
   degrees of freedom (one radius from each of K/R equal-probability strata, in random order). A
@@ -27,9 +27,11 @@ import math
 
 import torch
 
+from vaewatch.model import defaults
+
 REPLICATES = 4  # independent replicates: their spread is the standard error (3 dof)
 SPHERICAL, SOBOL = "spherical", "sobol"
-POINTS = (SPHERICAL, SOBOL)
+DESIGNS = (SPHERICAL, SOBOL)
 SIMPLICES = 2  # replicates of at most this many simplices' points are spherical, larger Sobol's
 
 
@@ -39,15 +41,15 @@ def replicates(count: int) -> int:
 
 
 def noise(
-    count: int, latent_dim: int, seed: int, stream: int, points: str = SPHERICAL
+    count: int, latent_dim: int, seed: int, stream: int, points: str = defaults.POINTS
 ) -> torch.Tensor:
     """(count, latent_dim) float64 points, each marginally N(0, I): `replicates(count)`
     independent blocks of the design `points`.
 
     A pure function of its arguments, made on the CPU, so the same seed gives the same points on
     any device and worker. Cached: treat the tensor as read-only."""
-    if points not in POINTS:
-        raise ValueError(f"points must be one of {', '.join(POINTS)}, got {points!r}")
+    if points not in DESIGNS:
+        raise ValueError(f"points must be one of {', '.join(DESIGNS)}, got {points!r}")
     if points == SPHERICAL and count // replicates(count) <= SIMPLICES * (latent_dim + 1):
         return _spherical(count, latent_dim, seed, stream)
     return _sobol(count, latent_dim, seed, stream)

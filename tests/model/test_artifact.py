@@ -115,6 +115,12 @@ def test_a_model_saved_before_the_spherical_points_scores_with_sobols(
 def test_broken_folders_name_the_problem(artifact, tmp_path):
     art, _ = artifact
     art.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["scoring"]["points"] = "halton"  # an edited config.json
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="scoring.points 'halton'.*'spherical' or 'sobol'"):
+        ModelArtifact.load(tmp_path)
+    art.save(tmp_path)
     (tmp_path / "weights.safetensors").unlink()
     with pytest.raises(ArtifactError, match="has no weights.safetensors"):
         ModelArtifact.load(tmp_path)

@@ -20,7 +20,7 @@ from vaewatch.model.estimators import (
     score_records,
 )
 from vaewatch.model.features import FeatureSpec
-from vaewatch.model.noise import POINTS, SIMPLICES, noise, replicates
+from vaewatch.model.noise import DESIGNS, SIMPLICES, noise, replicates
 from vaewatch.model.synthetic import LABEL_COLUMNS as LABELS
 from vaewatch.model.vae import VAE, VAEConfig
 
@@ -304,7 +304,7 @@ def test_elbo_is_the_mean_log_weight_and_a_bound_on_every_record(transactions_ta
     assert checked == 3000 * 4 * 3 * 2
 
 
-@pytest.mark.parametrize("points", POINTS)
+@pytest.mark.parametrize("points", DESIGNS)
 def test_the_shared_points_are_seeded_normal_replicates(points):
     a = noise(4096, 3, seed=5, stream=IWAE_STREAM, points=points)
     assert torch.equal(a, noise(4096, 3, seed=5, stream=IWAE_STREAM, points=points))  # pure

@@ -11,7 +11,7 @@ from tests.model.ppca import make_ppca
 from vaewatch.model import defaults
 from vaewatch.model.estimators import ELBO_STREAM, IWAE_STREAM, elbo, iwae
 from vaewatch.model.metrics import pooled_standardised_difference
-from vaewatch.model.noise import POINTS, iid_noise, noise
+from vaewatch.model.noise import DESIGNS, iid_noise, noise
 
 N_RECORDS = 200
 
@@ -143,7 +143,7 @@ def _mean_error(vae, enc, spec, exact, k, points, seeds=range(6)):
     return _errors(vae, enc, spec, exact, k, points, seeds)[0]
 
 
-@pytest.mark.parametrize("points", POINTS)
+@pytest.mark.parametrize("points", DESIGNS)
 def test_the_randomised_points_are_closer_to_exact_than_iid(ppca, data, points):
     """At equal K on the mismatched proposal, both designs give a mean |IWAE - log p(x)| well
     under the i.i.d. one (measured at K = 32: 0.065 for Sobol's, 0.060 for the spherical points,
@@ -187,7 +187,7 @@ def test_the_default_k_is_as_accurate_as_iid_k64(ppca, mean_scale, var_scale):
     assert error <= iid_error and bias <= iid_bias, (error, bias, iid_error, iid_bias)
 
 
-@pytest.mark.parametrize("points", POINTS)
+@pytest.mark.parametrize("points", DESIGNS)
 def test_standard_error_is_calibrated(ppca, data, points):
     """Over records, the difference of two independently seeded estimates divided by their
     combined standard error has a standard deviation near 1 (R = 4 replicates leave the error
@@ -214,7 +214,7 @@ def test_standard_error_is_calibrated(ppca, data, points):
     assert torch.isnan(single).all()  # one point: no spread to measure
 
 
-@pytest.mark.parametrize("points", POINTS)
+@pytest.mark.parametrize("points", DESIGNS)
 def test_standard_error_holds_where_one_replicate_takes_the_weight(ppca, points):
     """Records far out in latent space (z at 5x the prior's scale) under a proposal that puts
     them too near the origin and too narrow: their importance weights are heavy-tailed, and a
