@@ -121,6 +121,19 @@ def _sobol(count: int, latent_dim: int, seed: int, stream: int) -> torch.Tensor:
     return torch.cat(points)
 
 
+def independent_draws(
+    draws: int, count: int, latent_dim: int, seed: int, stream: int, points: str = defaults.POINTS
+) -> torch.Tensor:
+    """(draws, count, latent_dim): `draws` independent copies of `noise(count, ...)`, from seeds
+    derived from `seed` on `stream` (one that scoring does not use), for a question about the
+    design's expected behaviour rather than one draw's luck (model/proposal.py). Not cached."""
+    if points not in DESIGNS:
+        raise ValueError(f"points must be one of {', '.join(DESIGNS)}, got {points!r}")
+    spherical = points == SPHERICAL and count // replicates(count) <= SIMPLICES * (latent_dim + 1)
+    make = (_spherical if spherical else _sobol).__wrapped__
+    return torch.stack([make(count, latent_dim, seed * draws + j, stream) for j in range(draws)])
+
+
 def iid_noise(count: int, latent_dim: int, seed: int, stream: int) -> torch.Tensor:
     """(count, latent_dim) i.i.d. standard normals from the seed: the baseline `noise` is
     measured against (bench/estimators.py), and fresh noise for training."""
