@@ -64,25 +64,32 @@ REFERENCE_K = 16_384
 REFERENCE_STREAM = 77  # not the scorer's stream: the reference shares no points with the runs
 
 
+PPCAS = ((12, 2, 2), (20, 4, 0), (30, 8, 1))  # (features, latent, seed of make_ppca)
+
+
+def proposals(latent: int) -> dict[str, tuple]:
+    """The three mismatched proposals: (mean scale, variance scale) of the exact posterior's."""
+    rng = np.random.default_rng(5)
+    return {
+        "over-dispersed": (0.8, 1.5),
+        "under-dispersed": (0.9, 0.7),
+        "anisotropic": (
+            rng.uniform(0.75, 1.1, latent)[:, None],
+            np.exp(rng.uniform(math.log(0.5), math.log(2.0), latent)),
+        ),
+    }
+
+
 def ppca_models(seeds: int, records: int) -> list[dict]:
     """(latent, proposal, points, K, mean error, bias) on three pPCAs x three proposals."""
     out = []
-    for n_features, latent, model_seed in ((12, 2, 2), (20, 4, 0), (30, 8, 1)):
+    for n_features, latent, model_seed in PPCAS:
         ppca = make_ppca(n_features, latent, model_seed)
         table = ppca.sample_table(records, np.random.default_rng(1))
         spec = ppca.spec()
         enc = spec.encode(table)
         exact = ppca.exact_log_likelihood(table)
-        rng = np.random.default_rng(5)
-        proposals = {
-            "over-dispersed": (0.8, 1.5),
-            "under-dispersed": (0.9, 0.7),
-            "anisotropic": (
-                rng.uniform(0.75, 1.1, latent)[:, None],
-                np.exp(rng.uniform(math.log(0.5), math.log(2.0), latent)),
-            ),
-        }
-        for proposal, (mean_scale, var_scale) in proposals.items():
+        for proposal, (mean_scale, var_scale) in proposals(latent).items():
             vae = ppca.to_vae(mean_scale=mean_scale, var_scale=var_scale)
             for points, k in PPCA_RUNS:
                 errors, biases = [], []

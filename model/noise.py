@@ -57,24 +57,34 @@ def noise(
 
 @functools.lru_cache(maxsize=32)
 def _spherical(count: int, latent_dim: int, seed: int, stream: int) -> torch.Tensor:
+    directions, u = _spherical_parts(count, latent_dim, seed, stream)
+    return directions * _chi_quantile(u, latent_dim)[:, None]
+
+
+def _spherical_parts(
+    count: int, latent_dim: int, seed: int, stream: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """((count, latent_dim) unit directions, (count,) the stratified uniforms of their radii)."""
     blocks, d = replicates(count), latent_dim
     size = count // blocks
     generator = torch.Generator(device="cpu").manual_seed(_block_seed(seed, stream, 0))
-    out = []
+    directions, uniforms = [], []
     for _ in range(blocks):
-        directions = []
         for start in range(0, size, d + 1):
             n = min(d + 1, size - start)
             frame = _random_frame(max(n - 1, 1), d, generator)  # (n - 1, d) orthonormal rows
             directions.append(_simplex(n) @ frame if n > 1 else frame)
         strata = torch.randperm(size, generator=generator).to(torch.float64)
-        u = (strata + torch.rand(size, generator=generator, dtype=torch.float64)) / size
-        out.append(torch.cat(directions) * _chi_quantile(u, d)[:, None])
-    return torch.cat(out)
+        uniforms.append(
+            (strata + torch.rand(size, generator=generator, dtype=torch.float64)) / size
+        )
+    return torch.cat(directions), torch.cat(uniforms)
 
 
+@functools.lru_cache(maxsize=64)
 def _simplex(n: int) -> torch.Tensor:
-    """(n, n - 1): the unit vertices of a regular simplex centred on 0 (sum 0, equal angles)."""
+    """(n, n - 1): the unit vertices of a regular simplex centred on 0 (sum 0, equal angles).
+    Cached: read-only."""
     centred = torch.eye(n, dtype=torch.float64) - 1.0 / n  # rank n - 1, rows of norm sqrt(1-1/n)
     basis = torch.zeros(n, n - 1, dtype=torch.float64)  # an orthonormal basis of that space
     for j in range(n - 1):  # (1, -1, 0...)/sqrt2, (1, 1, -2, 0...)/sqrt6, ...: Helmert's
@@ -129,9 +139,13 @@ def independent_draws(
     design's expected behaviour rather than one draw's luck (model/proposal.py). Not cached."""
     if points not in DESIGNS:
         raise ValueError(f"points must be one of {', '.join(DESIGNS)}, got {points!r}")
-    spherical = points == SPHERICAL and count // replicates(count) <= SIMPLICES * (latent_dim + 1)
-    make = (_spherical if spherical else _sobol).__wrapped__
-    return torch.stack([make(count, latent_dim, seed * draws + j, stream) for j in range(draws)])
+    seeds = [seed * draws + j for j in range(draws)]
+    if points == SPHERICAL and count // replicates(count) <= SIMPLICES * (latent_dim + 1):
+        parts = [_spherical_parts(count, latent_dim, s, stream) for s in seeds]
+        directions = torch.stack([p[0] for p in parts])
+        radii = _chi_quantile(torch.stack([p[1] for p in parts]), latent_dim)  # one bisection
+        return directions * radii[..., None]
+    return torch.stack([_sobol.__wrapped__(count, latent_dim, s, stream) for s in seeds])
 
 
 def iid_noise(count: int, latent_dim: int, seed: int, stream: int) -> torch.Tensor:

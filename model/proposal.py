@@ -20,7 +20,9 @@ DRAWS = 64
 SCALE_STREAM = 3  # not the scorer's stream (estimators.IWAE_STREAM): no draw is the scored one
 
 
-def choose_proposal_scale(model, data, spec, scoring, device, trim: float) -> float:
+def choose_proposal_scale(
+    model, data, spec, scoring, device, trim: float, draws: torch.Tensor | None = None
+) -> float:
     """The factor of defaults.PROPOSAL_SCALES whose IWAE (the scoring K and design) has the
     highest trimmed mean on the validation rows. Each IWAE is a lower bound in expectation,
     so the highest is the tightest; an encoder trained on the ELBO tends to be narrower than its
@@ -29,16 +31,19 @@ def choose_proposal_scale(model, data, spec, scoring, device, trim: float) -> fl
     The expectation is over the design's draws, not the one the scorer uses: with one shared
     draw every record's estimate moves with that draw's luck, by more than the factors differ,
     and the highest of four noisy means is the luckiest one (on the suite's pPCA with an
-    already too wide q it chose 2 for 17 of 32 seeds and doubled the error). So the rows are
+    already too wide q it chose 2 on 4 of 8 seeds, at 5x the error of 1). So the rows are
     spread over DRAWS independent draws. `data`: x_val and m_val, the validation rows;
-    `scoring`: the model's ScoringDefaults."""
+    `scoring`: the model's ScoringDefaults; `draws` ((n, K, D)) replaces the draws of its design
+    (bench/as_scored.py gives i.i.d. ones to the i.i.d. baseline)."""
     rows = min(data.x_val.shape[0], VALIDATION_IWAE_ROWS)
     x, m = data.x_val[:rows].to(device), data.m_val[:rows].to(device)
     log_std = spec.continuous_log_std.to(device)
-    draws = independent_draws(
-        min(DRAWS, rows), scoring.k, model.config.latent_dim, scoring.seed, SCALE_STREAM,
-        scoring.points,
-    )  # fmt: skip
+    if draws is None:
+        draws = independent_draws(
+            min(DRAWS, rows), scoring.k, model.config.latent_dim, scoring.seed, SCALE_STREAM,
+            scoring.points,
+        )  # fmt: skip
+    draws = draws[:rows]
     # row i takes draw i mod n; reordered so each draw's rows are one slice, and the points
     # given per record, as many draws a call as DEFAULT_MEMORY_BUDGET holds of them
     n = len(draws)
@@ -46,7 +51,7 @@ def choose_proposal_scale(model, data, spec, scoring, device, trim: float) -> fl
     x, m = x[order], m[order]
     counts = torch.bincount(torch.arange(rows) % n, minlength=n)
     ends = counts.cumsum(0).tolist()
-    per_draw = scoring.k * int(counts.max()) * draws.shape[2] * draws.element_size()
+    per_draw = draws.shape[1] * int(counts.max()) * draws.shape[2] * draws.element_size()
     step = max(1, DEFAULT_MEMORY_BUDGET // per_draw)
     calls = [(j, min(j + step, n)) for j in range(0, n, step)]
     best, best_value = 1.0, -math.inf

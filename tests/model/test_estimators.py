@@ -318,6 +318,23 @@ def test_the_shared_points_are_seeded_normal_replicates(points):
     assert (blocks.mean(1).abs() < 0.05).all()
 
 
+@pytest.mark.parametrize("points", DESIGNS)
+@pytest.mark.parametrize("k", [24, 64])  # spherical replicates at 24 (latent 4), Sobol's at 64
+def test_independent_draws_are_the_design_from_their_own_seeds(points, k):
+    """What the proposal scale is chosen on (model/proposal.py): draw j is exactly the points
+    `noise` gives seed * draws + j on that stream (the same design, batched), the draws differ,
+    and none is the scorer's draw (another stream)."""
+    from vaewatch.model.noise import independent_draws
+
+    draws = independent_draws(5, k, 4, seed=3, stream=9, points=points)
+    assert draws.shape == (5, k, 4)
+    for j in range(5):
+        assert torch.equal(draws[j], noise(k, 4, seed=3 * 5 + j, stream=9, points=points))
+    assert not torch.equal(draws[0], draws[1])
+    scored = noise(k, 4, seed=3, stream=IWAE_STREAM, points=points)
+    assert not any(torch.equal(d, scored) for d in draws)
+
+
 def test_spherical_points_are_rotated_simplices_with_one_radius_per_stratum():
     """Each replicate of K/R points: groups of up to D + 1 directions that are a regular simplex
     (unit vectors summing to 0, every pair at cos = -1/(n-1)), and radii whose chi_D
