@@ -26,8 +26,9 @@ import torch
 
 from vaewatch.model import defaults
 from vaewatch.model.contract import TOP_FEATURE_TYPE
-from vaewatch.model.estimators import IWAE_STREAM, _running_log_sum_exp, weight_chunks
+from vaewatch.model.estimators import IWAE_STREAM, weight_chunks
 from vaewatch.model.noise import noise
+from vaewatch.model.reductions import running_log_sum_exp
 from vaewatch.model.vae import VAE
 
 # at most this many features per flagged record get the leave-one-out term: all of them in a
@@ -92,7 +93,7 @@ def leave_one_out(
                     lp = s.feature_lp.stacked()
                     index = left_out[None, :, None].expand(lp.shape[0], b, 1)
                     log_w = log_w - lp.gather(-1, index).squeeze(-1).to(torch.float64)
-                state = _running_log_sum_exp(state, log_w)
+                state = running_log_sum_exp(state, log_w)
             parts.append(state[0] + torch.log(state[1]))
         return torch.cat(parts)
 

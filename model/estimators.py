@@ -25,7 +25,7 @@ workers. The points are a randomised design (model/noise.py): R = 4 independent 
 K/R points (rotated simplices with stratified radii; scrambled Sobol for older models), each
 point marginally N(0, I), so the ELBO stays unbiased and the IWAE keeps its bound. How accurate
 that is at the default K: model/defaults.py. The replicates' spread is the standard error
-(`log_likelihood_se`, `_replicate_error`): the seed-to-seed spread, on likely and unlikely
+(`log_likelihood_se`, `model/reductions.py`): the seed-to-seed spread, on likely and unlikely
 records alike, never the IWAE's downward bias.
 
 Memory. `plan_chunks` turns a byte budget into a number of records and of samples per step, so
@@ -42,6 +42,7 @@ import torch
 
 from vaewatch.model import defaults
 from vaewatch.model.noise import iid_noise, noise, replicates
+from vaewatch.model.reductions import block_log_sums, replicate_error, running_log_sum_exp
 from vaewatch.model.vae import LOG_2PI, VAE, FeatureLogProbs, Posterior, gaussian_kl
 
 DEFAULT_K = defaults.K
@@ -229,6 +230,16 @@ def iwae(
         block_lse = None  # (blocks, b): each replicate's log-sum of w, at its own scale
         for s in chunk.samples:
             log_w = s.log_w.to(torch.float64)
+            if k == 1:  # one weight: every reduction below is the identity (the same bits)
+                running_max, running_sum = log_w[0], torch.ones_like(log_w[0])
+                log_w_sum = log_w[0]
+                block_lse = log_w if standard_error else None
+                if contributions:
+                    weighted_nll = -s.feature_lp.stacked()[0].to(torch.float64)
+                if conditional:
+                    discrete = s.feature_lp.stacked()[0, :, n_cont:].sum(-1).to(torch.float64)
+                    continuous = (log_w[0] - discrete, running_sum)
+                continue
             log_w_sum = log_w_sum + log_w.sum(0)
             chunk_max = log_w.max(0).values  # (b,)
             new_max = chunk_max if running_max is None else torch.maximum(running_max, chunk_max)
@@ -237,7 +248,7 @@ def iwae(
             total = scaled.sum(0)
             running_sum = total if rescale is None else running_sum * rescale + total
             if standard_error:
-                block_lse = _block_log_sums(block_lse, log_w.detach(), s.start, k // blocks, blocks)
+                block_lse = block_log_sums(block_lse, log_w.detach(), s.start, k // blocks, blocks)
             if contributions:
                 # sum_k scaled_k * log p(x_j|z_k), reduced in the model's dtype (one pass)
                 stacked = s.feature_lp.stacked()  # (k, b, F), only built when attribution is asked
@@ -248,13 +259,13 @@ def iwae(
                 )
             if conditional:  # log p(x_c, z_k) - log q(z_k|x): the discrete terms taken out
                 discrete = s.feature_lp.stacked()[..., n_cont:].sum(-1).to(torch.float64)
-                continuous = _running_log_sum_exp(continuous, log_w - discrete)
+                continuous = running_log_sum_exp(continuous, log_w - discrete)
             running_max = new_max
         correction = jacobian(chunk.density, log_std)
         lls.append(running_max + torch.log(running_sum) - math.log(k) - correction)
         elbos.append(log_w_sum / k - correction)
         if standard_error:
-            ses.append(_replicate_error(block_lse))
+            ses.append(replicate_error(block_lse))
         if contributions:
             nll = weighted_nll / running_sum[:, None]
             n_cont = chunk.density.shape[1]
@@ -273,39 +284,6 @@ def iwae(
         feature_nll=torch.cat(nlls) if contributions else None,
         discrete_nll=torch.cat(conds) if conditional else None,
     )
-
-
-def _running_log_sum_exp(state, log_w: torch.Tensor):
-    """(max, sum of exp(log_w - max)) over the sample axis, `state` holding the earlier chunks'
-    (None for the first)."""
-    top = log_w.max(0).values
-    if state is not None:
-        top = torch.maximum(state[0], top)
-    total = torch.exp(log_w - top).sum(0)
-    return (top, total) if state is None else (top, state[1] * torch.exp(state[0] - top) + total)
-
-
-def _block_log_sums(state, log_w: torch.Tensor, start: int, size: int, blocks: int):
-    """Each replicate's log sum_k w_k (replicate r: samples [r * size, (r + 1) * size)), updated
-    with the chunk of samples from `start`: every replicate at its own scale, so one far below
-    another does not underflow (a shared scale did, ~700 nats)."""
-    chunk = torch.full((blocks, log_w.shape[1]), -math.inf, dtype=log_w.dtype, device=log_w.device)
-    end = start + log_w.shape[0]
-    for r in range(start // size, (end - 1) // size + 1):  # the replicates this chunk touches
-        lo, hi = max(start, r * size), min(end, (r + 1) * size)
-        chunk[r] = torch.logsumexp(log_w[lo - start : hi - start], 0)
-    return chunk if state is None else torch.logaddexp(state, chunk)
-
-
-def _replicate_error(block_lse: torch.Tensor) -> torch.Tensor:
-    """SE of log(mean w): sd of the R independent replicates' log-means (log K/R cancels) /
-    sqrt(R); to first order the delta method, but it does not saturate at ~1 nat when one
-    replicate holds nearly all the weight, as on a trained model's least likely records
-    (bench/accuracy_breadth.py). NaN for one replicate."""
-    blocks = block_lse.shape[0]
-    if blocks < 2:
-        return torch.full_like(block_lse[0], math.nan)
-    return block_lse.std(0, correction=1) / math.sqrt(blocks)
 
 
 @dataclass

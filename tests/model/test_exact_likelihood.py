@@ -378,7 +378,7 @@ def test_replicates_far_apart_keep_their_own_scale():
     others (as on the demo's most extreme records): each replicate's log-sum is exact, whatever
     the chunks the samples arrive in, so the standard error is the plain sd of the four
     log-means / 2 (with one shared scale the lower three underflowed and it stopped near 177)."""
-    from vaewatch.model.estimators import _block_log_sums, _replicate_error
+    from vaewatch.model.reductions import block_log_sums, replicate_error
 
     log_w = torch.tensor([[0.0], [-1.0], [-2000.0], [-2001.0], [-2002.0], [-2000.5], [-2001.5],
                           [-2003.0]], dtype=torch.float64)  # fmt: skip
@@ -386,8 +386,8 @@ def test_replicates_far_apart_keep_their_own_scale():
     for chunk in (8, 3, 1):
         state = None
         for start in range(0, 8, chunk):
-            state = _block_log_sums(state, log_w[start : start + chunk], start, 2, 4)
+            state = block_log_sums(state, log_w[start : start + chunk], start, 2, 4)
         torch.testing.assert_close(state[:, 0], expected, rtol=0, atol=1e-12)
-        se = _replicate_error(state)
+        se = replicate_error(state)
         torch.testing.assert_close(se, (expected.std(correction=1) / 2).view(1), rtol=1e-12, atol=0)
     assert se.item() > 400  # sd of (2000, 0, 0, 0) is 1000; halved: 500
