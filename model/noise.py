@@ -48,11 +48,16 @@ def noise(
 
     A pure function of its arguments, made on the CPU, so the same seed gives the same points on
     any device and worker. Cached: treat the tensor as read-only."""
-    if points not in DESIGNS:
-        raise ValueError(f"points must be one of {', '.join(DESIGNS)}, got {points!r}")
-    if points == SPHERICAL and count // replicates(count) <= SIMPLICES * (latent_dim + 1):
+    if _simplices(count, latent_dim, points):
         return _spherical(count, latent_dim, seed, stream)
     return _sobol(count, latent_dim, seed, stream)
+
+
+def _simplices(count: int, latent_dim: int, points: str) -> bool:
+    """Whether `count` points of the design `points` are rotated simplices (else Sobol's)."""
+    if points not in DESIGNS:
+        raise ValueError(f"points must be one of {', '.join(DESIGNS)}, got {points!r}")
+    return points == SPHERICAL and count // replicates(count) <= SIMPLICES * (latent_dim + 1)
 
 
 @functools.lru_cache(maxsize=32)
@@ -137,10 +142,8 @@ def independent_draws(
     """(draws, count, latent_dim): `draws` independent copies of `noise(count, ...)`, from seeds
     derived from `seed` on `stream` (one that scoring does not use), for a question about the
     design's expected behaviour rather than one draw's luck (model/proposal.py). Not cached."""
-    if points not in DESIGNS:
-        raise ValueError(f"points must be one of {', '.join(DESIGNS)}, got {points!r}")
     seeds = [seed * draws + j for j in range(draws)]
-    if points == SPHERICAL and count // replicates(count) <= SIMPLICES * (latent_dim + 1):
+    if _simplices(count, latent_dim, points):
         parts = [_spherical_parts(count, latent_dim, s, stream) for s in seeds]
         directions = torch.stack([p[0] for p in parts])
         radii = _chi_quantile(torch.stack([p[1] for p in parts]), latent_dim)  # one bisection

@@ -304,6 +304,27 @@ def test_elbo_is_the_mean_log_weight_and_a_bound_on_every_record(transactions_ta
     assert checked == 3000 * 4 * 3 * 2
 
 
+def test_k1_is_the_general_reduction_of_one_weight(transactions_table):
+    """iwae at K = 1 computes its reductions directly (one weight: the log-sum-exp, the
+    replicate sums and the normalised attribution are identities). The general path, given the
+    same point twice, has two equal weights and must give the same numbers: log-mean-exp of
+    (w, w) is log w, the normalised attribution of equal weights is the point's own."""
+    table = transactions_table.slice(0, 500)
+    spec = FeatureSpec.fit(table, exclude=LABELS)
+    model = _model(spec)
+    enc = spec.encode(table)
+    point = noise(1, model.config.latent_dim, seed=4, stream=IWAE_STREAM)
+    kwargs = dict(log_std=spec.continuous_log_std, contributions=True, conditional=True)
+    with torch.inference_mode():
+        one = iwae(model, enc.x, enc.mask, eps=point, standard_error=True, **kwargs)
+        two = iwae(model, enc.x, enc.mask, eps=point.repeat(2, 1), **kwargs)
+    assert one.discrete_nll is not None  # the table has both kinds: the conditional is asked
+    for name in ("log_likelihood", "elbo", "feature_nll", "discrete_nll"):
+        torch.testing.assert_close(getattr(one, name), getattr(two, name), rtol=0, atol=1e-9)
+    torch.testing.assert_close(one.elbo, one.log_likelihood, rtol=0, atol=0)
+    assert torch.isnan(one.log_likelihood_se).all()  # one replicate: no spread to measure
+
+
 @pytest.mark.parametrize("points", DESIGNS)
 def test_the_shared_points_are_seeded_normal_replicates(points):
     a = noise(4096, 3, seed=5, stream=IWAE_STREAM, points=points)
