@@ -37,6 +37,9 @@ from vaewatch.model.noise import iid_noise, noise  # noqa: E402
 from vaewatch.model.proposal import DRAWS, SCALE_STREAM, choose_proposal_scale  # noqa: E402
 
 RUNS = (("i.i.d.", 64), ("spherical", 16), ("spherical", defaults.K))
+# the trimmed share of the validation rows the scale rule compares means over (the large-table
+# training trim; `fit` passes its validation_trim, 0.01)
+TRIM = defaults.LARGE_TABLE_TRAINING["robust_trim"]
 
 
 def construction(name: str, k: int, latent: int, seed: int):
@@ -69,7 +72,7 @@ def measure(seeds: int, ppcas) -> list[dict]:
                     eps, draws = construction(name, k, latent, seed)
                     scoring = replace(ScoringDefaults(), k=k, seed=seed)
                     scale = choose_proposal_scale(
-                        vae, data, spec, scoring, "cpu", defaults.ROBUST_TRIM, draws=draws
+                        vae, data, spec, scoring, "cpu", TRIM, draws=draws
                     )
                     chosen[scale] += 1
                     for how, c in (("given", 1.0), ("as scored", scale)):

@@ -104,6 +104,7 @@ MIXED_CONTAMINATION = 0.05
 REJECTED = 1e300  # the score of a row vaewatch rejects: ranked most anomalous
 NEMENYI_Q05 = {8: 3.031, 9: 3.102, 10: 3.164}  # Demsar 2006, Table 5(a), alpha = 0.05
 TEST_FRACTION = 0.4
+PLOT = Path(__file__).resolve().parent / "quality.png"  # wherever the script is run from
 
 
 @dataclass
@@ -473,7 +474,7 @@ def main() -> None:
         records = json.loads(Path(args.replot).read_text())
         table, group_means = summarise(records)
         print(table)
-        plot(group_means, Path(args.plot or "bench/quality.png"), _group_sizes(records))
+        plot(group_means, Path(args.plot or PLOT), _group_sizes(records))
         return
     seeds = range(args.seeds or (1 if args.quick else 5))
     digit_classes = [0, 3, 8] if args.quick else list(range(10))
@@ -529,7 +530,7 @@ def main() -> None:
     table, group_means = summarise(records)
     print(table)
     print(f"\nTotal {time.perf_counter() - started:.0f} s")
-    args.plot = args.plot or (None if args.quick else "bench/quality.png")
+    args.plot = args.plot or (None if args.quick else str(PLOT))
     if args.plot:
         plot(group_means, Path(args.plot), _group_sizes(records))
         print(f"plot: {args.plot}")

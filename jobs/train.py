@@ -23,7 +23,8 @@ import torch
 from vaewatch.jobs import plots
 from vaewatch.model import registry
 from vaewatch.model.fit import FitConfig, FitResult, Prepared, fit
-from vaewatch.model.training import EpochStats
+from vaewatch.model.sizing import is_small_table
+from vaewatch.model.training import EpochStats, TrainConfig
 from vaewatch.model.version import package_version
 
 
@@ -123,7 +124,7 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
         progress = _Progress(job.progress, echo)
 
         def on_prepared(prepared: Prepared) -> None:
-            _describe(prepared, echo)
+            _describe(prepared, echo, job.fit.train)
             mlrun.log_params(_params(job, prepared))
             counts = prepared.counts
             progress.rows = counts.rows_train * config.train.passes_per_epoch(counts.rows_train)
@@ -246,7 +247,7 @@ def _set_aside(calibration, quantile: float) -> str:
     return f"; {count} outlying calibration rows ({share:.2%}) set aside from the 1 - q = {flagged}"
 
 
-def _describe(prepared: Prepared, echo: Callable[[str], None]) -> None:
+def _describe(prepared: Prepared, echo: Callable[[str], None], train: TrainConfig) -> None:
     fingerprint, counts = prepared.fingerprint, prepared.counts
     echo(
         f"data: {len(fingerprint.files)} file(s), {fingerprint.rows:,} rows, "
@@ -264,13 +265,26 @@ def _describe(prepared: Prepared, echo: Callable[[str], None]) -> None:
         f"({counts.rows_validation:,} kept for validation), {counts.rows_unusable:,} unusable; "
         f"{'cached in memory' if prepared.cached else 'streamed from Parquet each epoch'}"
     )
+    vae, rows = prepared.vae_config, counts.rows_train
+    run = train.for_rows(rows)
+    size = "small" if is_small_table(rows) else "large"
+    when = "from the start" if run.trim_from_start else "after the warm-up"
+    echo(
+        f"network: {'x'.join(map(str, vae.hidden))} units, {vae.latent_dim} latent dimensions; "
+        f"robust training ({size}-table profile unless given): {run.robust_trim:.0%} of each "
+        f"batch at weight {run.trim_weight:g} {when}, {run.robust_drop:.0%} dropped after the "
+        f"warm-up, weight prior {run.weight_prior:g}"
+    )
     echo(f"device: {prepared.device}")
 
 
 def _params(job: TrainJob, prepared: Prepared) -> dict:
     config, fingerprint, spec = job.fit, prepared.fingerprint, prepared.spec
+    counts = prepared.counts
     return {
-        **{f"train.{k}": v for k, v in config.train.to_json().items()},
+        # the training config as run: robust-training fields left unset take the profile for
+        # the table's size (model/sizing.py)
+        **{f"train.{k}": v for k, v in config.train.for_rows(counts.rows_train).to_json().items()},
         **{f"vae.{k}": v for k, v in prepared.vae_config.to_json().items()},
         "score.k": config.scoring.k,
         "score.seed": config.scoring.seed,
@@ -290,7 +304,7 @@ def _params(job: TrainJob, prepared: Prepared) -> dict:
         "data.bytes": fingerprint.total_bytes,
         "data.rows": fingerprint.rows,
         "data.digest": fingerprint.digest,
-        **{f"rows.{k}": v for k, v in prepared.counts.to_json().items()},
+        **{f"rows.{k}": v for k, v in counts.to_json().items()},
         "device": str(prepared.device),
     }
 

@@ -137,44 +137,55 @@ free_bits = option(
     default=defaults.FREE_BITS,
     help="Nats per latent dimension of KL that are not penalised (0 = off).",
 )
+# robust training: unset, each of these takes the profile for the table's size (model/sizing.py)
+_PROFILE = (
+    "Default: by the table's size; up to 724 training rows (a narrowed network) "
+    "{small}, from 725 rows {large}."
+)
+
+
+def _by_size(name: str, show=str) -> str:
+    small, large = defaults.SMALL_TABLE_TRAINING[name], defaults.LARGE_TABLE_TRAINING[name]
+    return _PROFILE.format(small=show(small), large=show(large))
+
+
 robust_trim = option(
     "--robust-trim",
     type=click.FloatRange(0, 0.5, max_open=True),
-    default=defaults.ROBUST_TRIM,
+    default=None,
     help="Each batch's worst-explained share of rows counts only --trim-weight in the loss "
     "(after the KL warm-up unless --trim-from-start), so anomalies in the training data are not "
-    "learned as normal (0 = plain likelihood).",
+    "learned as normal (0 = plain likelihood). " + _by_size("robust_trim"),
 )
 trim_weight = option(
     "--trim-weight",
     type=click.FloatRange(0, 1),
-    default=defaults.TRIM_WEIGHT,
+    default=None,
     help="What a trimmed row's loss counts (0 = left out, 1 = no trim). Above 0 a long "
     "legitimate tail is still learned under a large --robust-trim; a tight cluster of repeated "
-    "anomalies may be learned too (see --robust-drop).",
+    "anomalies may be learned too (see --robust-drop). " + _by_size("trim_weight"),
 )
 robust_drop = option(
     "--robust-drop",
     type=click.FloatRange(0, 0.5, max_open=True),
-    default=defaults.ROBUST_DROP,
+    default=None,
     help="With --trim-weight above 0: the worst-explained share of each batch that still counts "
-    "nothing once the KL warm-up is over (at most --robust-trim).",
+    "nothing once the KL warm-up is over (at most --robust-trim). " + _by_size("robust_drop"),
 )
 trim_from_start = option(
     "--trim-from-start/--trim-after-warmup",
-    default=defaults.TRIM_FROM_START,
+    default=None,
     help="Trim from the first update rather than after the KL warm-up, by which time a cluster "
-    "of anomalies larger than the trim may have been learned. For small tables holding more "
-    "than a few percent of anomalies: --trim-from-start --robust-trim 0.2 --trim-weight 0.2 "
-    "--robust-drop 0.05 --weight-prior 2.",
+    "of anomalies larger than the trim may have been learned. "
+    + _by_size("trim_from_start", lambda v: "from the start" if v else "after the warm-up"),
 )
 weight_prior = option(
     "--weight-prior",
     type=click.FloatRange(min=0),
-    default=defaults.WEIGHT_PRIOR,
+    default=None,
     help="Precision of a Gaussian prior on the network's weights, for the table as a whole "
     "(the L2 penalty per row is this over the training rows): strong on a table of a few "
-    "dozen rows, negligible on a large one (0 = off).",
+    "dozen rows, negligible on a large one (0 = off). " + _by_size("weight_prior"),
 )
 validation_fraction = option(
     "--validation-fraction",

@@ -77,7 +77,7 @@ MIN_CATEGORY_SHARE = 0.0
 LATENT_DIM = 8  # enough for the handful of factors tabular data usually has
 HIDDEN = (128, 128)  # encoder and decoder widths
 # ... for tables of ~1,000 training rows and more; smaller tables get a smaller network
-# (model/fit.py `capacity`): 128x128 units with 8 latent dimensions can memorise the 6 anomalous
+# (model/sizing.py `capacity`): 128x128 units with 8 latent dimensions can memorise the 6 anomalous
 # rows of a 77-row table as a mode of their own (bench/RESULTS.md)
 ROWS_PER_HIDDEN_UNIT = 8
 MIN_HIDDEN = 16
@@ -96,30 +96,35 @@ OBJECTIVE = "elbo"  # "elbo" or "iwae"
 TRAIN_K = 5  # IWAE samples per record when objective == "iwae" (k=5 as in Burda et al.)
 KL_WARMUP_EPOCHS = 5  # beta: 0 -> 1 over these epochs, against early posterior collapse
 FREE_BITS = 0.0  # nats per latent dim below which KL is not penalised (0 = off)
-# after the KL warm-up, each batch's loss leaves out its worst-explained 5 % of records: training
-# data holds the anomalies users want found, and maximum likelihood would learn them
-ROBUST_TRIM = 0.05
-# ... all of them (what a trimmed record's loss counts: 0), and the trim waits for the warm-up to
-# end. Measured in bench/RESULTS.md ("Down-weighted trimming and a weight prior"): a 20 % trim
-# from the first update at a fifth of the weight, the worst 5 % dropped after the warm-up, and
-# --weight-prior 2 lift the contaminated benchmark from 0.783 to 0.855 mean ROC-AUC
-# (IsolationForest 0.817) with the one-class group still ahead of kNN, but on a large table the
-# normal tail at a fifth of its weight is fitted less well, the flag threshold rises 2-5 nats
-# and repeated anomalies fall under it (the demo's impossible combinations flagged >= 90 % on
-# 7 of 8 seeds, 87 % on one, normal rows up to 1.6 %, against 8 of 8 with the defaults), and a
-# legitimate mode of a quarter of a 1,200-row table is flagged at 20 % (defaults: 6 %).
-# Trimming 20 % from the first update with no down-weighting costs the digit tables 0.04-0.09
-# (the rows it never trains on are legitimate too). For small tables known to hold more
-# anomalies than the trim:
-# --trim-from-start --robust-trim 0.2 --trim-weight 0.2 --robust-drop 0.05 --weight-prior 2
-TRIM_WEIGHT = 0.0
-ROBUST_DROP = 0.0  # with TRIM_WEIGHT > 0: the worst share dropped after the warm-up
-TRIM_FROM_START = False
-# the precision of a Gaussian prior on the network's weights, for the table as a whole (maximum
-# a posteriori: weight_prior / training rows is the L2 coefficient per record): strong on a
-# few dozen rows, negligible on a large table. Off by default; 10 and more smooths the structure
-# of small tables away (penguins 0.97 -> 0.78 ROC-AUC at 10: the decoder stops using z)
-WEIGHT_PRIOR = 0.0
+# robust training: each batch's loss down-weights its worst-explained records (training data
+# holds the anomalies users want found, and maximum likelihood would learn them), by the table's
+# size (model/sizing.py; each TrainConfig field left at None takes its profile's value):
+# - a large table (the full-width network, from 725 training rows): after the KL warm-up the
+#   worst 5 % of each batch count nothing. A large table's normal tail is thousands of rows; a
+#   heavier trim fits it less well, the flag threshold rises 2-5 nats and repeated anomalies fall
+#   under it (the demo's impossible combinations flagged at 32-100 % instead of 90-100 %).
+LARGE_TABLE_TRAINING = {
+    "robust_trim": 0.05,
+    "trim_weight": 0.0,
+    "robust_drop": 0.0,
+    "trim_from_start": False,
+    "weight_prior": 0.0,
+}
+# - a small table (a narrowed network, up to 724 training rows), where a handful of anomalous
+#   rows can be memorised: from the first update the worst 20 % of each batch count a fifth,
+#   after the warm-up the worst 5 % nothing, and a Gaussian prior N(0, 1/2) on the weights for
+#   the table as a whole (maximum a posteriori: 2 / training rows is the L2 coefficient per
+#   record). Measured in bench/RESULTS.md ("Robust training by the table's size"): the
+#   contaminated benchmark group 0.792 -> 0.855 ROC-AUC (wine 0.69 -> 0.89); on eight tables
+#   outside the benchmark (bench/profile_by_size.py) +0.012 on small contaminated samples,
+#   -0.010 on small clean ones, level from 1,300 rows.
+SMALL_TABLE_TRAINING = {
+    "robust_trim": 0.2,
+    "trim_weight": 0.2,
+    "robust_drop": 0.05,
+    "trim_from_start": True,
+    "weight_prior": 2.0,
+}
 VALIDATION_FRACTION = 0.1  # held out for early stopping and calibration
 MIN_VALIDATION_ROWS = 200  # small tables hold out more (up to a quarter): early stopping and
 # calibration on a few dozen rows follow noise (a 544-row table stopped on 45 rows at epoch 8)

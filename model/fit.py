@@ -11,7 +11,6 @@ training and at scoring.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -34,6 +33,7 @@ from vaewatch.model.features import (
     FeatureSpec,
 )
 from vaewatch.model.proposal import choose_proposal_scale
+from vaewatch.model.sizing import capacity
 from vaewatch.model.training import (
     EpochStats,
     TrainConfig,
@@ -160,6 +160,7 @@ def fit(
         max_validation_rows=config.max_validation_rows,
         cache_bytes=config.cache_bytes,
     )
+    train_config = train_config.for_rows(data.counts.rows_train)  # the size's training profile
     device = resolve_device(train_config.device)
     latent_dim, hidden = capacity(data.counts.rows_train)
     vae_config = VAEConfig.for_spec(
@@ -287,19 +288,6 @@ def check_files(
             first,
             named,
         )
-
-
-def capacity(rows: int) -> tuple[int, tuple[int, ...]]:
-    """(latent dimensions, hidden widths) for `rows` training rows: the defaults (8, 128x128)
-    from ~1,000 rows up, smaller below, so a small table cannot be memorised, anomalies
-    included. Hidden width: a power of two near rows / ROWS_PER_HIDDEN_UNIT, at least
-    MIN_HIDDEN; latent: one dimension per ROWS_PER_LATENT rows, at least 2."""
-    cap_latent, cap_hidden = defaults.LATENT_DIM, defaults.HIDDEN
-    width = 2 ** round(math.log2(max(1, rows) / defaults.ROWS_PER_HIDDEN_UNIT))
-    width = max(defaults.MIN_HIDDEN, width)
-    hidden = tuple(min(w, width) for w in cap_hidden)
-    latent = max(2, min(cap_latent, rows // defaults.ROWS_PER_LATENT))
-    return latent, hidden
 
 
 def with_conditional_attribution(

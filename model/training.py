@@ -30,6 +30,7 @@ from vaewatch.model.device import resolve_device
 from vaewatch.model.estimators import UNBOUNDED
 from vaewatch.model.estimators import elbo as elbo_estimate
 from vaewatch.model.estimators import iwae as iwae_estimate
+from vaewatch.model.sizing import training_profile
 from vaewatch.model.training_data import TrainingData
 from vaewatch.model.vae import VAE, gaussian_kl_dims
 
@@ -43,7 +44,9 @@ class TrainConfig:
     batch_size: int = defaults.BATCH_SIZE
     learning_rate: float = defaults.LEARNING_RATE
     weight_decay: float = defaults.WEIGHT_DECAY
-    weight_prior: float = defaults.WEIGHT_PRIOR  # a table-wide Gaussian prior on the weights
+    # a table-wide Gaussian prior on the weights; None (as for every robust-training field
+    # below): the profile for the table's size (model/sizing.py `training_profile`)
+    weight_prior: float | None = None
     objective: str = defaults.OBJECTIVE
     train_k: int = defaults.TRAIN_K
     kl_warmup_epochs: int = defaults.KL_WARMUP_EPOCHS
@@ -64,10 +67,10 @@ class TrainConfig:
     # model improved on every normal row)
     # each batch's loss down-weights its worst-explained records (robust_mean; the share that
     # counts nothing is at most robust_trim)
-    robust_trim: float = defaults.ROBUST_TRIM
-    trim_from_start: bool = defaults.TRIM_FROM_START  # ... or from the first update
-    trim_weight: float = defaults.TRIM_WEIGHT  # what a trimmed record's loss counts (0: nothing)
-    robust_drop: float = defaults.ROBUST_DROP  # ... but the worst count nothing after the warm-up
+    robust_trim: float | None = None
+    trim_from_start: bool | None = None  # ... or from the first update
+    trim_weight: float | None = None  # what a trimmed record's loss counts (0: nothing)
+    robust_drop: float | None = None  # ... but the worst count nothing after the warm-up
 
     def __post_init__(self) -> None:
         if self.objective not in ("elbo", "iwae"):
@@ -77,13 +80,14 @@ class TrainConfig:
                 f"validation_fraction must be in (0, 1), got {self.validation_fraction}"
             )
         for name in ("weight_decay", "weight_prior"):
-            if getattr(self, name) < 0.0:
+            if getattr(self, name) is not None and getattr(self, name) < 0.0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.trim_weight <= 1.0:
+        if self.trim_weight is not None and not 0.0 <= self.trim_weight <= 1.0:
             raise ValueError(f"trim_weight must be in [0, 1], got {self.trim_weight}")
         for name in ("validation_trim", "robust_trim", "robust_drop"):
-            if not 0.0 <= getattr(self, name) < 0.5:
-                raise ValueError(f"{name} must be in [0, 0.5), got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 0.5:
+                raise ValueError(f"{name} must be in [0, 0.5), got {value}")
         for name in (
             "epochs",
             "batch_size",
@@ -98,12 +102,20 @@ class TrainConfig:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def for_rows(self, train_rows: int) -> TrainConfig:
+        """This config with every robust-training field left at None set from the profile for
+        `train_rows` training rows (model/sizing.py); the values given explicitly stay."""
+        profile = training_profile(train_rows)
+        given = {name: getattr(self, name) for name in profile}
+        return replace(self, **{k: v for k, v in profile.items() if given[k] is None})
+
     def decay_per_record(self, train_rows: int) -> float:
         """The L2 coefficient of the per-record mean loss: `weight_decay` plus the prior's
         precision spread over the rows. The prior is N(0, 1/weight_prior) on every parameter, once
         for the whole table, so it is strong where a few dozen rows could be memorised and
         vanishes as the table grows (maximum a posteriori, not a per-record penalty)."""
-        return self.weight_decay + self.weight_prior / max(1, train_rows)
+        prior = self.for_rows(train_rows).weight_prior
+        return self.weight_decay + prior / max(1, train_rows)
 
     def passes_per_epoch(self, train_rows: int) -> int:
         """How many passes over `train_rows` rows make one epoch (>= min_steps_per_epoch)."""
@@ -251,6 +263,7 @@ def train(
     if isinstance(data, torch.Tensor):
         model.check_input(data, mask)
         data = TrainingData.from_tensors(data, mask, config.validation_fraction, config.seed)
+    config = config.for_rows(data.counts.rows_train)
     device = resolve_device(config.device)
     autocast = device.type == "cuda" and config.mixed_precision
     if device.type == "cpu":

@@ -39,6 +39,11 @@ def test_registered_with_alias_tags_params_metrics_and_plots(trained):
     p = run.data.params
     assert p["train.learning_rate"] == "0.001" and p["score.k"] == str(defaults.K)
     assert p["score.points"] == "spherical"  # the design the calibration was computed on
+    # the robust-training fields as run: the large-table profile for 15,000 rows, not "None"
+    large = defaults.LARGE_TABLE_TRAINING
+    for name in ("robust_trim", "trim_weight", "trim_from_start", "weight_prior"):
+        assert p[f"train.{name}"] == str(large[name]), name
+        assert outcome.artifact.metadata["train_config"][name] == large[name], name
     assert p["data.rows"] == "15000" and p["data.digest"] == fingerprint["digest"]
     assert p["id_column"] == "record_id" and "record_id" not in p["features.names"]
     epochs = len(outcome.history)
@@ -285,6 +290,11 @@ def test_train_names_the_columns_it_does_not_model(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "features: amount (continuous), kind (categorical)" in result.stderr
+    # 300 rows: a narrowed network, and the small-table training profile named
+    assert "network: 32x32 units, 5 latent dimensions; robust training (small-table" in (
+        result.stderr
+    )
+    assert "20% of each batch at weight 0.2 from the start, 5% dropped" in result.stderr
     assert "not used (" in result.stderr
     assert "seen_at (timestamp[us]), tags (list<element: string>)" in result.stderr
     result = CliRunner().invoke(main, [*args, "--exclude", "seen_at,tags"])

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from vaewatch.model import defaults
 from vaewatch.model.estimators import score_records
 from vaewatch.model.features import FeatureSpec
-from vaewatch.model.fit import capacity
 from vaewatch.model.metrics import roc_auc
+from vaewatch.model.sizing import capacity
 from vaewatch.model.synthetic import LABEL_COLUMNS as LABELS
 from vaewatch.model.training import TrainConfig, robust_mean, train, trimmed_mean
 from vaewatch.model.training_data import TrainingData, held_out_fraction, split_indices
@@ -278,9 +279,10 @@ def test_the_weight_prior_shrinks_the_weights_of_a_small_table_more_than_of_a_la
 def test_the_default_objective_learns_a_legitimate_mode_larger_than_its_trim(rows):
     """A second mode holding a quarter of the rows is normal data and must not be trimmed away:
     measured 5 % of it flagged against the bulk's 99th percentile with the defaults (300 and
-    1,200 rows), 12-16 % when a 20 % trim from the first update drops its rows, 11-18 % with
-    the two-tier trim, 8 % and 20 % with README's small-table setting (the two-tier trim and
-    --weight-prior 2)."""
+    1,200 rows with the large-table profile), 12-16 % when a 20 % trim from the first update
+    drops its rows, 11-18 % with the two-tier trim; the small-table profile (the two-tier trim
+    and a weight prior), which the 300-row table now gets by default, 8 %, and 20 % when forced
+    on the 1,200-row one."""
     rng = np.random.default_rng(1)
     mode = rows // 4
     loadings = rng.normal(size=(6, 2))
@@ -302,6 +304,39 @@ def test_the_default_objective_learns_a_legitimate_mode_larger_than_its_trim(row
 )  # fmt: skip
 def test_capacity_scales_with_the_training_rows(rows, latent, hidden):
     assert capacity(rows) == (latent, hidden)
+
+
+@pytest.mark.parametrize(
+    "rows, small", [(60, True), (724, True), (725, False), (100_000, False)]
+)  # fmt: skip
+def test_the_training_profile_follows_the_network_size(rows, small):
+    """A table whose network `capacity` narrows (up to 724 rows) trains with the small-table
+    profile, a larger one with the large-table profile; values given explicitly stay."""
+    profile = defaults.SMALL_TABLE_TRAINING if small else defaults.LARGE_TABLE_TRAINING
+    assert (capacity(rows)[1] != (128, 128)) == small
+    resolved = TrainConfig().for_rows(rows)
+    assert {name: getattr(resolved, name) for name in profile} == profile
+    given = TrainConfig(robust_trim=0.1, trim_from_start=False).for_rows(rows)
+    assert (given.robust_trim, given.trim_from_start) == (0.1, False)
+    assert given.weight_prior == profile["weight_prior"]
+    assert TrainConfig().decay_per_record(rows) == pytest.approx(profile["weight_prior"] / rows)
+
+
+def test_a_small_table_is_trained_robustly_by_default():
+    """On a 400-row table a tight cluster of 6 % of the rows (more than the large-table trim
+    leaves out) is learned as a mode under the large-table profile and caught with the
+    defaults, which give a table that small the small-table profile. Measured on seeds 0 and
+    1: 0 % of the cluster above the normal rows' 99th percentile under the large-table
+    profile, 100 % with the defaults (at 10 % both learn it)."""
+    x, planted = _planted_cluster(rows=400, planted=24)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    caught = {}
+    for name, settings in (("defaults", {}), ("large", defaults.LARGE_TABLE_TRAINING)):
+        model = VAE(VAEConfig(n_continuous=x.shape[1], latent_dim=2, hidden=[32, 32]))
+        train(model, x, mask, TrainConfig(epochs=20, **settings))
+        score = score_records(model, x, mask, log_std=None, k=16).anomaly_score.numpy()
+        caught[name] = np.mean(score[:planted] > np.quantile(score[planted:], 0.99))
+    assert caught["defaults"] >= 0.9 and caught["large"] <= 0.1, caught
 
 
 def test_the_dropped_share_waits_for_the_warm_up(monkeypatch):
