@@ -13,9 +13,10 @@ held-out anomalies (the labelled minority named below):
 - one-class (`-1c`): the training rows are normal only.
 
 The same training rows are fitted twice, in process (`fit` + the production `Scorer`, one
-thread each, two processes): with each profile forced (`defaults.SMALL_TABLE_TRAINING` and
-`defaults.LARGE_TABLE_TRAINING`), whatever the size, and the test rows ranked by
-`anomaly_score`. The rule in model/sizing.py gives the small profile up to 724 training rows.
+thread each, two processes): with each profile forced (`--training-profile small` and `large`:
+`defaults.SMALL_TABLE_TRAINING`, `defaults.LARGE_TABLE_TRAINING`), whatever the size, and
+the test rows ranked by `anomaly_score`. The rule in model/sizing.py gives the small profile
+up to 724 training rows.
 """
 
 from __future__ import annotations
@@ -32,14 +33,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
-from vaewatch.model import defaults
 from vaewatch.model.fit import FitConfig, fit
 from vaewatch.model.scoring import Scorer
 from vaewatch.model.sizing import is_small_table
 from vaewatch.model.training import TrainConfig
 
 CONTAMINATION = 0.05
-PROFILES = {"small": defaults.SMALL_TABLE_TRAINING, "large": defaults.LARGE_TABLE_TRAINING}
+PROFILES = ("small", "large")  # TrainConfig.profile, forced whatever the size
 # (table, training rows before the validation split); "-1c": one-class
 CELLS = [
     ("crabs", 50), ("fgl", 75), ("pbc", 130), ("olive", 150), ("pima", 150), ("biopsy", 150),
@@ -103,7 +103,7 @@ def run_cell(cell: tuple[str, int, int, str]) -> dict:
     with tempfile.TemporaryDirectory() as work:
         path = Path(work) / "train.parquet"
         pq.write_table(pa.Table.from_pandas(train, preserve_index=False), path)
-        config = TrainConfig(seed=seed, threads=1, **PROFILES[profile])
+        config = TrainConfig(seed=seed, threads=1, profile=profile)
         fitted = fit(str(path), FitConfig(train=config))
     scorer = Scorer(fitted.artifact, model_version="1", device="cpu")
     scored = scorer.score(pa.Table.from_pandas(test, preserve_index=False))

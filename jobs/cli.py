@@ -115,6 +115,7 @@ def train_command(**options) -> None:
             train_k=o["train_k"],
             kl_warmup_epochs=o["kl_warmup_epochs"],
             free_bits=o["free_bits"],
+            profile=o["profile"],
             robust_trim=o["robust_trim"],
             trim_weight=o["trim_weight"],
             robust_drop=o["robust_drop"],

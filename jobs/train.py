@@ -267,7 +267,9 @@ def _describe(prepared: Prepared, echo: Callable[[str], None], train: TrainConfi
     )
     vae, rows = prepared.vae_config, counts.rows_train
     run = train.for_rows(rows)
-    size = "small" if is_small_table(rows) else "large"
+    size = (
+        train.profile if train.profile != "auto" else "small" if is_small_table(rows) else "large"
+    )
     when = "from the start" if run.trim_from_start else "after the warm-up"
     echo(
         f"network: {'x'.join(map(str, vae.hidden))} units, {vae.latent_dim} latent dimensions; "

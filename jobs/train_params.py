@@ -14,6 +14,7 @@ from vaewatch.jobs.params import (
     train_epochs,
 )
 from vaewatch.model import defaults
+from vaewatch.model.sizing import PROFILES
 
 # ------------------------------------------------------------------ data and features
 data = option(
@@ -149,6 +150,17 @@ def _by_size(name: str, show=str) -> str:
     return _PROFILE.format(small=show(small), large=show(large))
 
 
+training_profile = option(
+    "--training-profile",
+    "profile",
+    type=click.Choice(list(PROFILES)),
+    default="auto",
+    help="The robust-training profile: auto picks it by the training rows (small up to 724, "
+    "where the network is narrowed; large from 725); small or large forces one, e.g. large on "
+    "a small table known to be clean (the small profile fits a minority of normal rows less "
+    "well). --robust-trim, --trim-weight, --robust-drop, --trim-from-start and --weight-prior "
+    "given explicitly override the profile's value.",
+)
 robust_trim = option(
     "--robust-trim",
     type=click.FloatRange(0, 0.5, max_open=True),
@@ -283,6 +295,7 @@ def training_options(command):
             train_k,
             kl_warmup_epochs,
             free_bits,
+            training_profile,
             robust_trim,
             trim_weight,
             robust_drop,

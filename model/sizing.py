@@ -31,8 +31,14 @@ def is_small_table(rows: int) -> bool:
     return capacity(rows)[1] != tuple(defaults.HIDDEN)
 
 
-def training_profile(rows: int) -> dict:
+PROFILES = ("auto", "small", "large")
+
+
+def training_profile(rows: int, profile: str = "auto") -> dict:
     """The robust-training settings (TrainConfig field -> value) for `rows` training rows:
-    `defaults.SMALL_TABLE_TRAINING` on a small table, `defaults.LARGE_TABLE_TRAINING` above."""
-    small = is_small_table(rows)
+    `defaults.SMALL_TABLE_TRAINING` on a small table, `defaults.LARGE_TABLE_TRAINING` above;
+    `profile` "small" or "large" forces one whatever the size."""
+    if profile not in PROFILES:
+        raise ValueError(f"training profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    small = is_small_table(rows) if profile == "auto" else profile == "small"
     return dict(defaults.SMALL_TABLE_TRAINING if small else defaults.LARGE_TABLE_TRAINING)

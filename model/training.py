@@ -30,7 +30,7 @@ from vaewatch.model.device import resolve_device
 from vaewatch.model.estimators import UNBOUNDED
 from vaewatch.model.estimators import elbo as elbo_estimate
 from vaewatch.model.estimators import iwae as iwae_estimate
-from vaewatch.model.sizing import training_profile
+from vaewatch.model.sizing import PROFILES, training_profile
 from vaewatch.model.training_data import TrainingData
 from vaewatch.model.vae import VAE, gaussian_kl_dims
 
@@ -71,8 +71,12 @@ class TrainConfig:
     trim_from_start: bool | None = None  # ... or from the first update
     trim_weight: float | None = None  # what a trimmed record's loss counts (0: nothing)
     robust_drop: float | None = None  # ... but the worst count nothing after the warm-up
+    # which profile the fields left at None take: "auto" (by the training rows), "small", "large"
+    profile: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
         if self.objective not in ("elbo", "iwae"):
             raise ValueError(f"objective must be 'elbo' or 'iwae', got {self.objective!r}")
         if not 0.0 < self.validation_fraction < 1.0:
@@ -104,8 +108,8 @@ class TrainConfig:
 
     def for_rows(self, train_rows: int) -> TrainConfig:
         """This config with every robust-training field left at None set from the profile for
-        `train_rows` training rows (model/sizing.py); the values given explicitly stay."""
-        profile = training_profile(train_rows)
+        `train_rows` training rows (`profile`, model/sizing.py); values given explicitly stay."""
+        profile = training_profile(train_rows, self.profile)
         given = {name: getattr(self, name) for name in profile}
         return replace(self, **{k: v for k, v in profile.items() if given[k] is None})
 

@@ -236,6 +236,15 @@ def test_the_robust_training_options_reach_the_training_config(monkeypatch, tmp_
         main, ["train", "--data", "d", "--model-name", "m", "--trim-weight", "2"]
     )
     assert result.exit_code == 2 and "--trim-weight" in result.output
+    # a profile by name; unset options take its values, whatever the table's size
+    args = ["train", "--data", str(tmp_path), "--model-name", "m", "--training-profile", "large"]
+    CliRunner().invoke(main, args)
+    train = seen["train"]
+    assert train.profile == "large" and train.robust_trim is None
+    assert train.for_rows(50).robust_trim == 0.05 and not train.for_rows(50).trim_from_start
+    result = CliRunner().invoke(main, [*args[:-1], "smal"])
+    assert result.exit_code == 2 and "--training-profile" in result.output
+    assert "'smal' is not one of 'auto', 'small', 'large'" in result.output
 
 
 def _fresh_python(code: str, **environment: str):

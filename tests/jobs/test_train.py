@@ -300,6 +300,12 @@ def test_train_names_the_columns_it_does_not_model(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, [*args, "--exclude", "seen_at,tags"])
     assert result.exit_code == 0, result.output
     assert "not used" not in result.stderr
+    result = CliRunner().invoke(main, [*args, "--training-profile", "large"])
+    assert result.exit_code == 0, result.output
+    assert (
+        "robust training (large-table profile unless given): 5% of each batch at weight 0 "
+        "after the warm-up" in result.stderr
+    )
 
 
 def test_train_checks_every_file_against_the_first_before_reading(tmp_path, monkeypatch):

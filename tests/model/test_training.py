@@ -320,6 +320,13 @@ def test_the_training_profile_follows_the_network_size(rows, small):
     assert (given.robust_trim, given.trim_from_start) == (0.1, False)
     assert given.weight_prior == profile["weight_prior"]
     assert TrainConfig().decay_per_record(rows) == pytest.approx(profile["weight_prior"] / rows)
+    # a profile asked for by name is used whatever the size
+    for name, forced in (("small", defaults.SMALL_TABLE_TRAINING),
+                         ("large", defaults.LARGE_TABLE_TRAINING)):  # fmt: skip
+        resolved = TrainConfig(profile=name).for_rows(rows)
+        assert {field: getattr(resolved, field) for field in forced} == forced
+    with pytest.raises(ValueError, match="profile must be one of auto, small, large"):
+        TrainConfig(profile="smal")
 
 
 def test_a_small_table_is_trained_robustly_by_default():
