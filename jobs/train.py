@@ -271,11 +271,16 @@ def _describe(prepared: Prepared, echo: Callable[[str], None], train: TrainConfi
         train.profile if train.profile != "auto" else "small" if is_small_table(rows) else "large"
     )
     when = "from the start" if run.trim_from_start else "after the warm-up"
+    trim = f"the worst {run.robust_trim:.0%} of each batch"
+    if run.trim_weight > 0:
+        trim += f" at weight {run.trim_weight:g} {when}, the worst {run.robust_drop:.0%} left out"
+        trim += " after the warm-up"
+    else:
+        trim += f" left out {when}"
     echo(
         f"network: {'x'.join(map(str, vae.hidden))} units, {vae.latent_dim} latent dimensions; "
-        f"robust training ({size}-table profile unless given): {run.robust_trim:.0%} of each "
-        f"batch at weight {run.trim_weight:g} {when}, {run.robust_drop:.0%} dropped after the "
-        f"warm-up, weight prior {run.weight_prior:g}"
+        f"robust training ({size}-table profile unless given): {trim}, weight prior "
+        f"{run.weight_prior:g}"
     )
     echo(f"device: {prepared.device}")
 
