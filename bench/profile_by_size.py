@@ -35,7 +35,7 @@ from sklearn.metrics import roc_auc_score
 
 from vaewatch.model.fit import FitConfig, fit
 from vaewatch.model.scoring import Scorer
-from vaewatch.model.sizing import is_small_table
+from vaewatch.model.sizing import profile_name
 from vaewatch.model.training import TrainConfig
 
 CONTAMINATION = 0.05
@@ -144,7 +144,7 @@ def report(results: list[dict], seeds: int) -> None:
     for (table, _), by in grouped.items():
         small, large = np.mean(by["small"]), np.mean(by["large"])
         train_rows = int(np.median(by["train_rows"]))
-        rule = "small" if is_small_table(train_rows) else "large"
+        rule = profile_name(train_rows)
         kind = "one-class" if table.endswith("-1c") else "contaminated"
         gains[(kind, rule)].append(small - large)
         cells = f"{small:.3f} | {large:.3f} | {small - large:+.3f}"

@@ -23,7 +23,7 @@ import torch
 from vaewatch.jobs import plots
 from vaewatch.model import registry
 from vaewatch.model.fit import FitConfig, FitResult, Prepared, fit
-from vaewatch.model.sizing import is_small_table
+from vaewatch.model.sizing import profile_name
 from vaewatch.model.training import EpochStats, TrainConfig
 from vaewatch.model.version import package_version
 
@@ -267,9 +267,7 @@ def _describe(prepared: Prepared, echo: Callable[[str], None], train: TrainConfi
     )
     vae, rows = prepared.vae_config, counts.rows_train
     run = train.for_rows(rows)
-    size = (
-        train.profile if train.profile != "auto" else "small" if is_small_table(rows) else "large"
-    )
+    size = profile_name(rows, train.profile)
     when = "from the start" if run.trim_from_start else "after the warm-up"
     trim = f"the worst {run.robust_trim:.0%} of each batch"
     if run.trim_weight > 0:

@@ -14,7 +14,7 @@ from vaewatch.jobs.params import (
     train_epochs,
 )
 from vaewatch.model import defaults
-from vaewatch.model.sizing import PROFILES
+from vaewatch.model.sizing import PROFILES, SMALL_TABLE_MAX_ROWS
 
 # ------------------------------------------------------------------ data and features
 data = option(
@@ -140,8 +140,8 @@ free_bits = option(
 )
 # robust training: unset, each of these takes the profile for the table's size (model/sizing.py)
 _PROFILE = (
-    "Default: by the table's size; up to 724 training rows (a narrowed network) "
-    "{small}, from 725 rows {large}."
+    f"Default: by the table's size; up to {SMALL_TABLE_MAX_ROWS} training rows (a narrowed "
+    f"network) {{small}}, from {SMALL_TABLE_MAX_ROWS + 1} rows {{large}}."
 )
 
 
@@ -155,8 +155,9 @@ training_profile = option(
     "profile",
     type=click.Choice(list(PROFILES)),
     default="auto",
-    help="The robust-training profile: auto picks it by the training rows (small up to 724, "
-    "where the network is narrowed; large from 725); small or large forces one, e.g. large on "
+    help="The robust-training profile: auto picks it by the training rows (small up to "
+    f"{SMALL_TABLE_MAX_ROWS}, where the network is narrowed; large from "
+    f"{SMALL_TABLE_MAX_ROWS + 1}); small or large forces one, e.g. large on "
     "a small table known to be clean (the small profile fits a minority of normal rows less "
     "well). --robust-trim, --trim-weight, --robust-drop, --trim-from-start and --weight-prior "
     "given explicitly override the profile's value.",

@@ -27,18 +27,28 @@ def capacity(rows: int) -> tuple[int, tuple[int, ...]]:
 
 
 def is_small_table(rows: int) -> bool:
-    """True where `capacity` narrows the network (up to 724 training rows at the defaults)."""
+    """True where `capacity` narrows the network (up to SMALL_TABLE_MAX_ROWS training rows)."""
     return capacity(rows)[1] != tuple(defaults.HIDDEN)
 
 
+# the largest small table: the width rounds below the default from rows / ROWS_PER_HIDDEN_UNIT
+# under 2 ** (log2(widest) - 0.5), so 724 training rows at the defaults (8 x 2 ** 6.5 = 724.1)
+SMALL_TABLE_MAX_ROWS = math.floor(
+    defaults.ROWS_PER_HIDDEN_UNIT * 2 ** (math.log2(max(defaults.HIDDEN)) - 0.5)
+)
 PROFILES = ("auto", "small", "large")
+
+
+def profile_name(rows: int, profile: str = "auto") -> str:
+    """ "small" or "large": the profile `profile` names, or by the size where it is "auto"."""
+    if profile != "auto":
+        return profile
+    return "small" if is_small_table(rows) else "large"
 
 
 def training_profile(rows: int, profile: str = "auto") -> dict:
     """The robust-training settings (TrainConfig field -> value) for `rows` training rows:
     `defaults.SMALL_TABLE_TRAINING` on a small table, `defaults.LARGE_TABLE_TRAINING` above;
     `profile` "small" or "large" forces one whatever the size."""
-    if profile not in PROFILES:
-        raise ValueError(f"training profile must be one of {', '.join(PROFILES)}, got {profile!r}")
-    small = is_small_table(rows) if profile == "auto" else profile == "small"
+    small = profile_name(rows, profile) == "small"
     return dict(defaults.SMALL_TABLE_TRAINING if small else defaults.LARGE_TABLE_TRAINING)

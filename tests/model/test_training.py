@@ -8,7 +8,7 @@ from vaewatch.model import defaults
 from vaewatch.model.estimators import score_records
 from vaewatch.model.features import FeatureSpec
 from vaewatch.model.metrics import roc_auc
-from vaewatch.model.sizing import capacity
+from vaewatch.model.sizing import SMALL_TABLE_MAX_ROWS, capacity
 from vaewatch.model.synthetic import LABEL_COLUMNS as LABELS
 from vaewatch.model.training import TrainConfig, robust_mean, train, trimmed_mean
 from vaewatch.model.training_data import TrainingData, held_out_fraction, split_indices
@@ -314,6 +314,7 @@ def test_the_training_profile_follows_the_network_size(rows, small):
     profile, a larger one with the large-table profile; values given explicitly stay."""
     profile = defaults.SMALL_TABLE_TRAINING if small else defaults.LARGE_TABLE_TRAINING
     assert (capacity(rows)[1] != (128, 128)) == small
+    assert (rows <= SMALL_TABLE_MAX_ROWS) == small
     resolved = TrainConfig().for_rows(rows)
     assert {name: getattr(resolved, name) for name in profile} == profile
     given = TrainConfig(robust_trim=0.1, trim_from_start=False).for_rows(rows)
