@@ -448,6 +448,15 @@ def plot(group_means: dict, path: Path, group_sizes: dict) -> None:
     plt.close(fig)
 
 
+def default_plot(args) -> str | None:
+    """Where a run's plot goes without --plot: bench/quality.png (the committed figure) only
+    for the full set at the defaults; a partial run (--quick, --only, --digits, --set) writes
+    beside its --json, or nowhere, so it never replaces the committed figure with a subset's."""
+    if not (args.quick or args.only or args.digits or args.set):
+        return str(PLOT)
+    return str(Path(args.json).with_suffix(".png")) if args.json else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, digits 0, 3, 8 only")
@@ -466,7 +475,12 @@ def main() -> None:
         "--digits", default=None, help="digit classes for digits-vs-D, e.g. 0,3,8 (default: all)"
     )
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
-    parser.add_argument("--plot", default=None, help="default: bench/quality.png (not in --quick)")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="default: bench/quality.png for the full set at the defaults; a partial run "
+        "writes beside its --json, or no plot",
+    )
     parser.add_argument("--json", default=None, help="write every (dataset, seed, method) score")
     parser.add_argument("--replot", default=None, help="tables + plot from a --json file, no runs")
     args = parser.parse_args()
@@ -530,7 +544,7 @@ def main() -> None:
     table, group_means = summarise(records)
     print(table)
     print(f"\nTotal {time.perf_counter() - started:.0f} s")
-    args.plot = args.plot or (None if args.quick else str(PLOT))
+    args.plot = args.plot or default_plot(args)
     if args.plot:
         plot(group_means, Path(args.plot), _group_sizes(records))
         print(f"plot: {args.plot}")
