@@ -7,6 +7,11 @@ quantile), both at the default threshold quantile (0.99), from one model per spl
     python bench/flags.py --seeds 3
     python bench/flags.py --seeds 0 --demo-seeds 8   # the demo's data only (~4 min)
     python bench/flags.py --seeds 0 --demo-seeds 8 --set train.robust_trim=0.2  # other settings
+    python bench/flags.py --sparse demo,100x10x50 --seeds 3  # one numeric value shifted (~8 min)
+
+`--sparse TABLES` measures instead what the rules catch of a *sparse* anomaly: normal rows
+with one numeric value each moved by 2-8 training standard deviations, on the demo's days and on
+bench/wide.py's wide mixed table (NUMBERSxSTRINGSxVALUES), a model per table and seed.
 
 `--demo-seeds N` adds the demo's data for seeds 0..N-1: a model fitted on the first day (which
 holds 0.5 % injected rows) scores the next three days, and each injected kind's flagged share
@@ -31,18 +36,30 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
 from vaewatch.jobs.demo import write_partitions
 from vaewatch.model import defaults
 from vaewatch.model.artifact import ScoringDefaults
+from vaewatch.model.features import FeatureKind
 from vaewatch.model.fit import FitConfig, fit
 from vaewatch.model.scoring import Scorer, ScoringOverrides
 from vaewatch.model.synthetic import ANOMALY_KINDS, LABEL_COLUMNS
 from vaewatch.model.training import TrainConfig
 
 HERE = Path(__file__).resolve().parent
+SPARSE_ROWS = 3_000  # normal rows per table, each with one value shifted
+SPARSE_SHIFTS = (0, 2, 3, 5, 8)  # training standard deviations; 0: the rows as they are
+
+
+def _wide():
+    """bench/wide.py, loaded by path (its wide mixed table)."""
+    spec = importlib.util.spec_from_file_location("bench_wide", HERE / "wide.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _quality():
@@ -98,8 +115,8 @@ class DemoRates:
     aucs: dict[str, float]  # per anomaly kind: ROC-AUC of anomaly_score against the normal rows
 
 
-def demo_rates(seed: int, work: Path, settings: tuple[dict, dict] = ({}, {})) -> DemoRates:
-    """The demo's three scored days, the model fitted on its first day as `vaewatch demo` does."""
+def fit_demo(seed: int, work: Path, settings: tuple[dict, dict] = ({}, {})):
+    """(the model fitted on the demo's first day as `vaewatch demo` fits it, its next 3 days)."""
     paths = write_partitions(work / f"demo-s{seed}", 4, 20_000, seed)
     config = FitConfig(
         id_column="record_id",
@@ -109,17 +126,25 @@ def demo_rates(seed: int, work: Path, settings: tuple[dict, dict] = ({}, {})) ->
         **settings[0],
     )
     fitted = fit(str(paths[0]), config)
-    days = pa.concat_tables([pq.read_table(p) for p in paths[1:]])
+    return fitted, pa.concat_tables([pq.read_table(p) for p in paths[1:]])
+
+
+def scorer(fitted, rule: str) -> Scorer:
+    return Scorer(
+        fitted.artifact,
+        model_version="bench",
+        device="cpu",
+        precision="fp32",
+        overrides=ScoringOverrides(flag_rule=rule),
+    )
+
+
+def demo_rates(seed: int, work: Path, settings: tuple[dict, dict] = ({}, {})) -> DemoRates:
+    """The demo's three scored days, the model fitted on its first day as `vaewatch demo` does."""
+    fitted, days = fit_demo(seed, work, settings)
     shares, score, kinds = {}, None, None
     for rule in defaults.FLAG_RULES:
-        scorer = Scorer(
-            fitted.artifact,
-            model_version="bench",
-            device="cpu",
-            precision="fp32",
-            overrides=ScoringOverrides(flag_rule=rule),
-        )
-        scored = scorer.score(days)
+        scored = scorer(fitted, rule).score(days)
         flagged = scored.scores["is_anomaly"].to_numpy(zero_copy_only=False).astype(bool)
         kinds = np.asarray(days["anomaly_kind"].take(pa.array(scored.scored_rows)).to_pylist())
         score = scored.scores["anomaly_score"].to_numpy()  # the same under either rule
@@ -132,6 +157,58 @@ def demo_rates(seed: int, work: Path, settings: tuple[dict, dict] = ({}, {})) ->
         medians={k: float(np.median(score[kinds == k])) for k in ANOMALY_KINDS},
         aucs={k: _auc(normal, score[kinds == k]) for k in ANOMALY_KINDS},
     )
+
+
+def shifted(table: pa.Table, numeric: list, shift: float, seed: int) -> pa.Table:
+    """`table` with one numeric value per row moved by `shift` training standard deviations
+    (a feature and a sign drawn per row; a missing value moved from the training mean)."""
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(numeric), table.num_rows)
+    sign = rng.choice([-1.0, 1.0], table.num_rows)
+    for j, feature in enumerate(numeric):
+        rows = pick == j
+        values = table[feature.name].to_numpy(zero_copy_only=False).astype(np.float64)
+        base = np.where(np.isnan(values), feature.mean, values)
+        values = np.where(rows, base + sign * shift * feature.std, values)
+        column = table.schema.get_field_index(feature.name)
+        table = table.set_column(column, feature.name, pa.array(values, from_pandas=True))
+    return table
+
+
+def sparse_rates(kind: str, seed: int, work: Path, settings) -> tuple[str, dict]:
+    """(the rule in effect, {shift in sd: (flagged under any, under total)}) for normal rows
+    with one numeric value shifted: the demo's days, or bench/wide.py's table (`kind` = its
+    numbers x strings x values), a model fitted on 20,000 rows."""
+    if kind == "demo":
+        fitted, days = fit_demo(seed, work, settings)
+        normal = days.filter(pc.equal(days["anomaly_kind"], "")).slice(0, SPARSE_ROWS)
+    else:
+        numbers, strings, values = (int(v) for v in kind.split("x"))
+        path = work / f"wide-{kind}-s{seed}.parquet"
+        pq.write_table(_wide().table(20_000, numbers, strings, values, seed), path)
+        train = TrainConfig(seed=seed, device="cpu", **settings[1])
+        fitted = fit(str(path), FitConfig(id_column="record_id", train=train, **settings[0]))
+        normal = _wide().table(SPARSE_ROWS, numbers, strings, values, seed + 1000)
+    numeric = [f for f in fitted.artifact.spec.features if f.kind is FeatureKind.CONTINUOUS]
+    scorers = [scorer(fitted, rule) for rule in defaults.FLAG_RULES]
+    shares = {}
+    for shift in SPARSE_SHIFTS:
+        table = shifted(normal, numeric, shift, seed) if shift else normal
+        shares[shift] = tuple(
+            np.asarray(s.score(table).scores["is_anomaly"]).mean() for s in scorers
+        )
+    return fitted.artifact.calibration.effective_rule, shares
+
+
+def print_sparse(kinds: list[str], seeds: int, work: Path, settings) -> None:
+    shifts = " | ".join(f"{s} sd" if s else "none" for s in SPARSE_SHIFTS)
+    print(f"\n| table | seed | rule in effect | {shifts} |  (flagged: any / total)")
+    print("|---|---:|---|" + "---:|" * len(SPARSE_SHIFTS))
+    for kind in kinds:
+        for seed in range(seeds):
+            rule, shares = sparse_rates(kind, seed, work, settings)
+            cells = " | ".join(f"{a:.1%} / {t:.1%}" for a, t in shares.values())
+            print(f"| {kind} | {seed} | {rule} | {cells} |", flush=True)
 
 
 def _auc(normal: np.ndarray, anomalous: np.ndarray) -> float:
@@ -169,6 +246,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--digits", default="8,1", help="digit classes of the one-class splits")
     parser.add_argument("--demo-seeds", type=int, default=0, help="also the demo's data")
+    parser.add_argument(
+        "--sparse",
+        default=None,
+        help="also normal rows with one numeric value shifted, on these tables: demo, or "
+        "bench/wide.py's NUMBERSxSTRINGSxVALUES (e.g. demo,100x10x50); --seeds of each",
+    )
     parser.add_argument("--quick", action="store_true", help="one seed (make bench-quick)")
     parser.add_argument(
         "--set", action="append", default=[], help="fit.NAME=VALUE or train.NAME=VALUE (JSON)"
@@ -179,6 +262,10 @@ def main() -> None:
     quality = _quality()
     settings = quality.overrides(args.set)
     digits = [int(d) for d in args.digits.split(",")]
+    if args.sparse:
+        with tempfile.TemporaryDirectory() as tmp:
+            print_sparse(args.sparse.split(","), args.seeds, Path(tmp), settings)
+        return
     groups = collections.defaultdict(list)
     print("| group | split | seed | calibration rows | normal flagged, any | total | anomalies "
           "flagged, any | total |")  # fmt: skip
