@@ -1,7 +1,7 @@
 """What a table's size decides: the network's capacity and how robust its training is.
 
 Both follow the number of training rows, never the data's labels, so one default configuration
-serves every table: `capacity(rows)` narrows the network below ~1,000 rows, and the same
+serves every table: `capacity(rows)` narrows the network up to 724 training rows, and the same
 boundary (a network narrower than the default widths) selects the small-table training profile
 (`training_profile`), in which a handful of anomalous rows would otherwise be memorised.
 """
@@ -15,7 +15,7 @@ from vaewatch.model import defaults
 
 def capacity(rows: int) -> tuple[int, tuple[int, ...]]:
     """(latent dimensions, hidden widths) for `rows` training rows: the defaults (8, 128x128)
-    from ~1,000 rows up, smaller below, so a small table cannot be memorised, anomalies
+    from 725 rows up, smaller below, so a small table cannot be memorised, anomalies
     included. Hidden width: a power of two near rows / ROWS_PER_HIDDEN_UNIT, at least
     MIN_HIDDEN; latent: one dimension per ROWS_PER_LATENT rows, at least 2."""
     cap_latent, cap_hidden = defaults.LATENT_DIM, defaults.HIDDEN
