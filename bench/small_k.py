@@ -25,7 +25,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,21 +73,9 @@ def measure(data: Path, model: Path, rows: int, repeats: int) -> dict:
     }
 
 
-def run_child(cmd: list[str], env: dict, code: str) -> subprocess.CompletedProcess:
-    """A child process for `code`; its stderr's end in the message if it fails."""
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-8:])
-        raise SystemExit(
-            f"the child process for {code} failed (exit {done.returncode}):\n{tail}\n"
-            "an older --baseline may lack a module this bench's driver imports; try a later one"
-        )
-    return done
-
-
 def main() -> None:
     sys.path.append(str(HERE))
-    from speedup import child_env, export
+    from speedup import child_env, export, run_child
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="HEAD", help="the commit to compare with")

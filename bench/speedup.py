@@ -84,11 +84,23 @@ def child_env(pythonpath: Path | None) -> dict:
     return env
 
 
+def run_child(cmd: list[str], env: dict, code: str) -> subprocess.CompletedProcess:
+    """A child process for `code`; its stderr's end in the message if it fails."""
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-8:])
+        raise SystemExit(
+            f"the child process for {code} failed (exit {done.returncode}):\n{tail}\n"
+            "an older --baseline may lack a module this bench's driver imports; try a later one"
+        )
+    return done
+
+
 def child(pythonpath: Path | None, records: int, repeats: int) -> dict:
     env = child_env(pythonpath)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(records)]
     cmd += ["--repeats", str(repeats)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    done = run_child(cmd, env, str(pythonpath or "this checkout"))
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
