@@ -54,19 +54,12 @@ SPARSE_ROWS = 3_000  # normal rows per table, each with one value shifted
 SPARSE_SHIFTS = (0, 2, 3, 5, 8)  # training standard deviations; 0: the rows as they are
 
 
-def _wide():
-    """bench/wide.py, loaded by path (its wide mixed table)."""
-    spec = importlib.util.spec_from_file_location("bench_wide", HERE / "wide.py")
+def _bench(name: str):
+    """bench/NAME.py, loaded by path as module bench_NAME (quality.py's splits and Parquet
+    writer, wide.py's wide mixed table)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _quality():
-    """bench/quality.py, loaded by path (its splits and Parquet writer)."""
-    spec = importlib.util.spec_from_file_location("bench_quality", HERE / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -184,11 +177,12 @@ def sparse_rates(kind: str, seed: int, work: Path, settings) -> tuple[str, dict]
         normal = days.filter(pc.equal(days["anomaly_kind"], "")).slice(0, SPARSE_ROWS)
     else:
         numbers, strings, values = (int(v) for v in kind.split("x"))
+        wide = _bench("wide")
         path = work / f"wide-{kind}-s{seed}.parquet"
-        pq.write_table(_wide().table(20_000, numbers, strings, values, seed), path)
+        pq.write_table(wide.table(20_000, numbers, strings, values, seed), path)
         train = TrainConfig(seed=seed, device="cpu", **settings[1])
         fitted = fit(str(path), FitConfig(id_column="record_id", train=train, **settings[0]))
-        normal = _wide().table(SPARSE_ROWS, numbers, strings, values, seed + 1000)
+        normal = wide.table(SPARSE_ROWS, numbers, strings, values, seed + 1000)
     numeric = [f for f in fitted.artifact.spec.features if f.kind is FeatureKind.CONTINUOUS]
     scorers = [scorer(fitted, rule) for rule in defaults.FLAG_RULES]
     shares = {}
@@ -249,8 +243,9 @@ def main() -> None:
     parser.add_argument(
         "--sparse",
         default=None,
-        help="also normal rows with one numeric value shifted, on these tables: demo, or "
-        "bench/wide.py's NUMBERSxSTRINGSxVALUES (e.g. demo,100x10x50); --seeds of each",
+        help="instead of the splits: normal rows with one numeric value shifted, on these "
+        "tables: demo, or bench/wide.py's NUMBERSxSTRINGSxVALUES (e.g. demo,100x10x50); "
+        "--seeds of each",
     )
     parser.add_argument("--quick", action="store_true", help="one seed (make bench-quick)")
     parser.add_argument(
@@ -259,7 +254,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.demo_seeds = 1, 0
-    quality = _quality()
+    quality = _bench("quality")
     settings = quality.overrides(args.set)
     digits = [int(d) for d in args.digits.split(",")]
     if args.sparse:
