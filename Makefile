@@ -1,23 +1,26 @@
-# Two entry points for a fresh clone: `make demo` and `make test`.
-# Both build .venv once (torch's CPU wheel first, so the range in pyproject never
-# pulls a multi-GB CUDA build) and reuse it until pyproject.toml changes.
+# Two entry points for a fresh clone: `make demo` and `make test`. Both build .venv once, from
+# the lock (requirements/vaewatch.lock: every dependency and extra, pinned with hashes), and
+# reuse it until pyproject.toml or the lock changes. torch is not in the lock: the CPU build is
+# installed by version after it (TORCH), so the range in pyproject never pulls a CUDA build.
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+PIP    ?= pip==26.3
+LOCK   := requirements/vaewatch.lock
 STAMP  := $(VENV)/.installed
 
-BENCH  := $(VENV)/.installed-bench
-
-.PHONY: venv demo test lint bench bench-quick clean
+.PHONY: venv demo test lint lock test-latest test-oldest dist bench bench-quick clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(PIP)"
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,spark,aws,gcp]"
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,18 +32,56 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-$(BENCH): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[dev,spark,aws,gcp,bench]"
-	touch $(BENCH)
+# Refresh the locks to the newest releases the ranges allow (universal: Python 3.10 and up, so
+# the CUDA image's 3.12 is covered). Run the suite before committing the result.
+LOCK_FLAGS := --universal --python-version 3.10 --generate-hashes --upgrade --quiet \
+	--custom-compile-command "make lock"
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml requirements/torch-cpu.in --all-extras \
+		--override requirements/no-torch.txt $(LOCK_FLAGS) -o $(LOCK)
+	$(BIN)/uv pip compile requirements/airflow.in $(LOCK_FLAGS) -o requirements/airflow.lock
+	$(MAKE) requirements/constraints.txt
+
+# The lock without its hashes, as pip constraints: an install of vaewatch itself (a wheel, a
+# source folder) cannot carry a hash, and pip turns hash checking on for every requirement
+# when a constraints file has one. The images and the wheel test install with it.
+requirements/constraints.txt: $(LOCK)
+	( echo "# The pins of vaewatch.lock without hashes, for pip install -c (make lock writes it)."; \
+	  sed -e '/^ *--hash=/d' -e 's/ \\$$//' -e '/^#/d' $(LOCK) ) > $@
+
+# The ranges in pyproject, tested without the lock: the newest releases they allow (a
+# maintainer runs this before each release), and the lowest direct ones. Both keep torch at
+# TORCH, installed first; each builds its virtual environment afresh.
+RANGE_FLAGS := --override $(VENV)/torch-pin.txt -e ".[dev,spark,aws,gcp,bench]"
+test-latest: $(STAMP)
+	$(MAKE) range-venv RANGE=latest UV_RESOLUTION=highest
+	.venv-latest/bin/python -m pytest
+
+test-oldest: $(STAMP)
+	$(MAKE) range-venv RANGE=oldest UV_RESOLUTION=lowest-direct
+	.venv-oldest/bin/python -m pytest
+
+range-venv:
+	rm -rf .venv-$(RANGE) && $(PYTHON) -m venv .venv-$(RANGE)
+	.venv-$(RANGE)/bin/python -m pip install --quiet "$(PIP)" "$(TORCH)"
+	echo "$(TORCH)" > $(VENV)/torch-pin.txt
+	UV_RESOLUTION=$(UV_RESOLUTION) $(BIN)/uv pip install --quiet \
+		--python .venv-$(RANGE)/bin/python $(RANGE_FLAGS)
+	.venv-$(RANGE)/bin/python -m pip check
+	.venv-$(RANGE)/bin/python -m pip freeze --exclude-editable > .venv-$(RANGE)/resolved.txt
+
+# A wheel and an sdist in dist/.
+dist: $(STAMP)
+	rm -rf dist && $(BIN)/python -m build --outdir dist
 
 # Every benchmark in one go (about an hour on 2 cores); bench-quick: the same, smaller (about 25 min).
 BENCH_SCRIPTS := estimators accuracy_breadth as_scored speedup small_k contention pipeline throughput quality profile_by_size flags flag_calibration iwae_replication wide value_counts attribution training_speed
 
-bench: $(BENCH)
+bench: $(STAMP)
 	for s in $(BENCH_SCRIPTS); do $(BIN)/python bench/$$s.py $(BENCH_ARGS) || exit 1; done
 
-bench-quick: $(BENCH)
+bench-quick: $(STAMP)
 	$(MAKE) bench BENCH_ARGS=--quick
 
 clean:
-	rm -rf $(VENV) .venv-airflow .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-airflow .pytest_cache build dist *.egg-info

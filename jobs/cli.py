@@ -26,7 +26,14 @@ from vaewatch.pipeline import storage
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_version(), prog_name="vaewatch")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=lambda ctx, _param, value: _print_version(ctx) if value else None,
+    help="Print vaewatch's version and those of torch, apache-beam, mlflow, pyarrow; exit.",
+)
 @click.option(
     "-v", "--verbose", count=True, help="More log: vaewatch's debug lines and the libraries' info."
 )
@@ -56,6 +63,29 @@ def main(verbose: int, quiet: bool, log_format: str) -> None:
     click.get_current_context().meta["quiet"] = quiet
 
 
+def version_line() -> str:
+    """vaewatch's version and those of the libraries a bug report needs, read from the installed
+    packages' metadata (nothing is imported)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(
+        f"{name} {installed(name)}" for name in ("torch", "apache-beam", "mlflow", "pyarrow")
+    )
+    return f"vaewatch {package_version()} ({libraries}; Python {platform.python_version()})"
+
+
+def _print_version(ctx: click.Context) -> None:
+    click.echo(version_line())
+    ctx.exit(0)
+
+
 @main.command()
 @params.workdir
 @params.rows_per_day
@@ -74,15 +104,16 @@ def demo(workdir, rows_per_day, days, epochs, seed, k) -> None:
             f"cannot create the demo directory {str(workdir)!r}: {err.strerror}. "
             "Pass a writable --workdir (or set VAEWATCH_DEMO_WORKDIR)."
         ) from err
-    run(
-        workdir,
-        rows_per_day=rows_per_day,
-        days=days,
-        epochs=epochs,
-        seed=seed,
-        k=k,
-        echo=click.echo,
-    )
+    with user_errors_exit_1():
+        run(
+            workdir,
+            rows_per_day=rows_per_day,
+            days=days,
+            epochs=epochs,
+            seed=seed,
+            k=k,
+            echo=click.echo,
+        )
 
 
 @main.command("train")

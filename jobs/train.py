@@ -17,8 +17,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import click
-import mlflow
-import torch
 
 from vaewatch.jobs import plots
 from vaewatch.model import registry
@@ -63,17 +61,16 @@ class TrainOutcome:
 
 
 def _pip_requirements() -> list[str]:
-    import pyarrow
-    import safetensors
+    """What serving the model needs, pinned to this environment's versions (with `make venv`,
+    the lock's): a serving host that installs the model's requirements.txt gets the set the
+    model was trained and tested with. vaewatch's own code travels with the model (code_paths),
+    so only published packages are listed. torch is pinned by version without its local label
+    (+cpu, +cu126): the host installs the build that fits its hardware first."""
+    from importlib.metadata import version
 
-    # vaewatch's own code travels with the model (code_paths): only published packages here
     return [
-        f"torch>={torch.__version__.split('+')[0]}",
-        f"safetensors>={safetensors.__version__}",
-        f"pyarrow>={pyarrow.__version__}",
-        f"mlflow>={mlflow.__version__}",
-        "pandas",
-        "numpy",
+        f"{name}=={version(name).split('+')[0]}"
+        for name in ("torch", "safetensors", "pyarrow", "mlflow", "pandas", "numpy")
     ]
 
 

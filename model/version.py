@@ -1,10 +1,12 @@
-"""The installed vaewatch version, recorded in artifacts, run tags and output metadata."""
+"""vaewatch's version: the one place it is written (pyproject.toml reads it from here).
 
-from importlib.metadata import PackageNotFoundError, version
+Recorded in model artifacts, run tags and output metadata. A model carries this file with its
+code (MLflow code_paths), so a loaded model reports the version that saved it even where
+vaewatch itself is not installed.
+"""
+
+__version__ = "0.2.0"
 
 
 def package_version() -> str:
-    try:
-        return version("vaewatch")
-    except PackageNotFoundError:
-        return "0+unknown"
+    return __version__

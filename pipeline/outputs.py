@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -148,10 +148,11 @@ class _WriteBundles(beam.DoFn):
     def start_bundle(self) -> None:
         self._files = None
 
-    def process(self, table: pa.Table) -> None:
+    def process(self, table: pa.Table) -> Iterator[Written]:
         if self._files is None:
             self._files = _Files(self._sink, self._tag)
         self._files.add(table)
+        yield from ()  # the bundle's one `Written` comes from finish_bundle
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
         if self._files is not None:
@@ -170,7 +171,7 @@ class _WriteGroups(beam.DoFn):
     def setup(self) -> None:
         make_dirs(self._sink.temp_dir)
 
-    def process(self, keyed: tuple[int, Iterator[pa.Table]]) -> Iterator[Written]:
+    def process(self, keyed: tuple[int, Iterable[pa.Table]]) -> Iterator[Written]:
         files = _Files(self._sink, self._tag)
         for table in keyed[1]:
             files.add(table)
@@ -273,7 +274,7 @@ class WriteOutputs(beam.PTransform):
         )
         self._shards, self._sharded = shards, sharded
 
-    def expand(self, tables: Mapping[str, beam.PCollection]):
+    def expand(self, tables):  # {tag: PCollection[pa.Table]}; Beam types PCollections only
         sink = self._sink
         written = []
         for tag in sink.outputs:  # one writer per output, fused with whatever makes its tables

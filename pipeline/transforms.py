@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -119,7 +119,7 @@ class _ReadRowGroups(beam.DoFn):
         self._columns = list(columns)
         self._provenance = provenance
 
-    def process(self, element: str | tuple[str, list[int]]):
+    def process(self, element: str | tuple[str, list[int]]) -> Iterator[pa.Table]:
         for split in _splits(element):
             yield from self._read(split)
 
@@ -233,7 +233,8 @@ class ScoreBatches(beam.DoFn):
         if self._progress is not None and self._progress.rows_in:
             self._progress.report(final=True)
 
-    def process(self, table: pa.Table):
+    def process(self, table: pa.Table) -> Iterator[pa.Table]:
+        # the rejected rows leave as TaggedOutput(REJECTED_TAG, table), typed by ScoreRecords
         faults.point("read:batch")
         sources = None
         if SOURCE_COLUMN in table.column_names:

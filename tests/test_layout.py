@@ -1,15 +1,15 @@
-"""The layering and naming rules of the code base, checked on the source itself."""
+"""The layering and naming rules of the code base, checked on the source itself.
+
+There is no cap on a file's length: files end where a concept ends. A file past about 800 lines
+is a prompt, in review, to look for a second concept in it."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("model", "pipeline", "jobs")
-MAX_LINES = 400
 
 
 def _imports(path: Path) -> set[str]:
@@ -52,16 +52,6 @@ def test_code_imports_itself_only_under_the_vaewatch_name():
     bare = tuple(PACKAGES)
     offenders = [o for folder in (*PACKAGES, "tests", "bench") for o in _offenders(folder, bare)]
     assert offenders == []
-
-
-@pytest.mark.parametrize("folder", PACKAGES)
-def test_no_source_file_over_400_lines(folder):
-    long = {
-        str(p.relative_to(ROOT)): n
-        for p in _sources(folder)
-        if (n := len(p.read_text().splitlines())) > MAX_LINES
-    }
-    assert long == {}
 
 
 def test_installed_names_are_vaewatch_only(tmp_path):

@@ -7,7 +7,7 @@ set -euo pipefail
 INPUT="$1"; OUTPUT="$2"
 MODEL="${MODEL:-models:/transactions@champion}"
 TRACKING_URI="${MLFLOW_TRACKING_URI:?set MLFLOW_TRACKING_URI (reachable from Dataflow)}"
-IMAGE="${REGION}-docker.pkg.dev/${PROJECT}/vaewatch/score:0.1.0"
+IMAGE="${REGION}-docker.pkg.dev/${PROJECT}/vaewatch/score:0.2.0"
 SPEC="gs://${BUCKET}/templates/vaewatch-score.json"
 cd "$(dirname "$0")/../.."
 

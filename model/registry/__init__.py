@@ -101,7 +101,43 @@ def configure(tracking_uri: str) -> MlflowClient:
     check_reachable(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        # a database store checks its schema here, as the client opens it
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    except MlflowException as err:
+        mismatch = _schema_mismatch(tracking_uri, err)
+        if mismatch is None:
+            raise
+        raise mismatch from err
+    return client
+
+
+_SCHEMA = re.compile(r"found version (\w+), but expected (\w+)")
+
+
+def _schema_mismatch(tracking_uri: str, err: MlflowException) -> RegistryError | None:
+    """A database store whose schema another MLflow version wrote: a configuration problem,
+    named with both versions and the fix that applies (a newer client for a store written by a
+    newer MLflow, `mlflow db upgrade` for an older store)."""
+    found = _SCHEMA.search(str(err.message))
+    if found is None:
+        return None
+    revision, expected = found.groups()
+    migrations = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
+    known = {path.name.split("_")[0] for path in migrations.glob("*.py")}
+    here = f"MLflow {mlflow.__version__} (schema {expected})"
+    if revision not in known:
+        return RegistryError(
+            f"the MLflow store at {tracking_uri!r} has schema {revision}, written by a newer "
+            f"MLflow than this environment's {here}. Use an MLflow at least as new as the one "
+            "that wrote it (pip install --upgrade mlflow), or point vaewatch at another tracking "
+            "store."
+        )
+    return RegistryError(
+        f"the MLflow store at {tracking_uri!r} has schema {revision}, written by an older "
+        f"MLflow than this environment's {here}. Back it up, then upgrade it in place: "
+        f"mlflow db upgrade {tracking_uri}; or point vaewatch at another tracking store."
+    )
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 BIN = Path(sys.executable).parent
 KUBERNETES_VERSION = "1.33.0"
-AIRFLOW = "apache-airflow==3.3.2"
+AIRFLOW_LOCK = REPO / "requirements" / "airflow.lock"  # apache-airflow and its pins (make lock)
 AIRFLOW_VENV = REPO / ".venv-airflow"  # built once by the test (gitignored)
 DOCKERFILES = [
     INFRA / "docker" / "Dockerfile",
@@ -161,13 +161,17 @@ def test_yamllint_rejects_a_broken_file(tmp_path):
 # ---------------------------------------------------------------------------------- Airflow
 @pytest.fixture(scope="module")
 def airflow_python():
-    """Airflow in a virtual environment of its own, built once (about a minute)."""
-    stamp = AIRFLOW_VENV / f".installed-{AIRFLOW}"
+    """Airflow in a virtual environment of its own, from its own lock (its pins clash with
+    vaewatch's), built once per version of that lock (about a minute)."""
+    import hashlib
+
+    digest = hashlib.sha256(AIRFLOW_LOCK.read_bytes()).hexdigest()[:16]
+    stamp = AIRFLOW_VENV / f".installed-{digest}"
     if not stamp.exists():
         shutil.rmtree(AIRFLOW_VENV, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(AIRFLOW_VENV)], check=True)
         done = _run(str(AIRFLOW_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                    AIRFLOW)  # fmt: skip
+                    "--require-hashes", "-r", str(AIRFLOW_LOCK))  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         stamp.touch()
     return str(AIRFLOW_VENV / "bin" / "python")

@@ -50,10 +50,17 @@ def _frame(workspace, rows=6):
     return frame
 
 
-def test_requirements_name_only_published_packages(model_folder):
+def test_requirements_pin_published_packages_to_the_training_environment(model_folder):
+    """Each line is name==version, the version this (locked) environment has: the serving host
+    gets the set the model was trained and tested with."""
+    from importlib.metadata import version
+
     with open(os.path.join(model_folder, "requirements.txt")) as handle:
-        names = [line.split(">")[0].split("=")[0].strip() for line in handle if line.strip()]
-    assert "vaewatch" not in names
+        lines = [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+    pins = dict(line.split("==") for line in lines if "==" in line)
+    assert "vaewatch" not in pins
+    assert {"torch", "safetensors", "pyarrow", "mlflow", "pandas", "numpy"} <= set(pins), lines
+    assert pins == {name: version(name).split("+")[0] for name in pins}
     assert os.path.isfile(os.path.join(model_folder, "code", "vaewatch", "model", "scoring.py"))
 
 
