@@ -63,6 +63,15 @@ def main(verbose: int, quiet: bool, log_format: str) -> None:
     click.get_current_context().meta["quiet"] = quiet
 
 
+def run() -> None:
+    """The `vaewatch` console script: tunes the process it owns (OpenMP's spinning must be set
+    before torch loads; see vaewatch.model.process), then runs the command line."""
+    from vaewatch.model import process
+
+    process.tune()
+    main()
+
+
 def version_line() -> str:
     """vaewatch's version and those of the libraries a bug report needs, read from the installed
     packages' metadata (nothing is imported)."""

@@ -9,7 +9,7 @@ runner start one per core), and another job sharing the cores. So:
   (cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us / cpu.cfs_period_us`), rounded up;
 - `threads_for(workers)` shares those cores among the worker processes of one machine.
 
-Separately, vaewatch/model/__init__.py makes OpenMP's idle threads spin only briefly before
+Separately, vaewatch/model/process.py makes OpenMP's idle threads spin only briefly before
 they sleep (`GOMP_SPINCOUNT=1000`, unless the user set an OpenMP policy): measured on 2 cores,
 two concurrent jobs each ran at 0.18x (scoring) and 0.02x (training) of one alone with torch's
 default spinning, and at 0.47x and 0.72x with the short spin (bench/contention.py).

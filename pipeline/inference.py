@@ -32,7 +32,7 @@ from apache_beam.ml.anomaly.base import AnomalyPrediction
 from apache_beam.ml.anomaly.detectors.offline import OfflineDetector
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult
 
-from vaewatch.model import defaults
+from vaewatch.model import defaults, process
 from vaewatch.model.contract import REASON_COLUMN
 from vaewatch.model.scoring import Scorer, ScoringOverrides
 from vaewatch.pipeline.transforms import METRICS_NAMESPACE, ModelSettings
@@ -69,6 +69,7 @@ class VaewatchModelHandler(ModelHandler[Example, PredictionResult, Scorer]):
         self._batching = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
 
     def load_model(self) -> Scorer:
+        process.keep_large_blocks()
         return self._settings.load()
 
     def run_inference(

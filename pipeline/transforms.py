@@ -30,9 +30,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
-from vaewatch.model import defaults, threads
+from vaewatch.model import defaults, process, threads
 from vaewatch.model.attribution import EXPLAINED_SHARE
-from vaewatch.model.contract import RejectReason, rejected_schema
+from vaewatch.model.contract import RejectReason, rejected_schema, score_schema
 from vaewatch.model.errors import UserError
 from vaewatch.model.features import SchemaMismatchError
 from vaewatch.model.scoring import ScoringOverrides
@@ -223,6 +223,7 @@ class ScoreBatches(beam.DoFn):
         self._warned_unexplained = False
 
     def setup(self):
+        process.keep_large_blocks()
         threads.apply(self._torch_threads or threads.threads_for(1))
         self._progress = progress.Progress(self._progress_seconds)
         self._handle = self._shared.acquire(
@@ -371,6 +372,70 @@ class ScoreRecords(beam.PTransform):
             progress_seconds=progress_seconds,
         )
         self._batch_size = batch_size
+
+    @property
+    def scored_schema(self) -> pa.Schema:
+        """The schema of every table on the `scored` output (for a Parquet writer)."""
+        return self._score._scored_schema
+
+    @property
+    def rejected_schema(self) -> pa.Schema:
+        """The schema of every table on the `rejected` output: the input columns, `reason`."""
+        return self._score._rejected_schema
+
+    @classmethod
+    def for_model(
+        cls,
+        model_uri: str,
+        tracking_uri: str = "",
+        *,
+        input_schema: pa.Schema,
+        keep: Sequence[str] = (),
+        overrides: ScoringOverrides | None = None,
+        precision: str = defaults.PRECISION,
+        **kwargs,
+    ) -> ScoreRecords:
+        """ScoreRecords for a registered model (models:/NAME@ALIAS, models:/NAME/VERSION) or a
+        model folder, resolved once, when the pipeline is built:
+
+        - the version is pinned, so an alias that moves later does not change a running job;
+        - `input_schema`, the schema of your tables, is checked against the model's features
+          (a missing or mistyped feature fails here, not on the workers);
+        - the scored schema is derived: the `keep` columns as they are in `input_schema`, then
+          the score columns for the model's latent size. The rejected side keeps every column
+          of `input_schema`, then `reason`.
+
+        `overrides` (K, seed, threshold quantile, flag rule) and `precision` go to the model's
+        settings; the other keyword arguments (`batch_size`, `torch_threads`, ...) to
+        ScoreRecords."""
+        from vaewatch.model import registry
+
+        loaded = registry.load(model_uri, tracking_uri)
+        try:
+            loaded.artifact.spec.check_schema(input_schema)
+        except SchemaMismatchError as err:
+            raise SchemaMismatchError(f"input_schema does not fit {model_uri}: {err}") from err
+        missing = [c for c in keep if c not in input_schema.names]
+        if missing:
+            raise UserError(
+                f"keep names column(s) {missing} that input_schema does not have; its columns "
+                f"are {input_schema.names}"
+            )
+        scores = score_schema(loaded.artifact.vae_config.latent_dim)
+        settings = ModelSettings(
+            location=loaded.resolved.uri,
+            tracking_uri=tracking_uri,
+            model_version=loaded.resolved.label,
+            overrides=overrides or ScoringOverrides(),
+            precision=precision,
+        )
+        return cls(
+            settings,
+            input_schema=input_schema,
+            scored_schema=pa.schema([*[input_schema.field(c) for c in keep], *scores]),
+            keep=keep,
+            **kwargs,
+        )
 
     def expand(self, tables):
         return (

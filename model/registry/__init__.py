@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import tempfile
@@ -372,15 +374,28 @@ def _known_models(client: MlflowClient) -> list[str]:
         return []
 
 
+_fetched: dict[tuple[str, str], Path] = {}  # (pinned URI, tracking URI) -> artifact folder
+
+
 def fetch(resolved: ResolvedModel, tracking_uri: str, destination: str | Path) -> Path:
-    """Download the pinned version and return the artifact folder (config.json inside)."""
+    """Download the pinned version and return the artifact folder (config.json inside).
+
+    Once per process: a version is immutable (its digest is checked), so a later fetch of the
+    same version reuses the folder while it exists. A Beam pipeline that builds a detector, a
+    handler and a transform over one model downloads it once per worker process, not per use.
+    MLflow's download progress bars stay off unless MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR says
+    otherwise: a library's log on every worker is not the place for them."""
     if resolved.local_path:
         return Path(resolved.local_path)
+    cached = _fetched.get((resolved.uri, tracking_uri))
+    if cached is not None and (cached / CONFIG_FILE).is_file():
+        return cached
     configure(tracking_uri)
     try:
-        root = mlflow.artifacts.download_artifacts(
-            artifact_uri=resolved.uri, dst_path=str(destination)
-        )
+        with _no_progress_bars():
+            root = mlflow.artifacts.download_artifacts(
+                artifact_uri=resolved.uri, dst_path=str(destination)
+            )
     except MlflowException as err:
         raise RegistryError(
             f"cannot download {resolved.uri} from {tracking_uri!r}: {err.message}"
@@ -391,7 +406,21 @@ def fetch(resolved: ResolvedModel, tracking_uri: str, destination: str | Path) -
             f"{resolved.uri} has no vaewatch {CONFIG_FILE}: it was not registered by vaewatch"
         )
     _verify_digest(resolved, candidates[0], tracking_uri)
+    _fetched[(resolved.uri, tracking_uri)] = candidates[0].parent
     return candidates[0].parent
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if name in os.environ:  # the user's choice
+        yield
+        return
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def _verify_digest(resolved: ResolvedModel, config: Path, tracking_uri: str) -> None:

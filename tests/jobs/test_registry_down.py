@@ -52,9 +52,13 @@ def _store_with_schema(path, revision: str) -> str:
     return uri
 
 
-def test_a_store_written_by_another_mlflow_is_a_configuration_error(workspace, tmp_path):
+def test_a_store_written_by_another_mlflow_is_a_configuration_error(
+    workspace, tmp_path, monkeypatch
+):
     """Exit 1 naming both schemas and the fix that applies, not a crash (exit 70)."""
     import mlflow
+
+    monkeypatch.chdir(tmp_path)  # where a run would put its artifacts (./mlruns)
 
     cases = {
         # a revision this MLflow's migrations do not know: a newer MLflow wrote the store
