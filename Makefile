@@ -10,7 +10,7 @@ PIP    ?= pip==26.3
 LOCK   := requirements/vaewatch.lock
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint lock test-latest test-oldest dist bench bench-quick clean
+.PHONY: venv demo test lint docs lock test-latest test-oldest dist bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The documentation site, built strictly (a broken link or a stale reference fails) into site/.
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict --site-dir site  # -m: keeps .venv/bin (and its vaewatch script) off the API reader's path
 
 # Refresh the locks to the newest releases the ranges allow (universal: Python 3.10 and up, so
 # the CUDA image's 3.12 is covered). Run the suite before committing the result.
@@ -84,4 +88,4 @@ bench-quick: $(STAMP)
 	$(MAKE) bench BENCH_ARGS=--quick
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .venv-airflow .pytest_cache build dist *.egg-info
+	rm -rf site $(VENV) .venv-latest .venv-oldest .venv-airflow .pytest_cache build dist *.egg-info

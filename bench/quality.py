@@ -206,7 +206,7 @@ def _to_parquet(x: pd.DataFrame, path: Path) -> None:
 
 def overrides(settings: list[str]) -> tuple[dict, dict]:
     """--set fit.NAME=VALUE / train.NAME=VALUE (JSON values) -> (FitConfig, TrainConfig)
-    keyword overrides: the ablations in bench/RESULTS.md change one default at a time."""
+    keyword overrides: the ablations in bench/notes/ change one default at a time."""
     fit_kw, train_kw = {}, {}
     for setting in settings:
         key, _, value = setting.partition("=")

@@ -22,7 +22,6 @@ from vaewatch.jobs.commands import (
 )
 from vaewatch.model.errors import UserError
 from vaewatch.model.version import package_version
-from vaewatch.pipeline import storage
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,6 +56,8 @@ def main(verbose: int, quiet: bool, log_format: str) -> None:
     """
     for name, value in MLFLOW_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    from vaewatch.pipeline import storage
+
     logs.configure(-1 if quiet else verbose, log_format)
     storage.configure()  # Beam's filesystems (s3://, gs://) for listing and reading outputs
     click.get_current_context().meta["verbose"] = verbose > 0
@@ -66,9 +67,11 @@ def main(verbose: int, quiet: bool, log_format: str) -> None:
 def run() -> None:
     """The `vaewatch` console script: tunes the process it owns (OpenMP's spinning must be set
     before torch loads; see vaewatch.model.process), then runs the command line."""
+    from vaewatch.jobs.commands import install_log_filters
     from vaewatch.model import process
 
     process.tune()
+    install_log_filters()  # before Beam is imported: some of its modules warn as they load
     main()
 
 

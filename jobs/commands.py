@@ -24,9 +24,6 @@ class _QuietBeamImports(logging.Filter):
         return "apitools not found" not in record.getMessage()
 
 
-logging.getLogger().addFilter(_QuietBeamImports())
-
-
 class _OneLineBeamErrors(logging.Filter):
     """Beam logs a failing step's traceback before re-raising it; vaewatch turns the failures
     a user can cause (a corrupt file, a full disk) into one clear message, so the log keeps
@@ -39,8 +36,17 @@ class _OneLineBeamErrors(logging.Filter):
         return True
 
 
-for _name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker"):
-    logging.getLogger(_name).addFilter(_OneLineBeamErrors())
+def install_log_filters() -> None:
+    """The CLI's filters for Beam's noise (above); installed by the process that owns the log
+    (the `vaewatch` command), never by importing vaewatch. Idempotent."""
+    root = logging.getLogger()
+    if not any(isinstance(f, _QuietBeamImports) for f in root.filters):
+        root.addFilter(_QuietBeamImports())
+    for name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker"):
+        named = logging.getLogger(name)
+        if not any(isinstance(f, _OneLineBeamErrors) for f in named.filters):
+            named.addFilter(_OneLineBeamErrors())
+
 
 # MLflow's HTTP client retries a failing request 7 times with exponential backoff by default
 # (minutes). vaewatch checks that the server answers first, so later requests need fewer

@@ -36,6 +36,9 @@ class JsonFormatter(logging.Formatter):
 
 def configure(verbosity: int, log_format: str) -> None:
     """verbosity: -1 quiet, 0 default, 1 or more verbose."""
+    from vaewatch.jobs.commands import install_log_filters
+
+    install_log_filters()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)

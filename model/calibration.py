@@ -342,7 +342,7 @@ def discrete_weight(scores: np.ndarray, discrete_nll: np.ndarray) -> float:
     the demo an unseen merchant moved a record less than a typical amount does. Weighted, a
     record's score moves as much for being one typical spread out in either part. Never below
     1: a probability's nats are unit-free, and discounting them (titanic's sex and class, the
-    more variable part there) cost up to 0.13 ROC-AUC (bench/RESULTS.md)."""
+    more variable part there) cost up to 0.13 ROC-AUC (bench/notes/)."""
     d = np.asarray(discrete_nll, dtype=np.float64)
     rest = np.asarray(scores, dtype=np.float64) - d
     ok = np.isfinite(rest) & np.isfinite(d)
@@ -389,7 +389,7 @@ def _surprise(scores, feature_nll, start, scale) -> np.ndarray:
     nll = np.asarray(feature_nll, dtype=np.float64)
     # a running maximum over the columns: numpy's max along the short last axis of (B, F) alone
     # took twice as long as this whole loop (11.4 vs 5.2 ms on 65,536 x 32), the largest numpy
-    # cost of a K=1 job (bench/RESULTS.md); np.maximum propagates NaN as max does
+    # cost of a K=1 job (bench/notes/); np.maximum propagates NaN as max does
     for j in range(nll.shape[1]):
         np.maximum(surprise, (nll[:, j] - start[j + 1]) / scale[j + 1], out=surprise)
     return surprise

@@ -14,7 +14,7 @@ normalised is chosen once per model from the vocabulary sizes:
   block of one group is a plain logsumexp. Only one block of logits exists at a time, so a
   (sample, record) pair's working memory is the widest block, not the whole vocabulary
   (`materialised`, which the estimators' memory budget counts). On 20 strings of 1,001 values
-  this made the categorical part ~3x faster per pair (bench/RESULTS.md, wide tables).
+  this made the categorical part ~3x faster per pair (bench/notes/, wide tables).
 
 Both give the same function of the weights; tests check each against a per-group log_softmax.
 
@@ -27,7 +27,7 @@ then the class logits of the record's own cluster, whose weight rows are gathere
 record and shared by its samples. Consecutive two-level groups of the same size are one block,
 evaluated together (their class rows first, cluster after cluster, then their cluster rows), so
 20 columns capped at 1,000 values cost one batched matmul per step, not 20. On 20 strings of
-1,001 values scoring is ~3x faster in process than with the flat head (bench/RESULTS.md, wide
+1,001 values scoring is ~3x faster in process than with the flat head (bench/notes/, wide
 tables). A model saved before this existed has `two_level_min` 0 and keeps its flat heads.
 """
 

@@ -14,16 +14,16 @@ ScoringDefaults, FitConfig, ScoreOptions) and the CLI's options read them from h
 # K = 24 meets it with a margin (0.076 / 0.010; under-dispersed 0.108 / 0.078 against 0.135 /
 # 0.113) and on 7 of the 9 pPCAs of bench/accuracy_breadth.py (Sobol's: 4); K = 16 meets it on
 # the over-dispersed proposal and ties it on the others, so 24 stays: the trained models'
-# errors fall with K further than the pPCAs' (bench/RESULTS.md, "Rotated simplices")
+# errors fall with K further than the pPCAs' (bench/notes/, "Rotated simplices")
 K = 24
 SEED = 0  # common-random-numbers seed of the scoring noise (and of training)
 # the design of the K shared points (model/noise.py): rotated simplices with stratified radii. On
 # the suite's pPCA at K = 24, 0.077 / 0.014 nats against scrambled Sobol's 0.095 / 0.030 (100
-# seeds, bench/RESULTS.md); models saved before it keep "sobol", their calibration's points
+# seeds, bench/notes/); models saved before it keep "sobol", their calibration's points
 POINTS = "spherical"
 # factors on q(z|x)'s standard deviation tried at training; the best on the validation rows,
 # over 64 independent draws of the points, is kept (model/proposal.py). On the demo's data it
-# chose 1.25 and cut the likely records' error from 0.28 to 0.20 nats (bench/RESULTS.md); 1 first:
+# chose 1.25 and cut the likely records' error from 0.28 to 0.20 nats (bench/notes/); 1 first:
 # a tie keeps the encoder's q
 PROPOSAL_SCALES = (1.0, 1.25, 1.5, 2.0)
 THRESHOLD_QUANTILE = 0.99  # flags ~1% of normal records; overridable at scoring
@@ -32,7 +32,7 @@ TOP_FEATURES = 3  # features reported per record in top_features
 # (model/calibration.py). On the demo, trained on a day holding its injected rows: unseen
 # merchants flagged 19 % -> 100 %, impossible combinations 70 % -> 90 % (per-feature terms) ->
 # 94.8 % (the conditional term), normal rows 0.77 % -> 0.60 % (8 seeds, in process;
-# bench/RESULTS.md). "total" is anomaly_score > its quantile alone.
+# bench/notes/). "total" is anomaly_score > its quantile alone.
 FLAG_RULE = "any"
 FLAG_RULES = ("any", "total")
 # a term's tail is exponential above this quantile of its calibration values (peaks over
@@ -49,7 +49,7 @@ MIN_TAIL_SCALE = 0.25
 # the "any" threshold leaves out of its 1 - q the calibration rows whose surprise lies beyond
 # the OUTLIER_TAIL level of the exponential tail of all of them, up to OUTLIER_SHARE x (1 - q):
 # on the demo's data (0.5 % anomalies in training) impossible combinations flagged 83.7-100 % ->
-# 90.3-100 % over 8 seeds, normal rows 0.1-1.1 % -> 0.5-1.3 % (bench/RESULTS.md)
+# 90.3-100 % over 8 seeds, normal rows 0.1-1.1 % -> 0.5-1.3 % (bench/notes/)
 OUTLIER_TAIL = 1e-4
 OUTLIER_SHARE = 0.5
 SCORE_BATCH_SIZE = 65_536  # rows per model call: amortises Python; scores do not depend on it
@@ -70,7 +70,7 @@ MIN_CATEGORY_COUNT = 1  # training rows a value needs for its own vocabulary ent
 # ... and the share of the training rows it needs (0 = no such rule). Measured against 0.001 on
 # the demo, whose training day holds 3 anomalous merchants with ~8 rows each: pooling them into
 # the out-of-vocabulary entry gives it their summed probability, so each is *less* surprising
-# (rare_category flagged 13.5 % vs 27 %, impossible_combination 57 % vs 76 %; bench/RESULTS.md)
+# (rare_category flagged 13.5 % vs 27 %, impossible_combination 57 % vs 76 %; bench/notes/)
 MIN_CATEGORY_SHARE = 0.0
 
 # ---------------------------------------------------------------- network
@@ -78,7 +78,7 @@ LATENT_DIM = 8  # enough for the handful of factors tabular data usually has
 HIDDEN = (128, 128)  # encoder and decoder widths
 # ... for tables of ~1,000 training rows and more; smaller tables get a smaller network
 # (model/sizing.py `capacity`): 128x128 units with 8 latent dimensions can memorise the 6 anomalous
-# rows of a 77-row table as a mode of their own (bench/RESULTS.md)
+# rows of a 77-row table as a mode of their own (bench/notes/)
 ROWS_PER_HIDDEN_UNIT = 8
 MIN_HIDDEN = 16
 ROWS_PER_LATENT = 40
@@ -114,7 +114,7 @@ LARGE_TABLE_TRAINING = {
 #   rows can be memorised: from the first update the worst 20 % of each batch count a fifth,
 #   after the warm-up the worst 5 % nothing, and a Gaussian prior N(0, 1/2) on the weights for
 #   the table as a whole (maximum a posteriori: 2 / training rows is the L2 coefficient per
-#   record). Measured in bench/RESULTS.md ("Robust training by the table's size"): the
+#   record). Measured in bench/notes/ ("Robust training by the table's size"): the
 #   contaminated benchmark group 0.792 -> 0.855 ROC-AUC (wine 0.69 -> 0.89); on eight tables
 #   outside the benchmark (bench/profile_by_size.py) +0.012 on small contaminated samples,
 #   -0.010 on small clean ones, level from 1,300 rows.

@@ -61,7 +61,7 @@ DEFAULT_MIN_CATEGORY_SHARE = defaults.MIN_CATEGORY_SHARE
 # measured amounts) when at least this share of its observed training values are exactly 0 and
 # its values are not on a grid: a Gaussian would put a density spike at 0 and charge every
 # non-zero value for it. A column on a grid (integers, cents) already has the quantisation
-# variance floor, which keeps that spike away; a point mass there measured worse (bench/RESULTS.md:
+# variance floor, which keeps that spike away; a point mass there measured worse (bench/notes/:
 # on the credit applicants, Assets and Debt in whole units, ROC-AUC 0.56 without, 0.49 with).
 ZERO_INFLATION_SHARE = 0.1
 

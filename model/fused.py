@@ -5,7 +5,7 @@ for the same pattern), in the autocast dtype when autocast is on.
 Why: an eager `nn.Linear` on a (K, B, H) input is an `addmm` that first fills its output with the
 broadcast bias, then runs the GEMM with beta = 1, and the ReLU is another pass over the result;
 under bf16 autocast each call also converts its input and weight. On this project's CPU those
-passes cost more than the GEMM itself (bench/RESULTS.md, "fused linear layers"). The fused call
+passes cost more than the GEMM itself (bench/notes/, "fused linear layers"). The fused call
 adds the bias and applies the activation in the GEMM's epilogue while the tile is in cache.
 
 The result is the same function (tests compare it with the eager layers); anything the fused path

@@ -14,7 +14,7 @@ of a replicate (`DESIGNS`; a model records the one it was calibrated with):
   cover the distance from the posterior's centre evenly. That wins while a replicate holds a
   few simplices; from more than SIMPLICES x (D + 1) points a replicate, a Sobol sequence fills
   the space better (its error falls faster with K), so those replicates are Sobol's.
-  bench/RESULTS.md, "Rotated simplices with stratified radii".
+  bench/notes/, "Rotated simplices with stratified radii".
 - `sobol`: scrambled Sobol sequences through the normal inverse CDF (models saved before it).
 
 `iid_noise` is the i.i.d. baseline they are measured against, and the fresh noise of training.

@@ -1,5 +1,5 @@
 """How wide scoring's proposal is: the factor on q(z|x)'s standard deviation in the importance
-weights, chosen once per model at training (bench/RESULTS.md, "A proposal scale chosen per
+weights, chosen once per model at training (bench/notes/, "A proposal scale chosen per
 model" and "The proposal scale by the design's expectation")."""
 
 from __future__ import annotations

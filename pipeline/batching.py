@@ -7,7 +7,7 @@ rows go out first, so its rows are scored, or rejected, in its own types.
 
 One DoFn rather than Beam's `BatchElements` between a split and a concatenation: every DoFn in
 a graph costs the launcher a signature inspection of each of its methods, several times per
-job, which at small K is a visible part of a `vaewatch score` (bench/RESULTS.md).
+job, which at small K is a visible part of a `vaewatch score` (bench/notes/).
 """
 
 from __future__ import annotations

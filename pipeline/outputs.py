@@ -5,7 +5,7 @@ Beam's `beam.io.Write` is about ten transforms per sink (a one-element `Create` 
 to make its temporary folder, the bundle writer, a pairing, a `GroupByKey`, a pre-finalise and a
 finalise), and the drift statistics were a `CombineGlobally` of seven more. Every transform
 costs the launcher and the runner a little, which at K=1 was a visible part of a job
-(bench/RESULTS.md). `WriteOutputs` runs the same protocol once for all the outputs:
+(bench/notes/). `WriteOutputs` runs the same protocol once for all the outputs:
 
 1. **Write.** Each bundle writes the tables it receives into a temporary file of its own (a
    random name in one `beam-temp-*` folder beside the outputs), per output, and sums the drift

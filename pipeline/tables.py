@@ -4,7 +4,7 @@
   size estimate from the table's buffers. Beam samples every PCollection's elements to estimate
   their encoded size (for its metrics and, on Dataflow, autoscaling); with no coder for the type
   it pickles each sampled table to measure it, which for 64k-row tables cost a K=1 job more
-  time than its own Parquet reads (bench/RESULTS.md). A transform that emits tables declares
+  time than its own Parquet reads (bench/notes/). A transform that emits tables declares
   `.with_output_types(pa.Table)` to get this coder.
 - `open_parquet`: a Parquet file written table by table as row groups, with dictionary
   encoding only for the string columns. pyarrow's default tries a dictionary for every column

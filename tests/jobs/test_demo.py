@@ -6,7 +6,7 @@ days with normal rows at <= 1.5 % (the calibration flags 1 % of its normal rows 
 quantile; the training day's own anomalies among them are set aside). Impossible combinations
 reached it only with the flag rule's conditional term, -log p(discrete | continuous): 85.3 % on a
 fresh install without it, 95.7 % with it at the default seed, 97.7 % with the anomalies set aside
-(bench/RESULTS.md, across data seeds too).
+(bench/notes/, across data seeds too).
 """
 
 import pytest

@@ -157,7 +157,7 @@ def test_the_randomised_points_are_closer_to_exact_than_iid(ppca, data, points):
 
 def test_spherical_points_at_k16_are_as_accurate_as_iid_at_k64(ppca):
     """Issue's goal for the points, on the over-dispersed proposal, where it is met clearly
-    (bench/RESULTS.md, 100 seeds: 0.082 / 0.023 against 0.099 / 0.034 nats): on 2,000 records
+    (bench/notes/, 100 seeds: 0.082 / 0.023 against 0.099 / 0.034 nats): on 2,000 records
     and 16 seeds, the mean |IWAE - log p| and the table-mean bias of the spherical points at
     K = 16 are below those of i.i.d. points at K = 64 (measured: 0.080 / 0.025 against 0.105 /
     0.034)."""
