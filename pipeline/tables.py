@@ -60,10 +60,16 @@ class ArrowTableCoder(beam.coders.Coder):
 beam.coders.registry.register_coder(pa.Table, ArrowTableCoder)
 
 
-@functools.lru_cache(maxsize=64)
 def string_columns(schema: pa.Schema) -> list[str]:
     """The Parquet column paths of `schema`'s string and binary leaves (nested ones included,
     e.g. `top_features.list.element.feature`), as the writer names them."""
+    # cached by the columns alone: metadata does not change the paths, and pyarrow before 20
+    # cannot hash a schema that has metadata (found by make test-oldest, pyarrow 14)
+    return _string_columns(schema.remove_metadata())
+
+
+@functools.lru_cache(maxsize=64)
+def _string_columns(schema: pa.Schema) -> list[str]:
     empty = pa.BufferOutputStream()
     pq.write_table(schema.empty_table(), empty)
     parquet = pq.ParquetFile(pa.BufferReader(empty.getvalue())).schema

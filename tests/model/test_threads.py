@@ -56,7 +56,10 @@ def test_no_cgroup_files_means_the_affinity_mask(tmp_path, eight_cores):
 )
 def test_short_openmp_spin_unless_the_user_chose(env, expected):
     clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    probe = "import os, vaewatch.model; print(os.environ.get('GOMP_SPINCOUNT'))"
+    probe = (
+        "import os; from vaewatch.model import process; process.tune(); "
+        "print(os.environ.get('GOMP_SPINCOUNT'))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", probe], env={**clean, **env}, capture_output=True, text=True,
         check=True,
