@@ -9,7 +9,6 @@ latest day's most anomalous records.
 from __future__ import annotations
 
 import base64
-import html
 import io
 from pathlib import Path
 
@@ -136,26 +135,30 @@ def top_contributors(features: list[str], counts: list[int]) -> str:
     return _png(fig)
 
 
-def drift_rows(partitions) -> str:
-    """One table row per committed day: its drift assessment against the model's calibration."""
+def drift_rows(partitions) -> list[dict]:
+    """One row per committed day: its drift assessment against the model's calibration."""
     rows = []
     for p in partitions:
         drift = p.manifest.drift
-        day = html.escape(str(p.day or "latest run"))
+        day = str(p.day or "latest run")
         if not drift.get("assessed"):
             why = drift.get("why", "not computed (an output written before drift checks)")
-            rows.append(f"<tr><td>{day}</td><td>not assessed</td><td colspan=4>"
-                        f"{html.escape(why)}</td></tr>")  # fmt: skip
+            rows.append({"day": day, "assessed": False, "why": why})
             continue
         flagged, scores = drift["flagged"], drift["scores"]
-        state = "<b style='color:#cf222e'>ALARM</b>" if drift["alarm"] else "ok"
         rows.append(
-            f"<tr><td>{day}</td><td>{state}</td>"
-            f"<td>{flagged['rate']:.2%} (expected {flagged['expected_rate']:.2%})</td>"
-            f"<td>{scores['ks_statistic']:.3f}</td><td>{scores['psi_deciles']:.3f}</td>"
-            f"<td>{html.escape('; '.join(drift['reasons']))}</td></tr>"
+            {
+                "day": day,
+                "assessed": True,
+                "alarm": bool(drift["alarm"]),
+                "rate": flagged["rate"],
+                "expected_rate": flagged["expected_rate"],
+                "ks": scores["ks_statistic"],
+                "psi": scores["psi_deciles"],
+                "reasons": list(drift["reasons"]),
+            }
         )
-    return "".join(rows)
+    return rows
 
 
 def build(output: str, top_n: int = 20) -> str:
@@ -190,7 +193,7 @@ def build(output: str, top_n: int = 20) -> str:
         params={"version": version},
     ).fetchnumpy()
     latent = np.stack([np.asarray(v, dtype=np.float64) for v in coded["latent_mean"]])
-    latent_caption = CAPTIONS["latent"].format(len(latent), html.escape(version))
+    latent_caption = CAPTIONS["latent"].format(len(latent), version)
     contributors = con.sql(
         "SELECT top_features[1].feature AS feature, count(*) AS n FROM scores "
         "WHERE is_anomaly AND len(top_features) > 0 GROUP BY feature ORDER BY n DESC, feature"
@@ -218,11 +221,11 @@ def build(output: str, top_n: int = 20) -> str:
         else "",
     }
     model = latest.model
-    head = [
+    cards = [
         ("days", str(len(per_day))),
         ("records scored", f"{total:,}"),
         ("flagged", f"{flagged_total:,} ({flagged_total / total:.2%})"),
-        ("model", html.escape(model.uri)),
+        ("model", model.uri),
         (
             "threshold",
             f"{threshold:.2f} nats (q = {latest.threshold_quantile}, flag rule {latest.flag_rule})",
@@ -234,74 +237,40 @@ def build(output: str, top_n: int = 20) -> str:
             f"{len(partitions)} days",
         ),  # fmt: skip
     ]
-    cards = "".join(
-        f'<div class="card"><div class="k">{k}</div><div class="v">{v}</div></div>' for k, v in head
-    )
 
-    def cell(column, value):
+    def cell(column, value) -> str:
         if column == "top_features":
-            return html.escape(top_features_text(value))
+            return top_features_text(value)
         if isinstance(value, float):
             return f"{value:,.2f}" if column != "score_percentile" else f"{value:.3f}"
-        return html.escape("" if value is None else str(value))
+        return "" if value is None else str(value)
 
-    header = "".join(f"<th>{html.escape(c)}</th>" for c in top_columns)
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td>{cell(c, v)}</td>" for c, v in zip(top_columns, row, strict=True))
-        + "</tr>"
-        for row in top_rows
+    return _template().render(
+        output=output,
+        versions=sorted({r[3] for r in per_day if r[3]}),
+        cards=cards,
+        images=images,
+        captions=CAPTIONS,
+        latent_caption=latent_caption,
+        drift=drift_rows(partitions),
+        latest_day=str(latest_day or "latest run"),
+        top_columns=top_columns,
+        top_rows=[[cell(c, v) for c, v in zip(top_columns, row, strict=True)] for row in top_rows],
     )
 
-    def figure(key, title, caption):
-        if not images[key]:
-            return f"<section><h2>{title}</h2><p class='cap'>No flagged records yet.</p></section>"
-        return (
-            f"<section><h2>{title}</h2>"
-            f"<img alt='{title}' src='data:image/png;base64,{images[key]}'>"
-            f"<p class='cap'>{caption}</p></section>"
-        )
 
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>vaewatch report: {html.escape(output)}</title>
-<style>
-body {{ font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1f2328;
-       max-width: 1100px; margin: 2rem auto; padding: 0 1.5rem; background: #fafbfc; }}
-h1 {{ font-size: 1.6rem; margin-bottom: 0.2rem; }} h2 {{ font-size: 1.15rem; margin: 0 0 0.6rem; }}
-.sub {{ color: #57606a; margin-top: 0; }}
-.cards {{ display: grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap: 0.8rem;
-         margin: 1.2rem 0 1.6rem; }}
-.card {{ background: white; border: 1px solid #d8dee4; border-radius: 8px;
-         padding: 0.7rem 0.9rem; }}
-.k {{ color: #57606a; font-size: 0.8rem; text-transform: uppercase; letter-spacing: 0.04em; }}
-.v {{ font-size: 1.05rem; font-weight: 600; word-break: break-all; }}
-.grid {{ display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; }}
-section {{ background: white; border: 1px solid #d8dee4; border-radius: 8px; padding: 1rem 1.2rem;
-          margin-bottom: 1rem; }}
-img {{ max-width: 100%; }} .cap {{ color: #57606a; font-size: 0.85rem; margin: 0.3rem 0 0; }}
-table {{ border-collapse: collapse; width: 100%; font-size: 0.85rem; }}
-th, td {{ text-align: left; padding: 0.35rem 0.5rem; border-bottom: 1px solid #eaeef2; }}
-th {{ background: #f6f8fa; }} tr:hover td {{ background: #fff8e6; }}
-@media (max-width: 900px) {{ .grid {{ grid-template-columns: 1fr; }} }}
-</style></head><body>
-<h1>vaewatch report</h1>
-<p class="sub">{html.escape(output)} &middot; committed partitions only &middot; model version
-{html.escape(", ".join(sorted({r[3] for r in per_day if r[3]})))}</p>
-<div class="cards">{cards}</div>
-<div class="grid">
-{figure("distribution", "Score distribution", CAPTIONS["distribution"])}
-{figure("per_day", "Anomalies per day", CAPTIONS["per_day"])}
-</div>
-{figure("latent", "Where records sit in latent space", latent_caption)}
-{figure("contributors", "What makes records unusual", CAPTIONS["contributors"])}
-<section><h2>Drift against the model's calibration</h2>
-<table><thead><tr><th>day</th><th>drift</th><th>flagged rate</th><th>KS D</th><th>PSI</th>
-<th>why</th></tr></thead><tbody>{drift_rows(partitions)}</tbody></table>
-<p class='cap'>{CAPTIONS["drift"]}</p></section>
-<section><h2>Most anomalous records, {html.escape(str(latest_day or "latest run"))}</h2>
-<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></section>
-</body></html>
-"""
+def _template():
+    """report.html.j2 beside this module, with autoescaping: every value the page shows is
+    escaped by the template engine, none by hand."""
+    import jinja2
+
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    return environment.get_template("report.html.j2")
 
 
 def write(output: str, destination: str | Path, top_n: int = 20) -> Path:

@@ -353,3 +353,23 @@ def test_models_listing_reads_older_runs_from_the_epoch_history():
     new = {"best_epoch": 2.0, "val_iwae": -7.9, "best_val_iwae": -7.5, "epochs_run": 4.0}
     assert _kept_epoch(None, "r", new) == (-7.5, "2 of 4")
     assert _kept_epoch(None, "r", {"val_iwae": -7.9}) == (-7.9, None)  # no training metrics
+
+
+def test_the_report_template_escapes_every_value():
+    """Values reach the page through Jinja2's autoescaping: a hostile output path, feature
+    name, reason or cell value is text, never markup."""
+    from vaewatch.jobs.report import CAPTIONS, _template
+
+    hostile = "<script>alert('x')</script>"
+    page = _template().render(
+        output=hostile, versions=[hostile], cards=[("model", hostile)],
+        images={"distribution": "", "per_day": "", "latent": "", "contributors": ""},
+        captions=CAPTIONS, latent_caption=hostile,
+        drift=[{"day": "2026-01-01", "assessed": True, "alarm": True, "rate": 0.5,
+                "expected_rate": 0.01, "ks": 0.25, "psi": 1.5, "reasons": [hostile]},
+               {"day": hostile, "assessed": False, "why": hostile}],
+        latest_day=hostile, top_columns=[hostile], top_rows=[[hostile]],
+    )  # fmt: skip
+    assert "<script>" not in page
+    assert page.count("&lt;script&gt;") >= 8
+    assert "50.00% (expected 1.00%)" in page and 'class="alarm">ALARM' in page

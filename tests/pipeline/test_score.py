@@ -472,8 +472,13 @@ def test_the_score_log_has_no_download_bars_and_q_keeps_warnings_only(
     a scheduler's log, one line of carriage-returned redraws. The CLI turns it off by default;
     a user's own MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins. (MLflow draws it only where tqdm
     is installed, as most environments have it: the dev extra installs it.)"""
+    from vaewatch.model import registry
+
     variable = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     monkeypatch.setenv(variable, "true")
+    # an earlier test of this process may have fetched the model: a version is downloaded once
+    # per process, and this test is about the downloads
+    monkeypatch.setattr(registry, "_fetched", {})
     asked = _score_cli(trained, workspace / "holdout", tmp_path / "asked")
     assert asked.exit_code == 0, asked.output
     assert "Downloading artifacts" in asked.output  # what the default leaves out
