@@ -42,7 +42,12 @@ def test_the_wheel_and_sdist_carry_the_package_and_the_version(dist):
     wheel = next(dist.glob(f"vaewatch-{__version__}-py3-none-any.whl"))
     sdist = next(dist.glob(f"vaewatch-{__version__}.tar.gz"))
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("model/version.py", "pipeline/score.py", "jobs/cli.py"):
+    for module in (
+        "model/version.py",
+        "pipeline/score.py",
+        "jobs/cli.py",
+        "jobs/templates/report.html.j2",
+    ):
         assert f"vaewatch/{module}" in names, module
     metadata = zipfile.ZipFile(wheel).read(f"vaewatch-{__version__}.dist-info/METADATA").decode()
     assert f"Version: {__version__}" in metadata
