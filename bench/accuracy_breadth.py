@@ -6,7 +6,8 @@
 The default K (model/defaults.py) was chosen on the suite's closed-form pPCA (latent 4, 20
 features) with two mismatched proposals. This script asks the same question of models it was not
 chosen on, for i.i.d. normal points and for the two replicated designs vaewatch scores with
-(model/noise.py: "spherical", the default since 2026-12-04, which is Sobol's beyond 2(D + 1)
+(model/estimation/noise.py: "spherical", the default since 2026-12-04, which is Sobol's beyond 2(D
++ 1)
 points a replicate; "Sobol x4", older models' points), at several K:
 
 1. **pPCA, latent 2, 4 and 8**, each with three proposals: over-dispersed (posterior means x0.8,
@@ -46,9 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.model.ppca import make_ppca  # noqa: E402
 from vaewatch.model.defaults import K  # noqa: E402
-from vaewatch.model.estimators import IWAE_STREAM, iwae, jacobian  # noqa: E402
-from vaewatch.model.noise import SOBOL, iid_noise, noise  # noqa: E402
-from vaewatch.model.vae import LOG_2PI  # noqa: E402
+from vaewatch.model.estimation.estimators import IWAE_STREAM, iwae, jacobian  # noqa: E402
+from vaewatch.model.estimation.noise import SOBOL, iid_noise, noise  # noqa: E402
+from vaewatch.model.network.vae import LOG_2PI  # noqa: E402
 
 POINTS = {
     "i.i.d.": iid_noise,
@@ -145,9 +146,9 @@ def trained_models(seeds: int, quick: bool) -> list[dict]:
     import pyarrow.parquet as pq
     from sklearn import datasets
 
-    from vaewatch.model.fit import FitConfig, fit
     from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
-    from vaewatch.model.training import TrainConfig
+    from vaewatch.model.training.fit import FitConfig, fit
+    from vaewatch.model.training.loop import TrainConfig
 
     bc = datasets.load_breast_cancer().data
     order = np.random.default_rng(0).permutation(len(bc))

@@ -6,7 +6,8 @@
 On the pPCAs and mismatched proposals of bench/accuracy_breadth.py (log p(x) exact), each
 construction is run twice per seed: with the proposal as given (q itself, the question of
 bench/estimators.py's table), and as scored, with the factor on q's standard deviation that
-`choose_proposal_scale` picks for it on 2,000 held-out rows (model/proposal.py: the highest
+`choose_proposal_scale` picks for it on 2,000 held-out rows (model/estimation/proposal.py: the
+highest
 trimmed-mean IWAE over 64 independent draws of the construction's own points; the i.i.d.
 baseline is given i.i.d. draws). Printed per (latent, proposal, construction, K): the mean
 |IWAE_K - log p(x)| per record and the table-mean bias on 4,000 test rows, each averaged over
@@ -32,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.model.ppca import make_ppca  # noqa: E402
 from vaewatch.model import defaults  # noqa: E402
 from vaewatch.model.artifact import ScoringDefaults  # noqa: E402
-from vaewatch.model.estimators import IWAE_STREAM, iwae  # noqa: E402
-from vaewatch.model.noise import iid_noise, noise  # noqa: E402
-from vaewatch.model.proposal import DRAWS, SCALE_STREAM, choose_proposal_scale  # noqa: E402
+from vaewatch.model.estimation.estimators import IWAE_STREAM, iwae  # noqa: E402
+from vaewatch.model.estimation.noise import iid_noise, noise  # noqa: E402
+from vaewatch.model.estimation.proposal import DRAWS, SCALE_STREAM, choose_proposal_scale  # noqa: E402
 
 RUNS = (("i.i.d.", 64), ("spherical", 16), ("spherical", defaults.K))
 # the trimmed share of the validation rows the scale rule compares means over (the large-table

@@ -1,5 +1,5 @@
 """What `top_features` names first, and what naming it costs: -log p(x_j|z) (every record's)
-against -log p(x_j | x_-j) (flagged records', model/attribution.py), on the demo's data.
+against -log p(x_j | x_-j) (flagged records', model/estimation/attribution.py), on the demo's data.
 
     python bench/attribution.py                 # demo seeds 0-2, ~4 min on 2 cores
     python bench/attribution.py --seeds 8
@@ -14,7 +14,7 @@ top feature is a column that kind changed (model/synthetic.py, CHANGED_COLUMNS),
 records/s of `Scorer.score` over the three days (best of `--repeats` alternations in this
 process, as a ratio, since this machine's speed moves between runs); then the same on a drifted
 day (the first scored day's amounts x100, as if in cents), where every record is flagged and
-the leave-one-out budget (model/attribution.py, EXPLAINED_SHARE) bounds the cost.
+the leave-one-out budget (model/estimation/attribution.py, EXPLAINED_SHARE) bounds the cost.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import torch
 
 from vaewatch.jobs.demo import write_partitions
 from vaewatch.model.artifact import ScoringDefaults
-from vaewatch.model.fit import FitConfig, fit
 from vaewatch.model.scoring import Scorer
 from vaewatch.model.synthetic import ANOMALY_KINDS, CHANGED_COLUMNS, LABEL_COLUMNS
-from vaewatch.model.training import TrainConfig
+from vaewatch.model.training.fit import FitConfig, fit
+from vaewatch.model.training.loop import TrainConfig
 
 
 def named_first(scored, days: pa.Table) -> tuple[dict[str, float], float]:

@@ -8,7 +8,7 @@ together. Jobs: scoring (score_records at the default K on 4,096-record batches,
 in a fixed window: records/s) and training (a 2,000-row synthetic table, fixed epochs: seconds).
 OpenMP (libgomp) settings for idle threads: its default, 300,000 spins before sleeping (what
 vaewatch ran with before), OMP_WAIT_POLICY=PASSIVE (sleep at once), and short spins of 3,000
-and 1,000; vaewatch now sets 1,000 (vaewatch/model/__init__.py). Threads: the cores this
+and 1,000; the vaewatch command sets 1,000 (vaewatch/model/process.py). Threads: the cores this
 process may use (model/threads.py), as vaewatch sets them.
 """
 
@@ -29,13 +29,13 @@ def child(job: str, seconds: float) -> dict:
     sys.path.insert(0, str(HERE))
     import torch
 
-    from vaewatch.model import threads  # first, as in vaewatch: it sets the OpenMP defaults
+    from vaewatch.model import threads  # the OpenMP setting comes from this process's env
 
     threads.apply(int(os.environ.get("VAEWATCH_BENCH_THREADS", 0)) or threads.threads_for(1))
     if job == "score":
         from estimators import model_and_batch
 
-        from vaewatch.model.estimators import DEFAULT_K, score_records
+        from vaewatch.model.estimation.estimators import DEFAULT_K, score_records
 
         model, x, mask = model_and_batch(4096, torch.device("cpu"))
         score_records(model, x, mask, log_std=None, k=DEFAULT_K)  # warm-up
@@ -45,10 +45,10 @@ def child(job: str, seconds: float) -> dict:
             records += 4096
         elapsed = time.perf_counter() - started
         return {"rate": records / elapsed, "unit": "records/s"}
-    from vaewatch.model.features import FeatureSpec
+    from vaewatch.model.data.features import FeatureSpec
+    from vaewatch.model.network.vae import VAE, VAEConfig
     from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
-    from vaewatch.model.training import TrainConfig, train
-    from vaewatch.model.vae import VAE, VAEConfig
+    from vaewatch.model.training.loop import TrainConfig, train
 
     table = transactions(2000, seed=3)
     spec = FeatureSpec.fit(table, exclude=LABEL_COLUMNS)

@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vaewatch.model.drift import Reference, named_features
-from vaewatch.model.fit import FitConfig, fit
+from vaewatch.model.calibration.drift import Reference, named_features
 from vaewatch.model.scoring import Scorer
 from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
-from vaewatch.model.training import TrainConfig
+from vaewatch.model.training.fit import FitConfig, fit
+from vaewatch.model.training.loop import TrainConfig
 
 FACTORS = (1.0, 1.1, 1.2, 1.3, 1.6, 2.0, 2.5)
 EXCLUDE = [c for c in LABEL_COLUMNS if c != "record_id"]

@@ -8,7 +8,8 @@ FLOP/s torch reaches on a large matmul measured in the same process.
 Accuracy (the second table): the suite's closed-form model (probabilistic PCA with hand-set
 weights, 20 features on scales 0.01..50, latent 4, a deliberately mismatched proposal: posterior
 means x0.8, variances x1.5), where log p(x) is exact. Per K, for i.i.d. normal points and for the
-two replicated designs vaewatch scores with (model/noise.py: spherical, the default, and the
+two replicated designs vaewatch scores with (model/estimation/noise.py: spherical, the default, and
+the
 scrambled Sobol of older models): the mean |IWAE_K - log p(x)| per record,
 and the bias of the table mean |mean(IWAE_K) - mean(log p(x))|, averaged over seeds; then the
 calibration of `log_likelihood_se` (sd of the standardised seed-to-seed difference; 1 is ideal).
@@ -35,15 +36,15 @@ import torch
 from workload import model_and_batch
 
 from vaewatch.model.defaults import K
-from vaewatch.model.estimators import (
+from vaewatch.model.estimation.estimators import (
     DEFAULT_MEMORY_BUDGET,
     IWAE_STREAM,
     elbo,
     iwae,
     score_records,
 )
+from vaewatch.model.estimation.noise import SOBOL, SPHERICAL, iid_noise, noise
 from vaewatch.model.metrics import pooled_standardised_difference
-from vaewatch.model.noise import SOBOL, SPHERICAL, iid_noise, noise
 
 
 def linear_flops(sizes: list[int]) -> int:
@@ -206,10 +207,10 @@ def precision_cost(quick: bool) -> dict:
 
     import pyarrow.parquet as pq
 
-    from vaewatch.model.fit import FitConfig, fit
     from vaewatch.model.scoring import Scorer
     from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
-    from vaewatch.model.training import TrainConfig
+    from vaewatch.model.training.fit import FitConfig, fit
+    from vaewatch.model.training.loop import TrainConfig
 
     with tempfile.TemporaryDirectory() as folder:
         pq.write_table(transactions(6000, seed=11), f"{folder}/train.parquet")

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from vaewatch.model.calibration import Calibration, _surprise, exponential_tails
+from vaewatch.model.calibration.scores import Calibration, _surprise, exponential_tails
 
 
 def draw(rng, law: str, n: int, features: int) -> tuple[np.ndarray, np.ndarray]:

@@ -43,11 +43,11 @@ from sklearn.metrics import roc_auc_score
 from vaewatch.jobs.demo import write_partitions
 from vaewatch.model import defaults
 from vaewatch.model.artifact import ScoringDefaults
-from vaewatch.model.features import FeatureKind
-from vaewatch.model.fit import FitConfig, fit
+from vaewatch.model.data.features import FeatureKind
 from vaewatch.model.scoring import Scorer, ScoringOverrides
 from vaewatch.model.synthetic import ANOMALY_KINDS, LABEL_COLUMNS
-from vaewatch.model.training import TrainConfig
+from vaewatch.model.training.fit import FitConfig, fit
+from vaewatch.model.training.loop import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 SPARSE_ROWS = 3_000  # normal rows per table, each with one value shifted

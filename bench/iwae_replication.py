@@ -39,10 +39,10 @@ import pyarrow as pa
 import torch
 from sklearn.datasets import load_digits
 
-from vaewatch.model.estimators import elbo, iwae
-from vaewatch.model.features import FeatureSpec
-from vaewatch.model.training import ACTIVE_UNIT_THRESHOLD, TrainConfig, train
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.data.features import FeatureSpec
+from vaewatch.model.estimation.estimators import elbo, iwae
+from vaewatch.model.network.vae import VAE, VAEConfig
+from vaewatch.model.training.loop import ACTIVE_UNIT_THRESHOLD, TrainConfig, train
 
 OBJECTIVES = [("VAE (ELBO), k=1", "elbo", 1), ("IWAE, k=5", "iwae", 5), ("IWAE, k=50", "iwae", 50)]
 PAPER = {  # Burda et al. 2015, Table 1, MNIST, one stochastic layer: (test NLL, active units)

@@ -37,12 +37,12 @@ import pyarrow.parquet as pq
 import torch
 
 from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
-from vaewatch.model.calibration import Calibration
-from vaewatch.model.estimators import score_records
-from vaewatch.model.features import FeatureSpec
+from vaewatch.model.calibration.scores import Calibration
+from vaewatch.model.data.features import FeatureSpec
+from vaewatch.model.estimation.estimators import score_records
+from vaewatch.model.network.vae import VAE, VAEConfig
 from vaewatch.model.scoring import ScoringOverrides
-from vaewatch.model.training import TrainConfig, train
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.training.loop import TrainConfig, train
 from vaewatch.pipeline.score import ScoreJob, ScoreOptions, run
 
 N_CONTINUOUS, N_BOOLEAN, N_CATEGORICAL = 24, 4, 4
@@ -89,7 +89,7 @@ def make_model(folder: Path, k: int) -> ModelArtifact:
     s = score_records(model, enc.x[:4096], enc.mask[:4096], log_std=spec.continuous_log_std, k=k)
     calibration = Calibration.fit(s.anomaly_score.numpy(), s.feature_nll.numpy())
     try:  # the flagged records' leave-one-out baseline, as `fit` stores it (since 2026-12-04)
-        from vaewatch.model.attribution import conditional_baseline
+        from vaewatch.model.estimation.attribution import conditional_baseline
     except ImportError:  # an earlier commit's code (bench/small_k.py runs this file with it)
         pass
     else:

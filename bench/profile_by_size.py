@@ -1,5 +1,5 @@
 """Which robust-training profile suits a table of which size, measured on tables that
-bench/quality.py does not use (the evidence for model/sizing.py's rule, not fitted to it).
+bench/quality.py does not use (the evidence for model/training/sizing.py's rule, not fitted to it).
 
     python bench/profile_by_size.py            # 5 seeds, 24 (table, size) cells x 2 (~6 min)
     python bench/profile_by_size.py --quick    # 1 seed (~1 min on 2 cores)
@@ -15,7 +15,8 @@ held-out anomalies (the labelled minority named below):
 The same training rows are fitted twice, in process (`fit` + the production `Scorer`, one
 thread each, two processes): with each profile forced (`--training-profile small` and `large`:
 `defaults.SMALL_TABLE_TRAINING`, `defaults.LARGE_TABLE_TRAINING`), whatever the size, and
-the test rows ranked by `anomaly_score`. The rule in model/sizing.py gives the small profile
+the test rows ranked by `anomaly_score`. The rule in model/training/sizing.py gives the small
+profile
 up to 724 training rows.
 """
 
@@ -33,10 +34,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
-from vaewatch.model.fit import FitConfig, fit
 from vaewatch.model.scoring import Scorer
-from vaewatch.model.sizing import profile_name
-from vaewatch.model.training import TrainConfig
+from vaewatch.model.training.fit import FitConfig, fit
+from vaewatch.model.training.loop import TrainConfig
+from vaewatch.model.training.sizing import profile_name
 
 CONTAMINATION = 0.05
 PROFILES = ("small", "large")  # TrainConfig.profile, forced whatever the size

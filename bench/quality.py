@@ -82,8 +82,8 @@ from sklearn.preprocessing import StandardScaler
 from vaewatch.jobs.train import TrainJob
 from vaewatch.jobs.train import run as train_run
 from vaewatch.model import registry
-from vaewatch.model.fit import FitConfig
-from vaewatch.model.training import TrainConfig
+from vaewatch.model.training.fit import FitConfig
+from vaewatch.model.training.loop import TrainConfig
 from vaewatch.pipeline.score import ScoreJob
 from vaewatch.pipeline.score import run as score_run
 

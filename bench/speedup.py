@@ -36,7 +36,7 @@ def measure(records: int, repeats: int) -> dict:
     from workload import model_and_batch
 
     from vaewatch.model import defaults
-    from vaewatch.model.estimators import score_records
+    from vaewatch.model.estimation.estimators import score_records
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     model, x, mask = model_and_batch(records, torch.device("cpu"))

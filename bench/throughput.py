@@ -59,7 +59,7 @@ def _matrix(table, spec):
     import numpy as np
     import pyarrow.compute as pc
 
-    from vaewatch.model.features import FeatureKind
+    from vaewatch.model.data.features import FeatureKind
 
     parts = []
     for f in spec.features:
@@ -173,7 +173,7 @@ def _in_memory(x, mask, artifact, k: int, device: str) -> None:
     PyOD's decision_function on an in-memory matrix."""
     import torch
 
-    from vaewatch.model.estimators import score_records
+    from vaewatch.model.estimation.estimators import score_records
 
     model = artifact.build(device)
     log_std = artifact.spec.continuous_log_std.to(device)

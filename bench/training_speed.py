@@ -24,10 +24,10 @@ import platform
 
 import torch
 
-from vaewatch.model.features import FeatureSpec
+from vaewatch.model.data.features import FeatureSpec
+from vaewatch.model.network.vae import VAE, VAEConfig
 from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
-from vaewatch.model.training import TrainConfig, train
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.training.loop import TrainConfig, train
 
 EPOCHS = 3
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vaewatch.model import defaults
-from vaewatch.model.columns import ValueCounts
+from vaewatch.model.data.columns import ValueCounts
 
 
 def python_counter(batches: list[pa.Array]) -> Counter:

@@ -131,13 +131,14 @@ def measure(
 
 
 def compare_heads(numbers: int, strings: int, values: int, epochs: int) -> None:
-    """The flat and the two-level categorical head (model/categorical.py) fitted in process on
+    """The flat and the two-level categorical head (model/network/categorical.py) fitted in process
+    on
     the same 10,000 rows, scored on 5,000 fresh ones of the same table: how well each fits
     (held-out mean log_likelihood, nats per record) and what it costs."""
     from vaewatch.model import defaults
-    from vaewatch.model.fit import FitConfig, fit
     from vaewatch.model.scoring import Scorer
-    from vaewatch.model.training import TrainConfig
+    from vaewatch.model.training.fit import FitConfig, fit
+    from vaewatch.model.training.loop import TrainConfig
 
     print(f"| head | fit, {epochs} epochs (s) | score 5,000 rows (s) | held-out mean "
           "log_likelihood | median |")  # fmt: skip

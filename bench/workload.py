@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.network.vae import VAE, VAEConfig
 
 N_CONTINUOUS, N_BOOLEAN, CATEGORIES = 24, 4, [11, 11, 11, 11]
 

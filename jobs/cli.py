@@ -144,8 +144,8 @@ def train_command(**options) -> None:
     from vaewatch.jobs.train import TrainJob, run
     from vaewatch.model import registry
     from vaewatch.model.artifact import ScoringDefaults
-    from vaewatch.model.fit import FitConfig
-    from vaewatch.model.training import TrainConfig
+    from vaewatch.model.training.fit import FitConfig
+    from vaewatch.model.training.loop import TrainConfig
 
     o = options
     with user_errors_exit_1():

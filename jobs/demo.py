@@ -24,11 +24,11 @@ from vaewatch.jobs.train import TrainJob
 from vaewatch.jobs.train import run as train
 from vaewatch.model import registry
 from vaewatch.model.artifact import ScoringDefaults
-from vaewatch.model.estimators import DEFAULT_K
-from vaewatch.model.fit import FitConfig
+from vaewatch.model.estimation.estimators import DEFAULT_K
 from vaewatch.model.metrics import roc_auc
 from vaewatch.model.synthetic import CHANGED_COLUMNS, LABEL_COLUMNS, transactions
-from vaewatch.model.training import TrainConfig
+from vaewatch.model.training.fit import FitConfig
+from vaewatch.model.training.loop import TrainConfig
 from vaewatch.pipeline.plan import ScoreOptions
 
 MODEL_NAME = "vaewatch-demo"

@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 
 from vaewatch.model import registry
 from vaewatch.model.contract import Manifest
-from vaewatch.model.data import (
+from vaewatch.model.data.inputs import (
     InputError,
     InputFile,
     filesystem_for,

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # no display on batch machines; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vaewatch.model.training import EpochStats  # noqa: E402
+from vaewatch.model.training.loop import EpochStats  # noqa: E402
 
 
 def loss_curves(history: Sequence[EpochStats], best_epoch: int, path: Path) -> Path:

@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from vaewatch.jobs.nightly import DATE
 from vaewatch.model.contract import Manifest
-from vaewatch.model.data import filesystem_for, inside
+from vaewatch.model.data.inputs import filesystem_for, inside
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline import storage
 from vaewatch.pipeline.commit import match_paths, read_manifest

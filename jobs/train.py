@@ -1,6 +1,6 @@
 """`vaewatch train`: `model.fit` wrapped in an MLflow run, then a registered model version.
 
-The fitting itself (spec, network, calibration, artifact) is model/fit.py; this module logs
+The fitting itself (spec, network, calibration, artifact) is model/training/fit.py; this module logs
 parameters, per-epoch metrics, plots and JSON to the run, and registers the artifact.
 """
 
@@ -20,9 +20,9 @@ import click
 
 from vaewatch.jobs import plots
 from vaewatch.model import registry
-from vaewatch.model.fit import FitConfig, FitResult, Prepared, fit
-from vaewatch.model.sizing import profile_name
-from vaewatch.model.training import EpochStats, TrainConfig
+from vaewatch.model.training.fit import FitConfig, FitResult, Prepared, fit
+from vaewatch.model.training.loop import EpochStats, TrainConfig
+from vaewatch.model.training.sizing import profile_name
 from vaewatch.model.version import package_version
 
 
@@ -147,7 +147,7 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
         threshold = calibration.threshold()
         if fitted.best_epoch >= 0:
             echo(f"trained {len(fitted.history)} epochs; best epoch {fitted.best_epoch}")
-        else:  # early stopping chooses no epoch of the KL warm-up (model/training.py)
+        else:  # early stopping chooses no epoch of the KL warm-up (model/training/loop.py)
             echo(
                 f"trained {len(fitted.history)} epochs, all inside the "
                 f"{config.train.kl_warmup_epochs}-epoch KL warm-up: none was chosen, the last "
@@ -285,7 +285,7 @@ def _params(job: TrainJob, prepared: Prepared) -> dict:
     counts = prepared.counts
     return {
         # the training config as run: robust-training fields left unset take the profile for
-        # the table's size (model/sizing.py)
+        # the table's size (model/training/sizing.py)
         **{f"train.{k}": v for k, v in config.train.for_rows(counts.rows_train).to_json().items()},
         **{f"vae.{k}": v for k, v in prepared.vae_config.to_json().items()},
         "score.k": config.scoring.k,

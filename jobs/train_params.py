@@ -14,7 +14,7 @@ from vaewatch.jobs.params import (
     train_epochs,
 )
 from vaewatch.model import defaults
-from vaewatch.model.sizing import PROFILES, SMALL_TABLE_MAX_ROWS
+from vaewatch.model.training.sizing import PROFILES, SMALL_TABLE_MAX_ROWS
 
 # ------------------------------------------------------------------ data and features
 data = option(
@@ -138,7 +138,8 @@ free_bits = option(
     default=defaults.FREE_BITS,
     help="Nats per latent dimension of KL that are not penalised (0 = off).",
 )
-# robust training: unset, each of these takes the profile for the table's size (model/sizing.py)
+# robust training: unset, each of these takes the profile for the table's size
+# (model/training/sizing.py)
 _PROFILE = (
     f"Default: by the table's size; up to {SMALL_TABLE_MAX_ROWS} training rows (a narrowed "
     f"network) {{small}}, from {SMALL_TABLE_MAX_ROWS + 1} rows {{large}}."

@@ -21,12 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vaewatch.model import defaults
-from vaewatch.model.calibration import DEFAULT_TOP_FEATURES, Calibration
+from vaewatch.model.calibration.scores import DEFAULT_TOP_FEATURES, Calibration
+from vaewatch.model.data.features import FeatureSpec
 from vaewatch.model.errors import UserError
-from vaewatch.model.estimators import DEFAULT_K, DEFAULT_SEED
-from vaewatch.model.features import FeatureSpec
-from vaewatch.model.noise import DESIGNS, SOBOL
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.estimation.estimators import DEFAULT_K, DEFAULT_SEED
+from vaewatch.model.estimation.noise import DESIGNS, SOBOL
+from vaewatch.model.network.vae import VAE, VAEConfig
 
 ARTIFACT_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -51,9 +51,11 @@ class ScoringDefaults:
     seed: int = DEFAULT_SEED  # common-random-numbers seed
     top_features: int = DEFAULT_TOP_FEATURES
     # q(z|x)'s standard deviation times this in the importance weights, chosen at training on
-    # the validation rows (model/proposal.py `choose_proposal_scale`); 1 for models saved before it
+    # the validation rows (model/estimation/proposal.py `choose_proposal_scale`); 1 for models
+    # saved before it
     proposal_scale: float = 1.0
-    # the design of the K shared points (model/noise.py); "sobol" for models saved before it
+    # the design of the K shared points (model/estimation/noise.py); "sobol" for models saved
+    # before it
     points: str = defaults.POINTS
 
 

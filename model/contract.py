@@ -134,13 +134,15 @@ class Manifest:
     started: str  # ISO-8601, UTC
     vaewatch_version: str
     precision: str = "fp32"  # the scoring matmuls' precision option (auto | fp32 | bf16)
-    # how is_anomaly was decided (model/calibration.py): "any" (the total score or one feature
+    # how is_anomaly was decided (model/calibration/scores.py): "any" (the total score or one
+    # feature
     # in its tail) or "total" (anomaly_score > threshold); manifests before it were "total"
     flag_rule: str = "total"
     finished: str = ""  # set at commit
     files: tuple[str, ...] = ()  # scored files, relative to the output
     rejected_files: tuple[str, ...] = ()  # relative to the output
-    # the day against the model's calibration (model/drift.py): {"alarm": bool, ...}; set at
+    # the day against the model's calibration (model/calibration/drift.py): {"alarm": bool, ...};
+    # set at
     # commit, {} when not computed
     drift: dict = field(default_factory=dict, compare=False)
     extra: dict = field(default_factory=dict, compare=False)  # keys a newer writer added

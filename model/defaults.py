@@ -10,26 +10,29 @@ ScoringDefaults, FitConfig, ScoreOptions) and the CLI's options read them from h
 # the suite's closed-form pPCA with a mismatched proposal, in both the mean |IWAE - log p(x)| per
 # record and the bias of the table mean. With the scrambled-Sobol points K = 24 was the smallest
 # multiple of 4 that met it with either mismatch (over-dispersed 0.097 / 0.028 nats against
-# 0.106 / 0.034; K = 20 missed the bias, K = 16 both). With the spherical points (model/noise.py)
+# 0.106 / 0.034; K = 20 missed the bias, K = 16 both). With the spherical points
+# (model/estimation/noise.py)
 # K = 24 meets it with a margin (0.076 / 0.010; under-dispersed 0.108 / 0.078 against 0.135 /
 # 0.113) and on 7 of the 9 pPCAs of bench/accuracy_breadth.py (Sobol's: 4); K = 16 meets it on
 # the over-dispersed proposal and ties it on the others, so 24 stays: the trained models'
 # errors fall with K further than the pPCAs' (bench/notes/, "Rotated simplices")
 K = 24
 SEED = 0  # common-random-numbers seed of the scoring noise (and of training)
-# the design of the K shared points (model/noise.py): rotated simplices with stratified radii. On
+# the design of the K shared points (model/estimation/noise.py): rotated simplices with stratified
+# radii. On
 # the suite's pPCA at K = 24, 0.077 / 0.014 nats against scrambled Sobol's 0.095 / 0.030 (100
 # seeds, bench/notes/); models saved before it keep "sobol", their calibration's points
 POINTS = "spherical"
 # factors on q(z|x)'s standard deviation tried at training; the best on the validation rows,
-# over 64 independent draws of the points, is kept (model/proposal.py). On the demo's data it
+# over 64 independent draws of the points, is kept (model/estimation/proposal.py). On the demo's
+# data it
 # chose 1.25 and cut the likely records' error from 0.28 to 0.20 nats (bench/notes/); 1 first:
 # a tie keeps the encoder's q
 PROPOSAL_SCALES = (1.0, 1.25, 1.5, 2.0)
 THRESHOLD_QUANTILE = 0.99  # flags ~1% of normal records; overridable at scoring
 TOP_FEATURES = 3  # features reported per record in top_features
 # is_anomaly: the total score, any one feature, or -log p(discrete | continuous) in its tail
-# (model/calibration.py). On the demo, trained on a day holding its injected rows: unseen
+# (model/calibration/scores.py). On the demo, trained on a day holding its injected rows: unseen
 # merchants flagged 19 % -> 100 %, impossible combinations 70 % -> 90 % (per-feature terms) ->
 # 94.8 % (the conditional term), normal rows 0.77 % -> 0.60 % (8 seeds, in process;
 # bench/notes/). "total" is anomaly_score > its quantile alone.
@@ -44,7 +47,7 @@ TAIL_LEVEL = 0.9
 # calibration rows) "any" flagged 3-44 % of normal test rows, against 0-6 % for "total";
 # from 134 rows up both stayed within 1 % of each other (bench/flags.py)
 MIN_TAIL_ROWS = 200
-TAIL_FOLDS = 10  # the flag threshold is set on out-of-fold surprises (model/calibration.py)
+TAIL_FOLDS = 10  # the flag threshold is set on out-of-fold surprises (model/calibration/scores.py)
 MIN_TAIL_SCALE = 0.25
 # the "any" threshold leaves out of its 1 - q the calibration rows whose surprise lies beyond
 # the OUTLIER_TAIL level of the exponential tail of all of them, up to OUTLIER_SHARE x (1 - q):
@@ -77,7 +80,8 @@ MIN_CATEGORY_SHARE = 0.0
 LATENT_DIM = 8  # enough for the handful of factors tabular data usually has
 HIDDEN = (128, 128)  # encoder and decoder widths
 # ... for tables of ~1,000 training rows and more; smaller tables get a smaller network
-# (model/sizing.py `capacity`): 128x128 units with 8 latent dimensions can memorise the 6 anomalous
+# (model/training/sizing.py `capacity`): 128x128 units with 8 latent dimensions can memorise the 6
+# anomalous
 # rows of a 77-row table as a mode of their own (bench/notes/)
 ROWS_PER_HIDDEN_UNIT = 8
 MIN_HIDDEN = 16
@@ -98,7 +102,7 @@ KL_WARMUP_EPOCHS = 5  # beta: 0 -> 1 over these epochs, against early posterior 
 FREE_BITS = 0.0  # nats per latent dim below which KL is not penalised (0 = off)
 # robust training: each batch's loss down-weights its worst-explained records (training data
 # holds the anomalies users want found, and maximum likelihood would learn them), by the table's
-# size (model/sizing.py; each TrainConfig field left at None takes its profile's value):
+# size (model/training/sizing.py; each TrainConfig field left at None takes its profile's value):
 # - a large table (the full-width network, from 725 training rows): after the KL warm-up the
 #   worst 5 % of each batch count nothing. A large table's normal tail is thousands of rows; a
 #   heavier trim fits it less well, the flag threshold rises 2-5 nats and repeated anomalies fall

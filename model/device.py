@@ -45,7 +45,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The dtype the network's matmuls run in under autocast, or None for float32.
 
     'bf16': the encoder and decoder MLPs in bfloat16, every log-density, the Jacobian and the
-    logsumexp still in float32/float64 (model/vae.py casts the MLP outputs back). 'auto':
+    logsumexp still in float32/float64 (model/network/vae.py casts the MLP outputs back). 'auto':
     bf16 where the device has it natively, else float32."""
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")

@@ -16,13 +16,13 @@ import torch
 
 from vaewatch.model import defaults
 from vaewatch.model.artifact import ModelArtifact
-from vaewatch.model.attribution import explain_flagged, top_features
-from vaewatch.model.calibration import check_quantile
+from vaewatch.model.calibration.scores import check_quantile
 from vaewatch.model.contract import REASON_COLUMN, RejectReason, score_schema
+from vaewatch.model.data.features import RowProblem
 from vaewatch.model.device import resolve_device, resolve_precision
 from vaewatch.model.errors import UserError
-from vaewatch.model.estimators import DEFAULT_MEMORY_BUDGET, score_records
-from vaewatch.model.features import RowProblem
+from vaewatch.model.estimation.attribution import explain_flagged, top_features
+from vaewatch.model.estimation.estimators import DEFAULT_MEMORY_BUDGET, score_records
 
 # bytes per (record, feature) of the per-record outputs held at once: the attribution in
 # float64 and its top-features temporaries (excess, sort order), the missing-value costs
@@ -79,7 +79,8 @@ class ScoredBatch:
     reasons: pa.Array  # (n_rejected,) string: why each rejected row was not scored
     num_rows: int  # rows in the input batch
     # flagged records whose top_features are -log p(x_j|z): past the batch's leave-one-out
-    # budget (model/attribution.py, EXPLAINED_SHARE), on a day where many records are flagged
+    # budget (model/estimation/attribution.py, EXPLAINED_SHARE), on a day where many records are
+    # flagged
     unexplained: int = 0
 
     def aligned(self) -> pa.Table:
@@ -124,7 +125,8 @@ class Scorer:
         self._names = self.spec.names()
         self._baseline = np.asarray(calibration.feature_baseline)
         self._zeros = np.zeros(len(self._names))
-        # the flagged records' leave-one-out attribution (model/attribution.py), at the K its
+        # the flagged records' leave-one-out attribution (model/estimation/attribution.py), at the
+        # K its
         # baseline was computed with; a run at another K (IWAE estimates of different K are on
         # different scales, as for the drift check) keeps -log p(x_j|z) for every record
         stored = calibration.conditional_baseline

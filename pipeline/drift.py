@@ -2,7 +2,8 @@
 sink (pipeline/outputs.py) sums its scored rows into a small `DayStats` (rows, flagged rows,
 scores binned on the calibration quantiles, per-feature top_features counts); the sink's
 finalising step merges them and writes one JSON file next to the staged output. The launcher
-reads it at commit and writes the assessment (model/drift.py) into the manifest. A finalising
+reads it at commit and writes the assessment (model/calibration/drift.py) into the manifest. A
+finalising
 step that runs again rewrites the same file with the same content."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from vaewatch.model.drift import DayStats, Reference, named_features
+from vaewatch.model.calibration.drift import DayStats, Reference, named_features
 
 STATS_FILE = "_drift_stats.json"
 

@@ -45,7 +45,7 @@ from apache_beam.pvalue import AsList
 from apache_beam.transforms import window
 from apache_beam.utils.windowed_value import WindowedValue
 
-from vaewatch.model.drift import DayStats
+from vaewatch.model.calibration.drift import DayStats
 from vaewatch.pipeline import faults
 from vaewatch.pipeline.commit import TEMP_PREFIX
 from vaewatch.pipeline.drift import DayStatsOf, write_stats

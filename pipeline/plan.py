@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from vaewatch.model import defaults, registry
+from vaewatch.model.calibration.drift import Reference
 from vaewatch.model.contract import (
     Manifest,
     ManifestInput,
@@ -23,10 +24,9 @@ from vaewatch.model.contract import (
     RowCounts,
     score_schema,
 )
-from vaewatch.model.data import InputFile, input_containing, read_footers, resolve_files
-from vaewatch.model.drift import Reference
+from vaewatch.model.data.features import FeatureSpec, SchemaMismatchError
+from vaewatch.model.data.inputs import InputFile, input_containing, read_footers, resolve_files
 from vaewatch.model.errors import UserError
-from vaewatch.model.features import FeatureSpec, SchemaMismatchError
 from vaewatch.model.scoring import ScoringOverrides
 from vaewatch.model.threads import threads_for
 from vaewatch.model.version import package_version

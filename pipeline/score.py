@@ -29,9 +29,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
+from vaewatch.model.calibration.drift import Reference
 from vaewatch.model.contract import Manifest, rejected_schema
-from vaewatch.model.data import inside
-from vaewatch.model.drift import Reference
+from vaewatch.model.data.inputs import inside
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline import faults, progress, services, storage
 from vaewatch.pipeline.commit import PART_PREFIX, REJECTED_DIR, OutputError, output_lock

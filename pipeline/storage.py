@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from vaewatch.model.data import filesystem_for, storage_failure
+from vaewatch.model.data.inputs import filesystem_for, storage_failure
 from vaewatch.model.errors import UserError
 
 # scheme: (vaewatch extra, the modules Beam's filesystem for it imports)

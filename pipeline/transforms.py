@@ -31,10 +31,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
 from vaewatch.model import defaults, process, threads
-from vaewatch.model.attribution import EXPLAINED_SHARE
 from vaewatch.model.contract import RejectReason, rejected_schema, score_schema
+from vaewatch.model.data.features import SchemaMismatchError
 from vaewatch.model.errors import UserError
-from vaewatch.model.features import SchemaMismatchError
+from vaewatch.model.estimation.attribution import EXPLAINED_SHARE
 from vaewatch.model.scoring import ScoringOverrides
 from vaewatch.pipeline import faults, progress
 from vaewatch.pipeline.batching import Rebatch

@@ -33,8 +33,8 @@ def trained(workspace):
     """One model trained and registered through the training job (shared by the tests)."""
     from vaewatch.jobs.train import TrainJob, run
     from vaewatch.model import registry
-    from vaewatch.model.fit import FitConfig
-    from vaewatch.model.training import TrainConfig
+    from vaewatch.model.training.fit import FitConfig
+    from vaewatch.model.training.loop import TrainConfig
 
     previous = Path.cwd()
     os.chdir(workspace)

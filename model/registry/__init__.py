@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -35,11 +36,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec
+from mlflow.utils import logging_utils
 
 from vaewatch.model import defaults
 from vaewatch.model.artifact import CONFIG_FILE, ArtifactError, ModelArtifact, sha256_file
 from vaewatch.model.errors import DependencyUnavailable, UserError
-from vaewatch.model.registry.notices import registration_notices_off
 from vaewatch.model.registry.pyfunc_model import ARTIFACT_KEY
 
 DEFAULT_EXPERIMENT = defaults.EXPERIMENT
@@ -48,6 +49,40 @@ ARTIFACT_DIGEST_TAG = "artifact_sha256"  # sha256 of the registered config.json
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_PACKAGE = Path(__file__).parents[1]  # the installed vaewatch.model package
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?/?$")
+
+
+# ------------------------------------------------------------ MLflow's registration notices
+REGISTRATION_NOTICES = ("Successfully registered model", "Registered model ", "Created version")
+
+
+@contextlib.contextmanager
+def registration_notices_off():
+    """MLflow prints "Successfully registered model 'NAME'." (or "Registered model 'NAME'
+    already exists. ...") and "Created version 'N' of model 'NAME'." on stderr whatever its log
+    level (its `eprint`): under -q, which promises only
+    warnings and errors, and beside `vaewatch train`'s own "registered models:/NAME/N" line.
+    Those two notices are dropped from MLflow's stream unless its INFO lines are on (-v);
+    everything else it writes passes."""
+    stream = logging_utils.MLFLOW_LOGGING_STREAM
+    if logging.getLogger("mlflow").isEnabledFor(logging.INFO):
+        yield
+        return
+    write, dropped = stream.write, [False]
+
+    def filtered(text: str) -> None:
+        if text.startswith(REGISTRATION_NOTICES):
+            dropped[0] = True  # print() writes the line's newline in a call of its own
+        elif dropped[0] and text == "\n":
+            dropped[0] = False
+        else:
+            dropped[0] = False
+            write(text)
+
+    stream.write = filtered
+    try:
+        yield
+    finally:
+        del stream.write  # the class's own method again
 
 
 class RegistryError(UserError):

@@ -118,8 +118,8 @@ def test_option_defaults_are_the_code_defaults():
     from dataclasses import asdict
 
     from vaewatch.model.artifact import ScoringDefaults
-    from vaewatch.model.fit import FitConfig
-    from vaewatch.model.training import TrainConfig
+    from vaewatch.model.training.fit import FitConfig
+    from vaewatch.model.training.loop import TrainConfig
     from vaewatch.pipeline.plan import ScoreOptions
 
     train = _defaults("train", "--data", "d", "--model-name", "m")

@@ -249,8 +249,8 @@ def test_report_over_days_scored_by_models_with_other_latent_sizes(
 ):
     """A retrained model with another latent size scores the next day: the report (which crashed
     stacking 8- and 2-wide latent means) plots the latest day's model's codes only and says so."""
-    from vaewatch.model.fit import FitConfig, fit
-    from vaewatch.model.training import TrainConfig
+    from vaewatch.model.training.fit import FitConfig, fit
+    from vaewatch.model.training.loop import TrainConfig
 
     out = tmp_path / "out"
     shutil.copytree(committed, out)

@@ -17,7 +17,7 @@ from tests.conftest import TRAIN_EXCLUDE
 from tests.servers import gcs_server, s3_server
 from vaewatch.jobs.cli import main
 from vaewatch.model import registry
-from vaewatch.model.data import filesystem_for, inside
+from vaewatch.model.data.inputs import filesystem_for, inside
 from vaewatch.model.synthetic import transactions
 from vaewatch.pipeline import faults, storage
 from vaewatch.pipeline.commit import MANIFEST, SUCCESS, read_manifest

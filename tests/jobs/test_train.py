@@ -17,10 +17,10 @@ from vaewatch.jobs import logs
 from vaewatch.jobs.cli import main
 from vaewatch.model import defaults, registry
 from vaewatch.model.contract import SCORE_COLUMNS
-from vaewatch.model.estimators import score_records
+from vaewatch.model.data.training_data import row_uniforms
+from vaewatch.model.estimation.estimators import score_records
 from vaewatch.model.metrics import roc_auc
 from vaewatch.model.scoring import Scorer, ScoringOverrides
-from vaewatch.model.training_data import row_uniforms
 
 
 def test_registered_with_alias_tags_params_metrics_and_plots(trained):

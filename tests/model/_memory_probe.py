@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from vaewatch.model.estimators import iwae
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.estimation.estimators import iwae
+from vaewatch.model.network.vae import VAE, VAEConfig
 
 
 def _status_kib(field: str) -> int:

@@ -14,8 +14,8 @@ def fitted(tmp_path_factory):
     records: the precision tests' model, on CPU and on CUDA."""
     import pyarrow.parquet as pq
 
-    from vaewatch.model.fit import FitConfig, fit
-    from vaewatch.model.training import TrainConfig
+    from vaewatch.model.training.fit import FitConfig, fit
+    from vaewatch.model.training.loop import TrainConfig
 
     folder = tmp_path_factory.mktemp("fitted")
     pq.write_table(transactions(6000, seed=11), folder / "train.parquet")

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from vaewatch.model.features import Feature, FeatureKind, FeatureSpec
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.data.features import Feature, FeatureKind, FeatureSpec
+from vaewatch.model.network.vae import VAE, VAEConfig
 
 
 @dataclass

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from vaewatch.model.artifact import ArtifactError, ModelArtifact, ScoringDefaults
-from vaewatch.model.calibration import Calibration
-from vaewatch.model.estimators import score_records
-from vaewatch.model.features import FeatureSpec
+from vaewatch.model.calibration.scores import Calibration
+from vaewatch.model.data.features import FeatureSpec
+from vaewatch.model.estimation.estimators import score_records
+from vaewatch.model.network.vae import VAE, VAEConfig
 from vaewatch.model.synthetic import LABEL_COLUMNS
-from vaewatch.model.vae import VAE, VAEConfig
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_a_model_saved_before_the_spherical_points_scores_with_sobols(
 ):
     """Its calibration was computed on Sobol points, so it keeps scoring on them: the Scorer's
     log_likelihood is the estimator's with points="sobol", not the default design's."""
-    from vaewatch.model.noise import SOBOL, SPHERICAL
+    from vaewatch.model.estimation.noise import SOBOL, SPHERICAL
     from vaewatch.model.scoring import Scorer
 
     art, _ = artifact

@@ -1,4 +1,5 @@
-"""Leave-one-out attribution, -log p(x_j | x_-j) (model/attribution.py), against the closed form
+"""Leave-one-out attribution, -log p(x_j | x_-j) (model/estimation/attribution.py), against the
+closed form
 of probabilistic PCA with hand-set weights (tests/model/ppca.py), and what it names."""
 
 import numpy as np
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from tests.model.ppca import make_ppca
-from vaewatch.model.attribution import explain_flagged, explained_rows, leave_one_out
-from vaewatch.model.estimators import iwae
+from vaewatch.model.estimation.attribution import explain_flagged, explained_rows, leave_one_out
+from vaewatch.model.estimation.estimators import iwae
 
 N_RECORDS = 200
 

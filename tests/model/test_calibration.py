@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from vaewatch.model import defaults
-from vaewatch.model.attribution import top_features, top_indices
-from vaewatch.model.calibration import (
+from vaewatch.model.calibration.scores import (
     Calibration,
     _surprise,
     discrete_weight,
@@ -13,6 +12,7 @@ from vaewatch.model.calibration import (
     quantile_levels,
 )
 from vaewatch.model.errors import UserError
+from vaewatch.model.estimation.attribution import top_features, top_indices
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,14 @@
-"""Categorical log-probabilities (model/categorical.py), against torch.log_softmax per group:
+"""Categorical log-probabilities (model/network/categorical.py), against torch.log_softmax per
+group:
 the one-block normaliser (fast and safe paths) and the blocked head used for large vocabularies,
 which must be the same function of the weights as the full last layer, gradients included."""
 
 import pytest
 import torch
 
-from vaewatch.model.categorical import pack_blocks
-from vaewatch.model.estimators import bytes_per_pair
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.estimation.estimators import bytes_per_pair
+from vaewatch.model.network.categorical import pack_blocks
+from vaewatch.model.network.vae import VAE, VAEConfig
 
 
 def _per_group(logits: torch.Tensor, sizes: list[int], codes: torch.Tensor) -> torch.Tensor:

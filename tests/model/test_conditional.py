@@ -1,4 +1,5 @@
-"""-log p(x_discrete | x_continuous): the flag rule's conditional term (model/estimators.py
+"""-log p(x_discrete | x_continuous): the flag rule's conditional term
+(model/estimation/estimators.py
 `iwae(conditional=True)`), against a closed form, and its place in the calibration.
 
 The closed form: probabilistic PCA for the continuous features (z ~ N(0, 1), x_c = W z + b + e)
@@ -15,10 +16,10 @@ from numpy.polynomial.hermite_e import hermegauss
 from scipy.special import expit
 
 from tests.model.ppca import make_ppca
-from vaewatch.model.calibration import Calibration
-from vaewatch.model.estimators import score_records
-from vaewatch.model.features import Feature, FeatureKind, FeatureSpec
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.calibration.scores import Calibration
+from vaewatch.model.data.features import Feature, FeatureKind, FeatureSpec
+from vaewatch.model.estimation.estimators import score_records
+from vaewatch.model.network.vae import VAE, VAEConfig
 
 LOGIT_SLOPE, LOGIT_BIAS = 2.5, -0.4  # the boolean's logit: w z + c
 

@@ -6,12 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vaewatch.model.data import InputError, ParquetSource, input_containing, resolve_files
-from vaewatch.model.features import FeatureSpec
+from vaewatch.model.data.features import FeatureSpec
+from vaewatch.model.data.inputs import InputError, ParquetSource, input_containing, resolve_files
+from vaewatch.model.data.training_data import TrainingData, row_uniforms
+from vaewatch.model.network.vae import VAE, VAEConfig
 from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
-from vaewatch.model.training import TrainConfig, train
-from vaewatch.model.training_data import TrainingData, row_uniforms
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.training.loop import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

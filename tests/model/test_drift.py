@@ -8,9 +8,7 @@ import pyarrow as pa
 import pytest
 from scipy import stats as sps
 
-from vaewatch.model.calibration import Calibration
-from vaewatch.model.contract import TOP_FEATURE_TYPE
-from vaewatch.model.drift import (
+from vaewatch.model.calibration.drift import (
     ALPHA,
     DayStats,
     Reference,
@@ -18,6 +16,8 @@ from vaewatch.model.drift import (
     named_features,
     two_proportion,
 )
+from vaewatch.model.calibration.scores import Calibration
+from vaewatch.model.contract import TOP_FEATURE_TYPE
 
 
 def test_two_proportion_z_by_hand():

@@ -12,17 +12,17 @@ import pyarrow as pa
 import pytest
 import torch
 
-from vaewatch.model.estimators import (
+from vaewatch.model.data.features import FeatureSpec
+from vaewatch.model.estimation.estimators import (
     IWAE_STREAM,
     bytes_per_pair,
     iwae,
     plan_chunks,
     score_records,
 )
-from vaewatch.model.features import FeatureSpec
-from vaewatch.model.noise import DESIGNS, SIMPLICES, noise, replicates
+from vaewatch.model.estimation.noise import DESIGNS, SIMPLICES, noise, replicates
+from vaewatch.model.network.vae import VAE, VAEConfig
 from vaewatch.model.synthetic import LABEL_COLUMNS as LABELS
-from vaewatch.model.vae import VAE, VAEConfig
 
 
 def _model(spec: FeatureSpec, seed: int = 0, **overrides) -> VAE:
@@ -342,10 +342,11 @@ def test_the_shared_points_are_seeded_normal_replicates(points):
 @pytest.mark.parametrize("points", DESIGNS)
 @pytest.mark.parametrize("k", [24, 64])  # spherical replicates at 24 (latent 4), Sobol's at 64
 def test_independent_draws_are_the_design_from_their_own_seeds(points, k):
-    """What the proposal scale is chosen on (model/proposal.py): draw j is exactly the points
+    """What the proposal scale is chosen on (model/estimation/proposal.py): draw j is exactly the
+    points
     `noise` gives seed * draws + j on that stream (the same design, batched), the draws differ,
     and none is the scorer's draw (another stream)."""
-    from vaewatch.model.noise import independent_draws
+    from vaewatch.model.estimation.noise import independent_draws
 
     draws = independent_draws(5, k, 4, seed=3, stream=9, points=points)
     assert draws.shape == (5, k, 4)
@@ -400,7 +401,7 @@ def test_spherical_points_are_marginally_standard_normal():
 def test_chunk_plans_fit_the_budget_and_hold_several_samples():
     """records x samples x bytes <= budget, every sample and record covered, and a step holds
     SAMPLES_PER_STEP samples (all K when fewer) whenever one record's worth fits."""
-    from vaewatch.model.estimators import SAMPLES_PER_STEP
+    from vaewatch.model.estimation.estimators import SAMPLES_PER_STEP
 
     for n_records, k, pair_bytes, budget in itertools.product(
         (1, 7, 300, 65_536), (1, 4, 32, 5000), (100, 4_496, 2**20), (20_000, 64 * 2**20)

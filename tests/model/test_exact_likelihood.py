@@ -9,9 +9,9 @@ import torch
 
 from tests.model.ppca import make_ppca
 from vaewatch.model import defaults
-from vaewatch.model.estimators import ELBO_STREAM, IWAE_STREAM, elbo, iwae
+from vaewatch.model.estimation.estimators import ELBO_STREAM, IWAE_STREAM, elbo, iwae
+from vaewatch.model.estimation.noise import DESIGNS, iid_noise, noise
 from vaewatch.model.metrics import pooled_standardised_difference
-from vaewatch.model.noise import DESIGNS, iid_noise, noise
 
 N_RECORDS = 200
 
@@ -287,7 +287,7 @@ def test_the_proposal_scale_is_chosen_by_how_wide_q_is(ppca, var_scale, allowed)
     q's variance x1.5, 1 at 0.018 against 0.003 for 1.25; x0.7, 1.25 at 0.011 against 0.007 for
     2; x0.3, 2 at 0.017, the best)."""
     from vaewatch.model.artifact import ScoringDefaults
-    from vaewatch.model.proposal import choose_proposal_scale
+    from vaewatch.model.estimation.proposal import choose_proposal_scale
 
     spec, data, exact = _validation(ppca, exact=True)
     vae = ppca.to_vae(var_scale=var_scale)
@@ -325,7 +325,7 @@ def test_the_proposal_scale_follows_the_design_not_one_draws_luck(
     from dataclasses import replace
 
     from vaewatch.model.artifact import ScoringDefaults
-    from vaewatch.model.proposal import choose_proposal_scale
+    from vaewatch.model.estimation.proposal import choose_proposal_scale
 
     spec, data = _validation(ppca)
     vae = ppca.to_vae(mean_scale=mean_scale, var_scale=var_scale)
@@ -345,10 +345,10 @@ def test_a_wider_proposal_brings_a_narrow_qs_estimate_closer_to_log_p(ppca):
     the scorer uses the artifact's factor (its log_likelihood equals the IWAE computed here with
     the widened Gaussian written out by hand)."""
     from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
-    from vaewatch.model.calibration import Calibration
-    from vaewatch.model.proposal import choose_proposal_scale
+    from vaewatch.model.calibration.scores import Calibration
+    from vaewatch.model.estimation.proposal import choose_proposal_scale
+    from vaewatch.model.network.vae import Posterior
     from vaewatch.model.scoring import Scorer
-    from vaewatch.model.vae import Posterior
 
     spec, data = _validation(ppca)
     vae = ppca.to_vae(var_scale=0.3)
@@ -378,7 +378,7 @@ def test_replicates_far_apart_keep_their_own_scale():
     others (as on the demo's most extreme records): each replicate's log-sum is exact, whatever
     the chunks the samples arrive in, so the standard error is the plain sd of the four
     log-means / 2 (with one shared scale the lower three underflowed and it stopped near 177)."""
-    from vaewatch.model.reductions import block_log_sums, replicate_error
+    from vaewatch.model.estimation.estimators import block_log_sums, replicate_error
 
     log_w = torch.tensor([[0.0], [-1.0], [-2000.0], [-2001.0], [-2002.0], [-2000.5], [-2001.5],
                           [-2003.0]], dtype=torch.float64)  # fmt: skip

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from vaewatch.model.features import FeatureKind, FeatureSpec, RowProblem, SchemaMismatchError
+from vaewatch.model.data.features import FeatureKind, FeatureSpec, RowProblem, SchemaMismatchError
 
 LABELS = ["record_id", "is_injected_anomaly", "anomaly_kind"]
 
@@ -241,7 +241,7 @@ def test_value_counts_are_exact_within_capacity_and_bounded_beyond(caplog):
     Gries 1982)."""
     from collections import Counter
 
-    from vaewatch.model.columns import ValueCounts
+    from vaewatch.model.data.columns import ValueCounts
 
     rng = np.random.default_rng(0)
     values = [f"v{v}" for v in rng.zipf(1.5, 5_000) % 30]

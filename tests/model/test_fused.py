@@ -1,12 +1,12 @@
-"""The fused inference path (model/fused.py) computes what the eager layers compute."""
+"""The fused inference path (model/network/fused.py) computes what the eager layers compute."""
 
 import pytest
 import torch
 from torch import nn
 
-from vaewatch.model import fused
-from vaewatch.model.estimators import score_records
-from vaewatch.model.vae import VAE, VAEConfig, mlp
+from vaewatch.model.estimation.estimators import score_records
+from vaewatch.model.network import fused
+from vaewatch.model.network.vae import VAE, VAEConfig, mlp
 
 needs_onednn = pytest.mark.skipif(not fused.available(), reason="torch built without oneDNN")
 needs_onednn_bf16 = pytest.mark.skipif(

@@ -9,13 +9,13 @@ import torch
 
 from vaewatch.model import device as devices
 from vaewatch.model.artifact import ModelArtifact
-from vaewatch.model.calibration import Calibration
-from vaewatch.model.estimators import score_records
-from vaewatch.model.features import FeatureSpec
+from vaewatch.model.calibration.scores import Calibration
+from vaewatch.model.data.features import FeatureSpec
+from vaewatch.model.estimation.estimators import score_records
+from vaewatch.model.network.vae import VAE, VAEConfig
 from vaewatch.model.scoring import Scorer
 from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
-from vaewatch.model.training import TrainConfig, train
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.training.loop import TrainConfig, train
 
 pytestmark = pytest.mark.cuda
 

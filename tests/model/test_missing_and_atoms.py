@@ -15,10 +15,10 @@ import torch
 from scipy.special import expit
 from scipy.stats import norm
 
-from vaewatch.model.calibration import Calibration
-from vaewatch.model.estimators import score_records
-from vaewatch.model.features import Feature, FeatureKind, FeatureSpec
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.calibration.scores import Calibration
+from vaewatch.model.data.features import Feature, FeatureKind, FeatureSpec
+from vaewatch.model.estimation.estimators import score_records
+from vaewatch.model.network.vae import VAE, VAEConfig
 
 ROWS = 999  # training rows the spec claims: a never-missing column costs log(0.5 / 1000)
 AMOUNT_MEAN, AMOUNT_STD = 40.0, 25.0

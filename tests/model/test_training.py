@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from vaewatch.model import defaults
-from vaewatch.model.estimators import score_records
-from vaewatch.model.features import FeatureSpec
+from vaewatch.model.data.features import FeatureSpec
+from vaewatch.model.data.training_data import TrainingData, held_out_fraction, split_indices
+from vaewatch.model.estimation.estimators import score_records
 from vaewatch.model.metrics import roc_auc
-from vaewatch.model.sizing import SMALL_TABLE_MAX_ROWS, capacity
+from vaewatch.model.network.vae import VAE, VAEConfig
 from vaewatch.model.synthetic import LABEL_COLUMNS as LABELS
-from vaewatch.model.training import TrainConfig, robust_mean, train, trimmed_mean
-from vaewatch.model.training_data import TrainingData, held_out_fraction, split_indices
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.training.loop import TrainConfig, robust_mean, train, trimmed_mean
+from vaewatch.model.training.sizing import SMALL_TABLE_MAX_ROWS, capacity
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +351,7 @@ def test_the_dropped_share_waits_for_the_warm_up(monkeypatch):
     """--robust-drop counts nothing only once the KL warm-up is over (dropped from the first
     update it is a share of every table that is never learned); the down-weighting starts from
     the first update when asked."""
-    import vaewatch.model.training as training
+    import vaewatch.model.training.loop as training
 
     calls = []
     real = training.robust_mean

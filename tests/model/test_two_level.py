@@ -1,4 +1,5 @@
-"""The two-level softmax for large vocabularies (model/categorical.py): log p(code | z) is the
+"""The two-level softmax for large vocabularies (model/network/categorical.py): log p(code | z) is
+the
 cluster's log_softmax plus the class's log_softmax within its cluster, computed here by hand
 from the eager last layer's full output; it must be a normalised distribution over the
 vocabulary, carry the same gradients, and be able to fit any distribution."""
@@ -8,11 +9,12 @@ import math
 import pytest
 import torch
 
-from vaewatch.model import categorical, defaults
-from vaewatch.model.categorical import layout, pack_blocks, two_level_shape
-from vaewatch.model.estimators import bytes_per_pair
-from vaewatch.model.features import Feature, FeatureKind, FeatureSpec
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model import defaults
+from vaewatch.model.data.features import Feature, FeatureKind, FeatureSpec
+from vaewatch.model.estimation.estimators import bytes_per_pair
+from vaewatch.model.network import categorical
+from vaewatch.model.network.categorical import layout, pack_blocks, two_level_shape
+from vaewatch.model.network.vae import VAE, VAEConfig
 
 # a 300- and a 320-class group side by side (18 classes per cluster) share a block of 18
 # clusters: the 300-class group uses 17 of them, its last holding 300 - 16 * 18 = 12 classes. A

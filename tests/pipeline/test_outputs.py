@@ -12,7 +12,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from tests.pipeline.test_tables import _scored
-from vaewatch.model.drift import Reference
+from vaewatch.model.calibration.drift import Reference
 from vaewatch.pipeline.commit import TEMP_PREFIX
 from vaewatch.pipeline.drift import DayStatsOf
 from vaewatch.pipeline.outputs import Output, WriteOutputs, Written, _finalize

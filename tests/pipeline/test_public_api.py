@@ -18,7 +18,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 import vaewatch.pipeline
 from vaewatch.model import registry
 from vaewatch.model.contract import REASON_COLUMN, score_schema
-from vaewatch.model.features import SchemaMismatchError
+from vaewatch.model.data.features import SchemaMismatchError
 from vaewatch.model.scoring import Scorer
 from vaewatch.pipeline import ScoreRecords
 

@@ -17,7 +17,7 @@ from vaewatch.jobs.cli import main
 from vaewatch.model import defaults
 from vaewatch.model.contract import SCORE_COLUMNS, Manifest, score_schema
 from vaewatch.model.device import resolve_precision
-from vaewatch.model.estimators import score_records
+from vaewatch.model.estimation.estimators import score_records
 from vaewatch.model.scoring import Scorer
 from vaewatch.pipeline.commit import MANIFEST, SUCCESS
 from vaewatch.pipeline.drift import STATS_FILE

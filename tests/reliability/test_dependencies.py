@@ -21,8 +21,8 @@ from vaewatch.jobs.cli import main
 from vaewatch.jobs.train import TrainJob
 from vaewatch.jobs.train import run as train_run
 from vaewatch.model import registry
-from vaewatch.model.fit import FitConfig
-from vaewatch.model.training import TrainConfig
+from vaewatch.model.training.fit import FitConfig
+from vaewatch.model.training.loop import TrainConfig
 from vaewatch.pipeline.commit import read_manifest
 
 

@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 
 from vaewatch.jobs.cli import main
 from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
-from vaewatch.model.calibration import Calibration
+from vaewatch.model.calibration.scores import Calibration
 from vaewatch.model.contract import RejectReason
-from vaewatch.model.estimators import score_records
-from vaewatch.model.features import FeatureSpec
+from vaewatch.model.data.features import FeatureSpec
+from vaewatch.model.estimation.estimators import score_records
+from vaewatch.model.network.vae import VAE, VAEConfig
 from vaewatch.model.scoring import Scorer, ScoringOverrides
-from vaewatch.model.training import TrainConfig, train
-from vaewatch.model.vae import VAE, VAEConfig
+from vaewatch.model.training.loop import TrainConfig, train
 from vaewatch.pipeline.commit import REJECTED_DIR, read_manifest
 
 REASONS = {"non_finite_value", "all_features_missing", "value_out_of_range", "non_finite_score"}

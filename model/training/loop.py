@@ -1,7 +1,7 @@
 """Fitting a VAE: Adam on mini-batches, a seeded validation split, early stopping.
 
 Objectives (per record, averaged only at the very end), both reductions of the estimator core
-(model/estimators.py) with fresh noise per record:
+(model/estimation/estimators.py) with fresh noise per record:
 - "elbo": reconstruction - beta * KL, with beta warmed up linearly from 0 to 1 and optional
   free bits (each latent dimension's KL counts at least `free_bits` nats, Kingma et al. 2016).
 - "iwae": the K-sample importance-weighted bound (Burda et al. 2015); no warm-up, the bound is
@@ -10,7 +10,7 @@ Validation reports the plain ELBO (beta = 1, no free bits) and the IWAE with the
 estimator, so runs are comparable. Early stopping watches the validation IWAE (trimmed of its
 worst 1 %), the score vaewatch reports, whatever the objective, and starts only once the KL
 warm-up is over: no epoch with beta < 1 is chosen, and patience counts from there.
-The data side (split, caching, streaming) is model/training_data.py.
+The data side (split, caching, streaming) is model/data/training_data.py.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import torch
 
 from vaewatch.model import defaults
 from vaewatch.model import threads as cpu_threads
+from vaewatch.model.data.training_data import TrainingData
 from vaewatch.model.device import resolve_device
-from vaewatch.model.estimators import UNBOUNDED
-from vaewatch.model.estimators import elbo as elbo_estimate
-from vaewatch.model.estimators import iwae as iwae_estimate
-from vaewatch.model.sizing import PROFILES, training_profile
-from vaewatch.model.training_data import TrainingData
-from vaewatch.model.vae import VAE, gaussian_kl_dims
+from vaewatch.model.estimation.estimators import UNBOUNDED
+from vaewatch.model.estimation.estimators import elbo as elbo_estimate
+from vaewatch.model.estimation.estimators import iwae as iwae_estimate
+from vaewatch.model.network.vae import VAE, gaussian_kl_dims
+from vaewatch.model.training.sizing import PROFILES, training_profile
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015: unit u is active if Cov_x(E_q[z_u]) > 0.01
 VALIDATION_IWAE_ROWS = 10_000  # per-epoch IWAE on at most this many rows (~0.5 s at K=64, CPU)
@@ -45,7 +45,7 @@ class TrainConfig:
     learning_rate: float = defaults.LEARNING_RATE
     weight_decay: float = defaults.WEIGHT_DECAY
     # a table-wide Gaussian prior on the weights; None (as for every robust-training field
-    # below): the profile for the table's size (model/sizing.py `training_profile`)
+    # below): the profile for the table's size (model/training/sizing.py `training_profile`)
     weight_prior: float | None = None
     objective: str = defaults.OBJECTIVE
     train_k: int = defaults.TRAIN_K
@@ -108,7 +108,8 @@ class TrainConfig:
 
     def for_rows(self, train_rows: int) -> TrainConfig:
         """This config with every robust-training field left at None set from the profile for
-        `train_rows` training rows (`profile`, model/sizing.py); values given explicitly stay."""
+        `train_rows` training rows (`profile`, model/training/sizing.py); values given explicitly
+        stay."""
         profile = training_profile(train_rows, self.profile)
         given = {name: getattr(self, name) for name in profile}
         return replace(self, **{k: v for k, v in profile.items() if given[k] is None})

@@ -3,7 +3,7 @@
 At training the validation split is scored with the production estimator (same K, S, seed as
 scoring). We keep its anomaly-score quantiles on a fixed grid of levels (dense in the upper
 tail, where thresholds live), a threshold at a chosen quantile, and each feature's median
--log p(x_j|z) and -log p(x_j|x_-j): `top_features`' baselines (model/attribution.py).
+-log p(x_j|z) and -log p(x_j|x_-j): `top_features`' baselines (model/estimation/attribution.py).
 
 - `percentile(score)`: the empirical CDF of the calibration scores, linearly interpolated
   between grid points, in percent [0, 100]. Scores below the smallest calibration score are 0,
@@ -23,7 +23,8 @@ tail, where thresholds live), a threshold at a chosen quantile, and each feature
   model finds very unlikely, diluted in the total by every other feature's spread) is flagged.
   In a table with both continuous and discrete features one more term is tested the same way:
   -log p(x_d | x_c), the discrete values given the continuous ones (`discrete_nll`,
-  model/estimators.py), which sees a combination that never occurs (an in-person purchase at an
+  model/estimation/estimators.py), which sees a combination that never occurs (an in-person
+  purchase at an
   online-only merchant) where the record's own features' terms each look ordinary. The "total"
   rule (and models that predate "any", and any calibrated on fewer than MIN_TAIL_ROWS rows, too
   few to fit a tail per term) flag `anomaly_score > score_quantile(q)`.
@@ -40,8 +41,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from vaewatch.model import defaults
-from vaewatch.model.attribution import top_indices
 from vaewatch.model.errors import UserError
+from vaewatch.model.estimation.attribution import top_indices
 
 DEFAULT_THRESHOLD_QUANTILE = defaults.THRESHOLD_QUANTILE
 DEFAULT_TOP_FEATURES = defaults.TOP_FEATURES
@@ -86,7 +87,8 @@ class Calibration:
     # anomaly_score's weight on -log p(x_d | x_c) (`discrete_weight`); 1 in tables without both
     # kinds and in models that predate it (their score is the plain surprisal)
     discrete_weight: float = 1.0
-    # flagged records' top_features baseline, median -log p(x_j|x_-j) (model/attribution.py)
+    # flagged records' top_features baseline, median -log p(x_j|x_-j)
+    # (model/estimation/attribution.py)
     conditional_baseline: list[float] | None = None  # None: older models (-log p(x_j|z) then)
 
     @classmethod

@@ -1,0 +1,96 @@
+"""Bit-identical scores across a code change: the same model and input through two commits.
+
+    python bench/same_scores.py --baseline 28e9dfe    # before the model/ layout by concept
+    python bench/same_scores.py --baseline HEAD~3 --rows 20000
+
+Fits one model with this checkout (the demo's generator, one day), saves the artifact, and
+scores the next day with the `Scorer` of this checkout and, in a child process, of the baseline
+commit (a `git archive` of it on PYTHONPATH). Every output column must be bit-identical: the
+same Arrow arrays, nulls and floats alike. Prints each column's verdict; exit 1 on a
+difference. A refactor that moves code must pass this; a change meant to move the scores
+must not claim to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speedup import child_env, export  # noqa: E402
+
+SCORE = """
+import sys
+import pyarrow.parquet as pq
+from vaewatch.model.artifact import ModelArtifact
+from vaewatch.model.scoring import Scorer
+import vaewatch.model.scoring as where
+artifact = ModelArtifact.load(sys.argv[1])
+scored = Scorer(artifact, model_version="m/1", device="cpu").score(pq.read_table(sys.argv[2]))
+pq.write_table(scored.aligned(), sys.argv[3])
+print(where.__file__)
+"""
+
+
+def score_with(pythonpath: Path | None, model: Path, data: Path, out: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", SCORE, str(model), str(data), str(out)],
+        env=child_env(pythonpath), capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"scoring with {pythonpath or 'this checkout'} failed:\n{done.stderr}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", required=True, help="the commit to compare with")
+    parser.add_argument("--rows", type=int, default=5_000, help="rows per day")
+    parser.add_argument("--json", default=None, help="write the verdicts here")
+    args = parser.parse_args()
+
+    from vaewatch.jobs.demo import write_partitions
+    from vaewatch.model.synthetic import LABEL_COLUMNS
+    from vaewatch.model.training.fit import FitConfig, fit
+    from vaewatch.model.training.loop import TrainConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        days = write_partitions(work / "input", days=2, rows_per_day=args.rows, seed=0)
+        train, data = days
+        exclude = [c for c in LABEL_COLUMNS if c != "record_id"]
+        config = FitConfig(id_column="record_id", exclude=exclude,
+                           train=TrainConfig(epochs=3, seed=0))  # fmt: skip
+        fitted = fit(str(train), config)
+        model = fitted.artifact.save(work / "model")
+        here = score_with(None, model, data, work / "here.parquet")
+        base = score_with(export(args.baseline, work / "baseline"), model, data,
+                          work / "base.parquet")  # fmt: skip
+        a, b = pq.read_table(work / "here.parquet"), pq.read_table(work / "base.parquet")
+        verdicts = {
+            name: bool(
+                a.schema.field(name).equals(b.schema.field(name)) and a[name].equals(b[name])
+            )
+            for name in a.column_names
+        }
+        verdicts["(same columns)"] = a.column_names == b.column_names
+    print(f"this checkout: {here}\nbaseline {args.baseline}: {base}")
+    print(f"{data.name}: {a.num_rows:,} rows")
+    for name, same in verdicts.items():
+        print(f"  {name:<20} {'bit-identical' if same else 'DIFFERENT'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(verdicts, indent=1))
+    if not all(verdicts.values()):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    pa.set_cpu_count(1)
+    main()

@@ -1,0 +1,1 @@
+"""The network: the VAE, its categorical heads, the fused inference layers."""
