@@ -51,7 +51,12 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=40)
     parser.add_argument("--rows", type=int, default=20_000, help="rows per scored day")
     parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument(
+        "--quick", action="store_true", help="2 models x 10 days (make bench-quick)"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.models, args.days = 2, 10
 
     alarms, fired = collections.Counter(), collections.defaultdict(collections.Counter)
     for m in range(args.models):

@@ -51,10 +51,16 @@ def score_with(pythonpath: Path | None, model: Path, data: Path, out: Path) -> s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", required=True, help="the commit to compare with")
+    parser.add_argument(
+        "--baseline", default="HEAD", help="the commit to compare with (HEAD: the working tree's "
+        "changes against the last commit)"
+    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="2,000 rows per day")
     parser.add_argument("--rows", type=int, default=5_000, help="rows per day")
     parser.add_argument("--json", default=None, help="write the verdicts here")
     args = parser.parse_args()
+    if args.quick:
+        args.rows = 2_000
 
     from vaewatch.jobs.demo import write_partitions
     from vaewatch.model.synthetic import LABEL_COLUMNS
