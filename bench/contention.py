@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from vaewatch.model import defaults
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -35,13 +37,13 @@ def child(job: str, seconds: float) -> dict:
     if job == "score":
         from estimators import model_and_batch
 
-        from vaewatch.model.estimation.estimators import DEFAULT_K, score_records
+        from vaewatch.model.estimation.estimators import score_records
 
         model, x, mask = model_and_batch(4096, torch.device("cpu"))
-        score_records(model, x, mask, log_std=None, k=DEFAULT_K)  # warm-up
+        score_records(model, x, mask, log_std=None, k=defaults.K)  # warm-up
         started, records = time.perf_counter(), 0
         while time.perf_counter() - started < seconds:
-            score_records(model, x, mask, log_std=None, k=DEFAULT_K)
+            score_records(model, x, mask, log_std=None, k=defaults.K)
             records += 4096
         elapsed = time.perf_counter() - started
         return {"rate": records / elapsed, "unit": "records/s"}

@@ -22,9 +22,8 @@ from vaewatch.jobs.query import connect, format_table, summary, top
 from vaewatch.jobs.report import write as write_report
 from vaewatch.jobs.train import TrainJob
 from vaewatch.jobs.train import run as train
-from vaewatch.model import registry
+from vaewatch.model import defaults, registry
 from vaewatch.model.artifact import ScoringDefaults
-from vaewatch.model.estimation.estimators import DEFAULT_K
 from vaewatch.model.metrics import roc_auc
 from vaewatch.model.synthetic import CHANGED_COLUMNS, LABEL_COLUMNS, transactions
 from vaewatch.model.training.fit import FitConfig
@@ -71,7 +70,7 @@ def run(
     days: int = 4,
     seed: int = 0,
     epochs: int = 30,
-    k: int = DEFAULT_K,
+    k: int = defaults.K,
     echo=print,
 ) -> DemoResult:
     started = time.perf_counter()

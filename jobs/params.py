@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from vaewatch.model import defaults
+from vaewatch.model.choices import FlagRule, Precision
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline import storage
 
@@ -155,7 +156,7 @@ threshold_quantile = option(
 )
 score_flag_rule = option(
     "--flag-rule",
-    type=click.Choice(defaults.FLAG_RULES),
+    type=click.Choice(FlagRule.values()),
     default=None,
     help="is_anomaly's rule: 'any' (the total score or one feature in its tail) or 'total' "
     "(anomaly_score alone) (default: the model's).",
@@ -294,7 +295,7 @@ threads = option(
 
 precision = option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "bf16"]),
+    type=click.Choice(Precision.values()),
     default=defaults.PRECISION,
     help="The network's matmuls: bf16 (log-densities stay float32/64), fp32, or auto: bf16 "
     "where the CPU or GPU has it natively.",

@@ -14,7 +14,8 @@ from vaewatch.jobs.params import (
     train_epochs,
 )
 from vaewatch.model import defaults
-from vaewatch.model.training.sizing import PROFILES, SMALL_TABLE_MAX_ROWS
+from vaewatch.model.choices import FlagRule, Missingness, Objective, TrainingProfile
+from vaewatch.model.training.sizing import SMALL_TABLE_MAX_ROWS
 
 # ------------------------------------------------------------------ data and features
 data = option(
@@ -73,7 +74,7 @@ min_category_share = option(
 )
 missingness = option(
     "--missingness",
-    type=click.Choice(["model", "marginal"]),
+    type=click.Choice(Missingness.values()),
     default=defaults.MISSINGNESS,
     help="model: which values are missing is part of the record (an unusual gap costs nats); "
     "marginal: a missing value is marginalised out and costs nothing.",
@@ -116,7 +117,7 @@ weight_decay = option(
 )
 objective = option(
     "--objective",
-    type=click.Choice(["elbo", "iwae"]),
+    type=click.Choice(Objective.values()),
     default=defaults.OBJECTIVE,
     help="Training objective: the ELBO, or the importance-weighted bound with --train-k samples.",
 )
@@ -154,7 +155,7 @@ def _by_size(name: str, show=str) -> str:
 training_profile = option(
     "--training-profile",
     "profile",
-    type=click.Choice(list(PROFILES)),
+    type=click.Choice(TrainingProfile.values()),
     default="auto",
     help="The robust-training profile: auto picks it by the training rows (small up to "
     f"{SMALL_TABLE_MAX_ROWS}, where the network is narrowed; large from "
@@ -264,7 +265,7 @@ train_threshold_quantile = option(
 )
 flag_rule = option(
     "--flag-rule",
-    type=click.Choice(defaults.FLAG_RULES),
+    type=click.Choice(FlagRule.values()),
     default=defaults.FLAG_RULE,
     help="is_anomaly: 'any' flags a record whose total score, any single feature, or its "
     "discrete values given its continuous ones is in its own calibration tail (at one level, "

@@ -49,3 +49,18 @@ def forward_package(package: str, old_module: str):
         return getattr(target, name)
 
     return __getattr__
+
+
+def deprecated_defaults(module: str, names: dict[str, str]):
+    """The `__getattr__` of a module that used to alias defaults (`DEFAULT_K = defaults.K`):
+    the old name still reads the value, with a warning naming `vaewatch.model.defaults.NAME`."""
+
+    def __getattr__(name: str):
+        if name not in names:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        from vaewatch.model import defaults
+
+        _warn(f"{module}.{name}", f"vaewatch.model.defaults.{names[name]}")
+        return getattr(defaults, names[name])
+
+    return __getattr__

@@ -21,10 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vaewatch.model import defaults
-from vaewatch.model.calibration.scores import DEFAULT_TOP_FEATURES, Calibration
+from vaewatch.model.calibration.scores import Calibration
 from vaewatch.model.data.features import FeatureSpec
 from vaewatch.model.errors import UserError
-from vaewatch.model.estimation.estimators import DEFAULT_K, DEFAULT_SEED
 from vaewatch.model.estimation.noise import DESIGNS, SOBOL
 from vaewatch.model.network.vae import VAE, VAEConfig
 
@@ -47,9 +46,9 @@ class ArtifactError(UserError):
 
 @dataclass
 class ScoringDefaults:
-    k: int = DEFAULT_K  # IWAE samples; the calibration was computed with K and the seed
-    seed: int = DEFAULT_SEED  # common-random-numbers seed
-    top_features: int = DEFAULT_TOP_FEATURES
+    k: int = defaults.K  # IWAE samples; the calibration was computed with K and the seed
+    seed: int = defaults.SEED  # common-random-numbers seed
+    top_features: int = defaults.TOP_FEATURES
     # q(z|x)'s standard deviation times this in the importance weights, chosen at training on
     # the validation rows (model/estimation/proposal.py `choose_proposal_scale`); 1 for models
     # saved before it

@@ -1,9 +1,12 @@
 """Every default a user can override, in one place, with the reason for its value.
 
-Plain constants with no imports: the dataclasses that use them (TrainConfig, VAEConfig,
-ScoringDefaults, FitConfig, ScoreOptions) and the CLI's options read them from here, so
-`vaewatch --help` shows exactly what the code does, without importing torch or Beam.
+Plain constants, importing only the sets of choices (model/choices.py): the dataclasses that
+use them (TrainConfig, VAEConfig, ScoringDefaults, FitConfig, ScoreOptions) and the CLI's
+options read them from here, so `vaewatch --help` shows exactly what the code does, without
+importing torch or Beam.
 """
+
+from vaewatch.model.choices import FlagRule
 
 # ---------------------------------------------------------------- scoring
 # IWAE samples, chosen by accuracy. Target: no worse than i.i.d. K = 64, the earlier default, on
@@ -37,7 +40,7 @@ TOP_FEATURES = 3  # features reported per record in top_features
 # 94.8 % (the conditional term), normal rows 0.77 % -> 0.60 % (8 seeds, in process;
 # bench/notes/). "total" is anomaly_score > its quantile alone.
 FLAG_RULE = "any"
-FLAG_RULES = ("any", "total")
+FLAG_RULES = FlagRule.values()  # kept for bench/ and older callers
 # a term's tail is exponential above this quantile of its calibration values (peaks over
 # threshold); scales below MIN_TAIL_SCALE nats (a near-deterministic feature) are raised to it,
 # so that differences of a fraction of a nat, at the level of Monte Carlo noise, never flag

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from vaewatch.model.choices import Precision
 from vaewatch.model.errors import UserError
 
 AUTO = "auto"  # CUDA when present, else CPU
@@ -29,7 +30,7 @@ def resolve_device(device: str = AUTO) -> torch.device:
     return resolved
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = Precision.values()
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -47,8 +48,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     'bf16': the encoder and decoder MLPs in bfloat16, every log-density, the Jacobian and the
     logsumexp still in float32/float64 (model/network/vae.py casts the MLP outputs back). 'auto':
     bf16 where the device has it natively, else float32."""
-    if precision not in PRECISIONS:
-        raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    Precision.check("precision", precision)
     fast = bf16_is_fast(device)
     if precision == "fp32" or (precision == "auto" and not fast):
         return None

@@ -32,7 +32,7 @@ from vaewatch.model.threads import threads_for
 from vaewatch.model.version import package_version
 from vaewatch.pipeline.commit import LocalCommitter, ObjectStoreCommitter, committer_for, new_run_id
 from vaewatch.pipeline.progress import DEFAULT_INTERVAL
-from vaewatch.pipeline.transforms import DEFAULT_BATCH_SIZE, ModelSettings
+from vaewatch.pipeline.transforms import ModelSettings
 
 LOCAL_RUNNER = "local"  # Beam's in-process FnApiRunner: never fetches anything from the network
 
@@ -43,7 +43,7 @@ class ScoreOptions:
 
     overrides: ScoringOverrides = ScoringOverrides()  # K, seed, quantile; None: the model's
     precision: str = defaults.PRECISION  # auto | fp32 | bf16 (model/device.py)
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int = defaults.SCORE_BATCH_SIZE
     keep: Sequence[str] | None = None  # None: the model's id column, when the input has it
     runner: str = LOCAL_RUNNER
     workers: int = 1  # local runner: >1 runs that many worker processes

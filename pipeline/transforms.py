@@ -31,6 +31,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
 from vaewatch.model import defaults, process, threads
+from vaewatch.model._moved import deprecated_defaults
 from vaewatch.model.contract import RejectReason, rejected_schema, score_schema
 from vaewatch.model.data.features import SchemaMismatchError
 from vaewatch.model.errors import UserError
@@ -41,7 +42,6 @@ from vaewatch.pipeline.batching import Rebatch
 
 SCORED_TAG = "scored"
 REJECTED_TAG = "rejected"
-DEFAULT_BATCH_SIZE = defaults.SCORE_BATCH_SIZE
 WRITE_CHUNK_ROWS = 65_536  # rows per written table: large row groups, few Python calls
 READ_BATCH_ROWS = 65_536  # rows per table read from a file
 ROW_GROUPS_PER_SPLIT = 4  # a large file is read by several workers, a few row groups each
@@ -358,7 +358,7 @@ class ScoreRecords(beam.PTransform):
         input_schema: pa.Schema,
         scored_schema: pa.Schema,
         keep: Sequence[str] = (),
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int = defaults.SCORE_BATCH_SIZE,
         torch_threads: int | None = None,
         progress_seconds: float = progress.DEFAULT_INTERVAL,
     ):
@@ -446,3 +446,7 @@ class ScoreRecords(beam.PTransform):
             .with_output_types(pa.Table, **{REJECTED_TAG: pa.Table})
             .with_outputs(REJECTED_TAG, main=SCORED_TAG)
         )
+
+
+# Names before 0.2.0 for defaults that live in vaewatch.model.defaults (until 0.3.0).
+__getattr__ = deprecated_defaults(__name__, {"DEFAULT_BATCH_SIZE": "SCORE_BATCH_SIZE"})

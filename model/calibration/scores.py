@@ -41,12 +41,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from vaewatch.model import defaults
+from vaewatch.model._moved import deprecated_defaults
+from vaewatch.model.choices import FlagRule
 from vaewatch.model.errors import UserError
 from vaewatch.model.estimation.attribution import top_indices
-
-DEFAULT_THRESHOLD_QUANTILE = defaults.THRESHOLD_QUANTILE
-DEFAULT_TOP_FEATURES = defaults.TOP_FEATURES
-FLAG_RULES = defaults.FLAG_RULES
 
 
 def quantile_levels() -> np.ndarray:
@@ -66,7 +64,7 @@ class Calibration:
     # per feature, the share of calibration rows whose top_features (the first
     # `top_feature_count`, as scored) name it: the drift check's reference; None in older models
     top_feature_share: list[float] | None = None
-    top_feature_count: int = DEFAULT_TOP_FEATURES
+    top_feature_count: int = defaults.TOP_FEATURES
     # True: anomaly_score = -log_likelihood + each missing feature's baseline (`complete`);
     # False in models that predate it (their score is -log_likelihood)
     completes_missing: bool = False
@@ -96,8 +94,8 @@ class Calibration:
         cls,
         anomaly_scores: np.ndarray,
         feature_nll: np.ndarray,
-        threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE,
-        top_feature_count: int = DEFAULT_TOP_FEATURES,
+        threshold_quantile: float = defaults.THRESHOLD_QUANTILE,
+        top_feature_count: int = defaults.TOP_FEATURES,
         missing: np.ndarray | None = None,
         flag_rule: str = defaults.FLAG_RULE,
         discrete_nll: np.ndarray | None = None,
@@ -121,8 +119,7 @@ class Calibration:
         if scores.size == 0:
             raise ValueError("cannot calibrate on no finite scores")
         check_quantile(threshold_quantile)
-        if flag_rule not in FLAG_RULES:
-            raise ValueError(f"flag_rule must be one of {FLAG_RULES}, got {flag_rule!r}")
+        FlagRule.check("flag_rule", flag_rule)
         levels = quantile_levels()
         quantiles = np.maximum.accumulate(np.quantile(scores, levels))
         tails = {}
@@ -261,8 +258,7 @@ class Calibration:
         """`rule` (None: the model's own) if this calibration can apply it, else a UserError."""
         if rule is None:
             return self.effective_rule
-        if rule not in FLAG_RULES:
-            raise UserError(f"flag rule must be one of {', '.join(FLAG_RULES)}, got {rule!r}")
+        FlagRule.check("flag_rule", rule)
         if rule == "any" and not self.has_tails:
             why = (
                 f"was calibrated on {self.rows} rows, fewer than the "
@@ -400,3 +396,14 @@ def _surprise(scores, feature_nll, start, scale) -> np.ndarray:
 def _missing_cost(missing, baseline) -> np.ndarray:
     """(B,) float64: the sum of the baselines of each row's missing features."""
     return np.asarray(missing, dtype=np.float64) @ np.asarray(baseline, dtype=np.float64)
+
+
+# Names before 0.2.0 for defaults that live in vaewatch.model.defaults (until 0.3.0).
+__getattr__ = deprecated_defaults(
+    __name__,
+    {
+        "DEFAULT_THRESHOLD_QUANTILE": "THRESHOLD_QUANTILE",
+        "DEFAULT_TOP_FEATURES": "TOP_FEATURES",
+        "FLAG_RULES": "FLAG_RULES",
+    },
+)

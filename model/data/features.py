@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import torch
 
 from vaewatch.model import defaults
+from vaewatch.model._moved import deprecated_defaults
 from vaewatch.model.contract import RejectReason
 from vaewatch.model.data.columns import (
     KIND_ORDER,
@@ -54,9 +55,6 @@ SPEC_FORMAT_VERSION = 1
 # floor. 1e15 leaves margin; anything this far out (1e308 sent as a sentinel, say) is rejected
 # as value_out_of_range instead of producing a NaN score.
 MAX_STANDARDISED = 1e15
-DEFAULT_MAX_CATEGORIES = defaults.MAX_CATEGORIES
-DEFAULT_MIN_CATEGORY_COUNT = defaults.MIN_CATEGORY_COUNT
-DEFAULT_MIN_CATEGORY_SHARE = defaults.MIN_CATEGORY_SHARE
 # A continuous column gets a point mass at 0 (a "zero-inflated" column: distances, durations,
 # measured amounts) when at least this share of its observed training values are exactly 0 and
 # its values are not on a grid: a Gaussian would put a density spike at 0 and charge every
@@ -161,9 +159,9 @@ class FeatureSpec:
         features: Sequence[str] | None = None,
         categorical: Sequence[str] = (),
         continuous: Sequence[str] = (),
-        max_categories: int = DEFAULT_MAX_CATEGORIES,
-        min_category_count: int = DEFAULT_MIN_CATEGORY_COUNT,
-        min_category_share: float = DEFAULT_MIN_CATEGORY_SHARE,
+        max_categories: int = defaults.MAX_CATEGORIES,
+        min_category_count: int = defaults.MIN_CATEGORY_COUNT,
+        min_category_share: float = defaults.MIN_CATEGORY_SHARE,
         schema: pa.Schema | None = None,
     ) -> FeatureSpec:
         """Fit from a table or a stream of record batches (one pass, bounded memory).
@@ -385,3 +383,14 @@ def _as_batches(data) -> Iterable[pa.RecordBatch]:
     if isinstance(data, pa.RecordBatch):
         return iter([data])
     return iter(data)
+
+
+# Names before 0.2.0 for defaults that live in vaewatch.model.defaults (until 0.3.0).
+__getattr__ = deprecated_defaults(
+    __name__,
+    {
+        "DEFAULT_MAX_CATEGORIES": "MAX_CATEGORIES",
+        "DEFAULT_MIN_CATEGORY_COUNT": "MIN_CATEGORY_COUNT",
+        "DEFAULT_MIN_CATEGORY_SHARE": "MIN_CATEGORY_SHARE",
+    },
+)

@@ -17,12 +17,10 @@ import numpy as np
 import torch
 
 from vaewatch.model import defaults
+from vaewatch.model._moved import deprecated_defaults
 from vaewatch.model.data.features import FeatureSpec
 from vaewatch.model.data.inputs import ParquetSource
 from vaewatch.model.errors import UserError
-
-DEFAULT_MAX_VALIDATION_ROWS = defaults.MAX_VALIDATION_ROWS
-DEFAULT_CACHE_BYTES = defaults.CACHE_BYTES
 
 
 # ---------------------------------------------------------------------------------- the split
@@ -103,8 +101,8 @@ class TrainingData:
         *,
         validation_fraction: float,
         seed: int,
-        max_validation_rows: int = DEFAULT_MAX_VALIDATION_ROWS,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        max_validation_rows: int = defaults.MAX_VALIDATION_ROWS,
+        cache_bytes: int = defaults.CACHE_BYTES,
         shuffle_buffer_rows: int = 262_144,
         read_batch_rows: int = 65_536,
     ) -> TrainingData:
@@ -198,3 +196,10 @@ class TrainingData:
                 pending = pending_x[0].shape[0]
         if pending:
             yield from drain(final=True)
+
+
+# Names before 0.2.0 for defaults that live in vaewatch.model.defaults (until 0.3.0).
+__getattr__ = deprecated_defaults(
+    __name__,
+    {"DEFAULT_MAX_VALIDATION_ROWS": "MAX_VALIDATION_ROWS", "DEFAULT_CACHE_BYTES": "CACHE_BYTES"},
+)

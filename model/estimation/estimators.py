@@ -41,11 +41,10 @@ from dataclasses import dataclass
 import torch
 
 from vaewatch.model import defaults
+from vaewatch.model._moved import deprecated_defaults
 from vaewatch.model.estimation.noise import iid_noise, noise, replicates
 from vaewatch.model.network.vae import LOG_2PI, VAE, FeatureLogProbs, Posterior, gaussian_kl
 
-DEFAULT_K = defaults.K
-DEFAULT_SEED = defaults.SEED
 DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes of decoder intermediates per step; 64 MiB measured
 # faster than 256 MiB on CPU (bench/estimators.py --budgets): chunks stay cache- and malloc-friendly
 SAMPLES_PER_STEP = 8  # at least this many samples per decoder step, fewer records (plan_chunks)
@@ -225,8 +224,8 @@ def iwae(
     x: torch.Tensor,
     mask: torch.Tensor,
     *,
-    k: int = DEFAULT_K,
-    seed: int = DEFAULT_SEED,
+    k: int = defaults.K,
+    seed: int = defaults.SEED,
     log_std: torch.Tensor | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     contributions: bool = False,
@@ -335,7 +334,7 @@ def elbo(
     mask: torch.Tensor,
     *,
     samples: int = 1,
-    seed: int = DEFAULT_SEED,
+    seed: int = defaults.SEED,
     log_std: torch.Tensor | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     eps: torch.Tensor | None = None,
@@ -382,8 +381,8 @@ def score_records(
     mask: torch.Tensor,
     *,
     log_std: torch.Tensor | None,
-    k: int = DEFAULT_K,
-    seed: int = DEFAULT_SEED,
+    k: int = defaults.K,
+    seed: int = defaults.SEED,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     matmul_dtype: torch.dtype | None = None,
     proposal_scale: float = 1.0,
@@ -413,3 +412,7 @@ def score_records(
         feature_nll=result.feature_nll,
         discrete_nll=result.discrete_nll,
     )
+
+
+# Names before 0.2.0 for defaults that live in vaewatch.model.defaults (until 0.3.0).
+__getattr__ = deprecated_defaults(__name__, {"DEFAULT_K": "K", "DEFAULT_SEED": "SEED"})

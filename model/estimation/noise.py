@@ -29,10 +29,11 @@ import math
 import torch
 
 from vaewatch.model import defaults
+from vaewatch.model.choices import Points
 
 REPLICATES = 4  # independent replicates: their spread is the standard error (3 dof)
-SPHERICAL, SOBOL = "spherical", "sobol"
-DESIGNS = (SPHERICAL, SOBOL)
+SPHERICAL, SOBOL = Points.SPHERICAL.value, Points.SOBOL.value
+DESIGNS = Points.values()
 SIMPLICES = 2  # replicates of at most this many simplices' points are spherical, larger Sobol's
 
 
@@ -56,8 +57,7 @@ def noise(
 
 def _simplices(count: int, latent_dim: int, points: str) -> bool:
     """Whether `count` points of the design `points` are rotated simplices (else Sobol's)."""
-    if points not in DESIGNS:
-        raise ValueError(f"points must be one of {', '.join(DESIGNS)}, got {points!r}")
+    Points.check("points", points)
     return points == SPHERICAL and count // replicates(count) <= SIMPLICES * (latent_dim + 1)
 
 

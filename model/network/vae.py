@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaewatch.model import defaults
+from vaewatch.model.choices import Missingness
 from vaewatch.model.data.features import FeatureKind, FeatureSpec
 from vaewatch.model.network import fused
 from vaewatch.model.network.categorical import Categories, layout
 
 LOG_2PI = math.log(2.0 * math.pi)
-MISSINGNESS = ("model", "marginal")
+MISSINGNESS = Missingness.values()
 
 
 @dataclass
@@ -56,8 +57,7 @@ class VAEConfig:
         """`missingness`: "model" (the observation pattern is part of the record) or "marginal"
         (a missing value is marginalised out and costs nothing: the density of what was
         observed)."""
-        if missingness not in MISSINGNESS:
-            raise ValueError(f"missingness must be one of {MISSINGNESS}, got {missingness!r}")
+        Missingness.check("missingness", missingness)
         continuous = [f for f in spec.features if f.kind is FeatureKind.CONTINUOUS]
         atoms = [(j, f.atom) for j, f in enumerate(continuous) if f.zero_atom]
         modelled = missingness == "model"

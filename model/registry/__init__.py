@@ -39,12 +39,11 @@ from mlflow.types.schema import ParamSchema, ParamSpec
 from mlflow.utils import logging_utils
 
 from vaewatch.model import defaults
+from vaewatch.model._moved import deprecated_defaults
 from vaewatch.model.artifact import CONFIG_FILE, ArtifactError, ModelArtifact, sha256_file
 from vaewatch.model.errors import DependencyUnavailable, UserError
 from vaewatch.model.registry.pyfunc_model import ARTIFACT_KEY
 
-DEFAULT_EXPERIMENT = defaults.EXPERIMENT
-DEFAULT_ALIAS = defaults.ALIAS
 ARTIFACT_DIGEST_TAG = "artifact_sha256"  # sha256 of the registered config.json
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_PACKAGE = Path(__file__).parents[1]  # the installed vaewatch.model package
@@ -267,7 +266,7 @@ class TrainingRun:
         artifact: ModelArtifact,
         model_name: str,
         *,
-        alias: str = DEFAULT_ALIAS,
+        alias: str = defaults.ALIAS,
         tags: dict | None = None,
         pip_requirements: list[str] | None = None,
     ) -> ResolvedModel:
@@ -490,3 +489,9 @@ def load(uri: str, tracking_uri: str, destination: str | Path | None = None) -> 
     destination = destination or tempfile.mkdtemp(prefix="vaewatch-model-")
     path = fetch(resolved, tracking_uri, destination)
     return LoadedModel(resolved=resolved, artifact=ModelArtifact.load(path), path=path)
+
+
+# Names before 0.2.0 for defaults that live in vaewatch.model.defaults (until 0.3.0).
+__getattr__ = deprecated_defaults(
+    __name__, {"DEFAULT_EXPERIMENT": "EXPERIMENT", "DEFAULT_ALIAS": "ALIAS"}
+)

@@ -20,21 +20,11 @@ import torch
 
 from vaewatch.model import defaults
 from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
-from vaewatch.model.calibration.scores import DEFAULT_THRESHOLD_QUANTILE, Calibration
+from vaewatch.model.calibration.scores import Calibration
 from vaewatch.model.data.columns import FeatureKind, SchemaMismatchError, accepts, choose_columns
-from vaewatch.model.data.features import (
-    DEFAULT_MAX_CATEGORIES,
-    DEFAULT_MIN_CATEGORY_COUNT,
-    DEFAULT_MIN_CATEGORY_SHARE,
-    FeatureSpec,
-)
+from vaewatch.model.data.features import FeatureSpec
 from vaewatch.model.data.inputs import Fingerprint, ParquetSource
-from vaewatch.model.data.training_data import (
-    DEFAULT_CACHE_BYTES,
-    DEFAULT_MAX_VALIDATION_ROWS,
-    DataCounts,
-    TrainingData,
-)
+from vaewatch.model.data.training_data import DataCounts, TrainingData
 from vaewatch.model.device import resolve_device
 from vaewatch.model.estimation.attribution import conditional_baseline, explain_flagged, top_indices
 from vaewatch.model.estimation.estimators import DEFAULT_MEMORY_BUDGET, score_records
@@ -61,18 +51,18 @@ class FitConfig:
     features: Sequence[str] | None = None  # only these features (None: every usable column)
     categorical: Sequence[str] = ()  # integer columns to model as categories
     continuous: Sequence[str] = ()  # columns that must be numeric
-    max_categories: int = DEFAULT_MAX_CATEGORIES
-    min_category_count: int = DEFAULT_MIN_CATEGORY_COUNT
-    min_category_share: float = DEFAULT_MIN_CATEGORY_SHARE
+    max_categories: int = defaults.MAX_CATEGORIES
+    min_category_count: int = defaults.MIN_CATEGORY_COUNT
+    min_category_share: float = defaults.MIN_CATEGORY_SHARE
     latent_dim: int | None = None  # None: scaled to the training rows (`capacity`)
     hidden: Sequence[int] | None = None  # None: scaled to the training rows (`capacity`)
     missingness: str = defaults.MISSINGNESS  # "model" or "marginal" (VAEConfig.for_spec)
     train: TrainConfig = field(default_factory=TrainConfig)
     scoring: ScoringDefaults = field(default_factory=ScoringDefaults)  # K, S, seed at scoring
-    threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE
+    threshold_quantile: float = defaults.THRESHOLD_QUANTILE
     flag_rule: str = defaults.FLAG_RULE  # is_anomaly's rule (model/calibration/scores.py)
-    max_validation_rows: int = DEFAULT_MAX_VALIDATION_ROWS
-    cache_bytes: int = DEFAULT_CACHE_BYTES
+    max_validation_rows: int = defaults.MAX_VALIDATION_ROWS
+    cache_bytes: int = defaults.CACHE_BYTES
 
     def checked_columns(self) -> list[tuple[str, Sequence[str]]]:
         """(option, columns) pairs that must exist in the data."""

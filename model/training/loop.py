@@ -26,13 +26,14 @@ import torch
 
 from vaewatch.model import defaults
 from vaewatch.model import threads as cpu_threads
+from vaewatch.model.choices import Objective, TrainingProfile
 from vaewatch.model.data.training_data import TrainingData
 from vaewatch.model.device import resolve_device
 from vaewatch.model.estimation.estimators import UNBOUNDED
 from vaewatch.model.estimation.estimators import elbo as elbo_estimate
 from vaewatch.model.estimation.estimators import iwae as iwae_estimate
 from vaewatch.model.network.vae import VAE, gaussian_kl_dims
-from vaewatch.model.training.sizing import PROFILES, training_profile
+from vaewatch.model.training.sizing import training_profile
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015: unit u is active if Cov_x(E_q[z_u]) > 0.01
 VALIDATION_IWAE_ROWS = 10_000  # per-epoch IWAE on at most this many rows (~0.5 s at K=64, CPU)
@@ -75,10 +76,8 @@ class TrainConfig:
     profile: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.profile not in PROFILES:
-            raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
-        if self.objective not in ("elbo", "iwae"):
-            raise ValueError(f"objective must be 'elbo' or 'iwae', got {self.objective!r}")
+        TrainingProfile.check("profile", self.profile)
+        Objective.check("objective", self.objective)
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(
                 f"validation_fraction must be in (0, 1), got {self.validation_fraction}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from vaewatch.model import defaults
+from vaewatch.model.choices import TrainingProfile
 
 
 def capacity(rows: int) -> tuple[int, tuple[int, ...]]:
@@ -36,7 +37,7 @@ def is_small_table(rows: int) -> bool:
 SMALL_TABLE_MAX_ROWS = math.floor(
     defaults.ROWS_PER_HIDDEN_UNIT * 2 ** (math.log2(max(defaults.HIDDEN)) - 0.5)
 )
-PROFILES = ("auto", "small", "large")
+PROFILES = TrainingProfile.values()
 
 
 def profile_name(rows: int, profile: str = "auto") -> str:

@@ -246,7 +246,7 @@ def test_the_rule_can_be_chosen_at_scoring_where_the_model_supports_it(sparse):
     fresh = draw(5_000)
     np.testing.assert_array_equal(as_total.flags(*fresh, rule="any"), as_any.flags(*fresh))
     assert as_total.flags(*fresh).tolist() != as_any.flags(*fresh).tolist()
-    with pytest.raises(UserError, match="flag rule must be one of any, total, got 'some'"):
+    with pytest.raises(UserError, match="flag_rule must be one of any, total, got 'some'"):
         cal.check_rule("some")
     stripped = {k: v for k, v in cal.to_json().items() if k != "surprise_quantiles"}
     with pytest.raises(UserError, match="trained before that rule; use --flag-rule total"):

@@ -77,3 +77,48 @@ def test_the_code_itself_imports_nothing_from_an_old_path():
         from vaewatch.model.data import columns  # a submodule of a package: no warning
 
         assert columns.__name__ == "vaewatch.model.data.columns"
+
+
+def test_each_set_of_choices_is_one_enum_that_the_cli_and_the_checks_share():
+    """The CLI's click.Choice lists are the enums' values, and the model's checks name the
+    field, the value and the same choices."""
+    from vaewatch.jobs.cli import main
+    from vaewatch.model.choices import FlagRule, Missingness, Objective, Precision, TrainingProfile
+    from vaewatch.model.errors import UserError
+
+    by_option = {
+        "--flag-rule": FlagRule,
+        "--precision": Precision,
+        "--objective": Objective,
+        "--missingness": Missingness,
+        "--training-profile": TrainingProfile,
+    }
+    seen = set()
+    for command in main.commands.values():
+        for param in command.params:
+            for opt in param.opts:
+                if opt in by_option:
+                    assert tuple(param.type.choices) == by_option[opt].values(), opt
+                    seen.add(opt)
+    assert seen == set(by_option)
+    with pytest.raises(UserError, match="objective must be one of elbo, iwae, got 'elbow'"):
+        Objective.check("objective", "elbow")
+    assert FlagRule.check("flag_rule", "any") == "any" and FlagRule.ANY == "any"
+
+
+@pytest.mark.parametrize(
+    "module, alias, name",
+    [
+        ("vaewatch.model.estimation.estimators", "DEFAULT_K", "K"),
+        ("vaewatch.model.calibration.scores", "DEFAULT_THRESHOLD_QUANTILE", "THRESHOLD_QUANTILE"),
+        ("vaewatch.model.data.features", "DEFAULT_MAX_CATEGORIES", "MAX_CATEGORIES"),
+        ("vaewatch.model.registry", "DEFAULT_ALIAS", "ALIAS"),
+        ("vaewatch.pipeline.transforms", "DEFAULT_BATCH_SIZE", "SCORE_BATCH_SIZE"),
+    ],
+)
+def test_a_default_has_one_name_and_the_old_alias_warns(module, alias, name):
+    from vaewatch.model import defaults
+
+    with pytest.warns(DeprecationWarning, match=f"vaewatch.model.defaults.{name}"):
+        value = getattr(importlib.import_module(module), alias)
+    assert value == getattr(defaults, name)

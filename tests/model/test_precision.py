@@ -107,5 +107,5 @@ def test_precision_choice(monkeypatch, caplog):
     assert "without native bfloat16" in caplog.text and "slower than fp32" in caplog.text
     monkeypatch.setattr(devices, "bf16_is_fast", lambda device: True)
     assert devices.resolve_precision("auto", cpu) is torch.bfloat16
-    with pytest.raises(UserError, match="precision 'fp16' is not one of auto, fp32, bf16"):
+    with pytest.raises(UserError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
         devices.resolve_precision("fp16", cpu)
