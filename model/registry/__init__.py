@@ -366,9 +366,11 @@ def resolve(uri: str, tracking_uri: str) -> ResolvedModel:
                 )
             mv = max(versions, key=lambda v: int(v.version))
     except MlflowException as err:
+        model_missing = False
         if alias is not None and err.error_code in ("INVALID_PARAMETER_VALUE", MISSING):
-            _raise_if_alias_missing(client, name, alias, uri, tracking_uri, err)
-        if err.error_code != MISSING:
+            model_missing = _raise_if_alias_missing(client, name, alias, uri, tracking_uri, err)
+        # MLflow before 3.10 reports a missing model's alias as an invalid parameter
+        if err.error_code != MISSING and not model_missing:
             raise RegistryError(
                 f"the MLflow server at {tracking_uri!r} failed to resolve {uri!r}: {err.message}"
             ) from err
@@ -385,14 +387,14 @@ def resolve(uri: str, tracking_uri: str) -> ResolvedModel:
 MISSING = "RESOURCE_DOES_NOT_EXIST"
 
 
-def _raise_if_alias_missing(client, name, alias, uri, tracking_uri, err) -> None:
+def _raise_if_alias_missing(client, name, alias, uri, tracking_uri, err) -> bool:
     """MLflow reports an alias the model does not have as an invalid parameter, not as missing:
-    where the model exists, say so and list the aliases it has. Returns when the model itself
+    where the model exists, say so and list the aliases it has. Returns whether the model itself
     is missing (the caller's message then)."""
     try:
         model = client.get_registered_model(name)
-    except MlflowException:
-        return
+    except MlflowException as missing:
+        return missing.error_code == MISSING
     aliases = ", ".join(f"@{a} -> version {v}" for a, v in sorted(model.aliases.items()))
     raise ModelNotFoundError(
         f"model {uri!r}: registered model {name!r} at {tracking_uri!r} has no alias {alias!r} "

@@ -177,12 +177,12 @@ def test_grid_resolution_and_quantisation_variance():
 
 def test_resolution_is_found_across_batches():
     batches = [
-        pa.record_batch({"x": pa.array([1.0, 2.0, 3.0])}),
-        pa.record_batch({"x": pa.array([1.5, 2.25])}),  # 0.25 is not a multiple of 0.1
-        pa.record_batch({"x": pa.array([math.nan, 4.0])}),
+        pa.RecordBatch.from_pydict({"x": pa.array([1.0, 2.0, 3.0])}),
+        pa.RecordBatch.from_pydict({"x": pa.array([1.5, 2.25])}),  # 0.25 is not a multiple of 0.1
+        pa.RecordBatch.from_pydict({"x": pa.array([math.nan, 4.0])}),
     ]
     assert FeatureSpec.fit(iter(batches)).features[0].resolution == 0.01
-    batches[1] = pa.record_batch({"x": pa.array([1.5, 2.123456789])})
+    batches[1] = pa.RecordBatch.from_pydict({"x": pa.array([1.5, 2.123456789])})
     assert FeatureSpec.fit(iter(batches)).features[0].resolution is None
 
 

@@ -114,6 +114,9 @@ def test_spark_reads_a_committed_output(spark, trained, workspace, tmp_path):
     np.testing.assert_array_equal(rows["log_likelihood"], expected["log_likelihood"].to_numpy())
     latent = expected["latent_mean"].to_pylist()
     assert [list(v) for v in rows["latent_mean"][:50]] == latent[:50]
-    assert [[dict(f) for f in v] for v in rows["top_features"][:50]] == (
-        expected["top_features"].to_pylist()[:50]
-    )
+    # a struct comes back as a Row (pyspark 3) or a dict (pyspark 4)
+    as_dict = [
+        [f.asDict() if hasattr(f, "asDict") else dict(f) for f in v]
+        for v in rows["top_features"][:50]
+    ]
+    assert as_dict == (expected["top_features"].to_pylist()[:50])
