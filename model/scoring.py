@@ -32,7 +32,7 @@ MIN_ROWS_PER_CALL = 1024  # fewer rows per call and Python overhead shows
 
 @dataclass(frozen=True)
 class ScoringSettings:
-    """K, S, seed and threshold a run scores with."""
+    """K, seed and threshold a run scores with."""
 
     k: int
     seed: int
@@ -43,8 +43,8 @@ class ScoringSettings:
 
 @dataclass(frozen=True)
 class ScoringOverrides:
-    """What a run asks for instead of the model's stored K, S, seed and threshold quantile;
-    None keeps the model's own (the values its calibration was computed with)."""
+    """What a run asks for instead of the model's stored K, seed, threshold quantile and flag
+    rule; None keeps the model's own (the values its calibration was computed with)."""
 
     k: int | None = None
     seed: int | None = None

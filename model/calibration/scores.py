@@ -1,6 +1,6 @@
 """Calibration: where a score sits among the scores of held-out normal data.
 
-At training the validation split is scored with the production estimator (same K, S, seed as
+At training the validation split is scored with the production estimator (same K and seed as
 scoring). We keep its anomaly-score quantiles on a fixed grid of levels (dense in the upper
 tail, where thresholds live), a threshold at a chosen quantile, and each feature's median
 -log p(x_j|z) and -log p(x_j|x_-j): `top_features`' baselines (model/estimation/attribution.py).

@@ -4,7 +4,7 @@
 wraps it with run logging and registration, tests and benchmarks call it directly.
 
 Calibration scores the held-out validation sample exactly as production will score it (the
-same estimator, K, S and seed), so `score_percentile` and `is_anomaly` mean the same thing at
+same estimator, K and seed), so `score_percentile` and `is_anomaly` mean the same thing at
 training and at scoring.
 """
 
@@ -58,7 +58,9 @@ class FitConfig:
     hidden: Sequence[int] | None = None  # None: scaled to the training rows (`capacity`)
     missingness: str = defaults.MISSINGNESS  # "model" or "marginal" (VAEConfig.for_spec)
     train: TrainConfig = field(default_factory=TrainConfig)
-    scoring: ScoringDefaults = field(default_factory=ScoringDefaults)  # K, S, seed at scoring
+    scoring: ScoringDefaults = field(
+        default_factory=ScoringDefaults
+    )  # K, seed and points at scoring
     threshold_quantile: float = defaults.THRESHOLD_QUANTILE
     flag_rule: str = defaults.FLAG_RULE  # is_anomaly's rule (model/calibration/scores.py)
     max_validation_rows: int = defaults.MAX_VALIDATION_ROWS
