@@ -366,7 +366,8 @@ def top_command(output, date, limit, output_format, result_out) -> None:
 
     with user_errors_exit_1():
         day = parse_date(date) if date else None
-        write_result(top(connect(output), day, limit), output_format, result_out, click.echo)
+        con = connect(output)  # held while the relation is read: duckdb before 2.0 closes it
+        write_result(top(con, day, limit), output_format, result_out, click.echo)
 
 
 @main.command("summary")
@@ -378,7 +379,8 @@ def summary_command(output, output_format, result_out) -> None:
     from vaewatch.jobs.query import connect, summary, write_result
 
     with user_errors_exit_1():
-        write_result(summary(connect(output)), output_format, result_out, click.echo)
+        con = connect(output)  # held while the relation is read: duckdb before 2.0 closes it
+        write_result(summary(con), output_format, result_out, click.echo)
 
 
 @main.command("report")

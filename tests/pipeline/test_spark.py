@@ -86,7 +86,8 @@ def test_spark_udf_scores_equal_the_beam_pipeline(spark, trained, workspace, tmp
     np.testing.assert_allclose(scored["elbo"].to_numpy(), beam["elbo"].to_numpy(), rtol=1e-12)
     assert scored["is_anomaly"].tolist() == beam["is_anomaly"].to_pylist()
     assert scored["model_version"].tolist() == beam["model_version"].to_pylist()
-    first = [dict(r) for r in scored["top_features"][0]]
+    # a struct comes back as a Row (pyspark 3) or a dict (pyspark 4)
+    first = [r.asDict() if hasattr(r, "asDict") else dict(r) for r in scored["top_features"][0]]
     assert first == beam["top_features"][0].as_py()
     assert (scored["reason"] == "").all()
 
