@@ -24,7 +24,7 @@ from vaewatch.model.contract import (
     RowCounts,
     score_schema,
 )
-from vaewatch.model.data.features import FeatureSpec, SchemaMismatchError
+from vaewatch.model.data.features import FeatureSpec
 from vaewatch.model.data.inputs import InputFile, input_containing, read_footers, resolve_files
 from vaewatch.model.errors import UserError
 from vaewatch.model.scoring import ScoringOverrides
@@ -32,7 +32,7 @@ from vaewatch.model.threads import threads_for
 from vaewatch.model.version import package_version
 from vaewatch.pipeline.commit import LocalCommitter, ObjectStoreCommitter, committer_for, new_run_id
 from vaewatch.pipeline.progress import DEFAULT_INTERVAL
-from vaewatch.pipeline.transforms import ModelSettings
+from vaewatch.pipeline.transforms import ModelSettings, check_schema
 
 LOCAL_RUNNER = "local"  # Beam's in-process FnApiRunner: never fetches anything from the network
 
@@ -103,16 +103,7 @@ def check_inputs(
         keep = [id_column] if id_column and id_column in first.names else []
     keep = list(keep)
     for f, schema in zip(files, schemas, strict=True):
-        try:
-            spec.check_schema(schema)
-        except SchemaMismatchError as err:
-            raise SchemaMismatchError(f"in input file {f.path!r}: {err}") from err
-        missing = [c for c in keep if c not in schema.names]
-        if missing:
-            raise SchemaMismatchError(
-                f"--keep column(s) {missing} are not in input file {f.path!r}; its columns are "
-                f"{schema.names}"
-            )
+        check_schema(schema, spec, keep, f"input file {f.path!r}")
     columns = list(dict.fromkeys([*spec.names(), *keep]))
     return pa.schema([first.field(c) for c in columns]), keep
 

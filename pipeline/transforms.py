@@ -101,6 +101,20 @@ class _ModelHandle:
         self.scorer = scorer
 
 
+def check_schema(schema: pa.Schema, spec, keep: Sequence[str], where: str) -> None:
+    """`schema` holds every feature of the model (`spec`) in a type it reads, and the `keep`
+    columns; else a SchemaMismatchError naming `where`, the columns and the fix."""
+    try:
+        spec.check_schema(schema)
+    except SchemaMismatchError as err:
+        raise SchemaMismatchError(f"in {where}: {err}") from err
+    missing = [c for c in keep if c not in schema.names]
+    if missing:
+        raise SchemaMismatchError(
+            f"keep column(s) {missing} are not in {where}; its columns are {schema.names}"
+        )
+
+
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Select and cast `table` to `schema` (files may differ in integer width or nullability)."""
     table = table.select(schema.names)
@@ -411,16 +425,7 @@ class ScoreRecords(beam.PTransform):
         from vaewatch.model import registry
 
         loaded = registry.load(model_uri, tracking_uri)
-        try:
-            loaded.artifact.spec.check_schema(input_schema)
-        except SchemaMismatchError as err:
-            raise SchemaMismatchError(f"input_schema does not fit {model_uri}: {err}") from err
-        missing = [c for c in keep if c not in input_schema.names]
-        if missing:
-            raise UserError(
-                f"keep names column(s) {missing} that input_schema does not have; its columns "
-                f"are {input_schema.names}"
-            )
+        check_schema(input_schema, loaded.artifact.spec, keep, f"input_schema (for {model_uri})")
         scores = score_schema(loaded.artifact.vae_config.latent_dim)
         settings = ModelSettings(
             location=loaded.resolved.uri,

@@ -116,7 +116,7 @@ def test_for_model_refuses_a_schema_without_the_models_features(trained, workspa
     narrowed = schema.remove(schema.get_field_index("amount"))
     with pytest.raises(SchemaMismatchError, match="amount"):
         ScoreRecords.for_model(MODEL, job.tracking_uri, input_schema=narrowed)
-    with pytest.raises(ValueError, match="no_such_column"):
+    with pytest.raises(SchemaMismatchError, match="no_such_column"):
         ScoreRecords.for_model(
             MODEL, job.tracking_uri, input_schema=schema, keep=["no_such_column"]
         )
