@@ -178,11 +178,15 @@ class Calibration:
         """The `quantile` of the calibration rows' anomaly scores."""
         return float(np.interp(check_quantile(quantile), self.levels, self.quantiles))
 
+    def level(self, quantile: float | None) -> float:
+        """The quantile level a run flags at: `quantile`, checked, or the model's own."""
+        return self.threshold_quantile if quantile is None else check_quantile(quantile)
+
     def threshold(self, quantile: float | None = None, rule: str | None = None) -> float:
         """The anomaly score above which every record is flagged at `quantile` (default: the
         model's) under `rule` (default: the model's): the total's own cut under "any", its
         quantile under "total"."""
-        q = self.threshold_quantile if quantile is None else check_quantile(quantile)
+        q = self.level(quantile)
         if self.check_rule(rule) == "total":
             return self.score_quantile(q)
         return self.tail_start[0] + self.tail_scale[0] * self.surprise_threshold(q)
@@ -207,7 +211,7 @@ class Calibration:
         """The share of the calibration rows that `flags` flags at `quantile` under `rule`
         (defaults: the model's): 1 - q under "total"; under "any" 1 - q of the rows not set
         aside, and those. The drift check compares a day's flagged share with it."""
-        q = self.threshold_quantile if quantile is None else check_quantile(quantile)
+        q = self.level(quantile)
         if self.check_rule(rule) == "total":
             return 1.0 - q
         return 1.0 - q * (1.0 - self.set_aside(q))
@@ -237,7 +241,7 @@ class Calibration:
         discrete_nll: np.ndarray | None = None,
     ) -> np.ndarray:
         """(B,) bool: `is_anomaly` at `quantile` under `rule` (defaults: the model's)."""
-        q = self.threshold_quantile if quantile is None else check_quantile(quantile)
+        q = self.level(quantile)
         scores = np.asarray(anomaly_scores, dtype=np.float64)
         if self.check_rule(rule) == "total":
             return scores > self.score_quantile(q)
