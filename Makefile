@@ -10,7 +10,7 @@ PIP    ?= pip==26.3
 LOCK   := requirements/vaewatch.lock
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint docs lock test-latest test-oldest dist bench bench-quick clean
+.PHONY: venv demo test lint docs lock test-latest test-oldest range-venv dist bench bench-quick clean
 
 venv: $(STAMP)
 
