@@ -31,7 +31,7 @@ through the Beam pipeline from `models:/NAME@champion`; the scores are read back
 committed output. Defaults everywhere: no per-dataset settings.
 
   vaewatch IWAE          anomaly_score: -log p(x) by IWAE (K from the model), missing values
-                         costed, the discrete part weighted (README, "What the numbers mean")
+                         costed, the discrete part weighted (docs/numbers.md)
   vaewatch ELBO          -ELBO from the same output
   vaewatch recon-only    ablation: -log p(x | z = posterior mean) from the same registered model
   IsolationForest        scikit-learn defaults, 200 trees

@@ -26,7 +26,7 @@ BLUE, RED = "#3b6ea5", "#c8453b"
 CAPTIONS = {
     "distribution": "Anomaly score, in nats: minus the record's IWAE log-likelihood, plus a "
     "typical cost for each missing value and, in tables with both numbers and categories, the "
-    "categories' and booleans' part counted discrete_weight times (README, \"What the "
+    "categories' and booleans' part counted discrete_weight times (docs/numbers.md, \"What the "
     'numbers mean"); '
     "red: flagged records (is_anomaly): every record above the dashed threshold, and below it "
     "those with one feature in its own tail.",

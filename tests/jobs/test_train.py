@@ -74,7 +74,7 @@ def test_calibration_is_the_production_score_of_the_held_out_rows(trained, works
     files = sorted((workspace / "train").glob("*.parquet"))
     table = pa.concat_tables([pq.read_table(f) for f in files])
     held = row_uniforms(np.arange(table.num_rows), seed=0) < 0.1  # TrainConfig's split
-    # calibration runs in float32 whatever the scoring precision (README: Precision)
+    # calibration runs in float32 whatever the scoring precision (docs/numbers.md: Precision)
     scorer = Scorer(outcome.artifact, model_version="x", device="cpu", precision="fp32")
     result = scorer.score(table.filter(pa.array(held)))
     scores = np.sort(result.scores["anomaly_score"].to_numpy())
