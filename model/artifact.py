@@ -8,6 +8,12 @@
     weights.safetensors   the state dict (safetensors: a header + raw tensors, no code runs)
 
 A model trained on a GPU loads anywhere: tensors are read onto the CPU, then moved.
+
+config.json has one format version (ARTIFACT_FORMAT_VERSION). A model saved in an earlier
+format is upgraded once, at load, by the steps in `UPGRADES` (one per version, each turning
+format N into N + 1), and then read strictly: every field present, none unknown. Every change
+to config.json bumps the version and adds its step there; nothing else in the package asks
+which version saved a model.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from vaewatch.model.errors import UserError
 from vaewatch.model.estimation.noise import DESIGNS, SOBOL
 from vaewatch.model.network.vae import VAE, VAEConfig
 
-ARTIFACT_FORMAT_VERSION = 1
+ARTIFACT_FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -50,11 +56,9 @@ class ScoringDefaults:
     seed: int = defaults.SEED  # common-random-numbers seed
     top_features: int = defaults.TOP_FEATURES
     # q(z|x)'s standard deviation times this in the importance weights, chosen at training on
-    # the validation rows (model/estimation/proposal.py `choose_proposal_scale`); 1 for models
-    # saved before it
+    # the validation rows (model/estimation/proposal.py `choose_proposal_scale`)
     proposal_scale: float = 1.0
-    # the design of the K shared points (model/estimation/noise.py); "sobol" for models saved
-    # before it
+    # the design of the K shared points (model/estimation/noise.py)
     points: str = defaults.POINTS
 
 
@@ -119,20 +123,7 @@ class ModelArtifact:
             config = json.loads((directory / CONFIG_FILE).read_text())
         except json.JSONDecodeError as err:
             raise ArtifactError(f"{directory / CONFIG_FILE} is not valid JSON: {err}") from err
-        version = config.get("format_version")
-        if version != ARTIFACT_FORMAT_VERSION:
-            raise ArtifactError(
-                f"model folder {str(directory)!r} has format_version {version!r}; this vaewatch "
-                f"reads {ARTIFACT_FORMAT_VERSION}. Retrain the model or upgrade vaewatch."
-            )
-        unknown = _unknown_settings(config)
-        if unknown:
-            saved_by = config.get("metadata", {}).get("vaewatch_version", "unknown")
-            raise ArtifactError(
-                f"model folder {str(directory)!r} has settings this vaewatch does not know "
-                f"({', '.join(unknown)}): it was saved by a newer vaewatch ({saved_by}). "
-                "Upgrade vaewatch where the model is loaded, or retrain it with this version."
-            )
+        config = upgrade(config, directory)
         weights = directory / WEIGHTS_FILE
         expected = config.get("weights_sha256")
         if expected is not None and sha256_file(weights) != expected:
@@ -153,35 +144,131 @@ class ModelArtifact:
             vae_config=VAEConfig.from_json(config["vae"]),
             state_dict=state_dict,
             calibration=Calibration.from_json(config["calibration"]),
-            scoring=_scoring(config["scoring"], directory / CONFIG_FILE),
-            id_column=config.get("id_column"),
-            metadata=config.get("metadata", {}),
+            scoring=ScoringDefaults(**config["scoring"]),
+            id_column=config["id_column"],
+            metadata=config["metadata"],
         )
 
 
-def _scoring(saved: dict, path: Path) -> ScoringDefaults:
-    """The scoring section as saved (`path`: its config.json). A model saved before a field was
-    added was calibrated without it: Sobol points; "samples" (the ELBO's own draws, before it
-    shared the K points) is read and ignored."""
-    kept = {k: v for k, v in saved.items() if k != "samples"}
-    scoring = ScoringDefaults(**{"points": SOBOL, **kept})
-    if scoring.points not in DESIGNS:
+# ---------------------------------------------------------------- format versions
+
+
+def upgrade(config: dict, directory: str | Path) -> dict:
+    """`config` (config.json of the model folder `directory`) in this version's format, checked:
+    a known format, every section's fields present and none unknown, a known point design."""
+    where = f"model folder {str(directory)!r}"
+    version = config.get("format_version")
+    saved_by = (config.get("metadata") or {}).get("vaewatch_version", "unknown")
+    if isinstance(version, int) and version > ARTIFACT_FORMAT_VERSION:
         raise ArtifactError(
-            f"{path} has scoring.points {scoring.points!r}; this vaewatch scores with "
+            f"{where} has format_version {version}, written by a newer vaewatch ({saved_by}); "
+            f"this vaewatch reads formats 1 to {ARTIFACT_FORMAT_VERSION}. Upgrade vaewatch "
+            "where the model is loaded, or retrain the model with this version."
+        )
+    if version not in UPGRADES and version != ARTIFACT_FORMAT_VERSION:
+        raise ArtifactError(
+            f"{where} has format_version {version!r}; this vaewatch reads formats 1 to "
+            f"{ARTIFACT_FORMAT_VERSION}. Restore the folder's config.json, or retrain the model."
+        )
+    config = json.loads(json.dumps(config))  # the steps edit a copy
+    while version != ARTIFACT_FORMAT_VERSION:
+        config = UPGRADES[version](config)
+        version = config["format_version"]
+    _check_fields(config, where, saved_by)
+    points = config["scoring"]["points"]
+    if points not in DESIGNS:
+        raise ArtifactError(
+            f"{directory}/{CONFIG_FILE} has scoring.points {points!r}; this vaewatch scores with "
             f"{' or '.join(repr(d) for d in DESIGNS)}. The model's calibration was computed on "
             "the points it was saved with: restore the file, or re-register the model."
         )
-    return scoring
+    return config
 
 
-def _unknown_settings(config: dict) -> list[str]:
-    """The fields of config.json's vae, calibration and scoring sections that this version's
-    dataclasses do not have: a model saved by a later vaewatch, which added them (fields are
-    only ever added, with defaults, so older models load)."""
+def _from_format_1(config: dict) -> dict:
+    """Format 1 (vaewatch 0.1.0) grew by adding fields with defaults, so a model without a
+    field was trained before it existed. Each is written here with the value that scores such
+    a model exactly as the version that saved it did:
+    - vae: no categorical head split in two levels (`two_level_min` 0), no point masses, no
+      missingness model (missing features marginalised), no per-feature variance floor;
+    - features: no zero atom, no resolution, no missing values seen, training rows unknown (0);
+      the spec's own format_version (1) is folded into the artifact's;
+    - calibration: the "total" flag rule with no fitted tails, a score that is the plain
+      -log_likelihood (missing values not completed, the discrete term at weight 1),
+      attribution against -log p(x_j|z) medians, no drift reference;
+    - scoring: the encoder's own q(z|x) (proposal scale 1) and scrambled Sobol points; the
+      ELBO's separate draw count ("samples", before it shared the K points) is dropped."""
+    vae = {
+        "two_level_min": 0,
+        "atom_features": [],
+        "atom_values": [],
+        "missing_features": [],
+        "missing_log_prob": [],
+        "variance_floor": [],
+        **config["vae"],
+    }
+    features = {k: v for k, v in config["features"].items() if k != "format_version"}
+    features.setdefault("rows", 0)
+    features["features"] = [_feature_from_format_1(f) for f in features["features"]]
+    calibration = {
+        "top_feature_share": None,
+        "top_feature_count": defaults.TOP_FEATURES,
+        "completes_missing": False,
+        "flag_rule": "total",
+        "tail_start": None,
+        "tail_scale": None,
+        "surprise_quantiles": None,
+        "surprise_outliers": 0.0,
+        "conditional_term": False,
+        "discrete_weight": 1.0,
+        "conditional_baseline": None,
+        **config["calibration"],
+    }
+    scoring = {"proposal_scale": 1.0, "points": SOBOL, "top_features": defaults.TOP_FEATURES}
+    scoring.update({k: v for k, v in config["scoring"].items() if k != "samples"})
+    return {
+        **config,
+        "format_version": 2,
+        "vae": vae,
+        "features": features,
+        "calibration": calibration,
+        "scoring": scoring,
+        "id_column": config.get("id_column"),
+        "metadata": config.get("metadata", {}),
+    }
+
+
+def _feature_from_format_1(feature: dict) -> dict:
+    out = {"missing_share": 0.0, **feature}
+    if feature["kind"] == "continuous":
+        out = {"resolution": None, "zero_atom": False, **out}
+    return out
+
+
+# format N -> the step that turns a format-N config.json into format N + 1
+UPGRADES = {1: _from_format_1}
+
+
+def _check_fields(config: dict, where: str, saved_by: str) -> None:
+    """Every field of the vae, calibration and scoring sections present, none unknown. An
+    unknown one is a model saved by a later vaewatch that added it without a format bump (a
+    development build); a missing one, a config.json edited or cut short."""
     sections = {"vae": VAEConfig, "calibration": Calibration, "scoring": ScoringDefaults}
-    legacy = {"scoring": {"samples"}}  # read and ignored: see `load`
-    unknown = []
+    unknown, missing = [], []
     for name, kind in sections.items():
-        known = {f.name for f in fields(kind)} | legacy.get(name, set())
-        unknown += [f"{name}.{key}" for key in config.get(name, {}) if key not in known]
-    return unknown
+        known = {f.name for f in fields(kind)}
+        section = config.get(name, {})
+        unknown += [f"{name}.{key}" for key in section if key not in known]
+        missing += [f"{name}.{key}" for key in sorted(known) if key not in section]
+    missing += [key for key in ("features", "id_column", "metadata") if key not in config]
+    if unknown:
+        raise ArtifactError(
+            f"{where} has settings this vaewatch does not know ({', '.join(unknown)}): it was "
+            f"saved by a newer vaewatch ({saved_by}). Upgrade vaewatch where the model is "
+            "loaded, or retrain it with this version."
+        )
+    if missing:
+        raise ArtifactError(
+            f"{where} has a {CONFIG_FILE} without {', '.join(missing)}: the file was edited or "
+            "cut short. Restore it from the registry (re-download the model), or re-register it."
+        )

@@ -24,7 +24,7 @@ SEED = 0  # common-random-numbers seed of the scoring noise (and of training)
 # the design of the K shared points (model/estimation/noise.py): rotated simplices with stratified
 # radii. On
 # the suite's pPCA at K = 24, 0.077 / 0.014 nats against scrambled Sobol's 0.095 / 0.030 (100
-# seeds, bench/notes/); models saved before it keep "sobol", their calibration's points
+# seeds, bench/notes/); models saved before it keep "sobol" (model/artifact.py)
 POINTS = "spherical"
 # factors on q(z|x)'s standard deviation tried at training; the best on the validation rows,
 # over 64 independent draws of the points, is kept (model/estimation/proposal.py). On the demo's

@@ -1,5 +1,8 @@
 """Calibration: where a score sits among the scores of held-out normal data.
 
+(What a model saved before a field existed means by its absence is written, once, in
+model/artifact.py's format upgrade.)
+
 At training the validation split is scored with the production estimator (same K and seed as
 scoring). We keep its anomaly-score quantiles on a fixed grid of levels (dense in the upper
 tail, where thresholds live), a threshold at a chosen quantile, and each feature's median
@@ -24,10 +27,9 @@ tail, where thresholds live), a threshold at a chosen quantile, and each feature
   In a table with both continuous and discrete features one more term is tested the same way:
   -log p(x_d | x_c), the discrete values given the continuous ones (`discrete_nll`,
   model/estimation/estimators.py), which sees a combination that never occurs (an in-person
-  purchase at an
-  online-only merchant) where the record's own features' terms each look ordinary. The "total"
-  rule (and models that predate "any", and any calibrated on fewer than MIN_TAIL_ROWS rows, too
-  few to fit a tail per term) flag `anomaly_score > score_quantile(q)`.
+  purchase at an online-only merchant) where the record's own features' terms each look
+  ordinary. The "total" rule (and any calibration on fewer than MIN_TAIL_ROWS rows, too few to
+  fit a tail per term) flags `anomaly_score > score_quantile(q)`.
 - `threshold(q)`: the anomaly score above which every record is flagged (under "any", the
   total's own cut; a record below it can still be flagged by one feature).
 """
@@ -62,32 +64,31 @@ class Calibration:
     feature_baseline: list[float]  # median -log p(x_j|z) per feature on calibration rows (nats)
     rows: int  # calibration rows scored
     # per feature, the share of calibration rows whose top_features (the first
-    # `top_feature_count`, as scored) name it: the drift check's reference; None in older models
+    # `top_feature_count`, as scored) name it: the drift check's reference
     top_feature_share: list[float] | None = None
     top_feature_count: int = defaults.TOP_FEATURES
     # True: anomaly_score = -log_likelihood + each missing feature's baseline (`complete`);
-    # False in models that predate it (their score is -log_likelihood)
+    # False: anomaly_score is -log_likelihood
     completes_missing: bool = False
-    # the is_anomaly rule (module docstring); "total" in models that predate "any"
+    # the is_anomaly rule (module docstring)
     flag_rule: str = "total"
     # per term, the total score first and then each feature: where its exponential tail starts
-    # (its TAIL_LEVEL quantile) and the tail's scale (nats); None in models that predate them
+    # (its TAIL_LEVEL quantile) and the tail's scale (nats); None when calibrated without them
     tail_start: list[float] | None = None
     tail_scale: list[float] | None = None
     surprise_quantiles: list[float] | None = None  # calibration rows' surprises at `levels`
     # the share of calibration rows whose surprise lies beyond the exponential tail of the
-    # rest (`_surprise_outliers`), left out of the 1 - q the threshold flags (`set_aside`);
-    # 0 in models that predate it
+    # rest (`_surprise_outliers`), left out of the 1 - q the threshold flags (`set_aside`)
     surprise_outliers: float = 0.0
     # True: the tails' last term is -log p(x_discrete | x_continuous) (`discrete_nll`); False
-    # in tables without both kinds and in models that predate it
+    # in tables without both kinds
     conditional_term: bool = False
     # anomaly_score's weight on -log p(x_d | x_c) (`discrete_weight`); 1 in tables without both
-    # kinds and in models that predate it (their score is the plain surprisal)
+    # kinds (the score is the plain surprisal)
     discrete_weight: float = 1.0
     # flagged records' top_features baseline, median -log p(x_j|x_-j)
     # (model/estimation/attribution.py)
-    conditional_baseline: list[float] | None = None  # None: older models (-log p(x_j|z) then)
+    conditional_baseline: list[float] | None = None  # None: -log p(x_j|z) over feature_baseline
 
     @classmethod
     def fit(

@@ -49,7 +49,6 @@ from vaewatch.model.data.columns import (
 )
 from vaewatch.model.errors import UserError
 
-SPEC_FORMAT_VERSION = 1
 # Values further than this many training standard deviations from the mean cannot be scored in
 # float32: the Gaussian term (x - mu)^2 / sigma^2 overflows near (1e17)^2 with the variance
 # floor. 1e15 leaves margin; anything this far out (1e308 sent as a sentinel, say) is rejected
@@ -121,16 +120,15 @@ class Feature:
 
     @classmethod
     def from_json(cls, d: dict) -> Feature:
-        return cls(
-            name=d["name"],
-            kind=FeatureKind(d["kind"]),
-            mean=float(d.get("mean", 0.0)),
-            std=float(d.get("std", 1.0)),
-            vocabulary=list(d.get("vocabulary", [])),
-            resolution=d.get("resolution"),
-            zero_atom=bool(d.get("zero_atom", False)),
-            missing_share=float(d.get("missing_share", 0.0)),
-        )
+        """A feature as `to_json` wrote it: the fields of its kind, all of them."""
+        kind = FeatureKind(d["kind"])
+        feature = cls(name=d["name"], kind=kind, missing_share=float(d["missing_share"]))
+        if kind is FeatureKind.CONTINUOUS:
+            feature.mean, feature.std = float(d["mean"]), float(d["std"])
+            feature.resolution, feature.zero_atom = d["resolution"], bool(d["zero_atom"])
+        if kind is FeatureKind.CATEGORICAL:
+            feature.vocabulary = list(d["vocabulary"])
+        return feature
 
 
 @dataclass
@@ -342,7 +340,6 @@ class FeatureSpec:
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict:
         return {
-            "format_version": SPEC_FORMAT_VERSION,
             "features": [f.to_json() for f in self.features],
             "rows": self.rows,
         }
@@ -352,14 +349,10 @@ class FeatureSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> FeatureSpec:
-        version = d.get("format_version")
-        if version != SPEC_FORMAT_VERSION:
-            raise UserError(
-                f"feature spec has format_version {version!r}; this vaewatch reads "
-                f"{SPEC_FORMAT_VERSION}. Retrain the model or upgrade vaewatch."
-            )
+        """The spec as `to_json` wrote it (a model saved in an earlier format is upgraded
+        first: model/artifact.py)."""
         features = [Feature.from_json(item) for item in d["features"]]
-        return cls(_grouped(features), rows=int(d.get("rows", 0)))
+        return cls(_grouped(features), rows=int(d["rows"]))
 
     @classmethod
     def loads(cls, text: str) -> FeatureSpec:

@@ -16,7 +16,8 @@ of a replicate (`DESIGNS`; a model records the one it was calibrated with):
   few simplices; from more than SIMPLICES x (D + 1) points a replicate, a Sobol sequence fills
   the space better (its error falls faster with K), so those replicates are Sobol's.
   bench/notes/, "Rotated simplices with stratified radii".
-- `sobol`: scrambled Sobol sequences through the normal inverse CDF (models saved before it).
+- `sobol`: scrambled Sobol sequences through the normal inverse CDF (models saved before it:
+  model/artifact.py).
 
 `iid_noise` is the i.i.d. baseline they are measured against, and the fresh noise of training.
 """

@@ -28,7 +28,8 @@ record and shared by its samples. Consecutive two-level groups of the same size 
 evaluated together (their class rows first, cluster after cluster, then their cluster rows), so
 20 columns capped at 1,000 values cost one batched matmul per step, not 20. On 20 strings of
 1,001 values scoring is ~3x faster in process than with the flat head (bench/notes/, wide
-tables). A model saved before this existed has `two_level_min` 0 and keeps its flat heads.
+tables). A model saved before this existed keeps its flat heads (`two_level_min` 0, set by
+model/artifact.py's format upgrade).
 """
 
 from __future__ import annotations

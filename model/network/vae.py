@@ -49,7 +49,7 @@ class VAEConfig:
     # missing in training (no Bernoulli to learn); empty = 0 for all (marginalise)
     missing_log_prob: list[float] = field(default_factory=list)
     # a categorical with at least this many classes (OOV included) is decoded as a two-level
-    # softmax (model/network/categorical.py); 0: none, what every model saved before it was
+    # softmax (model/network/categorical.py); 0: none
     two_level_min: int = 0
 
     @classmethod

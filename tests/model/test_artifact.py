@@ -66,7 +66,8 @@ def test_weights_are_safetensors_and_config_is_plain_json(artifact, tmp_path):
     header = json.loads(raw[8 : 8 + header_len])
     assert set(header) - {"__metadata__"} == set(art.state_dict)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["format_version"] == 1 and config["scoring"]["k"] == 8
+    assert config["format_version"] == 2 and config["scoring"]["k"] == 8
+    assert "format_version" not in config["features"]  # one version, the artifact's
     assert len(config["calibration"]["quantiles"]) == len(config["calibration"]["levels"])
     assert np.all(np.diff(config["calibration"]["quantiles"]) >= 0)
 
@@ -76,6 +77,7 @@ def test_a_model_saved_before_the_proposal_scale_scores_with_the_encoders_q(arti
     art.save(tmp_path)
     assert ModelArtifact.load(tmp_path).scoring.proposal_scale == 1.25
     config = json.loads((tmp_path / "config.json").read_text())
+    config["format_version"] = 1  # 0.1.0's format, which added fields without a version
     del config["scoring"]["proposal_scale"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert ModelArtifact.load(tmp_path).scoring == ScoringDefaults(k=8, seed=3)
@@ -93,6 +95,7 @@ def test_a_model_saved_before_the_spherical_points_scores_with_sobols(
     art.save(tmp_path)
     assert ModelArtifact.load(tmp_path).scoring.points == SPHERICAL
     config = json.loads((tmp_path / "config.json").read_text())
+    config["format_version"] = 1
     del config["scoring"]["points"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     old = ModelArtifact.load(tmp_path)

@@ -132,13 +132,6 @@ def test_all_null_column_is_a_clear_error():
         FeatureSpec.fit(table)
 
 
-def test_format_version_is_checked():
-    spec = FeatureSpec.fit(pa.table({"v": [1.0, 2.0]}))
-    payload = spec.to_json() | {"format_version": 99}
-    with pytest.raises(ValueError, match="format_version 99"):
-        FeatureSpec.from_json(payload)
-
-
 def test_grid_resolution_and_quantisation_variance():
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 5, 1000).astype(np.float64)

@@ -15,6 +15,7 @@ import torch
 from scipy.special import expit
 from scipy.stats import norm
 
+from vaewatch.model.artifact import UPGRADES
 from vaewatch.model.calibration.scores import Calibration
 from vaewatch.model.data.features import Feature, FeatureKind, FeatureSpec
 from vaewatch.model.estimation.estimators import score_records
@@ -198,12 +199,15 @@ def test_models_saved_before_these_fields_load_and_score_as_before():
     assert config.decoder_output_dim == 4  # means and log-variances of the two columns only
     model = VAE(config)
     assert model.decoder.missing_log_prob.tolist() == [0.0, 0.0]
-    spec_json = spec.to_json()
+    spec_json = spec.to_json() | {"format_version": 1}
     for feature in spec_json["features"]:
         feature.pop("zero_atom", None), feature.pop("missing_share", None)
     spec_json.pop("rows")
-    old_spec = FeatureSpec.from_json(spec_json)
+    format_1 = {"vae": old, "features": spec_json, "calibration": {}, "scoring": {}}
+    upgraded = UPGRADES[1](format_1)
+    old_spec = FeatureSpec.from_json(upgraded["features"])
     assert old_spec.rows == 0 and not any(f.zero_atom for f in old_spec.features)
+    assert VAEConfig.from_json(upgraded["vae"]) == config
 
 
 def test_boolean_likelihood_is_the_bernoulli_of_its_logit():

@@ -1,0 +1,142 @@
+"""Models registered by vaewatch 0.1.0 keep loading and scoring identically.
+
+Each archive in tests/fixtures holds what a 0.1.0 build registered: the MLflow model folder as
+`mlflow artifacts download` gives it (MLmodel, requirements, the pyfunc file and the flat
+`vaewatch/model` code it logged as code_paths, and the artifact folder in format 1), a held-out
+day, and that day as that build scored it (tests/fixtures/make_model_0_1_0.py, run with the
+build, made both). The expected columns come from that build, not from the code under test.
+
+- model-0.1.0.zip: the release as it stood before the layout by concept (70ea6ac~1). Every
+  output column is bit-identical.
+- model-0.1.0-early.zip: an earlier 0.1.0 build (86d441a), whose config.json predates the
+  proposal scale, the point design, the discrete weight and the leave-one-out baselines: the
+  format-1 upgrade fills each in. Its log_likelihood_se differs on purpose: a7b19ee replaced the
+  delta-method error (which could not exceed about 1 nat) by the replicates' spread; every
+  other column is bit-identical.
+"""
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from vaewatch.jobs.cli import main
+from vaewatch.model import registry
+from vaewatch.model.artifact import ARTIFACT_FORMAT_VERSION, ModelArtifact
+from vaewatch.model.contract import SCORE_COLUMNS
+from vaewatch.model.scoring import Scorer
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+# archive -> the columns that changed on purpose since the build that saved it (docstring)
+CHANGED = {"model-0.1.0.zip": set(), "model-0.1.0-early.zip": {"log_likelihood_se"}}
+_changed: dict[Path, set[str]] = {}
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=sorted(CHANGED))
+def released(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("released")
+    with zipfile.ZipFile(FIXTURES / request.param) as archive:
+        archive.extractall(root)
+    _changed[root] = CHANGED[request.param]
+    return root
+
+
+def _assert_same_columns(scored: pa.Table, expected: pa.Table, columns=SCORE_COLUMNS) -> None:
+    for name in columns:
+        assert scored.column(name).equals(expected.column(name)), name
+
+
+def _kept(released, columns=SCORE_COLUMNS) -> list[str]:
+    return [c for c in columns if c not in _changed[released]]
+
+
+def test_the_fixture_is_format_1_as_0_1_0_saved_it(released):
+    config = json.loads((released / "model/artifacts/vaewatch/config.json").read_text())
+    assert config["format_version"] == 1 < ARTIFACT_FORMAT_VERSION
+    assert config["metadata"]["vaewatch_version"] == "0.1.0"
+    assert (released / "model/code/vaewatch/model/vae.py").is_file()  # the flat 0.1.0 layout
+
+
+def test_this_version_scores_it_bit_identically(released):
+    artifact = ModelArtifact.load(released / "model/artifacts/vaewatch")
+    scorer = Scorer(artifact, model_version="transactions/1", device="cpu")
+    scored = scorer.score(pq.read_table(released / "input.parquet")).aligned()
+    _assert_same_columns(scored, pq.read_table(released / "expected.parquet"), _kept(released))
+    assert artifact.spec.rows == ModelArtifact.load(released / "model/artifacts/vaewatch").spec.rows
+
+
+def test_registered_it_scores_through_the_cli(released, tmp_path, monkeypatch):
+    """Registered in a store of its own (as a registry holding 0.1.0 models is), and scored by
+    `vaewatch score --model models:/NAME@champion`: the registry download, the upgrade at load
+    and the Beam pipeline give 0.1.0's columns, row for row."""
+    monkeypatch.chdir(tmp_path)
+    tracking = registry.default_tracking_uri(tmp_path)
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(released / "model"), artifact_path="model")
+    version = mlflow.register_model(f"runs:/{run.info.run_id}/model", "released")
+    mlflow.MlflowClient().set_registered_model_alias("released", "champion", version.version)
+    (tmp_path / "day").mkdir()
+    pq.write_table(pq.read_table(released / "input.parquet"), tmp_path / "day" / "p.parquet")
+    out = tmp_path / "scored"
+    result = CliRunner().invoke(
+        main,
+        [
+            "score",
+            "--model",
+            "models:/released@champion",
+            "--tracking-uri",
+            tracking,
+            "--input",
+            str(tmp_path / "day" / "*.parquet"),
+            "--output",
+            str(out),
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    scored = pq.read_table(sorted(out.glob("part-*.parquet"))).sort_by("record_id")
+    expected = pq.read_table(released / "expected.parquet")
+    expected = expected.append_column(
+        "record_id", pq.read_table(released / "input.parquet").column("record_id")
+    ).sort_by("record_id")
+    kept = pc.invert(pc.is_valid(expected.column("reason")))
+    expected = expected.filter(pc.or_(kept, pc.equal(expected.column("reason"), "")))
+    assert scored.num_rows == expected.num_rows
+    numeric = _kept(released, [c for c in SCORE_COLUMNS if c != "model_version"])
+    _assert_same_columns(scored.select(numeric), expected.select(numeric), numeric)
+
+
+def test_mlflow_loads_it_with_the_code_it_logged(released, tmp_path):
+    """`mlflow.pyfunc.load_model` runs the 0.1.0 code the model carries (code_paths), not this
+    version's: in a fresh process, the scoring module comes from the model folder."""
+    probe = (
+        "import sys, json, mlflow, pandas as pd, pyarrow.parquet as pq\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "out = model.predict(pq.read_table(sys.argv[2]).to_pandas())\n"
+        "import vaewatch.model.scoring as s\n"
+        "print(json.dumps({'module': s.__file__,"
+        " 'score': out['anomaly_score'].astype(float).tolist()}))\n"
+    )
+    folder = released / "model"
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(folder), str(released / "input.parquet")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(answer["module"]).resolve().is_relative_to(folder.resolve())
+    expected = pq.read_table(released / "expected.parquet").column("anomaly_score")
+    np.testing.assert_array_equal(
+        np.array(answer["score"], dtype=float), expected.to_numpy(zero_copy_only=False)
+    )
