@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 MLFLOW_LEVEL = "MLFLOW_LOGGING_LEVEL"
@@ -19,6 +20,38 @@ _USER_MLFLOW_LEVEL = MLFLOW_LEVEL in os.environ
 # --log-format json its records go to ours instead, as JSON
 MLFLOW_OWN_HANDLER = "MLFLOW_CONFIGURE_LOGGING"
 _USER_MLFLOW_HANDLER = MLFLOW_OWN_HANDLER in os.environ
+
+
+class _QuietBeamImports(logging.Filter):
+    """Beam's GCP modules warn at import time when the GCP client libraries are absent; that
+    is expected here and says nothing about the job, so it is kept off the user's terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
+class _OneLineBeamErrors(logging.Filter):
+    """Beam logs a failing step's traceback before re-raising it; vaewatch turns the failures
+    a user can cause (a corrupt file, a full disk) into one clear message, so the log keeps
+    Beam's one-line summary and drops the stack. VAEWATCH_DEBUG=1 keeps it; an unexpected
+    error still ends in its own traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not os.environ.get("VAEWATCH_DEBUG"):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def install_log_filters() -> None:
+    """The CLI's filters for Beam's noise (above); installed by the process that owns the log
+    (the `vaewatch` command), never by importing vaewatch. Idempotent."""
+    root = logging.getLogger()
+    if not any(isinstance(f, _QuietBeamImports) for f in root.filters):
+        root.addFilter(_QuietBeamImports())
+    for name in ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker"):
+        named = logging.getLogger(name)
+        if not any(isinstance(f, _OneLineBeamErrors) for f in named.filters):
+            named.addFilter(_OneLineBeamErrors())
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,10 +67,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure(verbosity: int, log_format: str) -> None:
-    """verbosity: -1 quiet, 0 default, 1 or more verbose."""
-    from vaewatch.jobs.commands import install_log_filters
+class _Rewritten(logging.Filter):
+    """Each record's message passed through `rewrite` (the CLI names a library's settings as
+    its options: cli.as_options)."""
 
+    def __init__(self, rewrite: Callable[[str], str]) -> None:
+        super().__init__()
+        self.rewrite = rewrite
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "`" in message:
+            record.msg, record.args = self.rewrite(message), None
+        return True
+
+
+def configure(verbosity: int, log_format: str, rewrite: Callable[[str], str] | None = None) -> None:
+    """verbosity: -1 quiet, 0 default, 1 or more verbose; `rewrite`: applied to every message
+    the handler writes."""
     install_log_filters()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -48,6 +95,8 @@ def configure(verbosity: int, log_format: str) -> None:
         if getattr(existing, "vaewatch", False):  # ours from an earlier call; others stay
             root.removeHandler(existing)
     handler.vaewatch = True
+    if rewrite is not None:
+        handler.addFilter(_Rewritten(rewrite))
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
     own = logging.DEBUG if verbosity >= 1 else logging.INFO if verbosity == 0 else logging.WARNING

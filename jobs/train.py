@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from vaewatch.jobs import plots
-from vaewatch.model import registry
+from vaewatch.model import defaults, registry
 from vaewatch.model.training.fit import FitConfig, FitResult, Prepared, fit
 from vaewatch.model.training.loop import EpochStats, TrainConfig
 from vaewatch.model.training.sizing import profile_name
@@ -32,8 +32,8 @@ class TrainJob:
     model_name: str
     tracking_uri: str
     fit: FitConfig = field(default_factory=FitConfig)
-    experiment: str = registry.DEFAULT_EXPERIMENT
-    alias: str = registry.DEFAULT_ALIAS
+    experiment: str = defaults.EXPERIMENT
+    alias: str = defaults.ALIAS
     progress: bool = True
     artifact_location: str | None = None  # for a new experiment; None: MLflow's default
 

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from vaewatch.model.choices import Precision
-from vaewatch.model.errors import UserError
+from vaewatch.model.errors import UserError, setting
 
 AUTO = "auto"  # CUDA when present, else CPU
 
@@ -25,7 +25,7 @@ def resolve_device(device: str = AUTO) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UserError(
             f"device {device!r} asked for, but this machine has no CUDA device; "
-            "use --device auto or --device cpu"
+            f"use {setting('device', 'auto')} or {setting('device', 'cpu')}"
         )
     return resolved
 
@@ -55,8 +55,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if not fast:
         logging.getLogger(__name__).warning(
             "precision bf16 asked for on a %s without native bfloat16 (AVX-512 BF16 or AMX on "
-            "CPU): bf16 is emulated there and slower than fp32; --precision auto picks fp32 "
-            "on this machine",
+            "CPU): bf16 is emulated there and slower than fp32; %s picks fp32 on this machine",
             device.type.upper() if device.type == "cuda" else "CPU",
+            setting("precision", "auto"),
         )
     return torch.bfloat16

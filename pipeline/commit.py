@@ -43,7 +43,7 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 from vaewatch.model.contract import Manifest
-from vaewatch.model.errors import UserError
+from vaewatch.model.errors import UserError, setting
 from vaewatch.pipeline import faults, storage
 
 MANIFEST = "_manifest.json"
@@ -103,7 +103,9 @@ class LocalCommitter:
     def prepare(self) -> None:
         out = Path(self.output)
         if out.exists() and not out.is_dir():
-            raise OutputError(f"output {self.output!r} is a file; pass a directory for --output")
+            raise OutputError(
+                f"output {self.output!r} is a file; pass a directory as {setting('output')}"
+            )
         if out.is_dir() and not _is_vaewatch_output([str(p) for p in out.iterdir()]):
             raise OutputError(
                 f"output {self.output!r} already holds files that vaewatch did not write (no "
@@ -320,7 +322,7 @@ def output_lock(output: str):
     except OSError as err:
         raise OutputError(
             f"cannot write next to the output {str(out)!r}: {err.strerror}; pass a writable "
-            "--output"
+            f"{setting('output')}"
         ) from err
     try:
         try:

@@ -26,7 +26,7 @@ from vaewatch.model.contract import (
 )
 from vaewatch.model.data.features import FeatureSpec
 from vaewatch.model.data.inputs import InputFile, input_containing, read_footers, resolve_files
-from vaewatch.model.errors import UserError
+from vaewatch.model.errors import UserError, setting
 from vaewatch.model.scoring import ScoringOverrides
 from vaewatch.model.threads import threads_for
 from vaewatch.model.version import package_version
@@ -54,9 +54,9 @@ class ScoreOptions:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise UserError(f"{setting('batch_size')} must be >= 1, got {self.batch_size}")
         if self.workers < 1:
-            raise UserError(f"--workers must be >= 1, got {self.workers}")
+            raise UserError(f"{setting('workers')} must be >= 1, got {self.workers}")
 
     @property
     def local(self) -> bool:

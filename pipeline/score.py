@@ -32,7 +32,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from vaewatch.model.calibration.drift import Reference
 from vaewatch.model.contract import Manifest, rejected_schema
 from vaewatch.model.data.inputs import inside
-from vaewatch.model.errors import UserError
+from vaewatch.model.errors import UserError, setting
 from vaewatch.pipeline import faults, progress, services, storage
 from vaewatch.pipeline.commit import PART_PREFIX, REJECTED_DIR, OutputError, output_lock
 from vaewatch.pipeline.drift import STATS_FILE, DayStatsOf, read_stats
@@ -176,7 +176,7 @@ def run(
     `lock_held`: the caller holds `output_lock(job.output)` already (`vaewatch nightly`, which
     checks the day's manifest under the same lock)."""
     services.check(job.options.beam_args)
-    storage.probe(job.output, "--output")
+    storage.probe(job.output, setting("output"))
     plan = make_plan(job)
     faults.point("launch:planned")
     storage.configure(job.options.beam_args)
@@ -228,14 +228,15 @@ def _counters(result) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------ failures
+_OTHER_OUTPUT = f"choose another {setting('output')}"
 STORAGE_PROBLEMS = {
-    errno.ENOSPC: ("no space left on device", "Free space there or choose another --output"),
-    errno.EROFS: ("the file system is read-only", "Choose a writable --output"),
+    errno.ENOSPC: ("no space left on device", f"Free space there or {_OTHER_OUTPUT}"),
+    errno.EROFS: ("the file system is read-only", f"Choose a writable {setting('output')}"),
     errno.EACCES: (
         "permission denied",
-        "Give this user write access to the output's folder, or choose another --output",
+        f"Give this user write access to the output's folder, or {_OTHER_OUTPUT}",
     ),
-    errno.EDQUOT: ("disk quota exceeded", "Raise the quota or choose another --output"),
+    errno.EDQUOT: ("disk quota exceeded", f"Raise the quota or {_OTHER_OUTPUT}"),
 }
 
 

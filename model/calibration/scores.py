@@ -45,7 +45,7 @@ import numpy as np
 from vaewatch.model import defaults
 from vaewatch.model._moved import deprecated_defaults
 from vaewatch.model.choices import FlagRule
-from vaewatch.model.errors import UserError
+from vaewatch.model.errors import UserError, setting
 from vaewatch.model.estimation.attribution import top_indices
 
 
@@ -273,7 +273,7 @@ class Calibration:
             )
             raise UserError(
                 f"flag rule 'any' needs per-feature tails and this model {why}; use "
-                "--flag-rule total, or retrain with more rows"
+                f"{setting('flag_rule', 'total')}, or retrain with more rows"
             )
         return rule
 

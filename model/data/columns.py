@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vaewatch.model.errors import UserError
+from vaewatch.model.errors import UserError, setting
 
 
 class FeatureKind(str, enum.Enum):
@@ -170,8 +170,8 @@ def choose_columns(
         if kind_of(arrow_type) is not FeatureKind.CONTINUOUS:
             raise SchemaMismatchError(
                 f"column {name!r} is named continuous but has type {arrow_type}, which is not "
-                "numeric; cast it to a number in the data, or drop it from --continuous "
-                "(string columns are modelled as categorical)"
+                f"numeric; cast it to a number in the data, or drop it from "
+                f"{setting('continuous')} (string columns are modelled as categorical)"
             )
     names = list(features) if features is not None else list(schema.names)
     names += [n for n in continuous if n not in names]
@@ -185,7 +185,7 @@ def choose_columns(
             if features is not None:
                 raise SchemaMismatchError(
                     f"column {name!r} has type {arrow_type}, which vaewatch cannot model; "
-                    "use numeric, boolean or string columns, or drop it from --features"
+                    f"use numeric, boolean or string columns, or drop it from {setting('features')}"
                 )
             continue  # silently skipped only when the user did not ask for it
         chosen.append((name, kind))
@@ -204,7 +204,10 @@ def choose_columns(
 IDENTIFIER_SHARE = 0.5
 IDENTIFIER_BATCH_SHARE = 0.9
 IDENTIFIER_MIN_ROWS = 100
-EXCLUDE_FIX = "Exclude it (--exclude {name}), or name it --id-column if it identifies the record"
+EXCLUDE_FIX = (
+    f"Exclude it ({setting('exclude', '{name}')}), or name it the "
+    f"{setting('id_column')} if it identifies the record"
+)
 IDENTIFIER_HARM = (
     "A value not seen in training is out of vocabulary, and on a later day nearly every "
     "record's would be, so every record would score as unusual. " + EXCLUDE_FIX

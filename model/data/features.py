@@ -47,7 +47,7 @@ from vaewatch.model.data.columns import (
     to_float64,
     to_string,
 )
-from vaewatch.model.errors import UserError
+from vaewatch.model.errors import UserError, setting
 
 # Values further than this many training standard deviations from the mean cannot be scored in
 # float32: the Gaussian term (x - mu)^2 / sigma^2 overflows near (1e17)^2 with the variance
@@ -214,7 +214,7 @@ class FeatureSpec:
         if empty:
             raise UserError(
                 f"feature column(s) {empty} have no non-null values in the training data; "
-                "exclude them (--exclude) or fix the data"
+                f"exclude them ({setting('exclude')}) or fix the data"
             )
 
         fitted = []
@@ -291,7 +291,7 @@ class FeatureSpec:
                     f"model feature {f.name!r} (expected {f.kind.value}) is missing from the "
                     f"input; input columns are {schema.names}. Add the column (all null where "
                     "the values are unknown: they are scored as missing), or score with a "
-                    f"model trained without it (vaewatch train --exclude {f.name})"
+                    f"model trained without it ({setting('exclude', f.name)})"
                 )
             found = schema.field(index).type
             if not accepts(f.kind, found):

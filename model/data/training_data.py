@@ -20,7 +20,7 @@ from vaewatch.model import defaults
 from vaewatch.model._moved import deprecated_defaults
 from vaewatch.model.data.features import FeatureSpec
 from vaewatch.model.data.inputs import ParquetSource
-from vaewatch.model.errors import UserError
+from vaewatch.model.errors import UserError, setting
 
 
 # ---------------------------------------------------------------------------------- the split
@@ -157,7 +157,7 @@ class TrainingData:
             raise UserError(
                 f"too little usable data to train: {c.rows_read} rows read, {c.rows_unusable} "
                 f"unusable, {c.rows_train} for training and {c.rows_validation} for validation; "
-                "give more rows or a larger --validation-fraction"
+                f"give more rows or a larger {setting('validation_fraction')}"
             )
 
     def batches(

@@ -41,7 +41,7 @@ from mlflow.utils import logging_utils
 from vaewatch.model import defaults
 from vaewatch.model._moved import deprecated_defaults
 from vaewatch.model.artifact import CONFIG_FILE, ArtifactError, ModelArtifact, sha256_file
-from vaewatch.model.errors import DependencyUnavailable, UserError
+from vaewatch.model.errors import DependencyUnavailable, UserError, setting
 from vaewatch.model.registry.pyfunc_model import ARTIFACT_KEY
 
 ARTIFACT_DIGEST_TAG = "artifact_sha256"  # sha256 of the registered config.json
@@ -128,8 +128,8 @@ def check_reachable(tracking_uri: str, attempts: int = REACH_ATTEMPTS) -> None:
     reason = getattr(last, "reason", last)
     raise TrackingServerUnavailable(
         f"cannot reach the MLflow tracking server at {tracking_uri!r} ({reason}; {attempts} "
-        "tries). Check --tracking-uri / MLFLOW_TRACKING_URI and that the server is up; nothing "
-        "was written."
+        f"tries). Check {setting('tracking_uri')} (or MLFLOW_TRACKING_URI) and that the server "
+        "is up; nothing was written."
     )
 
 
@@ -217,7 +217,7 @@ class TrainingRun:
         except MlflowException as err:
             raise RegistryError(
                 f"cannot use experiment {experiment!r} at tracking URI {tracking_uri!r}: "
-                f"{err.message}. Check --tracking-uri (or MLFLOW_TRACKING_URI)."
+                f"{err.message}. Check {setting('tracking_uri')} (or MLFLOW_TRACKING_URI)."
             ) from err
         self._run_name = run_name
         self.run = None
@@ -342,7 +342,8 @@ def resolve(uri: str, tracking_uri: str) -> ResolvedModel:
             return ResolvedModel("", "", "", requested=uri, local_path=str(path.absolute()))
         raise ModelNotFoundError(
             f"model {uri!r} is neither a models:/NAME@ALIAS (or models:/NAME/VERSION) URI nor a "
-            "folder with a vaewatch config.json; pass e.g. --model models:/transactions@champion"
+            f"folder with a vaewatch config.json; pass e.g. "
+            f"{setting('model_uri', 'models:/transactions@champion')}"
         )
     match = MODEL_URI.match(uri)
     if match is None:
@@ -362,7 +363,7 @@ def resolve(uri: str, tracking_uri: str) -> ResolvedModel:
             if not versions:
                 raise ModelNotFoundError(
                     f"registered model {name!r} has no versions at {tracking_uri!r}; "
-                    f"train one with `vaewatch train --model-name {name}`"
+                    f"train one first: `vaewatch train` with {setting('model_name', name)}"
                 )
             mv = max(versions, key=lambda v: int(v.version))
     except MlflowException as err:
@@ -377,9 +378,9 @@ def resolve(uri: str, tracking_uri: str) -> ResolvedModel:
         known = _known_models(client)
         raise ModelNotFoundError(
             f"model {uri!r} not found at tracking URI {tracking_uri!r} ({err.message}). "
-            f"Registered models there: {known or 'none'}. Train one with `vaewatch train "
-            f"--model-name {name}`, or point --tracking-uri / MLFLOW_TRACKING_URI at the right "
-            "server."
+            f"Registered models there: {known or 'none'}. Train one first: `vaewatch train` "
+            f"with {setting('model_name', name)}, or point {setting('tracking_uri')} (or "
+            "MLFLOW_TRACKING_URI) at the right server."
         ) from err
     return ResolvedModel(name=name, version=str(mv.version), run_id=mv.run_id or "", requested=uri)
 

@@ -26,6 +26,7 @@ from vaewatch.model.data.features import FeatureSpec
 from vaewatch.model.data.inputs import Fingerprint, ParquetSource
 from vaewatch.model.data.training_data import DataCounts, TrainingData
 from vaewatch.model.device import resolve_device
+from vaewatch.model.errors import setting
 from vaewatch.model.estimation.attribution import conditional_baseline, explain_flagged, top_indices
 from vaewatch.model.estimation.estimators import DEFAULT_MEMORY_BUDGET, score_records
 from vaewatch.model.estimation.proposal import choose_proposal_scale
@@ -67,13 +68,13 @@ class FitConfig:
     cache_bytes: int = defaults.CACHE_BYTES
 
     def checked_columns(self) -> list[tuple[str, Sequence[str]]]:
-        """(option, columns) pairs that must exist in the data."""
+        """(setting, columns) pairs that must exist in the data."""
         return [
-            ("--exclude", self.exclude),
-            ("--features", self.features or ()),
-            ("--categorical", self.categorical),
-            ("--continuous", self.continuous),
-            ("--id-column", [self.id_column] if self.id_column else []),
+            (setting("exclude"), self.exclude),
+            (setting("features"), self.features or ()),
+            (setting("categorical"), self.categorical),
+            (setting("continuous"), self.continuous),
+            (setting("id_column"), [self.id_column] if self.id_column else []),
         ]
 
 
@@ -254,8 +255,8 @@ def check_files(
             raise SchemaMismatchError(
                 f"training file {file.path!r} has no column(s) {lacking}, which the first file "
                 f"({first!r}) has and training uses as features. Add them to every file (null "
-                "where unknown: modelled as missing), or leave them out (--exclude "
-                f"{','.join(lacking)})"
+                "where unknown: modelled as missing), or leave them out "
+                f"({setting('exclude', ','.join(lacking))})"
             )
         for name, kind in chosen:
             found = schema.field(name).type
@@ -264,7 +265,7 @@ def check_files(
                     f"column {name!r} is {reference.field(name).type} (read as {kind.value}) "
                     f"in the first training file with values for it, but {found} in "
                     f"{file.path!r}. Cast it to one type in every file, or leave it out "
-                    f"(--exclude {name})"
+                    f"({setting('exclude', name)})"
                 )
         for name in schema.names:
             if name not in reference.names:

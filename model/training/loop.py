@@ -29,6 +29,7 @@ from vaewatch.model import threads as cpu_threads
 from vaewatch.model.choices import Objective, TrainingProfile
 from vaewatch.model.data.training_data import TrainingData
 from vaewatch.model.device import resolve_device
+from vaewatch.model.errors import setting
 from vaewatch.model.estimation.estimators import UNBOUNDED
 from vaewatch.model.estimation.estimators import elbo as elbo_estimate
 from vaewatch.model.estimation.estimators import iwae as iwae_estimate
@@ -305,8 +306,8 @@ def train(
                 loss, plain = _loss(model, x, mask_b, step_config, beta, generator, trim)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"training loss became {loss.item()} at epoch {epoch}; lower --learning-rate "
-                    "or check the data for extreme values"
+                    f"training loss became {loss.item()} at epoch {epoch}; lower "
+                    f"{setting('learning_rate')} or check the data for extreme values"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,5 +1,8 @@
 """CLI conventions, enforced: help everywhere, one env-var pattern, exit codes."""
 
+import re
+from pathlib import Path
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -300,3 +303,25 @@ def test_mlflow_warnings_are_json_lines_under_log_format_json():
     assert [(e["logger"], e["level"], e["message"]) for e in lines] == [
         ("mlflow.tracking", "WARNING", "the server is slow")
     ]
+
+
+def test_library_messages_name_settings_and_the_cli_shows_options():
+    """model/ and pipeline/ name a setting as the keyword a Python caller passes
+    (`exclude=amount`); the CLI shows the option that sets it. Every setting the library names
+    is an option of some command, so no message points a CLI user at a flag that is not there."""
+    from vaewatch.jobs.cli import _options_by_name, as_options
+
+    message = (
+        "leave it out (`exclude=amount`), check `tracking_uri`, pass e.g. "
+        "`model_uri=models:/t@champion`; `vaewatch train` with `model_name=t`; `no_such` stays"
+    )
+    assert as_options(message) == (
+        "leave it out (--exclude amount), check --tracking-uri, pass e.g. "
+        "--model models:/t@champion; `vaewatch train` with --model-name t; `no_such` stays"
+    )
+    root = Path(__file__).parents[2]
+    named = set()
+    for path in [*root.joinpath("model").rglob("*.py"), *root.joinpath("pipeline").rglob("*.py")]:
+        named |= set(re.findall(r"""setting\(\s*["']([a-z_]+)["']""", path.read_text()))
+    assert len(named) >= 12, named
+    assert named <= set(_options_by_name()), named - set(_options_by_name())

@@ -249,7 +249,7 @@ def test_the_rule_can_be_chosen_at_scoring_where_the_model_supports_it(sparse):
     with pytest.raises(UserError, match="flag_rule must be one of any, total, got 'some'"):
         cal.check_rule("some")
     stripped = {k: v for k, v in cal.to_json().items() if k != "surprise_quantiles"}
-    with pytest.raises(UserError, match="trained before that rule; use --flag-rule total"):
+    with pytest.raises(UserError, match="trained before that rule; use `flag_rule=total`"):
         Calibration.from_json(stripped).flags(scores, nll, rule="any")
     few = Calibration.fit(*draw(50))
     with pytest.raises(UserError, match="calibrated on 50 rows, fewer than the 200"):

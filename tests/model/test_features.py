@@ -111,7 +111,7 @@ def test_values_beyond_float32_reach_are_out_of_range():
 
 def test_schema_errors_name_column_and_types(transactions_table):
     spec = FeatureSpec.fit(transactions_table, exclude=LABELS)
-    with pytest.raises(SchemaMismatchError, match=r"'amount'.*missing.*--exclude amount"):
+    with pytest.raises(SchemaMismatchError, match=r"'amount'.*missing.*`exclude=amount`"):
         spec.encode(transactions_table.drop_columns(["amount"]))
     wrong = transactions_table.set_column(
         transactions_table.schema.get_field_index("amount"),
@@ -197,7 +197,7 @@ def test_an_identifier_like_string_column_is_warned_about(caplog):
     assert len(warned) == 2
     assert warned[0].startswith("feature 'half' has 190 distinct values in its 380 non-null")
     assert warned[1].startswith("feature 'user' has 400 distinct values in its 400 non-null")
-    assert "(100%)" in warned[1] and "--exclude user" in warned[1]
+    assert "(100%)" in warned[1] and "`exclude=user`" in warned[1]
     caplog.clear()
     with caplog.at_level("WARNING", logger="vaewatch"):
         FeatureSpec.fit(table.slice(0, 99))  # too few rows to tell
@@ -221,7 +221,7 @@ def test_a_column_that_rises_with_every_row_is_warned_about(caplog):
         FeatureSpec.fit(iter([batches[2], batches[0], batches[1]]))  # batches out of order
     warned = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert [m.split(" rises")[0] for m in warned] == ["feature 'seq'", "feature 'stamp'"]
-    assert "(300 values)" in warned[0] and "--exclude seq" in warned[0]
+    assert "(300 values)" in warned[0] and "`exclude=seq`" in warned[0]
     caplog.clear()
     with caplog.at_level("WARNING", logger="vaewatch"):
         FeatureSpec.fit(table.slice(0, 99))
