@@ -64,3 +64,17 @@ def deprecated_defaults(module: str, names: dict[str, str]):
         return getattr(defaults, names[name])
 
     return __getattr__
+
+
+def renamed(module: str, names: dict[str, str]):
+    """The `__getattr__` of a module where a name was replaced: the old name resolves to its
+    replacement (`names`: old -> dotted path of the new), with a warning."""
+
+    def __getattr__(name: str):
+        if name not in names:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        path, _, attribute = names[name].rpartition(".")
+        _warn(f"{module}.{name}", names[name])
+        return getattr(importlib.import_module(path), attribute)
+
+    return __getattr__

@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 
 from vaewatch.model import defaults
+from vaewatch.model._moved import renamed
 from vaewatch.model.artifact import ModelArtifact
 from vaewatch.model.calibration.scores import check_quantile
 from vaewatch.model.contract import REASON_COLUMN, RejectReason, score_schema
@@ -31,27 +32,18 @@ MIN_ROWS_PER_CALL = 1024  # fewer rows per call and Python overhead shows
 
 
 @dataclass(frozen=True)
-class ScoringSettings:
-    """K, seed and threshold a run scores with."""
-
-    k: int
-    seed: int
-    threshold_quantile: float
-    threshold: float
-    flag_rule: str = "total"  # the calibration's is_anomaly rule (Calibration.effective_rule)
-
-
-@dataclass(frozen=True)
 class ScoringOverrides:
     """What a run asks for instead of the model's stored K, seed, threshold quantile and flag
-    rule; None keeps the model's own (the values its calibration was computed with)."""
+    rule; None keeps the model's own (the values its calibration was computed with).
+    `resolve(artifact)` gives the run's settings: every field filled in from the model and
+    checked. (0.1.0 returned a separate ScoringSettings type; the resolved overrides are it.)"""
 
     k: int | None = None
     seed: int | None = None
     threshold_quantile: float | None = None
     flag_rule: str | None = None  # "any" | "total"
 
-    def resolve(self, artifact: ModelArtifact) -> ScoringSettings:
+    def resolve(self, artifact: ModelArtifact) -> ScoringOverrides:
         stored, calibration = artifact.scoring, artifact.calibration
         k = stored.k if self.k is None else self.k
         if k < 1:
@@ -61,14 +53,17 @@ class ScoringOverrides:
             if self.threshold_quantile is None
             else check_quantile(self.threshold_quantile)
         )
-        rule = calibration.check_rule(self.flag_rule)
-        return ScoringSettings(
+        return ScoringOverrides(
             k=k,
             seed=stored.seed if self.seed is None else self.seed,
             threshold_quantile=quantile,
-            threshold=calibration.threshold(quantile, rule),
-            flag_rule=rule,
+            flag_rule=calibration.check_rule(self.flag_rule),
         )
+
+    def threshold(self, artifact: ModelArtifact) -> float:
+        """The anomaly score above which these settings flag every record of `artifact`."""
+        resolved = self.resolve(artifact)
+        return artifact.calibration.threshold(resolved.threshold_quantile, resolved.flag_rule)
 
 
 @dataclass
@@ -115,8 +110,8 @@ class Scorer:
         self.model = artifact.build(self.device)
         settings = overrides.resolve(artifact)
         self.k, self.seed = settings.k, settings.seed
-        self.threshold_quantile, self.threshold = settings.threshold_quantile, settings.threshold
-        self.flag_rule = settings.flag_rule
+        self.threshold_quantile, self.flag_rule = settings.threshold_quantile, settings.flag_rule
+        self.threshold = settings.threshold(artifact)
         calibration = artifact.calibration
         self.memory_budget = memory_budget
         self.model_version = model_version
@@ -283,3 +278,7 @@ class Scorer:
             schema=self.schema,
         )
         return table, unexplained
+
+
+# the resolved overrides were a type of their own in 0.1.0
+__getattr__ = renamed(__name__, {"ScoringSettings": "vaewatch.model.scoring.ScoringOverrides"})

@@ -107,7 +107,7 @@ class VaewatchModelHandler(ModelHandler[Example, PredictionResult, Scorer]):
     def threshold(self) -> float:
         """The anomaly-score threshold these settings flag at (reads the model's config on the
         calling machine, as a launcher does once)."""
-        return self._settings.overrides.resolve(self._settings.load_artifact()).threshold
+        return self._settings.overrides.threshold(self._settings.load_artifact())
 
 
 def _as_tables(batch: Sequence[Example]):

@@ -147,7 +147,7 @@ def make_plan(job: ScoreJob) -> ScorePlan:
         k=settings.k,
         seed=settings.seed,
         threshold_quantile=settings.threshold_quantile,
-        threshold=settings.threshold,
+        threshold=settings.threshold(artifact),
         flag_rule=settings.flag_rule,
         batch_size=options.batch_size,
         runner=options.runner,

@@ -122,3 +122,12 @@ def test_a_default_has_one_name_and_the_old_alias_warns(module, alias, name):
     with pytest.warns(DeprecationWarning, match=f"vaewatch.model.defaults.{name}"):
         value = getattr(importlib.import_module(module), alias)
     assert value == getattr(defaults, name)
+
+
+def test_the_resolved_settings_type_folded_into_the_overrides_warns():
+    """0.1.0 resolved ScoringOverrides into a ScoringSettings; the resolved overrides are it now:
+    every field filled in from the model, and the threshold the model's calibration gives."""
+    from vaewatch.model import scoring
+
+    with pytest.warns(DeprecationWarning, match="scoring.ScoringOverrides"):
+        assert scoring.ScoringSettings is scoring.ScoringOverrides
