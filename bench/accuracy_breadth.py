@@ -1,7 +1,7 @@
 """How accurate the default K is beyond the model it was chosen on.
 
-    python bench/accuracy_breadth.py           # 16 seeds on pPCA, 8 on the trained models
-    python bench/accuracy_breadth.py --quick   # 4 seeds, fewer records
+    python -m bench.accuracy_breadth           # 16 seeds on pPCA, 8 on the trained models
+    python -m bench.accuracy_breadth --quick   # 4 seeds, fewer records
 
 The default K (model/defaults.py) was chosen on the suite's closed-form pPCA (latent 4, 20
 features) with two mismatched proposals. This script asks the same question of models it was not
@@ -32,24 +32,21 @@ that standard error's own check (the standardised seed-to-seed difference, as sc
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.model.ppca import make_ppca  # noqa: E402
-from vaewatch.model.defaults import K  # noqa: E402
-from vaewatch.model.estimation.estimators import IWAE_STREAM, iwae, jacobian  # noqa: E402
-from vaewatch.model.estimation.noise import SOBOL, iid_noise, noise  # noqa: E402
-from vaewatch.model.network.vae import LOG_2PI  # noqa: E402
+from bench import harness
+from bench.datasets import PPCAS, proposals
+from tests.model.ppca import make_ppca
+from vaewatch.model.defaults import K
+from vaewatch.model.estimation.estimators import IWAE_STREAM, iwae, jacobian
+from vaewatch.model.estimation.noise import SOBOL, iid_noise, noise
+from vaewatch.model.network.vae import LOG_2PI
 
 POINTS = {
     "i.i.d.": iid_noise,
@@ -63,22 +60,6 @@ TRAINED_RUNS = [*PPCA_RUNS, ("i.i.d.", 256), ("spherical x4", 256), ("as scored"
 REFERENCE_POINTS = ("i.i.d.", "Sobol x4")  # as measured before the spherical points
 REFERENCE_K = 16_384
 REFERENCE_STREAM = 77  # not the scorer's stream: the reference shares no points with the runs
-
-
-PPCAS = ((12, 2, 2), (20, 4, 0), (30, 8, 1))  # (features, latent, seed of make_ppca)
-
-
-def proposals(latent: int) -> dict[str, tuple]:
-    """The three mismatched proposals: (mean scale, variance scale) of the exact posterior's."""
-    rng = np.random.default_rng(5)
-    return {
-        "over-dispersed": (0.8, 1.5),
-        "under-dispersed": (0.9, 0.7),
-        "anisotropic": (
-            rng.uniform(0.75, 1.1, latent)[:, None],
-            np.exp(rng.uniform(math.log(0.5), math.log(2.0), latent)),
-        ),
-    }
 
 
 def ppca_models(seeds: int, records: int) -> list[dict]:
@@ -233,9 +214,9 @@ def trained_models(seeds: int, quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 seeds, fewer records")
+    parser = harness.parser(__doc__, quick="4 seeds, fewer records")
     args = parser.parse_args()
+    harness.start(args, "accuracy_breadth")
     started = time.perf_counter()
     ppca = ppca_models(4 if args.quick else 16, 1000 if args.quick else 3000)
     print(

@@ -1,7 +1,7 @@
 """Item 2's question as the scorer runs it: fewer points, with the proposal scale `fit` chooses.
 
-    python bench/as_scored.py            # 32 seeds, the three pPCAs
-    python bench/as_scored.py --quick    # 8 seeds, the suite's pPCA (latent 4) only
+    python -m bench.as_scored            # 32 seeds, the three pPCAs
+    python -m bench.as_scored --quick    # 8 seeds, the suite's pPCA (latent 4) only
 
 On the pPCAs and mismatched proposals of bench/accuracy_breadth.py (log p(x) exact), each
 construction is run twice per seed: with the proposal as given (q itself, the question of
@@ -16,26 +16,23 @@ seeds (± the standard error over seeds), and how often each factor was chosen.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-from accuracy_breadth import PPCAS, proposals
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.model.ppca import make_ppca  # noqa: E402
-from vaewatch.model import defaults  # noqa: E402
-from vaewatch.model.artifact import ScoringDefaults  # noqa: E402
-from vaewatch.model.estimation.estimators import IWAE_STREAM, iwae  # noqa: E402
-from vaewatch.model.estimation.noise import iid_noise, noise  # noqa: E402
-from vaewatch.model.estimation.proposal import DRAWS, SCALE_STREAM, choose_proposal_scale  # noqa: E402
+from bench import harness
+from bench.datasets import PPCAS, proposals
+from tests.model.ppca import make_ppca
+from vaewatch.model import defaults
+from vaewatch.model.artifact import ScoringDefaults
+from vaewatch.model.estimation.estimators import IWAE_STREAM, iwae
+from vaewatch.model.estimation.noise import iid_noise, noise
+from vaewatch.model.estimation.proposal import DRAWS, SCALE_STREAM, choose_proposal_scale
 
 RUNS = (("i.i.d.", 64), ("spherical", 16), ("spherical", defaults.K))
 # the trimmed share of the validation rows the scale rule compares means over (the large-table
@@ -92,10 +89,10 @@ def measure(seeds: int, ppcas) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="8 seeds, latent 4 only")
+    parser = harness.parser(__doc__, quick="8 seeds, latent 4 only")
     parser.add_argument("--seeds", type=int, default=None)
     args = parser.parse_args()
+    harness.start(args, "as_scored")
     torch.set_num_threads(1)
     seeds = args.seeds or (8 if args.quick else 32)
     started = time.perf_counter()

@@ -1,9 +1,9 @@
 """What `top_features` names first, and what naming it costs: -log p(x_j|z) (every record's)
 against -log p(x_j | x_-j) (flagged records', model/estimation/attribution.py), on the demo's data.
 
-    python bench/attribution.py                 # demo seeds 0-2, ~4 min on 2 cores
-    python bench/attribution.py --seeds 8
-    python bench/attribution.py --quick         # seed 0 (make bench-quick)
+    python -m bench.attribution                 # demo seeds 0-2, ~4 min on 2 cores
+    python -m bench.attribution --seeds 8
+    python -m bench.attribution --quick         # seed 0 (make bench-quick)
 
 Per seed a model is fitted on the demo's first day as `vaewatch demo` fits it (the day holds
 0.5 % injected rows) and scores the next three days with the production `Scorer` twice: as
@@ -19,7 +19,6 @@ the leave-one-out budget (model/estimation/attribution.py, EXPLAINED_SHARE) boun
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import tempfile
 import time
@@ -31,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from bench import harness
 from vaewatch.jobs.demo import write_partitions
 from vaewatch.model.artifact import ScoringDefaults
 from vaewatch.model.scoring import Scorer
@@ -100,11 +100,11 @@ def run_seed(seed: int, work: Path, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, quick="seed 0, 2 repeats")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="timed alternations per seed")
-    parser.add_argument("--quick", action="store_true", help="seed 0, 2 repeats")
     args = parser.parse_args()
+    harness.start(args, "attribution")
     if args.quick:
         args.seeds, args.repeats = 1, 2
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; demo data, 3 x 20,000 "

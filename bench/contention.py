@@ -1,7 +1,7 @@
 """Two vaewatch jobs on the same cores: does each get about half, or do they collapse?
 
-    python bench/contention.py            # scoring and training, alone and two at once
-    python bench/contention.py --quick    # shorter windows
+    python -m bench.contention            # scoring and training, alone and two at once
+    python -m bench.contention --quick    # shorter windows
 
 Each configuration runs in fresh processes: one job alone, then two identical jobs started
 together. Jobs: scoring (score_records at the default K on 4,096-record batches, as many as fit
@@ -14,29 +14,23 @@ process may use (model/threads.py), as vaewatch sets them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
+from bench import harness
 from vaewatch.model import defaults
-
-HERE = Path(__file__).resolve().parent
 
 
 def child(job: str, seconds: float) -> dict:
-    sys.path.insert(0, str(HERE))
     import torch
 
     from vaewatch.model import threads  # the OpenMP setting comes from this process's env
 
     threads.apply(int(os.environ.get("VAEWATCH_BENCH_THREADS", 0)) or threads.threads_for(1))
     if job == "score":
-        from estimators import model_and_batch
-
+        from bench.datasets import model_and_batch
         from vaewatch.model.estimation.estimators import score_records
 
         model, x, mask = model_and_batch(4096, torch.device("cpu"))
@@ -76,16 +70,16 @@ def run(job: str, policy: str, copies: int, seconds: float) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in POLICIES[policy]}
     env.update({k: v for k, v in POLICIES[policy].items() if v})
     env["VAEWATCH_BENCH_POLICY_SET"] = "1"
-    command = [sys.executable, __file__, "--child", job, "--seconds", str(seconds)]
+    command = harness.child_command("contention", "--child", job, "--seconds", str(seconds))
     processes = [
-        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(copies)
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, cwd=harness.ROOT)
+        for _ in range(copies)
     ]
     return [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in processes]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser = harness.parser(__doc__, quick="a shorter run")
     parser.add_argument("--child", choices=["score", "train"])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--policy", action="append", choices=sorted(POLICIES), help="only these")
@@ -93,6 +87,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.seconds)))
         return
+    harness.start(args, "contention")
     seconds = 4.0 if args.quick else 10.0
     print(f"{os.cpu_count()} cores; each window {seconds:.0f} s\n")
     print("| job | OpenMP idle threads | alone | each of two at once | two at once / alone |")

@@ -7,13 +7,12 @@ same days with `amount` multiplied by each factor. Each day goes through the sta
 pipeline computes (DayStats) and the assessment written into manifests (Reference.assess).
 Prints one line per setting: days, alarms, the rate and which test fired.
 
-    python bench/drift.py                 # 5 models x 40 days, ~6 min on 2 cores
-    python bench/drift.py --models 2 --days 10   # quick
+    python -m bench.drift                 # 5 models x 40 days, ~6 min on 2 cores
+    python -m bench.drift --models 2 --days 10   # quick
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bench import harness
 from vaewatch.model.calibration.drift import Reference, named_features
 from vaewatch.model.scoring import Scorer
 from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
@@ -46,15 +46,13 @@ def day_alarm(scorer: Scorer, reference: Reference, table) -> tuple[bool, list[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = harness.parser(__doc__, quick="2 models x 10 days")
     parser.add_argument("--models", type=int, default=5)
     parser.add_argument("--days", type=int, default=40)
     parser.add_argument("--rows", type=int, default=20_000, help="rows per scored day")
     parser.add_argument("--epochs", type=int, default=25)
-    parser.add_argument(
-        "--quick", action="store_true", help="2 models x 10 days (make bench-quick)"
-    )
     args = parser.parse_args()
+    harness.start(args, "drift")
     if args.quick:
         args.models, args.days = 2, 10
 

@@ -1,9 +1,9 @@
 """Estimator throughput: records/s for the ELBO and the IWAE at several K, as a fraction of the
 FLOP/s torch reaches on a large matmul measured in the same process.
 
-    python bench/estimators.py            # full run, prints Markdown tables
-    python bench/estimators.py --quick    # fewer repeats, fewer seeds
-    python bench/estimators.py --accuracy-only  # the accuracy table alone (~1 min)
+    python -m bench.estimators            # full run, prints Markdown tables
+    python -m bench.estimators --quick    # fewer repeats, fewer seeds
+    python -m bench.estimators --accuracy-only  # the accuracy table alone (~1 min)
 
 Accuracy (the second table): the suite's closed-form model (probabilistic PCA with hand-set
 weights, 20 features on scales 0.01..50, latent 4, a deliberately mismatched proposal: posterior
@@ -23,7 +23,6 @@ logsumexp, attribution) is real cost but not counted, so the fraction is "useful
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import functools
 import os
@@ -33,8 +32,9 @@ import time
 
 import numpy as np
 import torch
-from workload import model_and_batch
 
+from bench import harness
+from bench.datasets import model_and_batch
 from vaewatch.model.defaults import K
 from vaewatch.model.estimation.estimators import (
     DEFAULT_MEMORY_BUDGET,
@@ -159,10 +159,7 @@ DESIGNS = {
 def accuracy(quick: bool) -> tuple[list[dict], float]:
     """Rows of (construction, K, mean |error|, |table-mean bias|) on the closed-form pPCA, and
     the sd of the standardised seed-to-seed difference with the default (spherical) points."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.model.ppca import make_ppca
 
     ppca = make_ppca()
@@ -268,8 +265,7 @@ def print_accuracy(quick: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser = harness.parser(__doc__, quick="fewer repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--budget", type=int, default=DEFAULT_MEMORY_BUDGET, help="estimator memory budget in bytes"
@@ -279,6 +275,7 @@ def main() -> None:
     )
     parser.add_argument("--accuracy-only", action="store_true", help="the accuracy table alone")
     args = parser.parse_args()
+    harness.start(args, "estimators")
     if args.accuracy_only:
         print_accuracy(args.quick)
         return

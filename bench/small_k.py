@@ -1,15 +1,15 @@
 """`vaewatch score` at K=1 against the pyarrow read + write of the same rows (issue: the
 pipeline's own overhead at small K), this code against an earlier commit's.
 
-    python bench/small_k.py                      # this code against HEAD's; 5 rounds
-    python bench/small_k.py --baseline 1e2c91a --quick  # against an earlier commit; 2 rounds
-    python bench/small_k.py --rows 1000000 --files 8  # bench/pipeline.py's full data
+    python -m bench.small_k                      # this code against HEAD's; 5 rounds
+    python -m bench.small_k --baseline 1e2c91a --quick  # against an earlier commit; 2 rounds
+    python -m bench.small_k --rows 1000000 --files 8  # bench/beam_pipeline.py's full data
 
-The baseline's code is driven by this checkout's bench/pipeline.py, so a commit older than
+The baseline's code is driven by this checkout's bench/beam_pipeline.py, so a commit older than
 the modules that driver imports cannot be measured (the child's error says so); HEAD always
 can, and then the figure that matters is "vs IO floor".
 
-bench/pipeline.py's data and model (32 features, latent 8, hidden [128, 128]; the model saved
+bench/beam_pipeline.py's data and model (32 features, latent 8, hidden [128, 128]; the model saved
 with K=1). Each measurement is a fresh process that times the IO floor and the whole scoring job
 (plan, Beam's in-process runner, scoring, zstd Parquet, commit) in turn, best of `--repeats`; the
 two codes alternate, round after round, so a slow minute of this shared machine hits both. The
@@ -25,24 +25,19 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0]).resolve() == HERE:
-    sys.path.pop(0)  # bench/pipeline.py would shadow the `pipeline` package
+from bench import harness
 
 
 def _pipeline_bench():
-    """bench/pipeline.py (its data, model and timers), loaded by path under its own name."""
-    import importlib.util
+    """bench/beam_pipeline.py (its data, model and timers), imported where it is used: in a
+    child, after PYTHONPATH has put the baseline's vaewatch first."""
+    from bench import beam_pipeline
 
-    spec = importlib.util.spec_from_file_location("pipeline_bench", HERE / "pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return beam_pipeline
 
 
 def measure(data: Path, model: Path, rows: int, repeats: int) -> dict:
@@ -74,16 +69,12 @@ def measure(data: Path, model: Path, rows: int, repeats: int) -> dict:
 
 
 def main() -> None:
-    sys.path.append(str(HERE))
-    from speedup import child_env, export, run_child
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, quick="2 rounds")
     parser.add_argument("--baseline", default="HEAD", help="the commit to compare with")
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="timed jobs per process (best)")
-    parser.add_argument("--quick", action="store_true", help="2 rounds")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -94,6 +85,7 @@ def main() -> None:
         data, model = map(Path, args.child)
         print(json.dumps(measure(data, model, args.rows, args.repeats)))
         return
+    harness.start(args, "small_k")
     if args.quick:
         args.rounds = 2
 
@@ -101,23 +93,23 @@ def main() -> None:
         work = Path(work)
         bench = _pipeline_bench()
         bench.write_input(work / "input", args.rows, args.files)
-        baseline = export(args.baseline, work / "baseline")
+        baseline = harness.export(args.baseline, work / "baseline")
         codes = ((args.baseline, baseline), ("now", None))
         # each code reads the model its own code saved: an older commit cannot load fields
         # added to the artifact since (the same seeded training, the same architecture)
         models = {code: work / f"model-{i}" for i, (code, _) in enumerate(codes)}
         for code, path in codes:
-            cmd = [sys.executable, __file__, "--make-model", str(models[code])]
-            run_child(cmd, child_env(path), code)
+            cmd = harness.child_command("small_k", "--make-model", str(models[code]))
+            harness.run_child(cmd, harness.child_env(path), code)
         results: dict[str, list[dict]] = {args.baseline: [], "now": []}
         print(f"baseline from {baseline}", flush=True)
         started = time.perf_counter()
         for _ in range(args.rounds):
             for code, path in codes:
-                cmd = [sys.executable, __file__, "--rows", str(args.rows)]
+                cmd = harness.child_command("small_k", "--rows", str(args.rows))
                 cmd += ["--repeats", str(args.repeats), "--child"]
                 cmd += [str(work / "input"), str(models[code])]
-                done = run_child(cmd, child_env(path), code)
+                done = harness.run_child(cmd, harness.child_env(path), code)
                 results[code].append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(
         f"{args.rows:,} rows in {args.files} files, K=1, {args.rounds} rounds in "

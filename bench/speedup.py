@@ -1,8 +1,8 @@
 """The production estimator's records/s against an earlier commit's, each at its own defaults.
 
-    python bench/speedup.py --baseline 387521e~1    # the code before the estimator changes
-    python bench/speedup.py --baseline HEAD --rounds 3
-    python bench/speedup.py --quick                 # 2 rounds (make bench-quick)
+    python -m bench.speedup --baseline 387521e~1    # the code before the estimator changes
+    python -m bench.speedup --baseline HEAD --rounds 3
+    python -m bench.speedup --quick                 # 2 rounds (make bench-quick)
 
 Both codes score the same in-memory batches (bench/estimators.py's model: 32 features, latent 8,
 hidden [128, 128]) with `score_records` at their own default K and precision, and at K=64 in
@@ -18,13 +18,12 @@ import inspect
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import harness
+
 BATCHES = (4096, 65536)
 
 
@@ -32,11 +31,10 @@ def measure(records: int, repeats: int) -> dict:
     """In the child: records/s of the importable vaewatch's default scorer and of K=64 fp32."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from workload import model_and_batch
-
+    from bench.datasets import model_and_batch
     from vaewatch.model import defaults
-    from vaewatch.model.estimation.estimators import score_records
+
+    score_records = harness.model_module("estimation.estimators").score_records
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     model, x, mask = model_and_batch(records, torch.device("cpu"))
@@ -63,53 +61,17 @@ def measure(records: int, repeats: int) -> dict:
     return out
 
 
-def export(commit: str, work: Path) -> Path:
-    """`commit`'s tree as WORK/vaewatch (the repository root is the package); the folder to put
-    first on PYTHONPATH."""
-    target = work / "vaewatch"
-    target.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
-    return work
-
-
-def child_env(pythonpath: Path | None) -> dict:
-    """The environment of a child process that imports the code under `pythonpath` (None:
-    the installed one)."""
-    env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    return env
-
-
-def run_child(cmd: list[str], env: dict, code: str) -> subprocess.CompletedProcess:
-    """A child process for `code`; its stderr's end in the message if it fails."""
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-8:])
-        raise SystemExit(
-            f"the child process for {code} failed (exit {done.returncode}):\n{tail}\n"
-            "an older --baseline may lack a module this bench's driver imports; try a later one"
-        )
-    return done
-
-
 def child(pythonpath: Path | None, records: int, repeats: int) -> dict:
-    env = child_env(pythonpath)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(records)]
-    cmd += ["--repeats", str(repeats)]
-    done = run_child(cmd, env, str(pythonpath or "this checkout"))
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    cmd = harness.child_command("speedup", "--child", str(records), "--repeats", str(repeats))
+    done = harness.run_child(cmd, harness.child_env(pythonpath), str(pythonpath or "this checkout"))
+    return harness.last_json(done)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, quick="2 rounds of 3 timed calls")
     parser.add_argument("--baseline", default="387521e~1", help="the commit to compare with")
     parser.add_argument("--rounds", type=int, default=5, help="alternations of the two codes")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per process (best)")
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 3 timed calls")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -117,8 +79,9 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(measure(args.child, args.repeats)))
         return
+    harness.start(args, "speedup")
     with tempfile.TemporaryDirectory() as work:
-        baseline = export(args.baseline, Path(work))
+        baseline = harness.export(args.baseline, Path(work))
         results: dict[tuple[str, int], list[dict]] = {}
         for _ in range(args.rounds):
             for code, path in ((args.baseline, baseline), ("now", None)):

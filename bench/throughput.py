@@ -1,13 +1,13 @@
 """Scoring throughput and peak memory: vaewatch (estimator loop and the full Beam pipeline) at
 K = 1, 16, 64, 256 next to PyOD's VAE and scikit-learn's IsolationForest, in one run.
 
-    python bench/throughput.py            # 200,000 rows
-    python bench/throughput.py --quick    # 50,000 rows
-    python bench/throughput.py --device cuda   # GPU figures (estimator, pipeline, IO rate)
+    python -m bench.throughput            # 200,000 rows
+    python -m bench.throughput --quick    # 50,000 rows
+    python -m bench.throughput --device cuda   # GPU figures (estimator, pipeline, IO rate)
 
 Every configuration runs in its own fresh Python process (so peak RSS, `ru_maxrss`, is that
 configuration's alone), one after another, on the same Parquet files: 32 features (24
-continuous, 4 boolean, 4 categorical with 10 values), the data of bench/pipeline.py.
+continuous, 4 boolean, 4 categorical with 10 values), the data of bench/beam_pipeline.py.
 
   pyarrow IO           read the feature columns + write them back (zstd): the IO floor
   vaewatch loop, K     read -> encode -> model.estimators.score_records (ELBO, IWAE_K,
@@ -27,31 +27,26 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+from bench import harness
 
-HERE = Path(__file__).resolve().parent
 K_VALUES = (1, 16, 64, 256)
 
 
 def _bench_pipeline():
-    """bench/pipeline.py's data and model helpers (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_pipeline", HERE / "pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """bench/beam_pipeline.py's data and model helpers."""
+    from bench import beam_pipeline
+
+    return beam_pipeline
 
 
 def _matrix(table, spec):
@@ -220,8 +215,7 @@ def prepare(work: Path, rows: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="50,000 rows")
+    parser = harness.parser(__doc__, quick="50,000 rows")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where vaewatch scores")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
@@ -232,6 +226,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(child(args)))
         return
+    harness.start(args, "throughput")
     rows = args.rows or (50_000 if args.quick else 200_000)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vaewatch-throughput-"))
     import torch
@@ -240,7 +235,7 @@ def main() -> None:
     print(
         f"Run: date {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores, {gpu}, "
         f"torch {torch.__version__}, vaewatch on {args.device}, {rows:,} rows x 32 features, "
-        f"command: python bench/throughput.py{' --quick' if args.quick else ''}"
+        f"command: python -m bench.throughput{' --quick' if args.quick else ''}"
         f"{' --device ' + args.device if args.device != 'cpu' else ''}\n",
         flush=True,
     )
@@ -255,24 +250,12 @@ def main() -> None:
     configs += [("PyOD VAE, batch 4096", "pyod-vae", 0), ("IsolationForest", "iforest", 0)]
     results = {}
     for name, method, k in configs:
-        command = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--one",
-            "1",
-            "--method",
-            method,
-            "--k",
-            str(k),
-            "--device",
-            args.device,
-            "--workdir",
-            str(work),
-        ]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        command = harness.child_command(
+            "throughput", "--one", "1", "--method", method, "--k", str(k),
+            "--device", args.device, "--workdir", str(work),
+        )  # fmt: skip
+        done = harness.run_child(command, harness.child_env(None), name)
+        results[name] = harness.last_json(done)
         r = results[name]
         print(f"  {name}: {r['rows'] / r['seconds']:,.0f} rows/s", file=sys.stderr, flush=True)
     pyod = results["PyOD VAE, batch 4096"]

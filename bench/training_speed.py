@@ -1,10 +1,10 @@
 """Training speed per device and batch size: seconds per epoch and training rows/s, with a
 profile of where a GPU step's time goes.
 
-    python bench/training_speed.py                   # CPU only
-    python bench/training_speed.py --device cuda     # CUDA against this machine's CPU
-    python bench/training_speed.py --profile         # also the top operators of one epoch
-    python bench/training_speed.py --quick           # 10,000 rows (make bench-quick)
+    python -m bench.training_speed                   # CPU only
+    python -m bench.training_speed --device cuda     # CUDA against this machine's CPU
+    python -m bench.training_speed --profile         # also the top operators of one epoch
+    python -m bench.training_speed --quick           # 10,000 rows (make bench-quick)
 
 Data: the demo's synthetic transactions (50,000 rows, 1 % anomalies), the default network for
 that spec, the default objective and mixed precision (bfloat16 autocast on CUDA). Every
@@ -16,7 +16,6 @@ means more passes over the rows per epoch: rows/s counts every row seen, passes 
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import math
 import os
@@ -24,6 +23,7 @@ import platform
 
 import torch
 
+from bench import harness
 from vaewatch.model.data.features import FeatureSpec
 from vaewatch.model.network.vae import VAE, VAEConfig
 from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
@@ -65,13 +65,13 @@ def profile_epoch(spec, enc, device: str, batch_size: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, quick="10,000 rows, batches 256 and 1024")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda also runs the CPU rows)")
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--batches", default="256,1024,8192", help="batch sizes, comma-separated")
     parser.add_argument("--profile", action="store_true", help="profile one epoch at batch 1024")
-    parser.add_argument("--quick", action="store_true", help="10,000 rows, batches 256 and 1024")
     args = parser.parse_args()
+    harness.start(args, "training_speed")
     if args.quick:
         args.rows, args.batches = 10_000, "256,1024"
     table = transactions(args.rows, anomaly_rate=0.01, seed=0)

@@ -8,12 +8,11 @@ Misra-Gries style past its capacity. Both run here on the same batches, in one p
 alternating; the table is the ratio of their times and how far each one grew the process's
 resident memory.
 
-    python bench/value_counts.py [--rows 3000000] [--repeats 3] [--quick]
+    python -m bench.value_counts [--rows 3000000] [--repeats 3] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import Counter
@@ -22,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bench import harness
 from vaewatch.model import defaults
 from vaewatch.model.data.columns import ValueCounts
 
@@ -68,11 +68,11 @@ def measure(fn, batches) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, quick="300,000 rows, 2 repeats")
     parser.add_argument("--rows", type=int, default=3_000_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="300,000 rows, 2 repeats")
     args = parser.parse_args()
+    harness.start(args, "value_counts")
     rows, repeats = (300_000, 2) if args.quick else (args.rows, args.repeats)
     rng = np.random.default_rng(0)
     columns = {

@@ -1,10 +1,10 @@
 """Wide tables: time and peak memory of `vaewatch train` and `vaewatch score` as the number of
 columns and the vocabulary size grow.
 
-    python bench/wide.py            # four widths up to 600 numbers + 40 strings of 1,000 values
-    python bench/wide.py --quick    # the two narrowest
-    python bench/wide.py --baseline eb5cd73   # also run that commit's code on the same tables
-    python bench/wide.py --heads 100x5x1000 --epochs 5   # flat vs two-level categorical heads
+    python -m bench.wide            # four widths up to 600 numbers + 40 strings of 1,000 values
+    python -m bench.wide --quick    # the two narrowest
+    python -m bench.wide --baseline eb5cd73   # also run that commit's code on the same tables
+    python -m bench.wide --heads 100x5x1000 --epochs 5   # flat vs two-level categorical heads
 
 Each width gets its own synthetic table (numbers with a low-rank structure, strings whose value
 depends on the same factors, 5 % of numbers missing): 30,000 training rows and one 20,000-row
@@ -16,9 +16,7 @@ file to score. `vaewatch train` (2 epochs: the per-epoch rate is what matters) a
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import os
 import platform
 import subprocess
@@ -27,12 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
+
+from bench import harness
+from bench.datasets import wide_table
 
 # (numeric columns, string columns, values per string column)
 WIDTHS = [(30, 2, 50), (100, 5, 200), (300, 20, 1000), (600, 40, 1000)]
@@ -50,25 +47,6 @@ finally:
         if line.startswith("VmHWM:"):
             print("VMHWM", int(line.split()[1]) * 1024, file=sys.stderr)
 """
-
-
-def table(rows: int, numbers: int, strings: int, values: int, seed: int) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    factors = rng.normal(size=(rows, 4))
-    structure = np.random.default_rng(0)  # the same loadings for training and scoring
-    loadings = structure.normal(size=(4, numbers))
-    x = factors @ loadings + 0.5 * rng.normal(size=(rows, numbers))
-    x[rng.random(x.shape) < 0.05] = np.nan
-    columns = {"record_id": pa.array(np.arange(rows, dtype=np.int64))}
-    for j in range(numbers):
-        columns[f"n{j:03d}"] = pa.array(np.round(x[:, j], 3), from_pandas=True)
-    directions = structure.normal(size=(4, strings))
-    for j in range(strings):
-        # a value's rank follows the factors, so the strings carry structure too
-        score = factors @ directions[:, j] + rng.normal(size=rows)
-        codes = np.clip(((score + 3.0) / 6.0 * values).astype(int), 0, values - 1)
-        columns[f"s{j:02d}"] = pa.array([f"v{c}" for c in codes.tolist()], pa.string())
-    return pa.table(columns)
 
 
 def run_cli(args: list[str], source: Path | None = None, cwd: Path | None = None):
@@ -99,8 +77,12 @@ def measure(
     if not data.exists():
         (data / "train").mkdir(parents=True)
         (data / "score").mkdir()
-        pq.write_table(table(TRAIN_ROWS, numbers, strings, values, 1), data / "train" / "p.parquet")
-        pq.write_table(table(SCORE_ROWS, numbers, strings, values, 2), data / "score" / "p.parquet")
+        pq.write_table(
+            wide_table(TRAIN_ROWS, numbers, strings, values, 1), data / "train" / "p.parquet"
+        )
+        pq.write_table(
+            wide_table(SCORE_ROWS, numbers, strings, values, 2), data / "score" / "p.parquet"
+        )
     folder = data / tag
     folder.mkdir()
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -143,10 +125,10 @@ def compare_heads(numbers: int, strings: int, values: int, epochs: int) -> None:
     print(f"| head | fit, {epochs} epochs (s) | score 5,000 rows (s) | held-out mean "
           "log_likelihood | median |")  # fmt: skip
     print("|---|---:|---:|---:|---:|")
-    held_out = table(5_000, numbers, strings, values, 2)
+    held_out = wide_table(5_000, numbers, strings, values, 2)
     with tempfile.TemporaryDirectory(prefix="vaewatch-heads-") as work:
         path = str(Path(work) / "train.parquet")
-        pq.write_table(table(10_000, numbers, strings, values, 1), path)
+        pq.write_table(wide_table(10_000, numbers, strings, values, 1), path)
         for name, two_level_min in (("flat", 0), ("two-level", defaults.TWO_LEVEL_MIN_CLASSES)):
             saved, defaults.TWO_LEVEL_MIN_CLASSES = defaults.TWO_LEVEL_MIN_CLASSES, two_level_min
             try:
@@ -168,23 +150,8 @@ def compare_heads(numbers: int, strings: int, values: int, epochs: int) -> None:
             )
 
 
-def _checkout(work: Path, commit: str) -> Path:
-    """`commit`'s tree exported under WORK/baseline/vaewatch (the repository root is the
-    package); returns the folder to put first on PYTHONPATH."""
-    root = Path(__file__).resolve().parent.parent
-    target = work / "baseline" / "vaewatch"
-    target.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "-C", str(root), "archive", commit], capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
-    return target.parent
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the two narrowest widths")
-    parser.add_argument("--json", default=None, help="write the rows here")
+    parser = harness.parser(__doc__, quick="the two narrowest widths")
     parser.add_argument(
         "--widths", default=None, help="NUMBERSxSTRINGSxVALUES,... instead of the four defaults"
     )
@@ -196,6 +163,7 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=5, help="training epochs for --heads")
     args = parser.parse_args()
+    run = harness.start(args, "wide")
     import torch
 
     if args.heads:
@@ -218,7 +186,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vaewatch-wide-") as work:
         codes = [("now", None)]
         if args.baseline:
-            codes.insert(0, (args.baseline, _checkout(Path(work), args.baseline)))
+            codes.insert(0, (args.baseline, harness.export(args.baseline, Path(work) / "baseline")))
         widths = WIDTHS[:2] if args.quick else WIDTHS
         if args.widths:
             widths = [tuple(int(v) for v in w.split("x")) for w in args.widths.split(",")]
@@ -232,8 +200,7 @@ def main() -> None:
                     f"{r['score_rows_per_s']:,.0f} | {r['score_peak'] / 2**20:,.0f} |",
                     flush=True,
                 )
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    run.results["rows"] = rows
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 (a) the pure-torch estimator loop over the same Arrow batches with the same model, and
 (b) pyarrow read + write of the same data (the IO floor).
 
-    python bench/pipeline.py                    # 1M rows x 32 features, K=64; K sweep; workers
-    python bench/pipeline.py --rows 200000 --sweep-rows 50000   # quicker
+    python -m bench.beam_pipeline                  # 1M rows x 32 features, K=64; K sweep; workers
+    python -m bench.beam_pipeline --rows 200000 --sweep-rows 50000   # quicker
 
 Data: Parquet files of 32 features (24 continuous with a low-rank structure, 4 boolean, 4
 categorical with 10 values) plus an id, 64k-row row groups. The model is the default VAEConfig
@@ -15,27 +15,21 @@ Each configuration is timed once (these runs are long), baselines right next to 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-# Run as `python bench/pipeline.py`, this file's folder comes first on sys.path and its name
-# would shadow the `pipeline` package.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from bench import harness
 from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
 from vaewatch.model.calibration.scores import Calibration
 from vaewatch.model.data.features import FeatureSpec
@@ -160,14 +154,14 @@ def pipeline_run(source: Path, model: Path, out: Path, k: int, workers: int = 1)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="200k rows, 50k in the K sweep")
+    parser = harness.parser(__doc__, quick="200k rows, 50k in the K sweep")
     parser.add_argument("--rows", type=int, default=None, help="default 1,000,000")
     parser.add_argument("--sweep-rows", type=int, default=None, help="default 200,000")
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="K=64 loop/pipeline pairs")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
     args = parser.parse_args()
+    harness.start(args, "beam_pipeline")
     args.rows = args.rows or (200_000 if args.quick else 1_000_000)
     args.sweep_rows = args.sweep_rows or (50_000 if args.quick else 200_000)
     if args.quick:
