@@ -8,10 +8,12 @@ import contextlib
 import enum
 import functools
 import json
+import logging
 import os
 import re
 import sys
 import tempfile
+import threading
 import traceback
 
 import click
@@ -184,6 +186,79 @@ def notes(line: str) -> None:
     nothing under -q, which promises only warnings and errors there."""
     if not click.get_current_context().meta.get("quiet"):
         click.echo(line, err=True)
+
+
+def _wants_bar(asked: bool | None) -> bool:
+    """--progress/--no-progress as given; by default a bar when stderr is a terminal (not a
+    scheduler's log) and -q was not given."""
+    if asked is not None:
+        return asked
+    return sys.stderr.isatty() and not click.get_current_context().meta.get("quiet")
+
+
+class RowsBar:
+    """A progress bar of the rows a scoring run has scored, on stderr, one per run (a nightly
+    backfill draws one per day): sized from the run's plan (its input rows, read from the
+    files' footers at launch) and moved by the worker scoring in this process
+    (`pipeline.progress.listening`). None is drawn when not wanted, or when the rows are scored
+    in other processes (several workers, a remote runner), which report through the log. Log
+    lines written while it is drawn on a terminal clear its line first, so they scroll above it
+    and it is redrawn below them; it ends when the last row is in."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._bar = self._listening = None
+        self._lock = threading.RLock()
+        self._handlers: list[logging.Handler] = []
+
+    def planned(self, plan) -> None:
+        from vaewatch.pipeline import progress
+
+        self.close()
+        if not (self.enabled and plan.job.options.in_process):
+            return
+        name = plan.job.output.rstrip("/").rsplit("/", 1)[-1]
+        self._bar = click.progressbar(
+            length=plan.manifest.rows.rows_in, label=f"scoring {name}", file=sys.stderr,
+            show_eta=True, show_pos=True,
+        )  # fmt: skip
+        self._bar.__enter__()
+        if sys.stderr.isatty():
+            self._handlers = [h for h in logging.getLogger().handlers if hasattr(h, "vaewatch")]
+            for handler in self._handlers:
+                handler.addFilter(self._clear_line)
+        self._listening = progress.listening(self._advance)
+        self._listening.__enter__()
+
+    def _clear_line(self, _record: logging.LogRecord) -> bool:
+        with self._lock:
+            if self._bar is not None:
+                sys.stderr.write("\r\x1b[2K")
+        return True
+
+    def _advance(self, rows: int) -> None:
+        with self._lock:  # Beam's worker threads report; one draws at a time
+            if self._bar is None:
+                return
+            self._bar.update(rows)
+            if self._bar.pos >= self._bar.length:
+                self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._listening is not None:
+                self._listening.__exit__(None, None, None)
+                self._bar.__exit__(None, None, None)
+                self._bar = self._listening = None
+            for handler in self._handlers:
+                handler.removeFilter(self._clear_line)
+            self._handlers = []
+
+    def __enter__(self) -> RowsBar:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
 
 
 def score_options(o: dict, ctx: click.Context):
@@ -435,7 +510,8 @@ def score_command(ctx, **o) -> None:
             tracking_uri=o["tracking_uri"] or registry.default_tracking_uri(),
             options=score_options(o, ctx),
         )
-        result = run(job)
+        with RowsBar(_wants_bar(o["progress"])) as bar:
+            result = run(job, on_planned=bar.planned)
     if o["json_report"]:
         emit_json({"command": "score", **run_summary(result.manifest, result.output)})
     else:
@@ -489,7 +565,8 @@ def nightly_command(ctx, **o) -> None:
             force=o["force"],
             options=score_options(o, ctx),
         )
-        outcomes = run_nightly(job, echo=notes)
+        with RowsBar(_wants_bar(o["progress"])) as bar:
+            outcomes = run_nightly(job, echo=notes, on_planned=bar.planned)
     from vaewatch.pipeline.commit import read_manifest
 
     manifests = [(outcome, read_manifest(outcome.output)) for outcome in outcomes]

@@ -29,7 +29,7 @@ from vaewatch.model.data.inputs import (
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline import faults
 from vaewatch.pipeline.commit import output_lock, read_manifest
-from vaewatch.pipeline.plan import ScoreJob, ScoreOptions
+from vaewatch.pipeline.plan import ScoreJob, ScoreOptions, ScorePlan
 from vaewatch.pipeline.score import run
 
 DATE = re.compile(r"\d{4}-\d{2}-\d{2}")  # exactly this: no path separators, no "..", no spaces
@@ -151,7 +151,13 @@ class DayOutcome:
     output: str
 
 
-def run_nightly(job: NightlyJob, echo: Callable[[str], None] = print) -> list[DayOutcome]:
+def run_nightly(
+    job: NightlyJob,
+    echo: Callable[[str], None] = print,
+    on_planned: Callable[[ScorePlan], None] | None = None,
+) -> list[DayOutcome]:
+    """Score each of the job's days in turn (`on_planned`: given each day's plan before its rows
+    are read, as `pipeline.score.run` does)."""
     pinned = registry.resolve(job.model, job.tracking_uri)
     echo(f"model {job.model} -> {pinned.uri}")
     missing, inputs = [], {}
@@ -171,13 +177,13 @@ def run_nightly(job: NightlyJob, echo: Callable[[str], None] = print) -> list[Da
         # the check and the run under one lock: a concurrent nightly run either fails at once
         # ("another vaewatch run is writing") or, coming after, finds the day committed
         with output_lock(out):
-            outcomes.append(_day(job, day, out, pinned.uri, inputs[day], echo))
+            outcomes.append(_day(job, day, out, pinned.uri, inputs[day], echo, on_planned))
         if outcomes[-1].status == "scored":
             faults.point("nightly:day-committed")
     return outcomes
 
 
-def _day(job: NightlyJob, day, out: str, uri: str, files, echo) -> DayOutcome:
+def _day(job: NightlyJob, day, out: str, uri: str, files, echo, on_planned=None) -> DayOutcome:
     """One day: skipped when committed with this model version and these inputs, else scored."""
     committed = read_manifest(out)
     if committed and committed.model.uri == uri and not job.force:
@@ -196,6 +202,7 @@ def _day(job: NightlyJob, day, out: str, uri: str, files, echo) -> DayOutcome:
             options=job.options,
         ),
         lock_held=True,
+        on_planned=on_planned,
     )
     rows = result.manifest.rows
     echo(

@@ -321,6 +321,15 @@ fail_on_drift = option(
 )
 
 
+score_progress = option(
+    "--progress/--no-progress",
+    default=None,
+    show_default="on when stderr is a terminal",
+    help="Show a progress bar of the rows scored (the local runner with one worker: the rows "
+    "are scored in this process). The log's progress lines are written either way.",
+)
+
+
 def scoring_options(command):
     """The options `score` and `nightly` share, applied in one place."""
     for decorate in reversed(
@@ -337,6 +346,7 @@ def scoring_options(command):
             threads,
             precision,
             fail_on_drift,
+            score_progress,
         ]
     ):
         command = decorate(command)

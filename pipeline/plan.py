@@ -62,6 +62,12 @@ class ScoreOptions:
     def local(self) -> bool:
         return self.runner == LOCAL_RUNNER
 
+    @property
+    def in_process(self) -> bool:
+        """Whether the one worker scores in the launching process (the local runner with one
+        worker), where `progress.listening` sees its rows."""
+        return self.local and self.workers == 1
+
 
 @dataclass(frozen=True)
 class ScoreJob:

@@ -8,12 +8,20 @@ entry per read split, "ROWS<TAB>STARTED<TAB>path (row groups a-b)"), which survi
 (a table's chunks keep their source) and is dropped before scoring. STARTED is the wall-clock
 time the read began, so a split's rows/s spans its read, scoring and hand-over to the writer
 (measured from the first scored batch instead, a split read in one batch reported millions of
-rows/s)."""
+rows/s).
+
+Within this process a caller can also follow the rows as they are scored (`listening`): the
+`vaewatch` command draws its progress bar that way when Beam's local runner runs the one worker
+in the launching process.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +29,22 @@ import pyarrow as pa
 LOG = logging.getLogger("vaewatch.progress")
 DEFAULT_INTERVAL = 30.0  # seconds between two progress lines of one worker
 SOURCE_COLUMN = "__vaewatch_source"
+_listeners: list[Callable[[int], None]] = []
+_listeners_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def listening(callback: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, `callback(rows)` after each batch a worker of this process scores
+    (its input rows, scored and rejected alike). Workers in other processes (Beam's
+    multi-process and remote runners) report through the log only."""
+    with _listeners_lock:
+        _listeners.append(callback)
+    try:
+        yield
+    finally:
+        with _listeners_lock:
+            _listeners.remove(callback)
 
 
 def source_label(name: str, rows: int, started: float) -> str:
@@ -70,6 +94,8 @@ class Progress:
         )  # fmt: skip
 
     def add(self, rows_in: int, scored: int, rejected: int) -> None:
+        for listener in tuple(_listeners):
+            listener(rows_in)
         self.rows_in += rows_in
         self.scored += scored
         self.rejected += rejected

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import apache_beam as beam
@@ -170,22 +170,29 @@ def pipeline_options(job: ScoreJob) -> tuple[PipelineOptions, object]:
 
 
 def run(
-    job: ScoreJob, pipeline: beam.Pipeline | None = None, *, lock_held: bool = False
+    job: ScoreJob,
+    pipeline: beam.Pipeline | None = None,
+    *,
+    lock_held: bool = False,
+    on_planned: Callable[[ScorePlan], None] | None = None,
 ) -> ScoreResult:
     """Plan, run and commit. `pipeline` (e.g. a TestPipeline) replaces the configured one;
     `lock_held`: the caller holds `output_lock(job.output)` already (`vaewatch nightly`, which
-    checks the day's manifest under the same lock)."""
+    checks the day's manifest under the same lock); `on_planned`: called with the plan before
+    any row is read (the CLI sizes its progress bar from it)."""
     services.check(job.options.beam_args)
     storage.probe(job.output, setting("output"))
     plan = make_plan(job)
     faults.point("launch:planned")
+    if on_planned is not None:
+        on_planned(plan)
     storage.configure(job.options.beam_args)
     try:
         with contextlib.nullcontext() if lock_held else output_lock(job.output):
             plan.committer.prepare()
             faults.point("launch:staged")
             # Beam's in-process runner with one worker: nowhere to redistribute the input to
-            single = pipeline is None and job.options.local and job.options.workers == 1
+            single = pipeline is None and job.options.in_process
             if pipeline is None:
                 options, runner = pipeline_options(job)
                 pipeline = beam.Pipeline(runner=runner, options=options)

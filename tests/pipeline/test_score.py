@@ -465,6 +465,39 @@ def test_progress_lines_and_beam_counters(trained, workspace, tmp_path, caplog):
     assert counters["rows_scored"] == result.manifest.rows.scored
 
 
+def test_a_caller_in_the_launching_process_follows_the_rows_as_they_are_scored(
+    trained, workspace, tmp_path
+):
+    """The local runner's one worker scores in this process: `progress.listening` hears every
+    batch (500 rows each), and `on_planned` gives the plan, with the input rows from the
+    footers, before any is read: what the CLI's progress bar is drawn from."""
+    from vaewatch.pipeline import progress
+
+    planned, heard = [], []
+    with progress.listening(heard.append):
+        result = run(
+            _job(trained, tmp_path, workspace / "holdout", batch_size=500),
+            on_planned=lambda plan: planned.append((plan.manifest.rows.rows_in, len(heard))),
+        )
+    assert planned == [(5_000, 0)]
+    assert heard == [500] * 10 and result.manifest.rows.rows_in == sum(heard)
+    assert progress._listeners == []
+
+
+def test_score_draws_its_bar_from_the_plan_and_only_when_asked(trained, workspace, tmp_path):
+    """--progress draws a bar labelled with the output (on a terminal it redraws; under a test
+    runner click writes its label); --no-progress and the default off a terminal draw none."""
+    job, _ = trained
+    args = ["score", "--input", str(workspace / "holdout"), "--model",
+            "models:/transactions@champion", "--tracking-uri", job.tracking_uri]  # fmt: skip
+    shown = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "a"), "--progress"])
+    assert shown.exit_code == 0, shown.output
+    assert "scoring a" in shown.stderr
+    for flags, name in (([], "b"), (["--no-progress"], "c")):
+        hidden = CliRunner().invoke(main, [*args, "--output", str(tmp_path / name), *flags])
+        assert hidden.exit_code == 0 and "scoring " not in hidden.stderr, hidden.output
+
+
 def test_the_score_log_has_no_download_bars_and_q_keeps_warnings_only(
     trained, workspace, tmp_path, monkeypatch
 ):
