@@ -43,7 +43,9 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILED = 1  # the job failed for a reason the user can fix; the message says which
     USAGE = 2  # click's own code for bad usage
-    DRIFT = 3  # the job succeeded and committed, a day raised a drift alarm, --fail-on-drift
+    DRIFT = 3  # the job succeeded and committed, a day raised a data-drift alarm, --fail-on-drift
+    # the job succeeded and committed, a day's anomaly rate was above --fail-on-anomaly-rate
+    ANOMALY_RATE = 4
     CRASHED = 70  # sysexits' EX_SOFTWARE: a bug; the traceback went to a file (-v prints it)
     TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: a dependency did not answer, nothing was committed
 
@@ -154,7 +156,11 @@ def emit_json(report: dict) -> None:
 
 
 def run_summary(manifest, output: str) -> dict:
-    """What a committed scoring run did, from its manifest."""
+    """What a committed scoring run did, from its manifest (the drift section as written, and
+    its two findings apart)."""
+    from vaewatch.model.calibration.drift import findings
+
+    found = findings(manifest.drift)
     return {
         "output": output,
         "model_uri": manifest.model.uri,
@@ -167,18 +173,44 @@ def run_summary(manifest, output: str) -> dict:
         "started": manifest.started,
         "finished": manifest.finished,
         "drift": manifest.drift,
+        "data_drift_alarm": found["data_drift_alarm"],
+        "anomaly_rate": found["anomaly_rate"],
     }
 
 
-def report_drift(runs: list[tuple[str, object]], fail: bool) -> None:
-    """A stderr line per (label, manifest) whose day raised a drift alarm; with `fail`, exit 3
-    when any did (after everything was committed)."""
-    alarms = [(label, m) for label, m in runs if m.drift.get("alarm")]
-    for label, manifest in alarms:
-        reasons = "; ".join(manifest.drift.get("reasons", []))
-        click.echo(f"drift alarm on {label}: {reasons}", err=True)
+def report_drift(
+    runs: list[tuple[str, object]], fail: bool, fail_rate: float | None = None
+) -> None:
+    """Per (label, manifest), after everything was committed: a stderr line when its day raised
+    a data-drift alarm, and a notice when its anomaly rate was above the share the threshold
+    flags in calibration. With `fail`, exit 3 when a day raised a data-drift alarm; with
+    `fail_rate`, exit 4 when a day's anomaly rate and the lower end of its interval are above
+    it (data drift first: it is the graver finding)."""
+    from vaewatch.model.calibration.drift import above, findings
+
+    alarms, over = [], []
+    for label, manifest in runs:
+        found = findings(manifest.drift)
+        if found["data_drift_alarm"]:
+            alarms.append(label)
+            click.echo(f"data drift on {label}: {'; '.join(found['reasons'])}", err=True)
+        rate = found["anomaly_rate"]
+        if rate is None:
+            continue
+        low, high = rate["interval"]
+        line = (
+            f"anomaly rate on {label}: {rate['rate']:.2%} flagged (95 % interval "
+            f"{low:.2%}-{high:.2%}), budget {rate['budget']:.2%}"
+        )
+        if fail_rate is not None and above(rate, fail_rate):
+            over.append(label)
+            click.echo(f"{line}: above --fail-on-anomaly-rate {fail_rate:.2%}", err=True)
+        elif rate["above_expected"]:
+            notes(line)
     if alarms and fail:
         raise click.exceptions.Exit(ExitCode.DRIFT)
+    if over:
+        raise click.exceptions.Exit(ExitCode.ANOMALY_RATE)
 
 
 def notes(line: str) -> None:
@@ -306,8 +338,9 @@ def main(verbose: int, quiet: bool, log_format: str) -> None:
     says what to fix; retrying will not help); 2 usage error, an unknown option included (only
     arguments after -- go to Beam); 75 a service the job needs (tracking server, object store,
     Beam job service or worker pool) did not answer and nothing was committed: retry later; 3
-    the run committed but a day raised a drift alarm and --fail-on-drift was given; 70 vaewatch
-    itself crashed (a bug: one line names the file with the traceback; -v prints it).
+    the run committed but a day raised a data-drift alarm and --fail-on-drift was given; 4 the
+    run committed but a day's anomaly rate was above --fail-on-anomaly-rate; 70 vaewatch itself
+    crashed (a bug: one line names the file with the traceback; -v prints it).
     """
     for name, value in MLFLOW_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
@@ -521,7 +554,7 @@ def score_command(ctx, **o) -> None:
             f"with {result.manifest.model.uri} -> {result.output}"
         )
         click.echo(result.output)
-    report_drift([(result.output, result.manifest)], o["fail_on_drift"])
+    report_drift([(result.output, result.manifest)], o["fail_on_drift"], o["fail_on_anomaly_rate"])
 
 
 @main.command("nightly", cls=BeamCommand)
@@ -580,7 +613,7 @@ def nightly_command(ctx, **o) -> None:
         for outcome, _ in manifests:
             click.echo(outcome.output)
     scored = [(str(out.day), m) for out, m in manifests if out.status != "skipped"]
-    report_drift(scored, o["fail_on_drift"])
+    report_drift(scored, o["fail_on_drift"], o["fail_on_anomaly_rate"])
 
 
 @main.command("query")

@@ -316,8 +316,19 @@ json_report = option(
 fail_on_drift = option(
     "--fail-on-drift/--no-fail-on-drift",
     default=False,
-    help="Exit 3 after committing when a scored day raises a drift alarm against the model's "
-    "calibration (the alarm is written into the manifest and logged either way).",
+    help="Exit 3 after committing when a scored day raises a data-drift alarm: the bulk of its "
+    "records is distributed differently from the model's calibration sample (the alarm is "
+    "written into the manifest and logged either way). More anomalies than usual is not data "
+    "drift: see --fail-on-anomaly-rate.",
+)
+fail_on_anomaly_rate = option(
+    "--fail-on-anomaly-rate",
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    default=None,
+    metavar="RATE",
+    help="Exit 4 after committing when a scored day's share of flagged records is above RATE "
+    "(e.g. 0.02) and so is the lower end of its 95 % interval (default: the rate is reported, "
+    "never an exit code).",
 )
 
 
@@ -346,6 +357,7 @@ def scoring_options(command):
             threads,
             precision,
             fail_on_drift,
+            fail_on_anomaly_rate,
             score_progress,
         ]
     ):

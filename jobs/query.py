@@ -28,6 +28,7 @@ import pyarrow.dataset as ds
 from apache_beam.io.filesystems import FileSystems
 
 from vaewatch.jobs.nightly import DATE
+from vaewatch.model.calibration.drift import findings
 from vaewatch.model.contract import Manifest
 from vaewatch.model.data.inputs import filesystem_for, inside
 from vaewatch.model.errors import UserError
@@ -89,19 +90,24 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
         raise UserError(f"the committed output under {output!r} has no scored rows")
     _union_view(con, "scores", scored)
     _union_view(con, "rejected", rejected)
+    found = [findings(p.manifest.drift) for p in partitions]
+    rates = [f["anomaly_rate"] or {} for f in found]
     runs = pa.table(
         {
             "dt": pa.array([p.day for p in partitions], pa.date32()),
             "run_id": [p.manifest.run_id for p in partitions],
             "model_uri": [p.manifest.model.uri for p in partitions],
-            "drift_alarm": pa.array(
-                [
-                    p.manifest.drift.get("alarm") if p.manifest.drift.get("assessed") else None
-                    for p in partitions
-                ],
-                pa.bool_(),
-            ),  # fmt: skip
-            "drift_reasons": ["; ".join(p.manifest.drift.get("reasons", [])) for p in partitions],
+            # data drift: the bulk of the day moved (--fail-on-drift); None: not assessed
+            "drift_alarm": pa.array([f["data_drift_alarm"] for f in found], pa.bool_()),
+            "drift_reasons": ["; ".join(f["reasons"]) for f in found],
+            # the anomaly rate: the day's flagged share, its 95 % interval, the budget 1 - q
+            "anomaly_rate_low": pa.array(
+                [r.get("interval", [None])[0] for r in rates], pa.float64()
+            ),
+            "anomaly_rate_high": pa.array(
+                [r.get("interval", [None, None])[1] for r in rates], pa.float64()
+            ),
+            "anomaly_budget": pa.array([r.get("budget") for r in rates], pa.float64()),
         }
     )
     con.register("runs", runs)  # one row per committed run, from its manifest
@@ -242,8 +248,12 @@ def summary(con) -> duckdb.DuckDBPyRelation:
             FROM scores GROUP BY dt
         )
         SELECT days.*,
+               CASE WHEN runs.anomaly_budget IS NULL THEN '-'
+                    ELSE printf('%.2f-%.2f%% (budget %.2f%%)', 100 * runs.anomaly_rate_low,
+                                100 * runs.anomaly_rate_high, 100 * runs.anomaly_budget)
+                    END AS rate_interval,
                CASE WHEN runs.drift_alarm THEN 'ALARM' WHEN runs.drift_alarm IS NULL THEN '-'
-                    ELSE 'ok' END AS drift
+                    ELSE 'ok' END AS data_drift
         FROM days LEFT JOIN runs ON days.dt IS NOT DISTINCT FROM runs.dt
         ORDER BY days.dt
         """

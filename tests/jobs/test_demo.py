@@ -43,4 +43,17 @@ def test_demo_names_what_each_kind_changed(result):
 
 def test_demo_ranks_injected_rows_above_normal_ones(result):
     assert result.roc_auc > 0.975  # measured 0.986
-    assert result.rows_scored == 3 * 20_000
+    assert result.rows_scored == 3 * 20_000  # the shifted fourth day is left out
+
+
+def test_only_the_shifted_day_raises_data_drift(result):
+    """The three days holding 2 % anomalies (the training day 0.5 %) over a bulk drawn as in
+    training: an anomaly rate above the calibration's, no data-drift alarm. The fourth, with
+    every amount x1.6: a data-drift alarm."""
+    from vaewatch.model.calibration.drift import findings
+    from vaewatch.pipeline.commit import read_manifest
+
+    days = sorted((result.report.parent / "scores").glob("dt=*"))
+    found = [findings(read_manifest(str(day)).drift) for day in days]
+    assert [f["data_drift_alarm"] for f in found] == [False, False, False, True], found
+    assert all(f["anomaly_rate"]["above_expected"] for f in found[:3])

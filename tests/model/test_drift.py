@@ -10,11 +10,15 @@ from scipy import stats as sps
 
 from vaewatch.model.calibration.drift import (
     ALPHA,
+    TRIM_LEVEL,
     DayStats,
     Reference,
+    above,
+    findings,
     kolmogorov_p,
     named_features,
     two_proportion,
+    wilson,
 )
 from vaewatch.model.calibration.scores import Calibration
 from vaewatch.model.contract import TOP_FEATURE_TYPE
@@ -176,6 +180,7 @@ def test_a_feature_never_named_in_calibration_gives_finite_statistics():
     named[:100, 0] = True
     result = reference.assess(_day(reference, rng.normal(size=2_000), named))
     assert result["alarm"] and any(r.startswith("a named") for r in result["reasons"])
+    assert result["data_drift"]["features"][0]["calibration_share"] == 0.0
     json.dumps(result, allow_nan=False)
     assert two_proportion(0, 500, 0.0, 1_000) == (0.0, 1.0)
 
@@ -199,5 +204,81 @@ def test_the_flagged_rate_is_compared_with_the_calibration_rows_own():
     stats = DayStats.empty(len(calibration.quantiles), 20)
     stats.rows, stats.flagged = 20_000, round(20_000 * expected)
     result = _reference(calibration, names).assess(stats)
-    assert result["flagged"]["expected_rate"] == pytest.approx(expected)
-    assert result["flagged"]["z"] == pytest.approx(0.0, abs=0.05)
+    assert result["anomaly_rate"]["expected_rate"] == pytest.approx(expected)
+    assert result["anomaly_rate"]["budget"] == pytest.approx(0.01)
+    assert result["anomaly_rate"]["z"] == pytest.approx(0.0, abs=0.05)
+
+
+def test_wilson_interval_by_hand():
+    """10 of 100 at 95 %: 0.0552-0.1744 (the textbook value); 0 of 50: from 0 to 3.84/53.84."""
+    low, high = wilson(10, 100)
+    assert (round(low, 4), round(high, 4)) == (0.0552, 0.1744)
+    assert wilson(0, 50) == pytest.approx((0.0, 1.959964**2 / (50 + 1.959964**2)))
+
+
+def test_the_bulk_test_is_the_ks_of_the_scores_below_the_trim_point():
+    """The day's and the calibration's scores below the calibration's TRIM_LEVEL quantile,
+    compared as samples of their own by scipy, give the statistic the grid gives (to the grid's
+    resolution), also when 8 % of the day's records are anomalies scoring far above."""
+    rng = np.random.default_rng(7)
+    calibration_sample = rng.gamma(3.0, size=4_000)
+    calibration = _calibrate(calibration_sample)
+    reference = _reference(calibration, ["a", "b", "c"])
+    day = np.concatenate([rng.gamma(3.0, size=18_400) * 1.04, 40 + rng.gamma(3.0, size=1_600)])
+    result = reference.assess(_day(reference, day, np.zeros((day.size, 3), bool)))
+    cut = np.interp(TRIM_LEVEL, calibration.levels, calibration.quantiles)
+    exact = sps.ks_2samp(day[day <= cut], calibration_sample[calibration_sample <= cut])
+    bulk = result["data_drift"]["bulk_scores"]
+    assert bulk["ks_statistic"] == pytest.approx(exact.statistic, abs=5e-3)
+    assert bulk["rows"] == int(np.sum(day <= cut))
+
+
+def _anomalous_days(share: float, days: int, rng, m=2_000, n=20_000):
+    """Days whose bulk is drawn as the calibration's, plus `share` of records scoring far above
+    it (and naming feature "a"): the findings of each."""
+    calibration = Calibration.fit(
+        rng.gamma(3.0, size=m), rng.gamma(2.0, 1.0, size=(m, 4)), top_feature_count=1
+    )
+    reference = _reference(calibration, ["a", "b", "c", "d"])
+    shares = np.asarray(calibration.top_feature_share)
+    out = []
+    for _ in range(days):
+        bad = rng.random(n) < share
+        scores = np.where(bad, 30 + rng.gamma(3.0, size=n), rng.gamma(3.0, size=n))
+        named = np.zeros((n, 4), bool)
+        named[np.arange(n), rng.choice(4, size=n, p=shares / shares.sum())] = True
+        named &= (rng.random(n) < shares.sum())[:, None]
+        named[bad] = [True, False, False, False]
+        out.append(reference.assess(_day(reference, scores, named)))
+    return out
+
+
+def test_more_anomalies_is_an_anomaly_rate_not_data_drift():
+    """Days holding 2-10 % anomalies over an unchanged bulk: no data-drift alarm (the old single
+    alarm fired on every one of them through the flagged rate and the named feature's share),
+    and an anomaly rate above the calibration's flagged share, with an interval around it."""
+    rng = np.random.default_rng(8)
+    for share in (0.02, 0.05, 0.10):
+        for result in _anomalous_days(share, 4, rng):
+            assert not result["alarm"], (share, result["reasons"])
+            rate = result["anomaly_rate"]
+            assert rate["above_expected"] and rate["interval"][0] < rate["rate"]
+            assert rate["interval"][0] <= share + 0.01 <= rate["interval"][1] + 0.01
+
+
+def test_findings_read_a_manifest_written_before_the_split():
+    """One alarm over three tests (the flagged rate among them), kept as it was; the flagged
+    share gets its interval."""
+    old = {
+        "alarm": True, "assessed": True, "reasons": ["flagged rate 0.0270, expected 0.0119"],
+        "rows": 5_000, "calibration_rows": 1_533, "alpha": 0.001, "p_value_threshold": 2e-4,
+        "flagged": {"rate": 0.027, "expected_rate": 0.0119, "z": 4.2, "p_value": 2.7e-5},
+        "scores": {"ks_statistic": 0.02, "p_value": 0.4, "psi_deciles": 0.004}, "features": [],
+    }  # fmt: skip
+    found = findings(old)
+    assert found["data_drift_alarm"] is True and found["reasons"] == old["reasons"]
+    rate = found["anomaly_rate"]
+    assert rate["flagged"] == 135 and rate["interval"] == pytest.approx(list(wilson(135, 5_000)))
+    assert rate["above_expected"] and rate["budget"] == 0.0119
+    assert findings({"assessed": False, "why": "K"})["data_drift_alarm"] is None
+    assert above(rate, 0.02) and not above(rate, 0.0235)  # the interval's lower end: 0.0229
