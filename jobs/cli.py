@@ -344,10 +344,10 @@ def main(verbose: int, quiet: bool, log_format: str) -> None:
     """
     for name, value in MLFLOW_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    from vaewatch.pipeline import storage
-
     logs.configure(-1 if quiet else verbose, log_format, rewrite=as_options)
-    storage.configure()  # Beam's filesystems (s3://, gs://) for listing and reading outputs
+    # Beam's filesystems get their options where a command first touches an object store
+    # (pipeline.storage.filesystems): query, top, summary and report on a local output, and
+    # --help, start without loading Beam
     click.get_current_context().meta["verbose"] = verbose > 0
     click.get_current_context().meta["quiet"] = quiet
 
@@ -579,7 +579,8 @@ def nightly_command(ctx, **o) -> None:
     is skipped unless --force (changed inputs are re-scored). The alias is pinned once for the
     whole run.
     """
-    from vaewatch.jobs.nightly import NightlyJob, days_to_score, run_nightly
+    from vaewatch.jobs.days import days_to_score
+    from vaewatch.jobs.nightly import NightlyJob, run_nightly
     from vaewatch.model import registry
 
     with user_errors_exit_1():
@@ -650,7 +651,7 @@ def query_command(output, sql, output_format, result_out) -> None:
 @params.result_out
 def top_command(output, date, limit, output_format, result_out) -> None:
     """The most anomalous committed records in OUTPUT, with the features behind them."""
-    from vaewatch.jobs.nightly import parse_date
+    from vaewatch.jobs.days import parse_date
     from vaewatch.jobs.query import connect, top, write_result
 
     with user_errors_exit_1():

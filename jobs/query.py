@@ -25,15 +25,13 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
-from apache_beam.io.filesystems import FileSystems
 
-from vaewatch.jobs.nightly import DATE
 from vaewatch.model.calibration.drift import findings
 from vaewatch.model.contract import Manifest
 from vaewatch.model.data.inputs import filesystem_for, inside
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline import storage
-from vaewatch.pipeline.commit import match_paths, read_manifest
+from vaewatch.pipeline.committed import DATE, join, match_paths, read_manifest
 
 
 @dataclass
@@ -44,11 +42,11 @@ class Partition:
 
     @property
     def files(self) -> list[str]:
-        return [FileSystems.join(self.root, f) for f in self.manifest.files]
+        return [join(self.root, f) for f in self.manifest.files]
 
     @property
     def rejected_files(self) -> list[str]:
-        return [FileSystems.join(self.root, f) for f in self.manifest.rejected_files]
+        return [join(self.root, f) for f in self.manifest.rejected_files]
 
 
 def committed_partitions(output: str) -> list[Partition]:
@@ -58,7 +56,7 @@ def committed_partitions(output: str) -> list[Partition]:
     if manifest is not None:
         return [Partition(None, output, manifest)]
     found = []
-    for success in sorted(match_paths(FileSystems.join(output, "dt=*", "_SUCCESS"))):
+    for success in sorted(match_paths(join(output, "dt=*", "_SUCCESS"))):
         root = success.rsplit("/", 1)[0]
         name = root.rsplit("/", 1)[1]
         if not DATE.fullmatch(name[3:]):

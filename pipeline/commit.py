@@ -45,9 +45,8 @@ from apache_beam.io.filesystems import FileSystems
 from vaewatch.model.contract import Manifest
 from vaewatch.model.errors import UserError, setting
 from vaewatch.pipeline import faults, storage
+from vaewatch.pipeline.committed import MANIFEST, SUCCESS, read_manifest  # noqa: F401 - re-exported
 
-MANIFEST = "_manifest.json"
-SUCCESS = "_SUCCESS"
 REJECTED_DIR = "_rejected"
 PART_PREFIX = "part"
 TEMP_PREFIX = "beam-temp-"  # a sink's temporary folder in staging; removed at commit
@@ -250,8 +249,9 @@ def list_files(prefix: str) -> list[str]:
 
 
 def match_paths(pattern: str) -> list[str]:
-    """The files a glob matches; [] when nothing is there. Any other failure of the store
-    (permissions, an unreachable endpoint) is raised, never read as "empty"."""
+    """The files a glob matches through Beam's filesystems (`**` below a prefix included); []
+    when nothing is there. Any other failure of the store (permissions, an unreachable
+    endpoint) is raised, never read as "empty"."""
     try:
         results = FileSystems.match([pattern])
     except BeamIOError as err:
@@ -342,12 +342,3 @@ def committer_for(output: str, run_id: str) -> LocalCommitter | ObjectStoreCommi
     if scheme in (None, "file"):
         return LocalCommitter(output.removeprefix("file://"), run_id)
     return ObjectStoreCommitter(output, run_id)
-
-
-def read_manifest(output: str) -> Manifest | None:
-    """The committed manifest of an output, or None if it has no committed run."""
-    path = FileSystems.join(output, MANIFEST)
-    if not FileSystems.exists(FileSystems.join(output, SUCCESS)) or not FileSystems.exists(path):
-        return None
-    with FileSystems.open(path) as handle:
-        return Manifest.from_json(json.loads(handle.read().decode()))

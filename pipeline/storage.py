@@ -18,9 +18,6 @@ import importlib
 import os
 from collections.abc import Sequence
 
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
-
 from vaewatch.model.data.inputs import filesystem_for, storage_failure
 from vaewatch.model.errors import UserError
 
@@ -31,6 +28,9 @@ EXTRAS = {
 }
 
 
+_configured = False  # whether Beam's filesystems got their options in this process
+
+
 class StorageUnavailable(UserError):
     """A path's scheme needs client libraries that are not installed."""
 
@@ -38,6 +38,7 @@ class StorageUnavailable(UserError):
 def make_dirs(path: str) -> None:
     """A folder and its parents, on a file system that has folders (object stores have none:
     nothing to do); one that is already there, or made meanwhile by another worker, is fine."""
+    FileSystems = filesystems()  # noqa: N806 - Beam's class, under its name
     if not FileSystems.exists(path):
         try:
             FileSystems.mkdirs(path)
@@ -89,10 +90,25 @@ def probe(location: str, what: str) -> None:
         raise storage_failure(location, what, err) from err
 
 
+def filesystems():
+    """Beam's FileSystems, given their options once in this process if no caller has
+    (`configure`): Beam is imported here, when a path on it is first touched, not before."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if not _configured:
+        configure()
+    return FileSystems
+
+
 def configure(beam_args: Sequence[str] = ()) -> None:
     """Give Beam's filesystems their options in this process (a Pipeline does this on
     construction; the launcher lists, stages and commits before and after one)."""
+    global _configured
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     FileSystems.set_options(PipelineOptions(list(beam_args)))
+    _configured = True
     if os.environ.get("STORAGE_EMULATOR_HOST") and _installed("apache_beam.internal.gcp.auth"):
         _anonymous_gcs()
 

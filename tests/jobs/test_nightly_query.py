@@ -180,7 +180,7 @@ def test_parse_date_and_default_is_yesterday(monkeypatch):
     # the command with no --date scores yesterday by the UTC clock
     seen = {}
 
-    def fake_run(job, echo):
+    def fake_run(job, echo, on_planned=None):
         seen["days"] = job.days
         return []
 
@@ -373,3 +373,38 @@ def test_the_report_template_escapes_every_value():
     assert "<script>" not in page
     assert page.count("&lt;script&gt;") >= 8
     assert "50.00% (expected 1.00%)" in page and 'class="alarm">ALARM' in page
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["score", "--help"],
+        ["summary"],
+        ["top", "-n", "3"],
+        ["query", "SELECT count(*) FROM scores"],
+        ["top", "--date", "2026-03-02"],
+    ],  # fmt: skip
+)
+def test_reading_commands_start_without_torch_beam_or_mlflow(committed, args):
+    """`--help` and the commands that read a local committed output load none of the scoring
+    path's libraries (bench/startup.py measures what that saves)."""
+    import subprocess
+    import sys
+
+    if args[0] in ("summary", "top", "query"):
+        args = [args[0], str(committed), *args[1:]]
+    probe = (
+        "import sys\n"
+        "from vaewatch.jobs.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:], standalone_mode=False)\n"
+        "finally:\n"
+        "    heavy = [m for m in ('torch', 'apache_beam', 'mlflow') if m in sys.modules]\n"
+        "    print('LOADED', heavy, file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LOADED []" in done.stderr, done.stderr[-500:]
