@@ -147,12 +147,9 @@ def test_option_defaults_are_the_code_defaults():
     assert train["threshold_quantile"] == fit.threshold_quantile
     assert (train["k"], train["seed"]) == (scoring.k, train_config.seed)
     assert train_config.validation_k == scoring.k  # validation IWAE at the scoring K
-    from vaewatch.model import registry
+    from vaewatch.model import defaults
 
-    assert (train["experiment"], train["alias"]) == (
-        registry.DEFAULT_EXPERIMENT,
-        registry.DEFAULT_ALIAS,
-    )
+    assert (train["experiment"], train["alias"]) == (defaults.EXPERIMENT, defaults.ALIAS)
     options = ScoreOptions()
     for command, args in (
         ("score", ["--input", "i", "--output", "o", "--model", "m"]),
