@@ -67,19 +67,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-class _Rewritten(logging.Filter):
-    """Each record's message passed through `rewrite` (the CLI names a library's settings as
-    its options: cli.as_options)."""
+class _Rewritten(logging.Formatter):
+    """`formatter`'s text passed through `rewrite` (the CLI names a library's settings as its
+    options: cli.as_options). The text, not the record: other handlers (a test's, a user's)
+    see the record as the library wrote it."""
 
-    def __init__(self, rewrite: Callable[[str], str]) -> None:
+    def __init__(self, formatter: logging.Formatter, rewrite: Callable[[str], str]) -> None:
         super().__init__()
-        self.rewrite = rewrite
+        self.formatter, self.rewrite = formatter, rewrite
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "`" in message:
-            record.msg, record.args = self.rewrite(message), None
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.formatter.format(record)
+        return self.rewrite(text) if "`" in text else text
 
 
 def configure(verbosity: int, log_format: str, rewrite: Callable[[str], str] | None = None) -> None:
@@ -87,16 +86,13 @@ def configure(verbosity: int, log_format: str, rewrite: Callable[[str], str] | N
     the handler writes."""
     install_log_filters()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
-    )
+    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    handler.setFormatter(formatter if rewrite is None else _Rewritten(formatter, rewrite))
     root = logging.getLogger()
     for existing in list(root.handlers):
         if getattr(existing, "vaewatch", False):  # ours from an earlier call; others stay
             root.removeHandler(existing)
     handler.vaewatch = True
-    if rewrite is not None:
-        handler.addFilter(_Rewritten(rewrite))
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
     own = logging.DEBUG if verbosity >= 1 else logging.INFO if verbosity == 0 else logging.WARNING

@@ -366,13 +366,15 @@ def test_the_report_template_escapes_every_value():
         images={"distribution": "", "per_day": "", "latent": "", "contributors": ""},
         captions=CAPTIONS, latent_caption=hostile,
         drift=[{"day": "2026-01-01", "assessed": True, "alarm": True, "rate": 0.5,
-                "expected_rate": 0.01, "ks": 0.25, "psi": 1.5, "reasons": [hostile]},
+                "interval": [0.45, 0.55], "budget": 0.01, "above_expected": True,
+                "bulk_ks": 0.125, "ks": 0.25, "psi": 1.5, "reasons": [hostile]},
                {"day": hostile, "assessed": False, "why": hostile}],
         latest_day=hostile, top_columns=[hostile], top_rows=[[hostile]],
     )  # fmt: skip
     assert "<script>" not in page
     assert page.count("&lt;script&gt;") >= 8
-    assert "50.00% (expected 1.00%)" in page and 'class="alarm">ALARM' in page
+    assert "50.00% (45.00-55.00%) <b>above</b>" in page and 'class="alarm">ALARM' in page
+    assert "<td>1.00%</td>" in page and "<td>0.125</td>" in page
 
 
 @pytest.mark.parametrize(

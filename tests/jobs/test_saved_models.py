@@ -83,7 +83,8 @@ def test_registered_it_scores_through_the_cli(released, tmp_path, monkeypatch):
     tracking = registry.default_tracking_uri(tmp_path)
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(tracking)
-    with mlflow.start_run() as run:
+    experiment = mlflow.set_experiment("released-by-0.1.0")  # this store's, whatever ran before
+    with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
         mlflow.log_artifacts(str(released / "model"), artifact_path="model")
     version = mlflow.register_model(f"runs:/{run.info.run_id}/model", "released")
     mlflow.MlflowClient().set_registered_model_alias("released", "champion", version.version)

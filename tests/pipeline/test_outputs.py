@@ -94,12 +94,15 @@ def test_scored_and_rejected_rows_land_once_each_with_the_days_statistics(tmp_pa
     # the statistics, counted here from the rows themselves
     scores = everything["anomaly_score"].to_numpy()
     named = [features[i % 4] for t in scored for i in range(t.num_rows)]
+    flagged = everything["is_anomaly"].to_numpy()
+    unflagged = [f for f, flag in zip(named, flagged, strict=True) if not flag]
     stats = json.loads((out / "stats.json").read_text())
     assert stats == {
         "rows": everything.num_rows,
-        "flagged": int(everything["is_anomaly"].to_numpy().sum()),
+        "flagged": int(flagged.sum()),
         "below": [int((scores <= q).sum()) for q in QUANTILES],
         "feature_counts": [named.count(f) for f in REFERENCE.features],
+        "unflagged_counts": [unflagged.count(f) for f in REFERENCE.features],
     }
 
 
@@ -144,7 +147,8 @@ def test_no_rows_at_all_still_give_each_output_a_readable_empty_file(tmp_path):
     assert pq.read_table(scored).schema.equals(_scored(1).schema, check_metadata=False)
     assert pq.read_table(rejected).num_rows == 0
     stats = json.loads((out / "stats.json").read_text())
-    assert stats == {"rows": 0, "flagged": 0, "below": [0] * 4, "feature_counts": [0] * 3}
+    assert stats == {"rows": 0, "flagged": 0, "below": [0] * 4, "feature_counts": [0] * 3,
+                     "unflagged_counts": [0] * 3}  # fmt: skip
 
 
 def test_finalising_renames_only_what_succeeded_and_may_run_again(tmp_path):

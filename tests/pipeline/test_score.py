@@ -370,7 +370,7 @@ def test_cli_passes_arguments_after_double_dash_to_beam(monkeypatch):
 
     seen = {}
 
-    def fake_run(job):
+    def fake_run(job, **_):
         seen["job"] = job
         raise score_module.UserError("stop here")
 
