@@ -78,7 +78,7 @@ def run(
     workdir: Path,
     *,
     rows_per_day: int = 20_000,
-    days: int = 5,
+    days: int = defaults.DEMO_DAYS,
     shifted: int = 1,
     seed: int = 0,
     epochs: int = 30,
@@ -88,11 +88,10 @@ def run(
     started = time.perf_counter()
     workdir = workdir.absolute()
     data_root = workdir / "input"
+    shifted = max(0, min(shifted, days - 2))  # at least one scored day drawn as in training
     paths = write_partitions(data_root, days, rows_per_day, seed, shifted)
-    echo(
-        f"wrote {days} daily partitions x {rows_per_day:,} rows under {data_root} (the last "
-        f"{shifted} with every amount x{SHIFT}: a shifted day)"
-    )
+    shifted_note = f" (the last with every amount x{SHIFT}: a shifted day)" if shifted else ""
+    echo(f"wrote {days} daily partitions x {rows_per_day:,} rows under {data_root}{shifted_note}")
 
     tracking_uri = registry.default_tracking_uri(workdir)
     trained = train(

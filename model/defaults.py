@@ -148,7 +148,7 @@ CACHE_BYTES = 2 * 2**30  # encoded training rows kept in memory up to this size
 
 # ---------------------------------------------------------------- the demo
 DEMO_ROWS_PER_DAY = 20_000  # a few seconds per day to score on 2 cores
-DEMO_DAYS = 4  # the first trains, the rest are scored
+DEMO_DAYS = 5  # the first trains, the rest are scored
 DEMO_EPOCHS = 30  # enough for the demo's small table to converge
 
 # ---------------------------------------------------------------- MLflow
