@@ -1,8 +1,9 @@
 """A Beam pipeline of your own that scores Parquet with vaewatch: read, score, write.
 
+    make demo   # once: the demo's days and its registered model, under ./vaewatch-demo
     python examples/score_parquet_pipeline.py \\
         --input 'vaewatch-demo/input/dt=2026-01-02/*.parquet' --output /tmp/scored \\
-        --model models:/transactions@champion \\
+        --model models:/vaewatch-demo@champion \\
         --tracking-uri sqlite:///vaewatch-demo/mlflow.db --keep record_id \\
         -- --runner DirectRunner
 
