@@ -34,10 +34,10 @@ def test_every_command_and_option_has_help_and_env_var():
 
 def test_env_var_is_read(monkeypatch):
     demo = main.commands["demo"]
-    assert demo.make_context("demo", []).params["days"] == 4
+    assert demo.make_context("demo", []).params["days"] == 5
     monkeypatch.setenv("VAEWATCH_DEMO_DAYS", "3")
     assert demo.make_context("demo", []).params["days"] == 3
-    assert demo.make_context("demo", ["--days", "5"]).params["days"] == 5  # the flag wins
+    assert demo.make_context("demo", ["--days", "6"]).params["days"] == 6  # the flag wins
 
 
 REQUIRED = {
