@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench import harness
@@ -43,14 +42,13 @@ def commands(output: Path) -> dict[str, list[str]]:
 
 
 def seconds(command: list[str], pythonpath: Path | None) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(
-        command, env=harness.child_env(pythonpath), capture_output=True, text=True, check=False
-    )
-    took = time.perf_counter() - started
+    with harness.Stopwatch() as watch:
+        done = subprocess.run(
+            command, env=harness.child_env(pythonpath), capture_output=True, text=True, check=False
+        )
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[3:])} failed:\n{done.stderr[-2000:]}")
-    return took
+    return watch.seconds
 
 
 def committed_output(work: Path) -> Path:

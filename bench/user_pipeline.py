@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench import harness
@@ -44,9 +43,9 @@ def one_run(data: Path, model: Path, out: Path, workers: int, spin: str | None) 
         "--input", str(data / "*.parquet"), "--output", str(out), "--model", str(model),
         "--keep", "record_id", "--", *beam,
     ]  # fmt: skip
-    started = time.perf_counter()
-    harness.run_child(command, env, f"the example pipeline ({workers} worker(s), spin {spin})")
-    return time.perf_counter() - started
+    with harness.Stopwatch() as watch:
+        harness.run_child(command, env, f"the example pipeline ({workers} worker(s), spin {spin})")
+    return watch.seconds
 
 
 def main() -> None:
