@@ -19,9 +19,56 @@ import pyarrow as pa
 
 REASON_COLUMN = "reason"  # the rejected side's column, in Parquet and in the pyfunc's output
 
-TOP_FEATURE_TYPE = pa.list_(
-    pa.struct([pa.field("feature", pa.string()), pa.field("contribution", pa.float64())])
-)
+# One entry per feature named as making the record unusual, largest contribution first. The
+# fields after `basis` say, in the data's own units, what the model expected of the feature
+# given the record's other columns (model/estimation/explanations.py); they are filled where
+# `basis` is "conditional" and null otherwise, `basis` saying why.
+TOP_FEATURE_FIELDS = [
+    pa.field("feature", pa.string()),
+    pa.field("contribution", pa.float64()),  # nats above the feature's usual value (baseline)
+    pa.field("basis", pa.string()),  # Basis: how `contribution` was measured
+    pa.field("direction", pa.string()),  # Direction
+    pa.field("observed", pa.string()),  # the record's value as text; null where missing
+    pa.field("expected", pa.float64()),  # a number: the median of p(x_j | x_-j)
+    pa.field("low", pa.float64()),  # a number: 5 % quantile of p(x_j | x_-j)
+    pa.field("high", pa.float64()),  # a number: 95 % quantile
+    # a class: p(observed class | x_-j); a number: the tail beyond the observed value on its
+    # side of the median; a missing value: p(missing | x_-j)
+    pa.field("probability", pa.float64()),
+    pa.field("likely", pa.list_(pa.string())),  # a class: the likeliest classes, likeliest first
+]
+TOP_FEATURE_TYPE = pa.list_(pa.struct(TOP_FEATURE_FIELDS))
+# what partitions written by 0.2.0 and before hold: readers fill in the other fields as null
+TOP_FEATURE_TYPE_0_2 = pa.list_(pa.struct(TOP_FEATURE_FIELDS[:2]))
+
+
+class Basis(str, enum.Enum):
+    """How a top_features entry's `contribution` was measured, and so whether its expectation
+    fields are filled."""
+
+    # -log p(x_j | x_-j) over its calibration median: the expectation fields are filled
+    CONDITIONAL = "conditional"
+    # the others are -log p(x_j | z) over its median, read under the posterior of the whole
+    # record (model/estimation/attribution.py), and say why the conditional was not computed:
+    NOT_FLAGGED = "not_flagged"  # only flagged records are explained
+    # flagged past the batch's explanation budget (EXPLAINED_SHARE of its records; the most
+    # anomalous of the flagged get it)
+    OVER_BUDGET = "over_budget"
+    OTHER_K = "other_k"  # scored at another K than the model's calibration (--k)
+    NOT_IN_MODEL = "not_in_model"  # the model holds no conditional baseline
+
+
+class Direction(str, enum.Enum):
+    """What is unusual about an explained feature, against p(x_j | x_-j)."""
+
+    ABOVE = "above"  # a number above the 95 % quantile
+    BELOW = "below"  # a number below the 5 % quantile
+    # inside the 5-95 % range (a number) or among the classes that hold 90 % of the probability:
+    # the value is plausible given the rest; its contribution comes from how it combines with them
+    WITHIN = "within"
+    UNUSUAL_CATEGORY = "unusual_category"  # a category outside that 90 % set
+    UNUSUAL_VALUE = "unusual_value"  # a boolean outside it
+    UNUSUALLY_MISSING = "unusually_missing"  # missing where the rest makes that unlikely
 
 
 class RejectReason(str, enum.Enum):

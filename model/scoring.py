@@ -18,12 +18,13 @@ from vaewatch.model import defaults
 from vaewatch.model._moved import renamed
 from vaewatch.model.artifact import ModelArtifact
 from vaewatch.model.calibration.scores import check_quantile
-from vaewatch.model.contract import REASON_COLUMN, RejectReason, score_schema
+from vaewatch.model.contract import REASON_COLUMN, Basis, RejectReason, score_schema
 from vaewatch.model.data.features import RowProblem
 from vaewatch.model.device import resolve_device, resolve_precision
 from vaewatch.model.errors import UserError
-from vaewatch.model.estimation.attribution import explain_flagged, top_features
+from vaewatch.model.estimation.attribution import explain_flagged, missing_baseline
 from vaewatch.model.estimation.estimators import DEFAULT_MEMORY_BUDGET, score_records
+from vaewatch.model.estimation.explanations import Expectations, record_basis, top_features
 
 # bytes per (record, feature) of the per-record outputs held at once: the attribution in
 # float64 and its top-features temporaries (excess, sort order), the missing-value costs
@@ -119,15 +120,22 @@ class Scorer:
         self.log_std = self.spec.continuous_log_std.to(self.device)
         self._names = self.spec.names()
         self._baseline = np.asarray(calibration.feature_baseline)
-        self._zeros = np.zeros(len(self._names))
-        # the flagged records' leave-one-out attribution (model/estimation/attribution.py), at the
-        # K its
-        # baseline was computed with; a run at another K (IWAE estimates of different K are on
-        # different scales, as for the drift check) keeps -log p(x_j|z) for every record
+        # the flagged records' leave-one-out attribution and its explanations
+        # (model/estimation/explanations.py), at the K its baseline was computed with; a run at
+        # another K (IWAE estimates of different K are on different scales, as for the drift
+        # check) keeps -log p(x_j|z) for every record, and says so in top_features' `basis`
         stored = calibration.conditional_baseline
         self._conditional_baseline = (
             np.asarray(stored) if stored is not None and self.k == artifact.scoring.k else None
         )
+        self._why_not = (
+            Basis.NOT_IN_MODEL
+            if stored is None
+            else Basis.OTHER_K
+            if self._conditional_baseline is None
+            else None
+        )
+        self._missing_baseline = missing_baseline([f.missing_share for f in self.spec.features])
         # rows per estimator call: the batch-level (rows, features) outputs within the budget
         self.rows_per_call = max(
             MIN_ROWS_PER_CALL, memory_budget // (ROW_BYTES_PER_FEATURE * len(self._names))
@@ -154,12 +162,13 @@ class Scorer:
         # the per-record outputs are (rows, features) float64 several times over (attribution,
         # top features, missing costs): slices of the batch keep them within the memory budget
         step = self.rows_per_call
+        source = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
         for start in range(0, rows.size, step):
+            part = rows[start : start + step]
             table, keep, left = self._score_rows(
-                x[start : start + step], mask[start : start + step], version
+                x[start : start + step], mask[start : start + step], version, (source, part)
             )
             unexplained += left
-            part = rows[start : start + step]
             reasons[part[~keep]] = RejectReason.NON_FINITE_SCORE.value
             tables.append(table)
             kept.append(part[keep])
@@ -192,9 +201,10 @@ class Scorer:
             unexplained=unexplained,
         )
 
-    def _score_rows(self, x: torch.Tensor, mask: torch.Tensor, version: str):
+    def _score_rows(self, x: torch.Tensor, mask: torch.Tensor, version: str, source=None):
         """(score columns of the rows whose scores are finite, (rows,) bool: which those are,
-        flagged records past the leave-one-out budget)."""
+        flagged records past the leave-one-out budget). `source`: (the input table, the rows'
+        positions in it), for the explained values as the input held them."""
         x = x.to(self.device, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
         scores = score_records(
@@ -222,15 +232,22 @@ class Scorer:
             arrays = {name: values[finite] for name, values in arrays.items()}
             index = torch.from_numpy(np.flatnonzero(finite)).to(x.device)
             x, mask = x[index], mask[index]
-        table, unexplained = self._columns(arrays, version, (x, mask))
+            if source is not None:
+                source = (source[0], source[1][finite])
+        table, unexplained = self._columns(arrays, version, (x, mask), source)
         return table, finite, unexplained
 
     def _columns(
-        self, arrays: dict[str, np.ndarray], version: str, inputs: tuple | None = None
+        self,
+        arrays: dict[str, np.ndarray],
+        version: str,
+        inputs: tuple | None = None,
+        source: tuple[pa.Table, np.ndarray] | None = None,
     ) -> tuple[pa.Table, int]:
         """(The output contract's score columns from the estimator's per-record arrays; how many
         flagged records kept the posterior attribution, past the leave-one-out budget).
-        `inputs` (x, mask) of those records, for the flagged ones' attribution."""
+        `inputs` (x, mask) of those records, for the flagged ones' attribution; `source` as in
+        `_score_rows`."""
         n = len(arrays["log_likelihood"])
         calibration, nll = self.artifact.calibration, arrays["feature_nll"]
         anomaly = calibration.complete(
@@ -244,15 +261,23 @@ class Scorer:
             discrete_nll=arrays.get("discrete_nll"),
         )
         excess, unexplained = nll - self._baseline, 0
-        conditional = self._conditional_baseline
+        conditional, explained, expectations = self._conditional_baseline, None, None
         if inputs is not None and conditional is not None and flagged.any():
-            excess, unexplained = explain_flagged(
-                self.model, *inputs, excess, flagged, conditional, anomaly,
+            estimator = dict(
                 k=self.k, seed=self.seed, log_std=self.log_std,
                 proposal_scale=self.artifact.scoring.proposal_scale,
                 points=self.artifact.scoring.points,
                 memory_budget=self.memory_budget, matmul_dtype=self.matmul_dtype,
             )  # fmt: skip
+            explained = explain_flagged(
+                self.model, *inputs, excess, flagged, conditional, anomaly,
+                self._missing_baseline, **estimator,
+            )  # fmt: skip
+            excess, unexplained = explained.excess, explained.unexplained
+            expectations = Expectations(
+                self.model, self.spec, *inputs, explained, estimator, source
+            )
+        basis = record_basis(flagged, explained, self._why_not)
         latent_type = self.schema.field("latent_mean").type
 
         def fixed(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -272,7 +297,13 @@ class Scorer:
                 pa.array(flagged, pa.bool_()),
                 fixed(arrays["latent_mean"]),
                 fixed(arrays["latent_std"]),
-                top_features(excess, self._zeros, self._names, self.artifact.scoring.top_features),
+                top_features(
+                    excess,
+                    self._names,
+                    self.artifact.scoring.top_features,
+                    basis=basis,
+                    expectations=expectations,
+                ),
                 version_column,
             ],
             schema=self.schema,

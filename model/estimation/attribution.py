@@ -20,13 +20,12 @@ median on the calibration rows (its baseline); `top_features` lists the features
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from vaewatch.model import defaults
-from vaewatch.model.contract import TOP_FEATURE_TYPE
 from vaewatch.model.estimation.estimators import IWAE_STREAM, running_log_sum_exp, weight_chunks
 from vaewatch.model.estimation.noise import noise
 from vaewatch.model.network.vae import VAE
@@ -46,6 +45,16 @@ EXPLAINED_SHARE = 0.10
 MIN_EXPLAINED = 64
 
 
+@dataclass
+class Explained:
+    """What explain_flagged measured: the attribution to list, and which records it explains."""
+
+    excess: np.ndarray  # (B, F): the contributions top_features lists from
+    unexplained: int  # flagged records past the budget, listed by -log p(x_j|z)
+    rows: np.ndarray  # (r,) the explained records' positions in the batch
+    lead: np.ndarray  # (r,) each one's first feature, left out of the others' measurement
+
+
 def leave_one_out(
     model: VAE,
     x: torch.Tensor,
@@ -59,9 +68,12 @@ def leave_one_out(
     memory_budget: int,
     matmul_dtype: torch.dtype | None = None,
     points: str = defaults.POINTS,
+    missing: bool = False,
 ) -> torch.Tensor:
     """(B, F) float64: -log p(x_j | x_-j) where `candidates` ((B, F) bool) and x_j is observed,
     NaN elsewhere; a continuous value's is a density in the data's units, like log_likelihood.
+    With `missing`, a missing x_j whose absence the model charges for (`missing_measured`) is
+    measured too: -log p(x_j missing | x_-j).
 
     log p(x) and each log p(x_-j) are IWAE estimates from the same K seeded points as the
     scores: p(x) with q(z|x) (the estimator's proposal), p(x_-j) with q(z | x, x_j hidden: the
@@ -69,7 +81,7 @@ def leave_one_out(
     each weight. Each record's values depend on its own inputs alone, as the scores' do;
     `matmul_dtype` as in score_records."""
     eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM, points)
-    wanted = candidates & mask
+    wanted = candidates & (mask | missing_measured(model).to(mask.device) if missing else mask)
     out = torch.full(x.shape, math.nan, dtype=torch.float64, device=x.device)
     rows = torch.nonzero(wanted.any(1)).flatten()
     if rows.numel() == 0:
@@ -117,6 +129,26 @@ def leave_one_out(
     return out
 
 
+def missing_measured(model: VAE) -> torch.Tensor:
+    """(F,) bool: the features whose missing value has a probability under the model: those
+    whose observation is modelled, and those never missing in training (charged a constant);
+    not those whose missing values are marginalised (they cost nothing)."""
+    c = model.config
+    out = torch.zeros(c.n_features, dtype=torch.bool)
+    out[c.missing_features] = True
+    if c.missing_log_prob:
+        out |= torch.tensor(c.missing_log_prob) < 0
+    return out
+
+
+def missing_baseline(missing_share: list[float]) -> np.ndarray:
+    """(F,) the baseline of a missing value's -log p(missing | x_-j): -log of the feature's
+    missing share in training, so a value missing as often as it was in training is not listed,
+    and 0 for a feature never missing then (any missing value of it is unusual)."""
+    share = np.asarray(missing_share, dtype=np.float64)
+    return np.where(share > 0, -np.log(np.where(share > 0, share, 1.0)), 0.0)
+
+
 def top_indices(feature_nll: np.ndarray, baseline: np.ndarray, n: int):
     """(top (B, n) feature indices by excess over the baseline, largest first; their excesses;
     which of them are listed: those above the baseline)."""
@@ -140,22 +172,6 @@ def top_indices(feature_nll: np.ndarray, baseline: np.ndarray, n: int):
     return top, values, values > 0
 
 
-def top_features(
-    feature_nll: np.ndarray, baseline: np.ndarray, names: list[str], n: int
-) -> pa.ListArray:
-    """Per record, up to n features whose -log p(x_j|z) most exceeds its calibration median,
-    largest first; only features above their baseline are listed (a missing feature never is).
-    Built as one Arrow list<struct<feature, contribution>> array, no per-row Python."""
-    top, values, keep = top_indices(feature_nll, baseline, n)
-    offsets = np.zeros(top.shape[0] + 1, dtype=np.int32)
-    np.cumsum(keep.sum(axis=1), out=offsets[1:])
-    entries = pa.StructArray.from_arrays(
-        [pa.array(names, type=pa.string()).take(pa.array(top[keep])), pa.array(values[keep])],
-        fields=list(TOP_FEATURE_TYPE.value_type),
-    )
-    return pa.ListArray.from_arrays(pa.array(offsets), entries, type=TOP_FEATURE_TYPE)
-
-
 def explained_rows(flagged: np.ndarray, priority: np.ndarray) -> np.ndarray:
     """The positions of the flagged records that get the leave-one-out term: all of them while
     they are at most max(MIN_EXPLAINED, EXPLAINED_SHARE x the batch's records), else that many
@@ -176,18 +192,22 @@ def explain_flagged(
     flagged: np.ndarray,
     conditional_baseline: np.ndarray,
     priority: np.ndarray,
+    missing_baseline: np.ndarray | None = None,
     **estimator,
-) -> tuple[np.ndarray, int]:
-    """(`excess` ((B, F), the cheap attribution's excess over its baseline) with the rows of
-    the flagged records `explained_rows` picks replaced by their leave-one-out excess over
-    `conditional_baseline`; how many flagged records kept the cheap one). A replaced row holds
-    its MAX_LEAVE_ONE_OUT candidates (the cheap attribution's first) above the baseline or not,
-    every other feature -inf (never listed). `estimator`: leave_one_out's k, seed, log_std,
-    proposal_scale, memory_budget, matmul_dtype and points."""
+):
+    """An `Explained` (model/estimation/explanations.py): `excess` ((B, F), the cheap
+    attribution's excess over its baseline) with the rows of the flagged records
+    `explained_rows` picks replaced by their leave-one-out excess over `conditional_baseline`;
+    how many flagged records kept the cheap one; which were explained and each one's first
+    feature. A replaced row holds its MAX_LEAVE_ONE_OUT candidates (the cheap attribution's
+    first) above the baseline or not, every other feature -inf (never listed). With
+    `missing_baseline` ((F,), `missing_baseline`), missing values whose absence the model
+    charges for are candidates too, measured against it. `estimator`: leave_one_out's k, seed,
+    log_std, proposal_scale, memory_budget, matmul_dtype and points."""
     rows = explained_rows(flagged, priority)
     left = int(np.count_nonzero(flagged)) - rows.size
     if rows.size == 0:
-        return excess, left
+        return Explained(excess, left, rows, np.zeros(0, dtype=np.int64))
     part = excess[rows]
     candidates = np.ones(part.shape, dtype=bool)
     if part.shape[1] > MAX_LEAVE_ONE_OUT:
@@ -197,19 +217,24 @@ def explain_flagged(
     index = torch.from_numpy(rows).to(x.device)
     x, mask = x[index], mask[index]
     wanted = torch.from_numpy(candidates).to(x.device)
-    conditional = leave_one_out(model, x, mask, wanted, **estimator).cpu().numpy()
-    first = np.where(np.isnan(conditional), -np.inf, conditional - conditional_baseline)
+    measure = missing_baseline is not None
+    conditional = leave_one_out(model, x, mask, wanted, missing=measure, **estimator).cpu().numpy()
+    baseline = np.broadcast_to(np.asarray(conditional_baseline, dtype=np.float64), part.shape)
+    if measure:
+        baseline = np.where(mask.cpu().numpy(), baseline, np.asarray(missing_baseline)[None, :])
+    first = np.where(np.isnan(conditional), -np.inf, conditional - baseline)
     out = excess.copy()
-    out[rows] = _chained(model, x, mask, first, conditional_baseline, **estimator)
-    return out, left
+    out[rows], lead = _chained(model, x, mask, first, baseline, measure, **estimator)
+    return Explained(out, left, rows, lead)
 
 
-def _chained(model, x, mask, first: np.ndarray, conditional_baseline, **estimator) -> np.ndarray:
-    """(r, F): each record's first feature (the largest leave-one-out excess, `first`) as it is;
-    the CHAINED features next after it re-measured without it, -log p(x_j | x_-{first, j}) over
-    the same baseline; every other feature -inf. Without this a value far out of range stays in
-    x_-j for every other j and drags their conditionals with it: the demo's out-of-range records
-    listed latency_ms and hour after the amount, at millions of nats each."""
+def _chained(model, x, mask, first: np.ndarray, baseline, missing: bool, **estimator):
+    """((r, F): each record's first feature (the largest leave-one-out excess, `first`) as it
+    is; the CHAINED features next after it re-measured without it, -log p(x_j | x_-{first, j})
+    over the same `baseline` ((r, F)); every other feature -inf. (r,): that first feature.)
+    Without this a value far out of range stays in x_-j for every other j and drags their
+    conditionals with it: the demo's out-of-range records listed latency_ms and hour after the
+    amount, at millions of nats each."""
     at = np.arange(first.shape[0])
     lead = first.argmax(axis=1)
     rest = first.copy()
@@ -220,10 +245,12 @@ def _chained(model, x, mask, first: np.ndarray, conditional_baseline, **estimato
     without = mask.clone()
     without[torch.from_numpy(at).to(mask.device), torch.from_numpy(lead).to(mask.device)] = False
     wanted = torch.from_numpy(candidates).to(x.device)
-    second = leave_one_out(model, x, without, wanted, **estimator).cpu().numpy()
-    out = np.where(np.isnan(second), -np.inf, second - conditional_baseline)
+    # the first feature is hidden now, not missing: its absence is not measured
+    wanted[torch.from_numpy(at).to(x.device), torch.from_numpy(lead).to(x.device)] = False
+    second = leave_one_out(model, x, without, wanted, missing=missing, **estimator)
+    out = np.where(np.isnan(second.cpu().numpy()), -np.inf, second.cpu().numpy() - baseline)
     out[at, lead] = first[at, lead]
-    return out
+    return out, lead
 
 
 def conditional_baseline(

@@ -108,6 +108,7 @@ class SampleChunk:
     start: int
     feature_lp: FeatureLogProbs  # log p(x_j|z_k) by kind, each (k, b, F_kind)
     log_w: torch.Tensor  # (k, b): log p(x, z_k) - log q(z_k|x)
+    z: torch.Tensor  # (k, b, D): the points (the explanations read the decoder's heads there)
 
 
 @dataclass
@@ -166,7 +167,7 @@ def _sample_chunks(model: VAE, post: Posterior, x, mask, eps, step: int) -> Iter
         log_prior = -0.5 * (d * LOG_2PI + (z * z).sum(-1))  # (k, b)
         e = e if e.dim() == 3 else e[:, None, :]
         log_q = -0.5 * (d * LOG_2PI + post.log_var.sum(-1) + (e * e).sum(-1))
-        yield SampleChunk(k0, feature_lp, feature_lp.total() + log_prior - log_q)
+        yield SampleChunk(k0, feature_lp, feature_lp.total() + log_prior - log_q, z)
 
 
 # ------------------------------------------- chunk by chunk over the sample axis

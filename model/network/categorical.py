@@ -197,6 +197,34 @@ class Categories(nn.Module):
                 parts.append(self._normalise(logits.to(dtype), codes[:, g0:g1], g0, g1))
         return torch.cat(parts, dim=-1)
 
+    def distribution(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g: int):
+        """log p(c | z) of every class c of group `g`, (..., sizes[g]) float32: the last layer's
+        rows of that group (of `weight`, `bias`: the whole layer) applied to `hidden` (..., H),
+        flat or two-level as the group is decoded. The same function `log_prob` evaluates at
+        one code; what the explanations read to name a feature's likely classes."""
+        start, size = self.first + self.bounds[g], self.sizes[g]
+        if not self.two_level[g]:
+            rows = slice(start, start + size)
+            return torch.log_softmax(
+                nn.functional.linear(hidden.float(), weight[rows].float(), bias[rows].float()), -1
+            )
+        b = next(i for i, (g0, g1) in enumerate(self.blocks) if g0 <= g < g1)
+        (g0, g1), (clusters, width) = self.blocks[b], self.shapes[b]
+        block = self.first + self.bounds[g0]
+        span = clusters * width
+        classes = slice(block + (g - g0) * span, block + (g - g0 + 1) * span)
+        tops = block + (g1 - g0) * span + (g - g0) * clusters
+        tops = slice(tops, tops + clusters)
+        h = hidden.float()
+        code = torch.arange(clusters * width, device=h.device)
+        low = nn.functional.linear(h, weight[classes].float(), bias[classes].float())
+        low = low.masked_fill(code >= size, -math.inf).view(*h.shape[:-1], clusters, width)
+        low = torch.log_softmax(low, -1).nan_to_num(nan=-math.inf)  # an unused cluster: all -inf
+        top = nn.functional.linear(h, weight[tops].float(), bias[tops].float())
+        top = top.masked_fill(code[::width] >= size, -math.inf)
+        top = torch.log_softmax(top, -1)
+        return (top[..., None] + low).flatten(-2)[..., :size]
+
     def _two_level(self, per_record, weight, bias, codes, g0, g1, shape, dtype) -> torch.Tensor:
         """A two-level block [g0, g1) (`two_level_log_prob`), (B, L, g1 - g0). With gradients
         (training) it runs a few groups at a time under activation checkpointing: the class rows

@@ -370,6 +370,59 @@ class Decoder(nn.Module):
             lp.index_add_(-1, self.missing_index, F.logsigmoid(sign * logits_missing))
         return FeatureLogProbs(lp, n_continuous=nc, n_boolean=nb)
 
+    def distribution(self, z: torch.Tensor, j: int) -> FeatureDistribution:
+        """Feature j's p(x_j | z) for z (..., D): only its own rows of the last layer. What
+        the explanations mix over the posterior samples (model/estimation/conditionals.py)."""
+        c = self.config
+        nc, nb = c.n_continuous, c.n_boolean
+        hidden = fused.run(self.net[:-1], z).float()
+        head = self.net[-1]
+
+        def rows(index: int) -> torch.Tensor:
+            weight, bias = head.weight[index].float(), head.bias[index].float()
+            return nn.functional.linear(hidden, weight, bias)
+
+        tail = 2 * nc + nb + self.categories.rows  # the point-mass rows, then the missingness rows
+        out = FeatureDistribution(FeatureKind.CONTINUOUS, unseen_log_prob=0.0)
+        if c.missing_log_prob:
+            out.unseen_log_prob = float(c.missing_log_prob[j])
+        if j in c.missing_features:
+            out.missing_logit = rows(tail + len(c.atom_features) + c.missing_features.index(j))
+        if j < nc:
+            out.mean = rows(j)
+            ceiling = math.log(c.max_variance)
+            out.log_var = rows(nc + j).clamp(min=float(self.min_log_var[j]), max=ceiling)
+            if j in c.atom_features:
+                at = c.atom_features.index(j)
+                out.atom_logit, out.atom = rows(tail + at), float(c.atom_values[at])
+        elif j < nc + nb:
+            out.kind, out.logit = FeatureKind.BOOLEAN, rows(2 * nc + j - nc)
+        else:
+            out.kind = FeatureKind.CATEGORICAL
+            group = j - nc - nb
+            out.log_probs = self.categories.distribution(hidden, head.weight, head.bias, group)
+        return out
+
+
+@dataclass
+class FeatureDistribution:
+    """p(x_j | z) of one feature at each z, float32, standardised units: the decoder's heads for
+    it. A continuous feature has `mean` and `log_var` (its Gaussian, the variance clamped as
+    `log_prob` clamps it) and, when zero-inflated, `atom_logit` (the point mass at `atom`); a
+    boolean has `logit` (of true); a categorical `log_probs` (..., classes). `missing_logit`
+    is log p(missing | z) - log p(observed | z) where the feature's observation is modelled,
+    else None (`unseen_log_prob`: the constant charged for a missing value, 0 when marginal)."""
+
+    kind: FeatureKind
+    mean: torch.Tensor | None = None
+    log_var: torch.Tensor | None = None
+    atom_logit: torch.Tensor | None = None
+    atom: float | None = None
+    logit: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    missing_logit: torch.Tensor | None = None
+    unseen_log_prob: float = 0.0
+
 
 def gaussian_kl_dims(posterior: Posterior) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) per record and latent dimension, analytic. (B, D)"""

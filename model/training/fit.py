@@ -27,7 +27,12 @@ from vaewatch.model.data.inputs import Fingerprint, ParquetSource
 from vaewatch.model.data.training_data import DataCounts, TrainingData
 from vaewatch.model.device import resolve_device
 from vaewatch.model.errors import setting
-from vaewatch.model.estimation.attribution import conditional_baseline, explain_flagged, top_indices
+from vaewatch.model.estimation.attribution import (
+    conditional_baseline,
+    explain_flagged,
+    missing_baseline,
+    top_indices,
+)
 from vaewatch.model.estimation.estimators import DEFAULT_MEMORY_BUDGET, score_records
 from vaewatch.model.estimation.proposal import choose_proposal_scale
 from vaewatch.model.network.vae import VAE, VAEConfig
@@ -310,7 +315,7 @@ def with_conditional_attribution(
     n = CONDITIONAL_BASELINE_ROWS
     baseline = conditional_baseline(model, x[:n], mask[:n], **estimator)
     flagged = calibration.flags(scores, feature_nll, discrete_nll=discrete_nll)
-    excess, _ = explain_flagged(
+    excess = explain_flagged(
         model,
         x,
         mask,
@@ -318,8 +323,9 @@ def with_conditional_attribution(
         flagged,
         baseline,
         scores,
+        missing_baseline([f.missing_share for f in spec.features]),
         **estimator,
-    )
+    ).excess
     top, _, keep = top_indices(excess, np.zeros(excess.shape[1]), calibration.top_feature_count)
     named = np.bincount(top[keep], minlength=excess.shape[1])
     return replace(

@@ -86,10 +86,13 @@ def test_a_value_far_out_of_range_is_named_first(ppca):
     # (max(64, 10 % of 200)); the unflagged keep the cheap attribution
     flagged = (np.arange(N_RECORDS) % 3 == 0) & (np.arange(N_RECORDS) < 192)
     score = -np.arange(N_RECORDS, dtype=float)  # any priority: all 64 fit the budget
-    explained, left = explain_flagged(
+    result = explain_flagged(
         vae, enc.x, enc.mask, excess, flagged, conditional_baseline, score, **estimator
     )
+    explained, left = result.excess, result.unexplained
     assert left == 0
+    np.testing.assert_array_equal(result.rows, np.flatnonzero(flagged))
+    np.testing.assert_array_equal(result.lead, pushed[flagged])
     assert (explained.argmax(1)[flagged] == pushed[flagged]).all()
     np.testing.assert_array_equal(explained[~flagged], excess[~flagged])
     # the features after the first are measured with it left out too: given the pushed value,
@@ -102,9 +105,10 @@ def test_a_value_far_out_of_range_is_named_first(ppca):
     # those flagged above) get the leave-one-out term, and the other 136 keep the cheap one
     every = np.ones(N_RECORDS, dtype=bool)
     chosen = np.flatnonzero(flagged)
-    budgeted, left = explain_flagged(
+    result = explain_flagged(
         vae, enc.x, enc.mask, excess, every, conditional_baseline, flagged * 1.0, **estimator
     )
+    budgeted, left = result.excess, result.unexplained
     assert left == N_RECORDS - 64
     np.testing.assert_allclose(budgeted[chosen], explained[chosen], rtol=0, atol=1e-9)
     others = np.setdiff1d(np.arange(N_RECORDS), chosen)
@@ -148,12 +152,23 @@ def test_a_run_at_another_k_keeps_the_posterior_attribution(fitted):
         flagged = scored["is_anomaly"].to_numpy(zero_copy_only=False)
         return scored["top_features"].to_pylist(), flagged
 
+    def listed(rows):
+        return [[(e["feature"], e["contribution"]) for e in r] for r in rows]
+
+    def bases(rows, which):
+        return {e["basis"] for i in which for e in rows[i]}
+
     other = artifact.scoring.k // 2
     (built, flagged), (cheap, same) = top(artifact, other), top(plain, other)
-    assert built == cheap and (flagged == same).all()
+    assert listed(built) == listed(cheap) and (flagged == same).all()
+    loud = np.flatnonzero(flagged)
+    # each says why its flagged records have no expectation fields
+    assert bases(built, loud) == {"other_k"} and bases(cheap, loud) == {"not_in_model"}
+    assert {e["expected"] for r in built for e in r} == {None}
     (built, flagged), (cheap, same) = top(artifact), top(plain)
     assert (flagged == same).all() and flagged.sum() >= 10
     quiet = np.flatnonzero(~flagged)
     loud = np.flatnonzero(flagged)
-    assert [built[i] for i in quiet] == [cheap[i] for i in quiet]
-    assert [built[i] for i in loud] != [cheap[i] for i in loud]
+    assert listed([built[i] for i in quiet]) == listed([cheap[i] for i in quiet])
+    assert listed([built[i] for i in loud]) != listed([cheap[i] for i in loud])
+    assert bases(built, quiet) == {"not_flagged"} and bases(built, loud) == {"conditional"}

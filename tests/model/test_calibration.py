@@ -12,7 +12,8 @@ from vaewatch.model.calibration.scores import (
     quantile_levels,
 )
 from vaewatch.model.errors import UserError
-from vaewatch.model.estimation.attribution import top_features, top_indices
+from vaewatch.model.estimation.attribution import top_indices
+from vaewatch.model.estimation.explanations import top_features
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +96,18 @@ def test_bad_quantile_is_a_user_error(calibration):
 def test_top_features_by_hand():
     nll = np.array([[1.0, 5.0, 2.0], [0.0, 0.0, 0.0], [3.0, 2.5, 9.0]])
     baseline = np.array([1.0, 2.0, 2.0])
-    result = top_features(nll, baseline, ["a", "b", "c"], n=2).to_pylist()
-    assert result[0] == [{"feature": "b", "contribution": 3.0}]  # a and c are at baseline
+    basis = np.array(["not_flagged", "not_flagged", "over_budget"])
+    result = top_features(nll - baseline, ["a", "b", "c"], n=2, basis=basis).to_pylist()
+    unexplained = dict.fromkeys(
+        ["direction", "observed", "expected", "low", "high", "probability", "likely"]
+    )
+    assert result[0] == [
+        {"feature": "b", "contribution": 3.0, "basis": "not_flagged", **unexplained}
+    ]  # a and c are at baseline
     assert result[1] == []  # nothing above baseline (e.g. everything missing)
     assert result[2] == [
-        {"feature": "c", "contribution": 7.0},
-        {"feature": "a", "contribution": 2.0},
+        {"feature": "c", "contribution": 7.0, "basis": "over_budget", **unexplained},
+        {"feature": "a", "contribution": 2.0, "basis": "over_budget", **unexplained},
     ]
 
 

@@ -1,0 +1,182 @@
+"""What the model expects of one feature given the rest of its record: p(x_j | x_-j), the
+importance-weighted posterior predictive. The explanations of flagged records
+(model/estimation/explanations.py) read it to say, in the data's own units, what value would
+have been usual for the feature that made the record unusual.
+
+    p(x_j | x_-j) = E_{p(z | x_-j)} p(x_j | z)  ~=  sum_k w_k p(x_j | z_k)
+
+with z_k the K seeded points of the scores drawn from q(z | x_-j) (the encoder with x_j hidden,
+widened as the estimator's proposal) and w_k proportional to p(x_-j, z_k) / q(z_k | x_-j),
+normalised: the same points and weights whose sum is leave_one_out's p(x_-j)
+(model/estimation/attribution.py), so the expectation and the contribution it explains come from
+one estimate. A value's distribution is read *given that it is observed*: where the feature's
+observation is modelled each weight also carries p(observed | z_k).
+
+Per (record, feature) pair this gives, in standardised units (the caller converts):
+- a number: the 5 %, 50 % and 95 % quantiles of the mixture of K Gaussians (each with its
+  point mass at 0 for a zero-inflated column), found by bisection on the mixture's CDF, and
+  the CDF at the observed value;
+- a boolean or a category: the probability of every class; the observed one's, and the most
+  likely ones;
+- every feature whose observation is modelled: p(missing | x_-j).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vaewatch.model import defaults
+from vaewatch.model.data.features import FeatureKind
+from vaewatch.model.estimation.estimators import IWAE_STREAM, weight_chunks
+from vaewatch.model.estimation.noise import noise
+from vaewatch.model.network.vae import VAE, FeatureDistribution
+
+LEVELS = (0.05, 0.5, 0.95)  # the interval's ends and the central value
+LIKELY = 3  # classes named per explained category, most likely first
+CREDIBLE = 0.9  # a class is usual while the classes likelier than it hold less than this
+BISECTIONS = 60  # halvings of the bracket: 2^-60 of ~20 standard deviations
+
+
+@dataclass
+class Conditionals:
+    """Per pair, float64 numpy arrays; NaN where a field does not apply to the feature's kind."""
+
+    quantiles: np.ndarray  # (P, len(LEVELS)) standardised quantiles of a number
+    cdf: np.ndarray  # (P,) P(X_j <= observed) for an observed number
+    p_observed: np.ndarray  # (P,) p(observed class | x_-j) for an observed boolean or category
+    usual: np.ndarray  # (P,) bool: an observed class inside the CREDIBLE set of likeliest classes
+    p_missing: np.ndarray  # (P,) p(missing | x_-j) where the observation is modelled
+    likely: np.ndarray  # (P, LIKELY) int64 class codes, most likely first; -1 past the classes
+    likely_p: np.ndarray  # (P, LIKELY) their probabilities
+
+    @classmethod
+    def empty(cls, n: int) -> Conditionals:
+        nan = np.full(n, math.nan)
+        return cls(
+            quantiles=np.full((n, len(LEVELS)), math.nan),
+            cdf=nan.copy(),
+            p_observed=nan.copy(),
+            usual=np.zeros(n, dtype=bool),
+            p_missing=nan.copy(),
+            likely=np.full((n, LIKELY), -1, dtype=np.int64),
+            likely_p=np.full((n, LIKELY), math.nan),
+        )
+
+
+def conditionals(
+    model: VAE,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    feature: torch.Tensor,
+    *,
+    k: int,
+    seed: int,
+    proposal_scale: float,
+    memory_budget: int,
+    matmul_dtype: torch.dtype | None = None,
+    points: str = defaults.POINTS,
+    **_,
+) -> Conditionals:
+    """p(x_j | x_-j) for each pair: row p of (x, mask) ((P, F), the record as the contribution
+    read it) and feature j = feature[p] ((P,) long). `matmul_dtype` as in score_records; the
+    mixtures themselves are float64. Extra keywords (the attribution's `log_std`) are ignored:
+    the caller converts units."""
+    out = Conditionals.empty(x.shape[0])
+    if x.shape[0] == 0:
+        return out
+    eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM, points)
+    autocast = torch.autocast(
+        x.device.type, dtype=matmul_dtype or torch.bfloat16, enabled=matmul_dtype is not None
+    )
+    with torch.inference_mode(), autocast:
+        hidden = mask.scatter(1, feature[:, None], False)
+        proposal = model.encoder(x, hidden).widened(proposal_scale)
+        for chunk in weight_chunks(model, x, mask, eps, posterior=proposal,
+                                   memory_budget=memory_budget):  # fmt: skip
+            b = chunk.mask.shape[0]
+            own = feature[chunk.start : chunk.start + b]
+            log_w, z = [], []
+            for s in chunk.samples:  # each weight without feature j's terms: p(x_-j, z_k)
+                lp = s.feature_lp.stacked()
+                drop = lp.gather(-1, own[None, :, None].expand(lp.shape[0], b, 1)).squeeze(-1)
+                log_w.append((s.log_w - drop).to(torch.float64))
+                z.append(s.z)
+            log_w, z = torch.cat(log_w), torch.cat(z)  # (K, b), (K, b, D)
+            for j in torch.unique(own).tolist():
+                at = torch.nonzero(own == j).flatten()
+                rows = (chunk.start + at).cpu().numpy()
+                dist = model.decoder.distribution(z[:, at], j)
+                values = x[chunk.start + at, j].to(torch.float64)
+                observed = mask[chunk.start + at, j]
+                _mix(dist, log_w[:, at], values, observed, out, rows)
+    return out
+
+
+def _mix(
+    dist: FeatureDistribution,
+    log_w: torch.Tensor,
+    values: torch.Tensor,
+    observed: torch.Tensor,
+    out: Conditionals,
+    rows: np.ndarray,
+) -> None:
+    """Fill `out`'s `rows` from one feature's heads at the K points of its pairs: log_w (K, n)
+    unnormalised log-weights of p(x_-j, z_k), values and observed (n,)."""
+    weights = torch.softmax(log_w, 0)
+    if dist.missing_logit is not None:  # the value given that it is observed
+        missing = dist.missing_logit.to(torch.float64)
+        out.p_missing[rows] = (weights * torch.sigmoid(missing)).sum(0).cpu().numpy()
+        weights = torch.softmax(log_w + torch.nn.functional.logsigmoid(-missing), 0)
+    elif dist.unseen_log_prob < 0:  # never missing in training: the constant the score charged
+        out.p_missing[rows] = math.exp(dist.unseen_log_prob)
+    if dist.kind is FeatureKind.CONTINUOUS:
+        mean, std = dist.mean.to(torch.float64), torch.exp(0.5 * dist.log_var.to(torch.float64))
+        atom = None
+        if dist.atom_logit is not None:
+            atom = (dist.atom, torch.sigmoid(dist.atom_logit.to(torch.float64)))
+        quantiles = [_quantile(weights, mean, std, atom, level) for level in LEVELS]
+        out.quantiles[rows] = torch.stack(quantiles, 1).cpu().numpy()
+        cdf = _cdf(weights, mean, std, atom, values)
+        out.cdf[rows] = torch.where(observed, cdf, math.nan).cpu().numpy()
+        return
+    if dist.kind is FeatureKind.BOOLEAN:
+        p_true = (weights * torch.sigmoid(dist.logit.to(torch.float64))).sum(0)
+        probs = torch.stack([1.0 - p_true, p_true], 1)  # classes 0 (false) and 1 (true)
+    else:
+        log_probs = dist.log_probs.to(torch.float64)  # (K, n, V)
+        probs = torch.logsumexp(torch.log(weights)[..., None] + log_probs, 0).exp()
+    codes = values.long().clamp(0, probs.shape[1] - 1)
+    mine = probs.gather(1, codes[:, None]).squeeze(1)
+    likelier = torch.where(probs > mine[:, None], probs, 0.0).sum(1)
+    out.p_observed[rows] = torch.where(observed, mine, math.nan).cpu().numpy()
+    out.usual[rows] = (observed & (likelier < CREDIBLE)).cpu().numpy()
+    top = torch.topk(probs, min(LIKELY, probs.shape[1]), dim=1)
+    out.likely[rows, : top.indices.shape[1]] = top.indices.cpu().numpy()
+    out.likely_p[rows, : top.values.shape[1]] = top.values.cpu().numpy()
+
+
+def _cdf(weights, mean, std, atom, t: torch.Tensor) -> torch.Tensor:
+    """The mixture's CDF at t (n,): sum_k w_k [pi_k 1(t >= a) + (1 - pi_k) Phi((t - m_k) / s_k)]."""
+    gauss = 0.5 * torch.erfc(-(t - mean) / (std * math.sqrt(2.0)))  # (K, n)
+    if atom is not None:
+        value, pi = atom
+        gauss = pi * (t >= value).to(gauss.dtype) + (1.0 - pi) * gauss
+    return (weights * gauss).sum(0)
+
+
+def _quantile(weights, mean, std, atom, level: float) -> torch.Tensor:
+    """The mixture's `level` quantile, (n,): the least t with CDF(t) >= level, by bisection on a
+    bracket that holds every component's mass (and the point mass)."""
+    low = (mean - 12.0 * std).min(0).values
+    high = (mean + 12.0 * std).max(0).values
+    if atom is not None:
+        low, high = low.clamp(max=atom[0]), high.clamp(min=atom[0])
+    for _ in range(BISECTIONS):
+        middle = 0.5 * (low + high)
+        below = _cdf(weights, mean, std, atom, middle) < level
+        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    return high

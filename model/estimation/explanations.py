@@ -1,0 +1,215 @@
+"""The `top_features` column: the features that made each record unusual and, for the flagged
+records, what the model expected of each of them, in the data's own units.
+
+Each entry holds (model/contract.py, TOP_FEATURE_FIELDS):
+- `feature` and `contribution`: nats above the feature's usual value
+  (model/estimation/attribution.py); `basis` says how it was measured;
+- for a flagged record within the explanation budget (`basis` "conditional"): the observed value
+  as text, and p(x_j | x_-j) (model/estimation/conditionals.py) read in the column's units. A
+  number gets the median (`expected`) and the 5-95 % range (`low`, `high`), and `probability`,
+  the share of that distribution beyond the observed value on its side of the median. A boolean
+  or a category gets the observed class's probability and the `likely` classes. A missing value
+  gets p(missing | x_-j). `direction` sums it up (contract.Direction).
+
+A feature after a record's first is measured with the first left out too (attribution.py,
+`_chained`); its expectation is read the same way, so a far-out amount does not drag what the
+model expects of the hour.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from vaewatch.model.contract import TOP_FEATURE_TYPE, Basis, Direction
+from vaewatch.model.data.features import FeatureKind, FeatureSpec
+from vaewatch.model.estimation.attribution import Explained, top_indices
+from vaewatch.model.estimation.conditionals import conditionals
+from vaewatch.model.network.vae import VAE
+
+OTHER = "(other)"  # the name of a category's out-of-vocabulary class among the likely ones
+_BOOLEAN = ("false", "true")
+
+
+class Expectations:
+    """p(x_j | x_-j) for the listed features of the explained records, as entry fields."""
+
+    def __init__(
+        self,
+        model: VAE,
+        spec: FeatureSpec,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        explained: Explained,
+        estimator: dict,
+        source: tuple[pa.Table, np.ndarray] | None = None,
+    ):
+        """`source`: the input table and the positions of x's rows in it, to show values as
+        the input held them (else they are decoded from x)."""
+        self.model, self.spec, self.x, self.mask = model, spec, x, mask
+        self.explained, self.estimator, self.source = explained, estimator, source
+
+    def fields(self, rows: np.ndarray, features: np.ndarray) -> dict[str, pa.Array]:
+        """The expectation fields of entries (rows[e], features[e]), e over every listed entry:
+        filled for the explained records, null for the others."""
+        n = len(rows)
+        size = max(int(rows.max(initial=-1)), int(self.explained.rows.max(initial=-1))) + 1
+        where = np.full(size, -1, dtype=np.int64)
+        where[self.explained.rows] = np.arange(len(self.explained.rows))
+        at = np.flatnonzero(where[rows] >= 0) if n else np.zeros(0, dtype=np.int64)
+        out = {
+            "direction": np.full(n, None, dtype=object),
+            "observed": np.full(n, None, dtype=object),
+            "expected": np.full(n, math.nan),
+            "low": np.full(n, math.nan),
+            "high": np.full(n, math.nan),
+            "probability": np.full(n, math.nan),
+            "likely": np.full(n, None, dtype=object),
+        }
+        if at.size:
+            self._fill(out, at, rows[at], features[at], where[rows[at]])
+        return {
+            "direction": pa.array(out["direction"], pa.string()),
+            "observed": pa.array(out["observed"], pa.string()),
+            **{
+                name: pa.array(out[name], pa.float64(), mask=np.isnan(out[name]))
+                for name in ("expected", "low", "high", "probability")
+            },
+            "likely": pa.array(out["likely"], pa.list_(pa.string())),
+        }
+
+    def _fill(self, out, at, rows, features, explained_at) -> None:
+        device = self.x.device
+        index = torch.from_numpy(rows).to(device)
+        feature = torch.from_numpy(features).to(device)
+        x, mask = self.x[index], self.mask[index].clone()
+        lead = self.explained.lead[explained_at]
+        chained = lead != features  # measured with the record's first feature left out
+        if chained.any():
+            hide = torch.from_numpy(np.flatnonzero(chained)).to(device)
+            mask[hide, torch.from_numpy(lead[chained]).to(device)] = False
+        found = conditionals(self.model, x, mask, feature, **self.estimator)
+        observed = mask.gather(1, feature[:, None]).squeeze(1).cpu().numpy()
+        values = x.gather(1, feature[:, None]).squeeze(1).to(torch.float64).cpu().numpy()
+        out["observed"][at] = self._observed_text(rows, features, values, observed)
+        for j in np.unique(features):
+            mine = features == j
+            e = at[mine]
+            f = self.spec.features[j]
+            missing = ~observed[mine]
+            if f.kind is FeatureKind.CONTINUOUS:
+                low, median, high = f.mean + f.std * found.quantiles[mine].T  # LEVELS
+                value = f.mean + f.std * values[mine]
+                cdf = found.cdf[mine]
+                out["expected"][e], out["low"][e], out["high"][e] = median, low, high
+                out["probability"][e] = np.where(value > median, 1.0 - cdf, cdf)
+                out["direction"][e] = np.where(
+                    value > high,
+                    Direction.ABOVE.value,
+                    np.where(value < low, Direction.BELOW.value, Direction.WITHIN.value),
+                )
+            else:
+                names = _BOOLEAN if f.kind is FeatureKind.BOOLEAN else [*f.vocabulary, OTHER]
+                unusual = (
+                    Direction.UNUSUAL_VALUE
+                    if f.kind is FeatureKind.BOOLEAN
+                    else Direction.UNUSUAL_CATEGORY
+                )
+                out["probability"][e] = found.p_observed[mine]
+                out["direction"][e] = np.where(
+                    found.usual[mine], Direction.WITHIN.value, unusual.value
+                )
+                out["likely"][e] = [
+                    [names[c] for c in codes if c >= 0] for codes in found.likely[mine]
+                ]
+            if missing.any():
+                gone = e[missing]
+                out["direction"][gone] = Direction.UNUSUALLY_MISSING.value
+                out["probability"][gone] = found.p_missing[mine][missing]
+
+    def _observed_text(self, rows, features, values, observed) -> np.ndarray:
+        """Each entry's value as the input held it (`source`), else as decoded from x."""
+        text = np.full(len(rows), None, dtype=object)
+        for j in np.unique(features):
+            mine = np.flatnonzero((features == j) & observed)
+            if mine.size == 0:
+                continue
+            f = self.spec.features[j]
+            if self.source is not None and f.name in self.source[0].column_names:
+                table, positions = self.source
+                column = table.column(f.name).take(pa.array(positions[rows[mine]]))
+                if pa.types.is_dictionary(column.type):
+                    column = column.cast(column.type.value_type)
+                text[mine] = pc.cast(column, pa.string()).to_pylist()
+            elif f.kind is FeatureKind.CONTINUOUS:
+                text[mine] = [repr(float(np.float32(f.mean + f.std * v))) for v in values[mine]]
+            elif f.kind is FeatureKind.BOOLEAN:
+                text[mine] = [_BOOLEAN[int(v)] for v in values[mine]]
+            else:
+                names = [*f.vocabulary, OTHER]
+                text[mine] = [names[int(v)] for v in values[mine]]
+        return text
+
+
+def top_features(
+    excess: np.ndarray,
+    names: list[str],
+    n: int,
+    *,
+    basis: np.ndarray | None = None,
+    expectations: Expectations | None = None,
+) -> pa.ListArray:
+    """Per record, up to n features by `excess` ((B, F), contribution above the baseline),
+    largest first; only features above their baseline are listed (a missing value only where
+    its conditional was measured). `basis` (B,) contract.Basis values, or None (null);
+    `expectations` fills the explained records' fields. One Arrow array, no per-row Python
+    outside the explained records."""
+    top, values, keep = top_indices(excess, np.zeros(excess.shape[1]), n)
+    counts = keep.sum(axis=1)
+    offsets = np.zeros(top.shape[0] + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    rows = np.repeat(np.arange(top.shape[0]), counts)
+    features = top[keep]
+    entries = len(rows)
+    if expectations is not None:
+        details = expectations.fields(rows, features)
+    else:
+        details = {
+            field.name: pa.nulls(entries, field.type)
+            for field in TOP_FEATURE_TYPE.value_type
+            if field.name not in ("feature", "contribution", "basis")
+        }
+    basis_column = (
+        pa.nulls(entries, pa.string())
+        if basis is None
+        else pa.array(np.asarray(basis, dtype=object)[rows], pa.string())
+    )
+    struct = TOP_FEATURE_TYPE.value_type
+    arrays = {
+        "feature": pa.array(names, type=pa.string()).take(pa.array(features)),
+        "contribution": pa.array(values[keep]),
+        "basis": basis_column,
+        **details,
+    }
+    entries_array = pa.StructArray.from_arrays(
+        [arrays[field.name] for field in struct], fields=list(struct)
+    )
+    return pa.ListArray.from_arrays(pa.array(offsets), entries_array, type=TOP_FEATURE_TYPE)
+
+
+def record_basis(
+    flagged: np.ndarray, explained: Explained | None, why_not: Basis | None
+) -> np.ndarray:
+    """(B,) contract.Basis per record: conditional for the explained, not_flagged for the rest
+    of the records not flagged, and for the flagged others over_budget, or `why_not` when the
+    run measures no conditional at all."""
+    out = np.where(flagged, Basis.OVER_BUDGET.value, Basis.NOT_FLAGGED.value).astype(object)
+    if why_not is not None:
+        out[flagged] = why_not.value
+    if explained is not None:
+        out[explained.rows] = Basis.CONDITIONAL.value
+    return out
