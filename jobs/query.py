@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from vaewatch.model.calibration.drift import findings
-from vaewatch.model.contract import Manifest
+from vaewatch.model.contract import TOP_FEATURE_TYPE, Manifest
 from vaewatch.model.data.inputs import filesystem_for, inside
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline import storage
@@ -86,6 +86,9 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
                 parts.append(_read(con, files).project(f"*, {day} AS dt"))
     if not scored:
         raise UserError(f"the committed output under {output!r} has no scored rows")
+    # no rows, this version's top_features type: partitions written before its fields existed
+    # read with them null, and queries may name them whatever days they read
+    scored.append(con.from_arrow(pa.table({"top_features": pa.array([], TOP_FEATURE_TYPE)})))
     _union_view(con, "scores", scored)
     _union_view(con, "rejected", rejected)
     found = [findings(p.manifest.drift) for p in partitions]
@@ -187,8 +190,48 @@ def _jsonable(value):
 
 
 def top_features_text(value) -> str:
-    """A top_features list as `amount +10.5, hour +3.2` (nats above the feature's baseline)."""
-    return ", ".join(f"{v['feature']} +{v['contribution']:.1f}" for v in value or [])
+    """A top_features list as text, one entry after another, `; ` between them. An explained
+    entry (basis "conditional") says what was observed against what the model expected given
+    the rest of the record, then the nats: `amount 11428 above (expected 42.19, 5-95%: -63.23
+    to 168.1) +374.6`, `merchant_category pawn_shop unusual (p 0.0014; likely grocery,
+    restaurant, fuel) +5.4`, `amount missing (p 8.3e-05; expected 42.19) +9.4`. Any other
+    entry (and those of partitions written before explanations) is `name +nats`."""
+    return "; ".join(_entry_text(v) for v in value or [])
+
+
+def _entry_text(entry: dict) -> str:
+    name, nats = entry["feature"], f"+{entry['contribution']:.1f}"
+    direction = entry.get("direction")
+    if direction is None:
+        return f"{name} {nats}"
+    expected, likely = entry.get("expected"), entry.get("likely")
+    chance = f"p {entry['probability']:.2g}" if entry.get("probability") is not None else "p ?"
+    if direction == "unusually_missing":
+        told = f"expected {_short(expected)}" if expected is not None else _likely(likely)
+        return f"{name} missing ({chance}; {told}) {nats}"
+    word = "" if direction == "within" else " unusual" if expected is None else f" {direction}"
+    if expected is None:  # a boolean or a category
+        return f"{name} {entry['observed']}{word} ({chance}; {_likely(likely)}) {nats}"
+    interval = f"5-95%: {_short(entry['low'])} to {_short(entry['high'])}"
+    value = _short(float(entry["observed"]))
+    return f"{name} {value}{word} (expected {_short(expected)}, {interval}) {nats}"
+
+
+def _likely(likely) -> str:
+    return "likely " + ", ".join(likely or [])
+
+
+def _short(value: float | None) -> str:
+    """A number for people: 4 significant digits, none after the point from 10,000 up,
+    exponent notation beyond 1e7 or below 1e-3."""
+    if value is None or not math.isfinite(value):
+        return str(value)
+    size = abs(value)
+    if value == 0:
+        return "0"
+    if size >= 1e7 or size < 1e-3:
+        return f"{value:.3g}"
+    return f"{value:.{max(0, 3 - math.floor(math.log10(size)))}f}"
 
 
 def _cell(value) -> str:

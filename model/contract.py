@@ -107,6 +107,25 @@ def score_schema(latent_dim: int) -> pa.Schema:
 SCORE_COLUMNS = tuple(score_schema(1).names)
 
 
+def spark_result_type() -> str:
+    """The pyfunc's output (the score columns, then `reason`) as a Spark DDL struct: the
+    `result_type` of `mlflow.pyfunc.spark_udf` for a vaewatch model."""
+    fields = [*score_schema(1), pa.field(REASON_COLUMN, pa.string())]
+    return "struct<" + ", ".join(f"{f.name}: {_spark(f.type)}" for f in fields) + ">"
+
+
+def _spark(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        return _spark(t.value_type)
+    if pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
+        return f"array<{_spark(t.value_type)}>"
+    if pa.types.is_struct(t):
+        return "struct<" + ", ".join(f"{f.name}: {_spark(f.type)}" for f in t) + ">"
+    names = {pa.float64(): "double", pa.float32(): "float", pa.bool_(): "boolean",
+             pa.string(): "string"}  # fmt: skip
+    return names[t]
+
+
 def rejected_schema(input_schema: pa.Schema) -> pa.Schema:
     """A rejected row: its input columns as read, then why it was not scored."""
     return pa.schema([*input_schema, pa.field(REASON_COLUMN, pa.string())])

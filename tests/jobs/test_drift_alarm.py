@@ -6,6 +6,7 @@ drift alarm, is still committed, shows in summary, report and --json, and makes
 
 import json
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -115,3 +116,31 @@ def test_drift_alarms_only_on_the_shifted_day(trained, tmp_path):
     assert old["data_drift"] == "ALARM" and "2.29-3.19% (budget 1.19%)" in old["rate_interval"]
     assert CliRunner().invoke(main, ["report", str(out), "--out", str(page)]).exit_code == 0
     assert "2 of 4 days" in page.read_text()
+
+    # ... and its files as 0.2.0 wrote them, top_features without the explanation fields: they
+    # read as null beside the days that have them, in query, top, summary and report
+    for path in (out / f"dt={NORMAL_DAYS[0]}").glob("*.parquet"):
+        table = pq.read_table(path)
+        if "top_features" not in table.column_names:
+            continue
+        entries = table["top_features"].combine_chunks()
+        flat = entries.flatten()
+        fields = [flat.field("feature"), flat.field("contribution")]
+        old_entries = pa.ListArray.from_arrays(
+            entries.offsets, pa.StructArray.from_arrays(fields, ["feature", "contribution"]),
+            mask=entries.is_null(),
+        )  # fmt: skip
+        where = table.schema.get_field_index("top_features")
+        pq.write_table(table.set_column(where, "top_features", old_entries), path)
+    sql = ("SELECT dt, count(*) FILTER (top_features[1].basis IS NULL) AS bare, "
+           "count(*) FILTER (top_features[1].direction = 'above') AS above FROM scores "
+           "WHERE len(top_features) > 0 GROUP BY dt ORDER BY dt")  # fmt: skip
+    bare = CliRunner().invoke(main, ["query", str(out), sql, "--format", "json"])
+    assert bare.exit_code == 0, bare.output
+    counts = {r["dt"]: (r["bare"], r["above"]) for r in json.loads(bare.stdout)}
+    assert counts[NORMAL_DAYS[0]][0] > 0 and counts[NORMAL_DAYS[0]][1] == 0
+    assert counts[SHIFTED_DAY][0] == 0
+    for command in (["top", str(out), "--date", NORMAL_DAYS[0]], ["summary", str(out)]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(main, ["report", str(out), "--out", str(page)]).exit_code == 0

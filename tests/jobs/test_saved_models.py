@@ -51,9 +51,53 @@ def released(request, tmp_path_factory):
     return root
 
 
+# run by `as_built` in a fresh process: the model as MLflow loads it, with the 0.1.0 code it
+# logged, scoring the held-out day; every output column, to Parquet
+_AS_BUILT = (
+    "import sys, json, mlflow, pyarrow as pa, pyarrow.parquet as pq\n"
+    "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+    "frame = pq.read_table(sys.argv[2]).to_pandas()\n"
+    "out = model.predict(frame, params={'model_version': 'transactions/1'})\n"
+    "pq.write_table(pa.Table.from_pandas(out, preserve_index=False), sys.argv[3])\n"
+    "import vaewatch.model.scoring as s\n"
+    "print(json.dumps({'module': s.__file__}))\n"
+)
+
+
+@pytest.fixture(scope="module")
+def as_built(released, tmp_path_factory):
+    """(The day as the 0.1.0 code the model carries scores it on this machine, the module that
+    scored it.) expected.parquet is the same day as the build scored it where the fixture was
+    made; the two are bit-identical on a CPU with the same bf16 kernels (there: AMX), and within
+    bf16's rounding elsewhere (AVX-512 BF16 alone accumulates in another order). So this
+    version is held bit-identical to the old code on the machine the test runs on, and the old
+    code to expected.parquet within that rounding."""
+    folder, out = released / "model", tmp_path_factory.mktemp("as_built") / "scored.parquet"
+    done = subprocess.run(
+        [sys.executable, "-c", _AS_BUILT, str(folder), str(released / "input.parquet"), str(out)],
+        capture_output=True, text=True, timeout=300, cwd=out.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    module = json.loads(done.stdout.strip().splitlines()[-1])["module"]
+    return pq.read_table(out), Path(module)
+
+
+def _entries(column: pa.ChunkedArray) -> list:
+    """top_features as 0.1.0 wrote it: each entry's feature and contribution (the fields after
+    them are this version's explanations)."""
+    return [
+        None if row is None else [(e["feature"], e["contribution"]) for e in row]
+        for row in column.to_pylist()
+    ]
+
+
 def _assert_same_columns(scored: pa.Table, expected: pa.Table, columns=SCORE_COLUMNS) -> None:
+    """Value for value (a pandas round trip may change a column's Arrow type, not its values)."""
     for name in columns:
-        assert scored.column(name).equals(expected.column(name)), name
+        if name == "top_features":
+            assert _entries(scored.column(name)) == _entries(expected.column(name)), name
+        else:
+            assert scored.column(name).to_pylist() == expected.column(name).to_pylist(), name
 
 
 def _kept(released, columns=SCORE_COLUMNS) -> list[str]:
@@ -67,15 +111,15 @@ def test_the_fixture_is_format_1_as_0_1_0_saved_it(released):
     assert (released / "model/code/vaewatch/model/vae.py").is_file()  # the flat 0.1.0 layout
 
 
-def test_this_version_scores_it_bit_identically(released):
+def test_this_version_scores_it_bit_identically(released, as_built):
     artifact = ModelArtifact.load(released / "model/artifacts/vaewatch")
     scorer = Scorer(artifact, model_version="transactions/1", device="cpu")
     scored = scorer.score(pq.read_table(released / "input.parquet")).aligned()
-    _assert_same_columns(scored, pq.read_table(released / "expected.parquet"), _kept(released))
+    _assert_same_columns(scored, as_built[0], _kept(released))
     assert artifact.spec.rows == ModelArtifact.load(released / "model/artifacts/vaewatch").spec.rows
 
 
-def test_registered_it_scores_through_the_cli(released, tmp_path, monkeypatch):
+def test_registered_it_scores_through_the_cli(released, as_built, tmp_path, monkeypatch):
     """Registered in a store of its own (as a registry holding 0.1.0 models is), and scored by
     `vaewatch score --model models:/NAME@champion`: the registry download, the upgrade at load
     and the Beam pipeline give 0.1.0's columns, row for row."""
@@ -107,7 +151,7 @@ def test_registered_it_scores_through_the_cli(released, tmp_path, monkeypatch):
     )
     assert result.exit_code == 0, result.output
     scored = pq.read_table(sorted(out.glob("part-*.parquet"))).sort_by("record_id")
-    expected = pq.read_table(released / "expected.parquet")
+    expected = as_built[0]
     expected = expected.append_column(
         "record_id", pq.read_table(released / "input.parquet").column("record_id")
     ).sort_by("record_id")
@@ -118,26 +162,22 @@ def test_registered_it_scores_through_the_cli(released, tmp_path, monkeypatch):
     _assert_same_columns(scored.select(numeric), expected.select(numeric), numeric)
 
 
-def test_mlflow_loads_it_with_the_code_it_logged(released, tmp_path):
+def test_mlflow_loads_it_with_the_code_it_logged(released, as_built):
     """`mlflow.pyfunc.load_model` runs the 0.1.0 code the model carries (code_paths), not this
-    version's: in a fresh process, the scoring module comes from the model folder."""
-    probe = (
-        "import sys, json, mlflow, pandas as pd, pyarrow.parquet as pq\n"
-        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
-        "out = model.predict(pq.read_table(sys.argv[2]).to_pandas())\n"
-        "import vaewatch.model.scoring as s\n"
-        "print(json.dumps({'module': s.__file__,"
-        " 'score': out['anomaly_score'].astype(float).tolist()}))\n"
-    )
-    folder = released / "model"
-    done = subprocess.run(
-        [sys.executable, "-c", probe, str(folder), str(released / "input.parquet")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
-    assert Path(answer["module"]).resolve().is_relative_to(folder.resolve())
-    expected = pq.read_table(released / "expected.parquet").column("anomaly_score")
-    np.testing.assert_array_equal(
-        np.array(answer["score"], dtype=float), expected.to_numpy(zero_copy_only=False)
-    )
+    version's: in a fresh process, the scoring module comes from the model folder. Its scores
+    are the build's, to bf16's rounding on a CPU with other bf16 kernels than the fixture's:
+    a mean within 0.1 nats and each record within 0.5 nats + 2 %, or 15 % past -1,000 nats, as
+    tests/model/test_precision.py bounds bf16 against fp32 (measured on AVX-512 BF16 without
+    AMX: means up to 0.052 nats, at most 1.4 nats, 1 %, on a record at -147)."""
+    scored, module = as_built
+    assert module.resolve().is_relative_to((released / "model").resolve())
+    expected = pq.read_table(released / "expected.parquet")
+    for name in ("elbo", "log_likelihood", "anomaly_score"):
+        a = scored.column(name).to_numpy(zero_copy_only=False).astype(float)
+        b = expected.column(name).to_numpy(zero_copy_only=False).astype(float)
+        ok = np.isfinite(b)
+        a, b = a[ok], b[ok]
+        extreme = np.abs(b) > 1000
+        assert np.abs(a - b)[~extreme].mean() < 0.1, name
+        np.testing.assert_allclose(a[~extreme], b[~extreme], rtol=0.02, atol=0.5, err_msg=name)
+        np.testing.assert_allclose(a[extreme], b[extreme], rtol=0.15, err_msg=name)

@@ -78,9 +78,13 @@ class PPCA:
         log_std_std = -0.5 * (len(idx) * math.log(2 * math.pi) + logdet + maha)
         return log_std_std - np.log(self.std[idx]).sum()
 
-    def to_vae(self, mean_scale: float = 1.0, var_scale: float = 1.0) -> VAE:
+    def to_vae(
+        self, mean_scale: float = 1.0, var_scale: float = 1.0, hidden_at_mean: bool = False
+    ) -> VAE:
         """A linear VAE with these weights. The encoder is the exact posterior when both scales
-        are 1; other values give a deliberately mismatched proposal."""
+        are 1; other values give a deliberately mismatched proposal. A hidden (missing) value
+        reads as x_std = 0, or with `hidden_at_mean` as its mean b_j (its term drops out of the
+        posterior mean, as a trained encoder learns to do)."""
         n, d = self.n_features, self.latent_dim
         config = VAEConfig(n_continuous=n, latent_dim=d, hidden=[], min_variance=1e-4)
         vae = VAE(config)
@@ -89,7 +93,10 @@ class PPCA:
             enc = vae.encoder.net[0]  # Linear(2n -> 2d): inputs [x, mask], outputs [mu, log_var]
             enc.weight.zero_()
             enc.weight[:d, :n] = torch.tensor(A)
-            enc.bias[:d] = torch.tensor(-A @ self.b)
+            if hidden_at_mean:  # the mask inputs carry -A b, one feature at a time
+                enc.weight[:d, n:] = torch.tensor(-A * self.b[None, :])
+            else:
+                enc.bias[:d] = torch.tensor(-A @ self.b)
             enc.bias[d:] = torch.tensor(np.log(self.posterior_var * var_scale))
             dec = vae.decoder.net[0]  # Linear(d -> 2n): outputs [mean, log-variance]
             dec.weight.zero_()

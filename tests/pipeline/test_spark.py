@@ -13,17 +13,22 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from vaewatch.model.contract import spark_result_type
 from vaewatch.pipeline.score import ScoreJob, run
 
 pyspark = pytest.importorskip("pyspark", reason="pip install 'vaewatch[spark]'")
 
-RESULT_TYPE = (
-    "struct<elbo: double, log_likelihood: double, log_likelihood_se: double, "
-    "anomaly_score: double, "
-    "score_percentile: double, is_anomaly: boolean, latent_mean: array<float>, "
-    "latent_std: array<float>, top_features: array<struct<feature: string, "
-    "contribution: double>>, model_version: string, reason: string>"
-)
+RESULT_TYPE = spark_result_type()
+
+
+def test_the_result_type_is_the_contract_in_spark_terms():
+    assert RESULT_TYPE.startswith(
+        "struct<elbo: double, log_likelihood: double, log_likelihood_se: double, "
+        "anomaly_score: double, score_percentile: double, is_anomaly: boolean, "
+        "latent_mean: array<float>, latent_std: array<float>, top_features: "
+        "array<struct<feature: string, contribution: double, basis: string, "
+    )
+    assert RESULT_TYPE.endswith("likely: array<string>>>, model_version: string, reason: string>")
 
 
 @pytest.fixture(scope="module")
