@@ -476,6 +476,7 @@ def train_command(**options) -> None:
             scoring=ScoringDefaults(k=o["k"], seed=o["seed"]),
             threshold_quantile=o["threshold_quantile"],
             flag_rule=o["flag_rule"],
+            segment_column=o["segment_column"],
             max_validation_rows=o["max_validation_rows"],
             cache_bytes=o["cache_mib"] * 2**20,
         )

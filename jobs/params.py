@@ -623,6 +623,16 @@ flag_rule = option(
     "validation quantile only.",
 )
 
+segment_column = option(
+    "--segment-column",
+    default=None,
+    metavar="COL",
+    help="A categorical feature whose values each get their own threshold, score quantiles and "
+    "drift reference (values with at least 1,000 validation rows; the rest, a null and a value "
+    "not seen in training are judged by the global baseline). It stays a model feature. The "
+    "output's `baseline` column says which judged each record.",
+)
+
 
 def training_options(command):
     """The options of `train` after --data and the MLflow ones, in the order --help lists
@@ -664,6 +674,7 @@ def training_options(command):
             score_k,
             train_threshold_quantile,
             flag_rule,
+            segment_column,
             max_validation_rows,
             cache_bytes,
             progress,

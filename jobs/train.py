@@ -169,6 +169,8 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
             )
         )
         _warn_if_few_above(calibration.rows, config.threshold_quantile)
+        if artifact.segments is not None:
+            echo(_segments_line(artifact))
         mlrun.log_metrics(
             {
                 "best_epoch": fitted.best_epoch,
@@ -293,6 +295,7 @@ def _params(job: TrainJob, prepared: Prepared) -> dict:
         "score.points": config.scoring.points,
         "threshold_quantile": config.threshold_quantile,
         "flag_rule": config.flag_rule,
+        "segment_column": config.segment_column or "",
         "features.count": len(spec.features),
         "features.names": ",".join(spec.names()),
         "features.max_categories": config.max_categories,
@@ -345,3 +348,20 @@ def _log_files(mlrun: registry.TrainingRun, job: TrainJob, fitted: FitResult, th
                 )
             }
         )
+
+
+def _segments_line(artifact) -> str:
+    """What `train` says of per-segment baselines: which values got one, with their
+    thresholds, and which are judged by the global baseline."""
+    segments, quantile = artifact.segments, artifact.calibration.threshold_quantile
+    own = ", ".join(
+        f"{value} ({baseline.rows:,} rows, threshold {baseline.threshold(quantile):.2f})"
+        for value, baseline in artifact.calibrations().items()
+    )
+    small = ", ".join(f"{value} ({rows})" for value, rows in segments.small.items())
+    return (
+        f"segments of {segments.column!r}: {len(segments.values)} with a baseline of their own "
+        f"(at least {segments.min_rows:,} validation rows): {own or 'none'}; judged by the "
+        f"global baseline: {small or 'no other value'} with too few rows, nulls, and values "
+        "not in the model's vocabulary"
+    )

@@ -2,9 +2,10 @@
 
     config.json           format version, vaewatch version, the VAE config, the feature spec
                           (normalisation, vocabularies), calibration (score quantiles, threshold,
-                          per-feature baselines), scoring defaults (K, seed, proposal scale),
-                          the id column, training config, history and data fingerprint, and
-                          the sha256 of weights.safetensors (checked at every load)
+                          per-feature baselines), per-segment baselines (or null), scoring
+                          defaults (K, seed, proposal scale), the id column, training config,
+                          history and data fingerprint, and the sha256 of
+                          weights.safetensors (checked at every load)
     weights.safetensors   the state dict (safetensors: a header + raw tensors, no code runs)
 
 A model trained on a GPU loads anywhere: tensors are read onto the CPU, then moved.
@@ -28,12 +29,13 @@ from safetensors.torch import load_file, save_file
 
 from vaewatch.model import defaults
 from vaewatch.model.calibration.scores import Calibration
+from vaewatch.model.calibration.segments import Segments
 from vaewatch.model.data.features import FeatureSpec
 from vaewatch.model.errors import UserError
 from vaewatch.model.estimation.noise import DESIGNS, SOBOL
 from vaewatch.model.network.vae import VAE, VAEConfig
 
-ARTIFACT_FORMAT_VERSION = 2
+ARTIFACT_FORMAT_VERSION = 3
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -71,6 +73,12 @@ class ModelArtifact:
     scoring: ScoringDefaults = field(default_factory=ScoringDefaults)
     id_column: str | None = None
     metadata: dict = field(default_factory=dict)  # model name, versions, training record
+    # per-segment baselines (model/calibration/segments.py); None: one global baseline
+    segments: Segments | None = None
+
+    def calibrations(self) -> dict[str, Calibration]:
+        """Each segment's baseline by value (none without segments)."""
+        return {} if self.segments is None else self.segments.calibrations(self.calibration)
 
     @classmethod
     def from_model(cls, model: VAE, spec: FeatureSpec, calibration: Calibration, **kwargs):
@@ -97,6 +105,7 @@ class ModelArtifact:
             "scoring": asdict(self.scoring),
             "id_column": self.id_column,
             "metadata": self.metadata,
+            "segments": None if self.segments is None else self.segments.to_json(),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -147,6 +156,7 @@ class ModelArtifact:
             scoring=ScoringDefaults(**config["scoring"]),
             id_column=config["id_column"],
             metadata=config["metadata"],
+            segments=Segments.from_json(config["segments"]),
         )
 
 
@@ -245,8 +255,13 @@ def _feature_from_format_1(feature: dict) -> dict:
     return out
 
 
+def _from_format_2(config: dict) -> dict:
+    """Format 2 (vaewatch 0.2.0) had one global baseline: no segments."""
+    return {**config, "format_version": 3, "segments": None}
+
+
 # format N -> the step that turns a format-N config.json into format N + 1
-UPGRADES = {1: _from_format_1}
+UPGRADES = {1: _from_format_1, 2: _from_format_2}
 
 
 def _check_fields(config: dict, where: str, saved_by: str) -> None:
@@ -260,7 +275,9 @@ def _check_fields(config: dict, where: str, saved_by: str) -> None:
         section = config.get(name, {})
         unknown += [f"{name}.{key}" for key in section if key not in known]
         missing += [f"{name}.{key}" for key in sorted(known) if key not in section]
-    missing += [key for key in ("features", "id_column", "metadata") if key not in config]
+    missing += [
+        key for key in ("features", "id_column", "metadata", "segments") if key not in config
+    ]
     if unknown:
         raise ArtifactError(
             f"{where} has settings this vaewatch does not know ({', '.join(unknown)}): it was "

@@ -58,6 +58,22 @@ class Basis(str, enum.Enum):
     NOT_IN_MODEL = "not_in_model"  # the model holds no conditional baseline
 
 
+class Baseline(str, enum.Enum):
+    """Which calibration judged a record (its threshold, percentile and drift reference): the
+    `baseline` column. A model trained with per-segment baselines (`train --segment-column`,
+    model/calibration/segments.py) judges a record of a segment with its own baseline,
+    `segment=VALUE` (`label`); every other record by the global one, saying why."""
+
+    GLOBAL = "global"  # a model without segments
+    UNSEEN_SEGMENT = "global:unseen_segment"  # a value outside the model's vocabulary
+    NULL_SEGMENT = "global:null_segment"  # the segment column is null
+    SMALL_SEGMENT = "global:small_segment"  # too few validation rows for a baseline of its own
+
+    @staticmethod
+    def label(value: str) -> str:
+        return f"segment={value}"
+
+
 class Direction(str, enum.Enum):
     """What is unusual about an explained feature, against p(x_j | x_-j)."""
 
@@ -99,6 +115,7 @@ def score_schema(latent_dim: int) -> pa.Schema:
             pa.field("latent_mean", pa.list_(pa.float32(), latent_dim)),
             pa.field("latent_std", pa.list_(pa.float32(), latent_dim)),
             pa.field("top_features", TOP_FEATURE_TYPE),
+            pa.field("baseline", pa.dictionary(pa.int32(), pa.string())),  # Baseline
             pa.field("model_version", pa.dictionary(pa.int32(), pa.string())),
         ]
     )

@@ -18,7 +18,8 @@ from vaewatch.model import defaults
 from vaewatch.model._moved import renamed
 from vaewatch.model.artifact import ModelArtifact
 from vaewatch.model.calibration.scores import check_quantile
-from vaewatch.model.contract import REASON_COLUMN, Basis, RejectReason, score_schema
+from vaewatch.model.calibration.segments import baseline_column
+from vaewatch.model.contract import REASON_COLUMN, Baseline, Basis, RejectReason, score_schema
 from vaewatch.model.data.features import RowProblem
 from vaewatch.model.device import resolve_device, resolve_precision
 from vaewatch.model.errors import UserError
@@ -136,6 +137,12 @@ class Scorer:
             else None
         )
         self._missing_baseline = missing_baseline([f.missing_share for f in self.spec.features])
+        # the baselines that judge records (model/calibration/segments.py): the `baseline`
+        # column's dictionary and, per entry, its calibration (the global markers: the global)
+        segments = artifact.segments
+        self._labels = [Baseline.GLOBAL.value] if segments is None else segments.labels()
+        own = list(artifact.calibrations().values())
+        self._judges = [calibration] * (len(self._labels) - len(own)) + own
         # rows per estimator call: the batch-level (rows, features) outputs within the budget
         self.rows_per_call = max(
             MIN_ROWS_PER_CALL, memory_budget // (ROW_BYTES_PER_FEATURE * len(self._names))
@@ -253,13 +260,10 @@ class Scorer:
         anomaly = calibration.complete(
             arrays["log_likelihood"], arrays["missing"], arrays.get("discrete_nll")
         )
-        flagged = calibration.flags(
-            anomaly,
-            nll,
-            self.threshold_quantile,
-            self.flag_rule,
-            discrete_nll=arrays.get("discrete_nll"),
-        )
+        judged_by = np.zeros(n, dtype=np.int32)
+        if self.artifact.segments is not None and inputs is not None:
+            judged_by = self.artifact.segments.assign(self.spec, *inputs)
+        flagged, percentile = self._judge(anomaly, nll, arrays.get("discrete_nll"), judged_by)
         excess, unexplained = nll - self._baseline, 0
         conditional, explained, expectations = self._conditional_baseline, None, None
         if inputs is not None and conditional is not None and flagged.any():
@@ -293,7 +297,7 @@ class Scorer:
                 pa.array(arrays["log_likelihood"], pa.float64()),
                 pa.array(arrays["log_likelihood_se"], pa.float64()),
                 pa.array(anomaly, pa.float64()),
-                pa.array(calibration.percentile(anomaly), pa.float64()),
+                pa.array(percentile, pa.float64()),
                 pa.array(flagged, pa.bool_()),
                 fixed(arrays["latent_mean"]),
                 fixed(arrays["latent_std"]),
@@ -304,11 +308,28 @@ class Scorer:
                     basis=basis,
                     expectations=expectations,
                 ),
+                baseline_column(self._labels, judged_by),
                 version_column,
             ],
             schema=self.schema,
         )
         return table, unexplained
+
+    def _judge(self, anomaly, feature_nll, discrete_nll, judged_by) -> tuple:
+        """(is_anomaly, score_percentile) of each record under the baseline that judges it
+        (`judged_by`: the index of its calibration in `self._judges`), at the run's quantile
+        and rule."""
+        n = len(anomaly)
+        flagged, percentile = np.zeros(n, dtype=bool), np.zeros(n)
+        for index in np.unique(judged_by):
+            rows = np.flatnonzero(judged_by == index) if len(self._judges) > 1 else slice(None)
+            judge = self._judges[index]
+            flagged[rows] = judge.flags(
+                anomaly[rows], feature_nll[rows], self.threshold_quantile, self.flag_rule,
+                discrete_nll=None if discrete_nll is None else discrete_nll[rows],
+            )  # fmt: skip
+            percentile[rows] = judge.percentile(anomaly[rows])
+        return flagged, percentile
 
 
 # the resolved overrides were a type of their own in 0.1.0

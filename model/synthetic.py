@@ -113,3 +113,37 @@ def transactions(
             "anomaly_kind": pa.array(kind.tolist(), type=pa.string()),
         }
     )
+
+
+# ------------------------------------------------------------------ segments
+# `segmented`: stores of three kinds. A "kiosk" sells few, alike items (each reading within a
+# few percent of its usual value); a "market" sells varied ones (readings spread tenfold
+# wider); an "outlet" is rare. Every record's readings are tied to one shared level, so the
+# model has structure to learn; an anomaly moves one reading by SEGMENT_SHIFT of its own
+# segment's spread, which a kiosk's normal records never do but a market's often come close to.
+SEGMENTS = {"kiosk": (0.1, 0.48), "market": (1.0, 0.48), "outlet": (0.5, 0.04)}  # spread, share
+SEGMENT_READINGS = 4
+SEGMENT_SHIFT = 5.0
+
+
+def segmented(n_rows: int, *, anomaly_rate: float = 0.0, seed: int = 0) -> pa.Table:
+    """`n_rows` records of SEGMENTS: `store`, readings r0..r3 (a shared level plus noise of the
+    store's spread), `is_injected_anomaly` (one reading moved by SEGMENT_SHIFT spreads)."""
+    rng = np.random.default_rng(seed)
+    names = list(SEGMENTS)
+    spread = np.array([SEGMENTS[s][0] for s in names])
+    share = np.array([SEGMENTS[s][1] for s in names])
+    store = rng.choice(len(names), size=n_rows, p=share / share.sum())
+    level = rng.normal(0.0, 1.0, n_rows)
+    noise = rng.normal(0.0, 1.0, (n_rows, SEGMENT_READINGS)) * spread[store, None]
+    readings = 10.0 + level[:, None] + noise
+    anomalous = rng.random(n_rows) < anomaly_rate
+    which = rng.integers(0, SEGMENT_READINGS, n_rows)
+    sign = np.where(rng.random(n_rows) < 0.5, -1.0, 1.0)
+    rows = np.flatnonzero(anomalous)
+    readings[rows, which[rows]] += sign[rows] * SEGMENT_SHIFT * spread[store[rows]]
+    columns = {"record_id": pa.array(np.arange(n_rows, dtype=np.int64)),
+               "store": pa.array(np.array(names, dtype=object)[store].tolist(), pa.string())}
+    columns.update({f"r{j}": pa.array(readings[:, j]) for j in range(SEGMENT_READINGS)})
+    columns["is_injected_anomaly"] = pa.array(anomalous)
+    return pa.table(columns)

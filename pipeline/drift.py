@@ -14,9 +14,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
 from vaewatch.model.calibration.drift import DayStats, Reference, named_features
+from vaewatch.model.contract import Baseline
 
 STATS_FILE = "_drift_stats.json"
 
@@ -33,12 +35,17 @@ class DayStatsOf:
         return self._reference.empty_stats()
 
     def add(self, stats: DayStats, table: pa.Table) -> DayStats:
-        stats.add(
-            table["anomaly_score"].to_numpy(),
-            table["is_anomaly"].to_numpy(),
-            self._quantiles,
-            named_features(table["top_features"], self._features),
-        )
+        scores, flagged = table["anomaly_score"].to_numpy(), table["is_anomaly"].to_numpy()
+        named = named_features(table["top_features"], self._features)
+        stats.add(scores, flagged, self._quantiles, named)
+        if self._reference.segments:  # each segment's records, against its own quantiles
+            judged = pc.cast(table["baseline"], pa.string())
+            for value, reference in self._reference.segments.items():
+                rows = pc.equal(judged, Baseline.label(value)).to_numpy(zero_copy_only=False)
+                if not rows.any():
+                    continue
+                part = stats.segments.setdefault(value, reference.empty_stats())
+                part.add(scores[rows], flagged[rows], np.asarray(reference.quantiles), named[rows])
         return stats
 
     def merge(self, parts: Iterable[DayStats]) -> DayStats:

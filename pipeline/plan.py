@@ -193,5 +193,6 @@ def make_plan(job: ScoreJob) -> ScorePlan:
             k=settings.k,
             model_k=artifact.scoring.k,
             flag_rule=settings.flag_rule,
+            segments=artifact.calibrations(),
         ),
     )

@@ -63,6 +63,9 @@ class DayStats:
     feature_counts: list[int] = field(default_factory=list)  # records naming each feature
     # the same among the records that were not flagged (statistics written before it: empty)
     unflagged_counts: list[int] = field(default_factory=list)
+    # per segment with a baseline of its own (model/calibration/segments.py): its records'
+    # counts, against its own quantiles
+    segments: dict[str, DayStats] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, quantiles: int, features: int) -> DayStats:
@@ -91,12 +94,16 @@ class DayStats:
         ).tolist()
 
     def merge(self, other: DayStats) -> DayStats:
+        segments = dict(self.segments)
+        for value, part in other.segments.items():
+            segments[value] = segments[value].merge(part) if value in segments else part
         return DayStats(
             self.rows + other.rows,
             self.flagged + other.flagged,
             [a + b for a, b in zip(self.below, other.below, strict=True)],
             [a + b for a, b in zip(self.feature_counts, other.feature_counts, strict=True)],
             [a + b for a, b in zip(self.unflagged_counts, other.unflagged_counts, strict=True)],
+            segments,
         )
 
     def to_json(self) -> dict:
@@ -104,7 +111,8 @@ class DayStats:
 
     @classmethod
     def from_json(cls, d: dict) -> DayStats:
-        return cls(**d)
+        segments = {v: cls.from_json(part) for v, part in d.get("segments", {}).items()}
+        return cls(**{**d, "segments": segments})
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,8 @@ class Reference:
     features: tuple[str, ...]
     shares: tuple[float, ...] | None  # calibration top_features share per feature
     not_comparable: str = ""  # why the run's scores cannot be compared ("" when they can)
+    # per segment with a baseline of its own: its reference (the records its baseline judges)
+    segments: dict[str, Reference] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -130,9 +140,23 @@ class Reference:
         k: int,
         model_k: int,
         flag_rule: str | None = None,
+        segments: dict | None = None,
     ):
+        """`segments`: each segment's baseline (a Calibration) by value."""
         shares = calibration.top_feature_share
+        own = {
+            value: cls.of(
+                baseline,
+                features,
+                threshold_quantile=threshold_quantile,
+                k=k,
+                model_k=model_k,
+                flag_rule=flag_rule,
+            )  # fmt: skip
+            for value, baseline in (segments or {}).items()
+        }
         return cls(
+            segments=own,
             levels=tuple(calibration.levels),
             quantiles=tuple(calibration.quantiles),
             threshold_quantile=threshold_quantile,
@@ -150,18 +174,37 @@ class Reference:
         return DayStats.empty(len(self.quantiles), len(self.features))
 
     def assess(self, stats: DayStats, alpha: float = ALPHA) -> dict:
+        """The day against this reference; with segments, each segment's records against its
+        own too, every test at alpha / (1 + segments) (Bonferroni: the chance of any false
+        alarm stays within alpha). The day's alarm is the global test's or any segment's."""
         if self.not_comparable:
             return {"alarm": False, "assessed": False, "why": self.not_comparable}
-        return assess(
+        each = alpha / (1 + len(self.segments)) if self.segments else alpha
+        result = assess(
             stats,
             list(self.levels),
             self.expected_rate,
             self.rows,
             list(self.features),
             None if self.shares is None else list(self.shares),
-            alpha,
+            each,
             budget=1.0 - self.threshold_quantile,
         )
+        if not self.segments or not result["assessed"]:
+            return result
+        parts = {}
+        for value, reference in self.segments.items():
+            part = stats.segments.get(value)
+            if part is None or part.rows == 0:
+                continue
+            found = reference.assess(part, each)
+            parts[value] = {key: found[key] for key in ("alarm", "assessed", "reasons", "rows",
+                                                         "anomaly_rate", "data_drift")
+                            if key in found}  # fmt: skip
+            result["reasons"] += [f"segment {value}: {r}" for r in found.get("reasons", [])]
+        result["segments"] = parts
+        result["alarm"] = bool(result["alarm"] or any(p["alarm"] for p in parts.values()))
+        return result
 
 
 def two_proportion(k: int, n: int, p0: float, m: int) -> tuple[float, float]:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -121,37 +121,32 @@ class Calibration:
             raise ValueError("cannot calibrate on no finite scores")
         check_quantile(threshold_quantile)
         FlagRule.check("flag_rule", flag_rule)
-        levels = quantile_levels()
-        quantiles = np.maximum.accumulate(np.quantile(scores, levels))
-        tails = {}
-        if scores.size >= defaults.MIN_TAIL_ROWS:
-            columns = np.column_stack([scores, terms])  # the total first, then each feature
-            start, scale = exponential_tails(columns)
-            surprise = _out_of_fold_surprise(columns)
-            tails = dict(
-                tail_start=start.tolist(),
-                tail_scale=scale.tolist(),
-                surprise_quantiles=np.maximum.accumulate(np.quantile(surprise, levels)).tolist(),
-                surprise_outliers=_surprise_outliers(surprise),
-            )
-        else:
-            flag_rule = "total"  # too few rows to fit a tail per term
+        distribution = _distribution(scores, terms, flag_rule)
         top, _, keep = top_indices(feature_nll, baseline, top_feature_count)
         named = np.bincount(top[keep], minlength=feature_nll.shape[1])
         return cls(
-            levels=levels.tolist(),
-            quantiles=quantiles.tolist(),
             threshold_quantile=float(threshold_quantile),
             feature_baseline=baseline.tolist(),
-            rows=int(scores.size),
             top_feature_share=(named / max(feature_nll.shape[0], 1)).tolist(),
             top_feature_count=int(top_feature_count),
             completes_missing=missing is not None,
-            flag_rule=flag_rule,
-            conditional_term=discrete_nll is not None and bool(tails),
+            conditional_term=discrete_nll is not None and "tail_start" in distribution,
             discrete_weight=weight,
-            **tails,
+            **distribution,
         )
+
+    def for_rows(self, scores: np.ndarray, terms: np.ndarray) -> Calibration:
+        """This calibration with the distribution of some of its rows: their anomaly scores
+        (`complete`d, so on this calibration's scale) and terms (each feature's -log p(x_j|z),
+        then -log p(x_d|x_c) where `conditional_term`), as `fit` takes them. The quantiles, the
+        tails, the rows and the rule are theirs; the score's definition (baselines, weights) and
+        the leave-one-out baseline stay this one's. A segment's baseline
+        (model/calibration/segments.py)."""
+        distribution = _distribution(
+            np.asarray(scores, dtype=np.float64), np.asarray(terms, dtype=np.float64),
+            self.flag_rule,
+        )  # fmt: skip
+        return replace(self, **distribution)
 
     def complete(
         self,
@@ -311,6 +306,39 @@ class Calibration:
     @classmethod
     def from_json(cls, d: dict) -> Calibration:
         return cls(**d)
+
+
+# the fields of a Calibration that describe its rows' score distribution (`_distribution`): what
+# a segment's baseline holds of its own (model/calibration/segments.py)
+DISTRIBUTION_FIELDS = ("levels", "quantiles", "rows", "flag_rule", "tail_start", "tail_scale",
+                       "surprise_quantiles", "surprise_outliers")  # fmt: skip
+
+
+def _distribution(scores: np.ndarray, terms: np.ndarray, flag_rule: str) -> dict:
+    """The DISTRIBUTION_FIELDS of rows with finite `scores` (completed anomaly scores) and
+    `terms` ((n, T), each term's -log p): quantiles on the fixed grid, and the per-term
+    exponential tails and out-of-fold surprises where there are MIN_TAIL_ROWS rows (else the
+    "total" rule)."""
+    if scores.size == 0:
+        raise ValueError("cannot calibrate on no finite scores")
+    levels = quantile_levels()
+    quantiles = np.maximum.accumulate(np.quantile(scores, levels))
+    out = dict(levels=levels.tolist(), quantiles=quantiles.tolist(), rows=int(scores.size),
+               flag_rule=flag_rule, tail_start=None, tail_scale=None, surprise_quantiles=None,
+               surprise_outliers=0.0)  # fmt: skip
+    if scores.size >= defaults.MIN_TAIL_ROWS:
+        columns = np.column_stack([scores, terms])  # the total first, then each feature
+        start, scale = exponential_tails(columns)
+        surprise = _out_of_fold_surprise(columns)
+        out.update(
+            tail_start=start.tolist(),
+            tail_scale=scale.tolist(),
+            surprise_quantiles=np.maximum.accumulate(np.quantile(surprise, levels)).tolist(),
+            surprise_outliers=_surprise_outliers(surprise),
+        )
+    else:
+        out["flag_rule"] = "total"  # too few rows to fit a tail per term
+    return out
 
 
 def check_quantile(quantile: float) -> float:

@@ -38,7 +38,7 @@ from vaewatch.model.network.vae import VAE, FeatureDistribution
 LEVELS = (0.05, 0.5, 0.95)  # the interval's ends and the central value
 LIKELY = 3  # classes named per explained category, most likely first
 CREDIBLE = 0.9  # a class is usual while the classes likelier than it hold less than this
-BISECTIONS = 60  # halvings of the bracket: 2^-60 of ~20 standard deviations
+BISECTIONS = 44  # halvings of the bracket: to 2^-44 of ~24 standard deviations, ~1e-12
 
 
 @dataclass
@@ -138,8 +138,7 @@ def _mix(
         atom = None
         if dist.atom_logit is not None:
             atom = (dist.atom, torch.sigmoid(dist.atom_logit.to(torch.float64)))
-        quantiles = [_quantile(weights, mean, std, atom, level) for level in LEVELS]
-        out.quantiles[rows] = torch.stack(quantiles, 1).cpu().numpy()
+        out.quantiles[rows] = _quantiles(weights, mean, std, atom, LEVELS).T.cpu().numpy()
         cdf = _cdf(weights, mean, std, atom, values)
         out.cdf[rows] = torch.where(observed, cdf, math.nan).cpu().numpy()
         return
@@ -160,21 +159,28 @@ def _mix(
 
 
 def _cdf(weights, mean, std, atom, t: torch.Tensor) -> torch.Tensor:
-    """The mixture's CDF at t (n,): sum_k w_k [pi_k 1(t >= a) + (1 - pi_k) Phi((t - m_k) / s_k)]."""
-    gauss = 0.5 * torch.erfc(-(t - mean) / (std * math.sqrt(2.0)))  # (K, n)
+    """The mixture's CDF at t (..., n): sum_k w_k [pi_k 1(t >= a) + (1 - pi_k) Phi((t - m_k) /
+    s_k)], the K components on the first axis of weights, mean and std ((K, n))."""
+    t = t[None]  # (1, ..., n)
+    shape = (weights.shape[0],) + (1,) * (t.dim() - 2) + (weights.shape[1],)
+    mean, std, weights = mean.view(shape), std.view(shape), weights.view(shape)
+    gauss = 0.5 * torch.erfc((mean - t) / (std * math.sqrt(2.0)))  # (K, ..., n)
     if atom is not None:
-        value, pi = atom
+        value, pi = atom[0], atom[1].view(shape)
         gauss = pi * (t >= value).to(gauss.dtype) + (1.0 - pi) * gauss
     return (weights * gauss).sum(0)
 
 
-def _quantile(weights, mean, std, atom, level: float) -> torch.Tensor:
-    """The mixture's `level` quantile, (n,): the least t with CDF(t) >= level, by bisection on a
-    bracket that holds every component's mass (and the point mass)."""
+def _quantiles(weights, mean, std, atom, levels) -> torch.Tensor:
+    """The mixture's quantiles at `levels`, (L, n): the least t with CDF(t) >= level, by
+    bisection, every level at once, on a bracket that holds every component's mass (and the
+    point mass): 24 standard deviations of the widest component, halved BISECTIONS times."""
     low = (mean - 12.0 * std).min(0).values
     high = (mean + 12.0 * std).max(0).values
     if atom is not None:
         low, high = low.clamp(max=atom[0]), high.clamp(min=atom[0])
+    level = torch.tensor(levels, dtype=mean.dtype, device=mean.device)[:, None]  # (L, 1)
+    low, high = low.expand(len(levels), -1), high.expand(len(levels), -1)
     for _ in range(BISECTIONS):
         middle = 0.5 * (low + high)
         below = _cdf(weights, mean, std, atom, middle) < level

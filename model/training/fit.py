@@ -21,6 +21,7 @@ import torch
 from vaewatch.model import defaults
 from vaewatch.model.artifact import ModelArtifact, ScoringDefaults
 from vaewatch.model.calibration.scores import Calibration
+from vaewatch.model.calibration.segments import check_column, fit_segments
 from vaewatch.model.data.columns import FeatureKind, SchemaMismatchError, accepts, choose_columns
 from vaewatch.model.data.features import FeatureSpec
 from vaewatch.model.data.inputs import Fingerprint, ParquetSource
@@ -71,6 +72,9 @@ class FitConfig:
     flag_rule: str = defaults.FLAG_RULE  # is_anomaly's rule (model/calibration/scores.py)
     max_validation_rows: int = defaults.MAX_VALIDATION_ROWS
     cache_bytes: int = defaults.CACHE_BYTES
+    # a categorical feature whose values each get a baseline of their own
+    # (model/calibration/segments.py); None: one global baseline
+    segment_column: str | None = None
 
     def checked_columns(self) -> list[tuple[str, Sequence[str]]]:
         """(setting, columns) pairs that must exist in the data."""
@@ -80,6 +84,7 @@ class FitConfig:
             (setting("categorical"), self.categorical),
             (setting("continuous"), self.continuous),
             (setting("id_column"), [self.id_column] if self.id_column else []),
+            (setting("segment_column"), [self.segment_column] if self.segment_column else []),
         ]
 
 
@@ -171,6 +176,8 @@ def fit(
     if config.features is None:  # every column was a candidate: name the ones skipped
         used = {*spec.names(), *exclude}
         unused = tuple((f.name, str(f.type)) for f in schema if f.name not in used)
+    if config.segment_column:  # before the first epoch: a wrong column fails fast
+        check_column(spec, config.segment_column)
     prepared = Prepared(fingerprint, spec, data.counts, data.cached, vae_config, device, unused)
     if on_prepared is not None:
         on_prepared(prepared)
@@ -197,9 +204,21 @@ def fit(
         discrete_nll=discrete_nll,
     )
     scores = calibration.complete(log_likelihood, missing, discrete_nll)
-    calibration = with_conditional_attribution(
+    calibration, named = with_conditional_attribution(
         calibration, model, data, (scores, feature_nll, discrete_nll), scoring, spec, device
     )
+    segments = None
+    if config.segment_column:
+        j = spec.names().index(config.segment_column)
+        terms = feature_nll
+        if calibration.conditional_term:
+            terms = np.column_stack([feature_nll, discrete_nll])
+        segments = fit_segments(
+            calibration, spec, config.segment_column,
+            codes=data.x_val[:, j].cpu().numpy().astype(np.int64),
+            observed=data.m_val[:, j].cpu().numpy(),
+            scores=scores, terms=terms, named=named,
+        )  # fmt: skip
     best = result.history[result.best_epoch]
     artifact = ModelArtifact.from_model(
         model,
@@ -207,6 +226,7 @@ def fit(
         calibration,
         scoring=scoring,
         id_column=id_column,
+        segments=segments,
         metadata={
             "vaewatch_version": package_version(),
             "torch_version": torch.__version__,
@@ -300,7 +320,8 @@ def with_conditional_attribution(
     """The flagged records' attribution (model/estimation/attribution.py): its baseline, each
     feature's
     median -log p(x_j | x_-j) over the first CONDITIONAL_BASELINE_ROWS validation rows, and the
-    drift check's reference shares of top_features, recomputed as scoring names them.
+    drift check's reference shares of top_features, recomputed as scoring names them; and
+    (n, F) bool, which features each validation row's top_features names.
     `scored`: the validation rows' anomaly scores, -log p(x_j|z) and -log p(x_d|x_c)."""
     scores, feature_nll, discrete_nll = scored
     estimator = dict(
@@ -327,12 +348,13 @@ def with_conditional_attribution(
         **estimator,
     ).excess
     top, _, keep = top_indices(excess, np.zeros(excess.shape[1]), calibration.top_feature_count)
-    named = np.bincount(top[keep], minlength=excess.shape[1])
+    named = np.zeros(excess.shape, dtype=bool)
+    np.put_along_axis(named, top, keep, axis=1)
     return replace(
         calibration,
         conditional_baseline=baseline.tolist(),
-        top_feature_share=(named / max(excess.shape[0], 1)).tolist(),
-    )
+        top_feature_share=(named.sum(axis=0) / max(excess.shape[0], 1)).tolist(),
+    ), named
 
 
 def calibration_scores(

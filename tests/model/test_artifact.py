@@ -66,10 +66,23 @@ def test_weights_are_safetensors_and_config_is_plain_json(artifact, tmp_path):
     header = json.loads(raw[8 : 8 + header_len])
     assert set(header) - {"__metadata__"} == set(art.state_dict)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["format_version"] == 2 and config["scoring"]["k"] == 8
+    assert config["format_version"] == 3 and config["scoring"]["k"] == 8
+    assert config["segments"] is None  # one global baseline
     assert "format_version" not in config["features"]  # one version, the artifact's
     assert len(config["calibration"]["quantiles"]) == len(config["calibration"]["levels"])
     assert np.all(np.diff(config["calibration"]["quantiles"]) >= 0)
+
+
+def test_a_model_saved_by_0_2_0_has_one_global_baseline(artifact, tmp_path):
+    """Format 2 had no segments key: the upgrade says there are none, and the model loads."""
+    art, _ = artifact
+    art.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["format_version"] = 2
+    del config["segments"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = ModelArtifact.load(tmp_path)
+    assert loaded.segments is None and loaded.calibration == art.calibration
 
 
 def test_a_model_saved_before_the_proposal_scale_scores_with_the_encoders_q(artifact, tmp_path):
