@@ -665,13 +665,21 @@ def top_command(output, date, limit, output_format, result_out) -> None:
 @params.scored_output
 @params.output_format
 @params.result_out
-def summary_command(output, output_format, result_out) -> None:
-    """Per day: rows, anomalies, anomaly rate, score quantiles and model version."""
-    from vaewatch.jobs.query import connect, summary, write_result
+@click.option(
+    "--by-segment",
+    is_flag=True,
+    help="One row per day and baseline (a segment's own, or the global one and why), with the "
+    "segment's data-drift finding (models trained with --segment-column).",
+)
+def summary_command(output, output_format, result_out, by_segment) -> None:
+    """Per day: rows, anomalies, anomaly rate and its interval, data drift, score quantiles and
+    model version."""
+    from vaewatch.jobs.query import connect, summary, summary_by_segment, write_result
 
     with user_errors_exit_1():
         con = connect(output)  # held while the relation is read: duckdb before 2.0 closes it
-        write_result(summary(con), output_format, result_out, click.echo)
+        relation = summary_by_segment(con) if by_segment else summary(con)
+        write_result(relation, output_format, result_out, click.echo)
 
 
 @main.command("report")

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from vaewatch.model.calibration.drift import findings
-from vaewatch.model.contract import TOP_FEATURE_TYPE, Manifest
+from vaewatch.model.contract import TOP_FEATURE_TYPE, Baseline, Manifest
 from vaewatch.model.data.inputs import filesystem_for, inside
 from vaewatch.model.errors import UserError
 from vaewatch.pipeline import storage
@@ -88,7 +88,10 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
         raise UserError(f"the committed output under {output!r} has no scored rows")
     # no rows, this version's top_features type: partitions written before its fields existed
     # read with them null, and queries may name them whatever days they read
-    scored.append(con.from_arrow(pa.table({"top_features": pa.array([], TOP_FEATURE_TYPE)})))
+    # (and `baseline`, which partitions written before segments lack)
+    empty = {"top_features": pa.array([], TOP_FEATURE_TYPE),
+             "baseline": pa.array([], pa.dictionary(pa.int32(), pa.string()))}  # fmt: skip
+    scored.append(con.from_arrow(pa.table(empty)))
     _union_view(con, "scores", scored)
     _union_view(con, "rejected", rejected)
     found = [findings(p.manifest.drift) for p in partitions]
@@ -112,6 +115,23 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
         }
     )
     con.register("runs", runs)  # one row per committed run, from its manifest
+    # one row per (run, segment with a baseline of its own), from the manifests' drift
+    segment_runs = [
+        (p.day, value, part)
+        for p in partitions
+        for value, part in (p.manifest.drift.get("segments") or {}).items()
+    ]
+    con.register(
+        "segment_runs",
+        pa.table(
+            {
+                "dt": pa.array([d for d, _, _ in segment_runs], pa.date32()),
+                "baseline": [Baseline.label(v) for _, v, _ in segment_runs],
+                "drift_alarm": pa.array([bool(p["alarm"]) for *_, p in segment_runs], pa.bool_()),
+                "drift_reasons": ["; ".join(p.get("reasons", [])) for *_, p in segment_runs],
+            }
+        ),
+    )
     return con
 
 
@@ -271,6 +291,30 @@ def top(con, day: dt.date | None, n: int) -> duckdb.DuckDBPyRelation:
         "SELECT * EXCLUDE (latent_mean, latent_std, elbo, log_likelihood) FROM scores "
         f"{where}ORDER BY anomaly_score DESC LIMIT $n",
         params=params,
+    )
+
+
+def summary_by_segment(con) -> duckdb.DuckDBPyRelation:
+    """Per day and baseline (`baseline`: a segment's own, or the global one and why): rows,
+    anomalies, anomaly rate, score quantiles, and the segment's data-drift finding ('-' for the
+    global baseline's records: the day's own finding, in `summary`, covers them; partitions
+    written before segments have one baseline, NULL)."""
+    return con.sql(
+        """
+        SELECT scores.dt, scores.baseline::VARCHAR AS baseline,
+               count(*) AS rows,
+               sum(is_anomaly::INTEGER) AS anomalies,
+               round(avg(is_anomaly::INTEGER), 5) AS anomaly_rate,
+               quantile_cont(anomaly_score, 0.5) AS score_p50,
+               quantile_cont(anomaly_score, 0.99) AS score_p99,
+               CASE WHEN any_value(segment_runs.drift_alarm) THEN 'ALARM'
+                    WHEN any_value(segment_runs.drift_alarm) IS NULL THEN '-'
+                    ELSE 'ok' END AS data_drift
+        FROM scores LEFT JOIN segment_runs
+             ON scores.dt IS NOT DISTINCT FROM segment_runs.dt
+            AND scores.baseline::VARCHAR = segment_runs.baseline
+        GROUP BY ALL ORDER BY scores.dt, baseline
+        """
     )
 
 

@@ -18,7 +18,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vaewatch.jobs.query import committed_partitions, connect, top_features_text  # noqa: E402
+from vaewatch.jobs.query import (  # noqa: E402
+    committed_partitions,
+    connect,
+    summary_by_segment,
+    top_features_text,
+)
 from vaewatch.model.calibration.drift import findings  # noqa: E402
 from vaewatch.model.errors import UserError  # noqa: E402
 
@@ -44,8 +49,14 @@ CAPTIONS = {
     "latent": "Latent means projected on their first two principal components ({:,} sampled "
     "records scored by {}, the model of the latest day: each model version has a latent space "
     "of its own), coloured by anomaly score; flagged records ringed in red.",
-    "contributors": "For each flagged record, the feature whose -log p(x_j|z) most exceeds its "
-    "median on the calibration data.",
+    "contributors": "For each flagged record, the feature its top_features names first: the "
+    "one most unusual given the rest of the record (-log p(x_j | x_-j) over its median on the "
+    "calibration data).",
+    "segments": "A model trained with --segment-column judges each record against its "
+    "segment's own threshold, score quantiles and drift reference (segment=VALUE); records of a "
+    "value with too few validation rows, a null or a value not seen in training are judged by "
+    "the global baseline (global:...). Each segment's drift is tested apart, every test at "
+    "0.001 over the number of segments + 1.",
 }
 
 
@@ -139,6 +150,27 @@ def top_contributors(features: list[str], counts: list[int]) -> str:
     ax.spines[["top", "right"]].set_visible(False)
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
+
+
+def segment_rows(con) -> list[dict]:
+    """Per baseline over every day (none where the records have one baseline only): records,
+    flagged, rate, and in how many days the segment's own drift test alarmed."""
+    rows = summary_by_segment(con).fetchall()
+    if not any((r[1] or "").startswith("segment=") for r in rows):
+        return []
+    out: dict[str, dict] = {}
+    for _, baseline, n, anomalies, _, _, _, drift in rows:
+        row = out.setdefault(baseline, {"baseline": baseline, "days": 0, "rows": 0,
+                                        "anomalies": 0, "alarms": None, "assessed": 0})  # fmt: skip
+        row["days"] += 1
+        row["rows"] += n
+        row["anomalies"] += anomalies
+        if drift != "-":
+            row["assessed"] += 1
+            row["alarms"] = (row["alarms"] or 0) + (drift == "ALARM")
+    for row in out.values():
+        row["rate"] = row["anomalies"] / row["rows"]
+    return sorted(out.values(), key=lambda r: r["baseline"])
 
 
 def drift_rows(partitions) -> list[dict]:
@@ -264,6 +296,7 @@ def build(output: str, top_n: int = 20) -> str:
         captions=CAPTIONS,
         latent_caption=latent_caption,
         drift=drift_rows(partitions),
+        segments=segment_rows(con),
         latest_day=str(latest_day or "latest run"),
         top_columns=top_columns,
         top_rows=[[cell(c, v) for c, v in zip(top_columns, row, strict=True)] for row in top_rows],
