@@ -665,12 +665,7 @@ def top_command(output, date, limit, output_format, result_out) -> None:
 @params.scored_output
 @params.output_format
 @params.result_out
-@click.option(
-    "--by-segment",
-    is_flag=True,
-    help="One row per day and baseline (a segment's own, or the global one and why), with the "
-    "segment's data-drift finding (models trained with --segment-column).",
-)
+@params.by_segment
 def summary_command(output, output_format, result_out, by_segment) -> None:
     """Per day: rows, anomalies, anomaly rate and its interval, data drift, score quantiles and
     model version."""

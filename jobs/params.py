@@ -633,6 +633,13 @@ segment_column = option(
     "output's `baseline` column says which judged each record.",
 )
 
+by_segment = option(
+    "--by-segment/--no-by-segment",
+    default=False,
+    help="One row per day and baseline (a segment's own, or the global one and why), with the "
+    "segment's data-drift finding (models trained with --segment-column).",
+)
+
 
 def training_options(command):
     """The options of `train` after --data and the MLflow ones, in the order --help lists

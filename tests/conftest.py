@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vaewatch.model.synthetic import LABEL_COLUMNS, transactions
+from vaewatch.model.synthetic import LABEL_COLUMNS, segmented, transactions
 
 TRAIN_EXCLUDE = tuple(c for c in LABEL_COLUMNS if c != "record_id")
 
@@ -69,3 +69,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def segmented_model(tmp_path_factory):
+    """Kiosks and markets with enough validation rows for their own baselines, outlets too
+    few (model/synthetic.py `segmented`), 8,000 rows, half held out."""
+    from vaewatch.model.training.fit import FitConfig, fit
+    from vaewatch.model.training.loop import TrainConfig
+
+    folder = tmp_path_factory.mktemp("segmented")
+    pq.write_table(segmented(8000, seed=1), folder / "train.parquet")
+    train = TrainConfig(epochs=6, device="cpu", validation_fraction=0.5)
+    config = FitConfig(id_column="record_id", exclude=["is_injected_anomaly"],
+                       segment_column="store", train=train)  # fmt: skip
+    return fit(str(folder), config).artifact

@@ -130,7 +130,7 @@ class Calibration:
             top_feature_share=(named / max(feature_nll.shape[0], 1)).tolist(),
             top_feature_count=int(top_feature_count),
             completes_missing=missing is not None,
-            conditional_term=discrete_nll is not None and "tail_start" in distribution,
+            conditional_term=discrete_nll is not None and distribution["tail_start"] is not None,
             discrete_weight=weight,
             **distribution,
         )

@@ -370,9 +370,11 @@ def test_the_report_template_escapes_every_value():
                 "bulk_ks": 0.125, "ks": 0.25, "psi": 1.5, "reasons": [hostile]},
                {"day": hostile, "assessed": False, "why": hostile}],
         latest_day=hostile, top_columns=[hostile], top_rows=[[hostile]],
+        segments=[{"baseline": hostile, "days": 2, "rows": 10, "anomalies": 1, "rate": 0.1,
+                   "alarms": 1, "assessed": 2}],
     )  # fmt: skip
     assert "<script>" not in page
-    assert page.count("&lt;script&gt;") >= 8
+    assert page.count("&lt;script&gt;") >= 9
     assert "50.00% (45.00-55.00%) <b>above</b>" in page and 'class="alarm">ALARM' in page
     assert "<td>1.00%</td>" in page and "<td>0.125</td>" in page
 

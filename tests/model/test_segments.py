@@ -2,18 +2,16 @@
 calibration with that value's rows' distribution, by hand; a record is judged by its segment's
 baseline exactly as a model whose only baseline that is would judge it, and by the global one,
 marked, when its value is unseen, null or has too few rows; per-segment flags catch what one
-global threshold misses at the same budget; drift is tested per segment, Bonferroni-corrected."""
+global threshold misses at the same budget. (The model: tests/conftest.py `segmented_model`;
+drift per segment: tests/pipeline/test_segment_drift.py.)"""
 
 import dataclasses
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vaewatch.model.calibration.drift import ALPHA, Reference
 from vaewatch.model.calibration.scores import Calibration, quantile_levels
 from vaewatch.model.calibration.segments import Segments, check_column, fit_segments
 from vaewatch.model.data.features import Feature, FeatureKind, FeatureSpec
@@ -84,21 +82,6 @@ def test_the_segment_column_must_be_a_categorical_feature():
 
 
 # ------------------------------------------------------------------ a model with segments
-@pytest.fixture(scope="module")
-def segmented_model(tmp_path_factory):
-    """Kiosks and markets with enough validation rows for their own baselines, outlets too
-    few (model/synthetic.py `segmented`), 8,000 rows, half held out."""
-    from vaewatch.model.training.fit import FitConfig, fit
-    from vaewatch.model.training.loop import TrainConfig
-
-    folder = tmp_path_factory.mktemp("segmented")
-    pq.write_table(segmented(8000, seed=1), folder / "train.parquet")
-    train = TrainConfig(epochs=6, device="cpu", validation_fraction=0.5)
-    config = FitConfig(id_column="record_id", exclude=["is_injected_anomaly"],
-                       segment_column="store", train=train)  # fmt: skip
-    return fit(str(folder), config).artifact
-
-
 def _day(seed=7, n=6000, anomaly_rate=0.02):
     day = segmented(n, anomaly_rate=anomaly_rate, seed=seed)
     stores = day["store"].to_pylist()
@@ -156,34 +139,3 @@ def test_per_segment_flags_catch_what_a_global_threshold_misses(segmented_model)
     caught, missed = per_segment[kiosk].mean(), global_flags[kiosk].mean()
     # measured: 0.88 against 0.20
     assert caught > 0.4 and caught > missed + 0.3, (caught, missed)
-
-
-def test_drift_is_tested_per_segment_at_a_bonferroni_level(segmented_model):
-    """Kiosk readings spread twice as wide, markets as in training: the kiosk segment alarms
-    (its bulk moved); the market segment does not; each test runs at alpha / 3."""
-    from vaewatch.pipeline.drift import DayStatsOf
-
-    artifact = segmented_model
-    reference = Reference.of(
-        artifact.calibration, artifact.spec.names(), threshold_quantile=0.99, k=artifact.scoring.k,
-        model_k=artifact.scoring.k, segments=artifact.calibrations(),
-    )  # fmt: skip
-    day = segmented(20000, seed=12)
-    kiosk = pc.equal(day["store"], "kiosk").to_numpy(zero_copy_only=False)
-    columns = {}
-    for j in range(4):
-        values = day[f"r{j}"].to_numpy().copy()
-        values[kiosk] = 10.0 + (values[kiosk] - 10.0) * 1.6
-        columns[f"r{j}"] = values
-    for name, values in columns.items():
-        day = day.set_column(day.schema.get_field_index(name), name, pa.array(values))
-    scored = Scorer(artifact, model_version="t", device="cpu").score(day).scores
-    counter = DayStatsOf(reference)
-    stats = counter.merge([counter.add(counter.empty(), scored)])
-    result = reference.assess(stats)
-    assert result["p_value_threshold"] <= ALPHA / 3
-    assert result["segments"]["kiosk"]["alarm"] and not result["segments"]["market"]["alarm"]
-    assert result["alarm"] and any(r.startswith("segment kiosk:") for r in result["reasons"])
-    calm = Scorer(artifact, model_version="t", device="cpu").score(segmented(20000, seed=13))
-    quiet = reference.assess(counter.merge([counter.add(counter.empty(), calm.scores)]))
-    assert not quiet["alarm"], quiet["reasons"]

@@ -103,6 +103,7 @@ def test_scored_and_rejected_rows_land_once_each_with_the_days_statistics(tmp_pa
         "below": [int((scores <= q).sum()) for q in QUANTILES],
         "feature_counts": [named.count(f) for f in REFERENCE.features],
         "unflagged_counts": [unflagged.count(f) for f in REFERENCE.features],
+        "segments": {},  # a model without per-segment baselines
     }
 
 
@@ -148,7 +149,7 @@ def test_no_rows_at_all_still_give_each_output_a_readable_empty_file(tmp_path):
     assert pq.read_table(rejected).num_rows == 0
     stats = json.loads((out / "stats.json").read_text())
     assert stats == {"rows": 0, "flagged": 0, "below": [0] * 4, "feature_counts": [0] * 3,
-                     "unflagged_counts": [0] * 3}  # fmt: skip
+                     "unflagged_counts": [0] * 3, "segments": {}}  # fmt: skip
 
 
 def test_finalising_renames_only_what_succeeded_and_may_run_again(tmp_path):

@@ -28,7 +28,9 @@ def test_the_result_type_is_the_contract_in_spark_terms():
         "latent_mean: array<float>, latent_std: array<float>, top_features: "
         "array<struct<feature: string, contribution: double, basis: string, "
     )
-    assert RESULT_TYPE.endswith("likely: array<string>>>, model_version: string, reason: string>")
+    assert RESULT_TYPE.endswith(
+        "likely: array<string>>>, baseline: string, model_version: string, reason: string>"
+    )
 
 
 @pytest.fixture(scope="module")

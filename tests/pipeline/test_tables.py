@@ -30,7 +30,7 @@ def _scored(n: int, seed: int = 0) -> pa.Table:
     schema = pa.schema([pa.field("id", pa.string()), *score_schema(3)])
     columns = {"id": pa.array([f"r{i}" for i in range(n)])}
     for field in score_schema(3):
-        if field.name == "model_version":
+        if pa.types.is_dictionary(field.type):  # model_version, baseline
             columns[field.name] = pa.DictionaryArray.from_arrays(
                 pa.array(np.zeros(n, np.int32)), pa.array(["7"])
             )
@@ -89,6 +89,11 @@ def test_string_columns_are_the_byte_array_leaves():
     assert string_columns(_scored(1).schema) == [
         "id",
         "top_features.list.element.feature",
+        "top_features.list.element.basis",
+        "top_features.list.element.direction",
+        "top_features.list.element.observed",
+        "top_features.list.element.likely.list.element",
+        "baseline",
         "model_version",
     ]
     assert string_columns(pa.schema([("x", pa.float64())])) == []
