@@ -233,7 +233,8 @@ def _entry_text(entry: dict) -> str:
     if expected is None:  # a boolean or a category
         return f"{name} {entry['observed']}{word} ({chance}; {_likely(likely)}) {nats}"
     interval = f"5-95%: {_short(entry['low'])} to {_short(entry['high'])}"
-    value = _short(float(entry["observed"]))
+    observed = entry["observed"]  # as the input held it, unless it is long
+    value = observed if len(observed) <= 8 else _short(float(observed))
     return f"{name} {value}{word} (expected {_short(expected)}, {interval}) {nats}"
 
 

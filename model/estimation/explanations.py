@@ -102,8 +102,13 @@ class Expectations:
             f = self.spec.features[j]
             missing = ~observed[mine]
             if f.kind is FeatureKind.CONTINUOUS:
-                low, median, high = f.mean + f.std * found.quantiles[mine].T  # LEVELS
+                quantiles = found.quantiles[mine]
+                if f.zero_atom:  # a quantile on the point mass is the column's exact 0
+                    quantiles = np.where(np.abs(quantiles - f.atom) < 1e-6, np.nan, quantiles)
+                low, median, high = np.nan_to_num(f.mean + f.std * quantiles.T, nan=0.0)
                 value = f.mean + f.std * values[mine]
+                if f.zero_atom:
+                    value = np.where(np.abs(values[mine] - f.atom) < 1e-6, 0.0, value)
                 cdf = found.cdf[mine]
                 out["expected"][e], out["low"][e], out["high"][e] = median, low, high
                 out["probability"][e] = np.where(value > median, 1.0 - cdf, cdf)

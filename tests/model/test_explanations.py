@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.model.ppca import make_ppca
+from vaewatch.model.data.features import Feature, FeatureKind, FeatureSpec
 from vaewatch.model.estimation.attribution import Explained
 from vaewatch.model.estimation.conditionals import conditionals
 from vaewatch.model.estimation.explanations import OTHER, Expectations
@@ -82,15 +83,15 @@ LOGITS = [0.5, -1.0, 2.0, 0.0]
 MISSING_P = 0.1
 
 
-def _hand_set() -> VAE:
-    # features: x0 continuous zero-inflated (atom at 0), x1 continuous plain, b boolean,
-    # c categorical of 4 classes; x1's observation modelled
+def _hand_set(atom: float = 0.0) -> VAE:
+    # features: x0 continuous zero-inflated (its point mass at `atom`, standardised), x1
+    # continuous plain, b boolean, c categorical of 4 classes; x1's observation modelled
     config = VAEConfig(n_continuous=2, n_boolean=1, category_sizes=[4], latent_dim=2,
-                       hidden=[8], atom_features=[0], atom_values=[0.0], missing_features=[1],
+                       hidden=[8], atom_features=[0], atom_values=[atom], missing_features=[1],
                        missing_log_prob=[-3.0, 0.0, -3.0, -3.0], min_variance=1e-6)  # fmt: skip
     vae = VAE(config).eval()
     head = vae.decoder.net[-1]
-    bias = [MEAN, -1.0, 2 * math.log(STD), 0.0, math.log(BOOL_P / (1 - BOOL_P)), *LOGITS,
+    bias = [MEAN + atom, -1.0, 2 * math.log(STD), 0.0, math.log(BOOL_P / (1 - BOOL_P)), *LOGITS,
             math.log(ATOM_P / (1 - ATOM_P)), math.log(MISSING_P / (1 - MISSING_P))]  # fmt: skip
     assert head.out_features == len(bias)
     with torch.no_grad():
@@ -144,6 +145,32 @@ def test_hand_set_heads_give_their_own_distributions_exactly():
     assert found.p_missing[8] == pytest.approx(MISSING_P, abs=1e-7)
     assert math.isnan(found.cdf[8])
     np.testing.assert_allclose(found.p_missing[:3], math.exp(-3.0), rtol=1e-6)
+
+
+def test_a_value_on_the_point_mass_is_the_columns_zero_and_within():
+    """A zero-inflated column's point mass is its exact 0 in the data's units (its standardised
+    value is a float32, so the mean + std x atom the units give back is off by ~1e-7): an
+    observed 0 that the model expects is `within`, not `below` an interval starting at 1e-7."""
+    spec = FeatureSpec([
+        Feature("x0", FeatureKind.CONTINUOUS, mean=3.3, std=1.7, zero_atom=True),
+        Feature("x1", FeatureKind.CONTINUOUS),
+        Feature("b", FeatureKind.BOOLEAN),
+        Feature("c", FeatureKind.CATEGORICAL, vocabulary=["p", "q", "r"]),
+    ])  # fmt: skip
+    atom = spec.features[0].atom
+    assert 3.3 + 1.7 * atom != 0.0  # the rounding this guards against
+    vae = _hand_set(atom)
+    x = torch.tensor([[atom, 0.0, 1.0, 2.0], [atom + 3.0, 0.0, 1.0, 2.0]])
+    mask = torch.ones(x.shape, dtype=torch.bool)
+    explained = Explained(np.zeros((2, 4)), 0, np.arange(2), np.zeros(2, dtype=np.int64))
+    fields = Expectations(vae, spec, x, mask, explained, _estimator(16)).fields(
+        np.arange(2), np.zeros(2, dtype=np.int64)
+    )
+    assert fields["low"].to_pylist()[0] == 0.0  # the 5 % level falls on the point mass
+    assert fields["direction"].to_pylist() == ["within", "within"]
+    # the median above the mass, in the column's units: 3.3 + 1.7 (atom + the Gaussian's)
+    median = 3.3 + 1.7 * (atom + _atom_quantile(0.5))
+    assert fields["expected"].to_pylist()[0] == pytest.approx(median, abs=1e-5)
 
 
 # ------------------------------------------------------------- closed form: pPCA
