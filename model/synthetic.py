@@ -142,8 +142,10 @@ def segmented(n_rows: int, *, anomaly_rate: float = 0.0, seed: int = 0) -> pa.Ta
     sign = np.where(rng.random(n_rows) < 0.5, -1.0, 1.0)
     rows = np.flatnonzero(anomalous)
     readings[rows, which[rows]] += sign[rows] * SEGMENT_SHIFT * spread[store[rows]]
-    columns = {"record_id": pa.array(np.arange(n_rows, dtype=np.int64)),
-               "store": pa.array(np.array(names, dtype=object)[store].tolist(), pa.string())}
+    columns = {
+        "record_id": pa.array(np.arange(n_rows, dtype=np.int64)),
+        "store": pa.array(np.array(names, dtype=object)[store].tolist(), pa.string()),
+    }
     columns.update({f"r{j}": pa.array(readings[:, j]) for j in range(SEGMENT_READINGS)})
     columns["is_injected_anomaly"] = pa.array(anomalous)
     return pa.table(columns)
