@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ from vaewatch.model.network.vae import VAE, FeatureDistribution
 LEVELS = (0.05, 0.5, 0.95)  # the interval's ends and the central value
 LIKELY = 3  # classes named per explained category, most likely first
 CREDIBLE = 0.9  # a class is usual while the classes likelier than it hold less than this
-BISECTIONS = 44  # halvings of the bracket: to 2^-44 of ~24 standard deviations, ~1e-12
+BISECTIONS = 60  # at most this many steps (Newton's, or halvings of the bracket where it strays)
+TOLERANCE = 1e-12  # on the CDF: a quantile is met when its level is within this
 
 
 @dataclass
@@ -171,18 +173,51 @@ def _cdf(weights, mean, std, atom, t: torch.Tensor) -> torch.Tensor:
     return (weights * gauss).sum(0)
 
 
+def _density(weights, mean, std, t: torch.Tensor) -> torch.Tensor:
+    """The mixture's density at t (..., n) off its point mass: sum_k w_k (1 - pi_k) N(t; m_k,
+    s_k^2), with (1 - pi_k) folded into `weights` by the caller."""
+    t = t[None]
+    shape = (weights.shape[0],) + (1,) * (t.dim() - 2) + (weights.shape[1],)
+    mean, std, weights = mean.view(shape), std.view(shape), weights.view(shape)
+    z = (t - mean) / std
+    return (weights * torch.exp(-0.5 * z * z) / (std * math.sqrt(2.0 * math.pi))).sum(0)
+
+
 def _quantiles(weights, mean, std, atom, levels) -> torch.Tensor:
-    """The mixture's quantiles at `levels`, (L, n): the least t with CDF(t) >= level, by
-    bisection, every level at once, on a bracket that holds every component's mass (and the
-    point mass): 24 standard deviations of the widest component, halved BISECTIONS times."""
-    low = (mean - 12.0 * std).min(0).values
-    high = (mean + 12.0 * std).max(0).values
-    if atom is not None:
-        low, high = low.clamp(max=atom[0]), high.clamp(min=atom[0])
+    """The mixture's quantiles at `levels`, (L, n): the least t with CDF(t) >= level. A level
+    inside the point mass's jump is the point mass itself; any other lies where the CDF is
+    smooth, found by Newton's method from the moment-matched Gaussian's quantile, inside a
+    bracket that holds every component's mass (24 standard deviations of the widest) and
+    shrinks with each step: a step leaving it is a bisection instead. Stops when every level
+    is met to TOLERANCE, or after BISECTIONS steps."""
     level = torch.tensor(levels, dtype=mean.dtype, device=mean.device)[:, None]  # (L, 1)
-    low, high = low.expand(len(levels), -1), high.expand(len(levels), -1)
+    low = (mean - 12.0 * std).min(0).values.expand(len(levels), -1)
+    high = (mean + 12.0 * std).max(0).values.expand(len(levels), -1)
+    smooth = weights
+    at_atom = torch.zeros_like(low, dtype=torch.bool)
+    if atom is not None:
+        value, pi = atom
+        smooth = weights * (1.0 - pi)  # the Gaussians' share of each component
+        point = torch.full_like(low, value)
+        before = (smooth * 0.5 * torch.erfc((mean - value) / (std * math.sqrt(2.0)))).sum(0)
+        after = before + (weights * pi).sum(0)
+        at_atom = (before < level) & (level <= after)
+        low = torch.where(level > after, torch.maximum(low, point), low)  # above the mass
+        high = torch.where(level <= before, torch.minimum(high, point), high)  # below it
+    centre = (weights * mean).sum(0)
+    spread = ((weights * (std * std + mean * mean)).sum(0) - centre * centre).clamp_min(1e-300)
+    normal = torch.tensor([NormalDist().inv_cdf(q) for q in levels], dtype=mean.dtype,
+                          device=mean.device)[:, None]  # fmt: skip
+    t = torch.minimum(torch.maximum(centre + spread.sqrt() * normal, low), high)
     for _ in range(BISECTIONS):
-        middle = 0.5 * (low + high)
-        below = _cdf(weights, mean, std, atom, middle) < level
-        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
-    return high
+        gap = _cdf(weights, mean, std, atom, t) - level
+        done = (gap.abs() <= TOLERANCE) | at_atom
+        if bool(done.all()):
+            break
+        low, high = torch.where(gap < 0, t, low), torch.where(gap < 0, high, t)
+        step = t - gap / _density(smooth, mean, std, t)
+        inside = torch.isfinite(step) & (step > low) & (step < high)
+        t = torch.where(done, t, torch.where(inside, step, 0.5 * (low + high)))
+    if atom is not None:
+        t = torch.where(at_atom, torch.full_like(t, atom[0]), t)
+    return t
