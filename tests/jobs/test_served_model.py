@@ -47,6 +47,7 @@ def fresh_venv(model_folder, tmp_path_factory):
 def _frame(workspace, rows=6):
     frame = pq.read_table(workspace / "holdout").slice(0, rows).to_pandas()
     frame.loc[2, ["amount", "hour", "distance_km"]] = None  # a row with missing values
+    frame.loc[5, "amount"] = 1e6  # a row flagged for its amount, explained in euros
     return frame
 
 
@@ -116,3 +117,9 @@ def test_loads_and_serves_in_a_fresh_venv(model_folder, fresh_venv, workspace, t
     scores = np.array([row["anomaly_score"] for row in answer], dtype=float)
     np.testing.assert_allclose(scores, expected["anomaly_score"], rtol=1e-6)
     assert len(answer[0]["latent_mean"]) == len(answer[0]["latent_std"]) > 0
+    # the explanation travels with the served row: the amount, observed against expected
+    assert answer[5]["is_anomaly"] and answer[5]["baseline"] == "global"
+    first = answer[5]["top_features"][0]
+    assert first["feature"] == "amount" and first["basis"] == "conditional"
+    assert first["direction"] == "above" and float(first["observed"]) == 1e6
+    assert first["low"] < first["expected"] < first["high"] < 1e6
