@@ -53,6 +53,35 @@ class Explained:
     unexplained: int  # flagged records past the budget, listed by -log p(x_j|z)
     rows: np.ndarray  # (r,) the explained records' positions in the batch
     lead: np.ndarray  # (r,) each one's first feature, left out of the others' measurement
+    # the (record, feature) pairs the two passes measured, with their points and weights:
+    # each record's first feature in `first`, the ones after it (measured without it) in
+    # `chained`; their records are positions among the explained ones. None: not kept.
+    first: PairWeights | None = None
+    chained: PairWeights | None = None
+
+
+@dataclass
+class PairWeights:
+    """What leave_one_out's p(x_-j) was estimated from, per (record, feature) pair: the proposal
+    q(z | x, x_j hidden) (widened) and the K log-weights log p(x_-j, z_k) - log q(z_k | ...),
+    the points being mean + std x the shared noise. What the explanations mix over
+    (model/estimation/conditionals.py), so they need no second pass over the same pairs."""
+
+    record: torch.Tensor  # (P,) the pair's record (a row of the x leave_one_out was given)
+    feature: torch.Tensor  # (P,)
+    mean: torch.Tensor  # (P, D)
+    log_var: torch.Tensor  # (P, D)
+    log_w: torch.Tensor  # (K, P) float64
+
+    def find(self, record: np.ndarray, feature: np.ndarray, features: int) -> np.ndarray:
+        """The index of each (record, feature) pair among these (-1 where it is not one)."""
+        key = self.record.cpu().numpy() * features + self.feature.cpu().numpy()
+        wanted = np.asarray(record) * features + np.asarray(feature)
+        if key.size == 0:
+            return np.full(wanted.shape, -1, dtype=np.int64)
+        order = np.argsort(key, kind="stable")
+        at = np.minimum(np.searchsorted(key[order], wanted), key.size - 1)
+        return np.where(key[order][at] == wanted, order[at], -1)
 
 
 def leave_one_out(
@@ -69,7 +98,8 @@ def leave_one_out(
     matmul_dtype: torch.dtype | None = None,
     points: str = defaults.POINTS,
     missing: bool = False,
-) -> torch.Tensor:
+    keep: bool = False,
+):
     """(B, F) float64: -log p(x_j | x_-j) where `candidates` ((B, F) bool) and x_j is observed,
     NaN elsewhere; a continuous value's is a density in the data's units, like log_likelihood.
     With `missing`, a missing x_j whose absence the model charges for (`missing_measured`) is
@@ -79,34 +109,47 @@ def leave_one_out(
     scores: p(x) with q(z|x) (the estimator's proposal), p(x_-j) with q(z | x, x_j hidden: the
     encoder reads it as missing) and feature j's terms (its value, its observation) left out of
     each weight. Each record's values depend on its own inputs alone, as the scores' do;
-    `matmul_dtype` as in score_records."""
+    `matmul_dtype` as in score_records. With `keep`, (that, the PairWeights of every measured
+    pair)."""
     eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM, points)
     wanted = candidates & (mask | missing_measured(model).to(mask.device) if missing else mask)
     out = torch.full(x.shape, math.nan, dtype=torch.float64, device=x.device)
     rows = torch.nonzero(wanted.any(1)).flatten()
     if rows.numel() == 0:
-        return out
+        if not keep:
+            return out
+        nothing = torch.zeros(0, dtype=torch.long, device=x.device)
+        empty = torch.zeros(0, model.config.latent_dim, device=x.device)
+        no_weights = torch.zeros(k, 0, dtype=torch.float64, device=x.device)
+        return out, PairWeights(nothing, nothing, empty, empty, no_weights)
     x, mask, wanted = x[rows], mask[rows], wanted[rows]
+    kept = []  # with `keep`: the pairs' proposal and log-weights
 
     def log_sum(xs, ms, drop: torch.Tensor | None) -> torch.Tensor:  # log sum_k w_k, per record
         """`drop`: (b,) the feature each record leaves out (hidden from the encoder, its terms
         out of every weight), or None."""
         hidden = ms if drop is None else ms.scatter(1, drop[:, None], False)
         proposal = model.encoder(xs, hidden).widened(proposal_scale)
-        parts = []
+        parts, weights = [], []
         for chunk in weight_chunks(model, xs, ms, eps, posterior=proposal,
                                    memory_budget=memory_budget):  # fmt: skip
             b = chunk.mask.shape[0]
             left_out = None if drop is None else drop[chunk.start : chunk.start + b]
-            state = None
+            state, samples = None, []
             for s in chunk.samples:
                 log_w = s.log_w.to(torch.float64)
                 if left_out is not None:
                     lp = s.feature_lp.stacked()
                     index = left_out[None, :, None].expand(lp.shape[0], b, 1)
                     log_w = log_w - lp.gather(-1, index).squeeze(-1).to(torch.float64)
+                    if keep:
+                        samples.append(log_w)
                 state = running_log_sum_exp(state, log_w)
             parts.append(state[0] + torch.log(state[1]))
+            if samples:
+                weights.append(torch.cat(samples))
+        if keep and drop is not None:
+            kept.extend([proposal, torch.cat(weights, dim=1)])
         return torch.cat(parts)
 
     autocast = torch.autocast(
@@ -126,7 +169,10 @@ def leave_one_out(
             scored[:, : density.shape[1]] = density
             value = value + scored[at, j] * jacobian[j]
         out[rows[at], j] = value
-    return out
+    if not keep:
+        return out
+    proposal, log_w = kept
+    return out, PairWeights(rows[at], j, proposal.mean, proposal.log_var, log_w)
 
 
 def missing_measured(model: VAE) -> torch.Tensor:
@@ -218,20 +264,24 @@ def explain_flagged(
     x, mask = x[index], mask[index]
     wanted = torch.from_numpy(candidates).to(x.device)
     measure = missing_baseline is not None
-    conditional = leave_one_out(model, x, mask, wanted, missing=measure, **estimator).cpu().numpy()
+    conditional, first_weights = leave_one_out(
+        model, x, mask, wanted, missing=measure, keep=True, **estimator
+    )
+    conditional = conditional.cpu().numpy()
     baseline = np.broadcast_to(np.asarray(conditional_baseline, dtype=np.float64), part.shape)
     if measure:
         baseline = np.where(mask.cpu().numpy(), baseline, np.asarray(missing_baseline)[None, :])
     first = np.where(np.isnan(conditional), -np.inf, conditional - baseline)
     out = excess.copy()
-    out[rows], lead = _chained(model, x, mask, first, baseline, measure, **estimator)
-    return Explained(out, left, rows, lead)
+    out[rows], lead, chained = _chained(model, x, mask, first, baseline, measure, **estimator)
+    return Explained(out, left, rows, lead, first_weights, chained)
 
 
 def _chained(model, x, mask, first: np.ndarray, baseline, missing: bool, **estimator):
     """((r, F): each record's first feature (the largest leave-one-out excess, `first`) as it
     is; the CHAINED features next after it re-measured without it, -log p(x_j | x_-{first, j})
-    over the same `baseline` ((r, F)); every other feature -inf. (r,): that first feature.)
+    over the same `baseline` ((r, F)); every other feature -inf. (r,): that first feature. The
+    re-measured pairs' PairWeights.)
     Without this a value far out of range stays in x_-j for every other j and drags their
     conditionals with it: the demo's out-of-range records listed latency_ms and hour after the
     amount, at millions of nats each."""
@@ -247,10 +297,12 @@ def _chained(model, x, mask, first: np.ndarray, baseline, missing: bool, **estim
     wanted = torch.from_numpy(candidates).to(x.device)
     # the first feature is hidden now, not missing: its absence is not measured
     wanted[torch.from_numpy(at).to(x.device), torch.from_numpy(lead).to(x.device)] = False
-    second = leave_one_out(model, x, without, wanted, missing=missing, **estimator)
+    second, weights = leave_one_out(
+        model, x, without, wanted, missing=missing, keep=True, **estimator
+    )
     out = np.where(np.isnan(second.cpu().numpy()), -np.inf, second.cpu().numpy() - baseline)
     out[at, lead] = first[at, lead]
-    return out, lead
+    return out, lead, weights
 
 
 def conditional_baseline(

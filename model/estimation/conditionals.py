@@ -32,9 +32,10 @@ import torch
 
 from vaewatch.model import defaults
 from vaewatch.model.data.features import FeatureKind
-from vaewatch.model.estimation.estimators import IWAE_STREAM, weight_chunks
+from vaewatch.model.estimation.attribution import PairWeights
+from vaewatch.model.estimation.estimators import IWAE_STREAM, reparameterise, weight_chunks
 from vaewatch.model.estimation.noise import noise
-from vaewatch.model.network.vae import VAE, FeatureDistribution
+from vaewatch.model.network.vae import VAE, FeatureDistribution, Posterior
 
 LEVELS = (0.05, 0.5, 0.95)  # the interval's ends and the central value
 LIKELY = 3  # classes named per explained category, most likely first
@@ -54,6 +55,11 @@ class Conditionals:
     p_missing: np.ndarray  # (P,) p(missing | x_-j) where the observation is modelled
     likely: np.ndarray  # (P, LIKELY) int64 class codes, most likely first; -1 past the classes
     likely_p: np.ndarray  # (P, LIKELY) their probabilities
+
+    def put(self, rows: np.ndarray, other: Conditionals) -> None:
+        """Write `other`'s pairs into these `rows`."""
+        for name in ("quantiles", "cdf", "p_observed", "usual", "p_missing", "likely", "likely_p"):
+            getattr(self, name)[rows] = getattr(other, name)
 
     @classmethod
     def empty(cls, n: int) -> Conditionals:
@@ -107,15 +113,53 @@ def conditionals(
                 drop = lp.gather(-1, own[None, :, None].expand(lp.shape[0], b, 1)).squeeze(-1)
                 log_w.append((s.log_w - drop).to(torch.float64))
                 z.append(s.z)
-            log_w, z = torch.cat(log_w), torch.cat(z)  # (K, b), (K, b, D)
-            for j in torch.unique(own).tolist():
-                at = torch.nonzero(own == j).flatten()
-                rows = (chunk.start + at).cpu().numpy()
-                dist = model.decoder.distribution(z[:, at], j)
-                values = x[chunk.start + at, j].to(torch.float64)
-                observed = mask[chunk.start + at, j]
-                _mix(dist, log_w[:, at], values, observed, out, rows)
+            part = slice(chunk.start, chunk.start + b)
+            _mix_features(model, torch.cat(z), torch.cat(log_w), x[part], mask[part], own, out,
+                          np.arange(chunk.start, chunk.start + b))  # fmt: skip
     return out
+
+
+def from_weights(
+    model: VAE,
+    weights: PairWeights,
+    pairs: np.ndarray,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    k: int,
+    seed: int,
+    matmul_dtype: torch.dtype | None = None,
+    points: str = defaults.POINTS,
+    **_,
+) -> Conditionals:
+    """What `conditionals` gives, for pairs leave_one_out already weighted: `pairs` (P,) their
+    indices in `weights`; x, mask (P, F) each pair's record as it was measured. The points are
+    the proposal's mean + std x the same shared noise, and the weights are those the
+    contribution summed, so only the feature's own head is evaluated."""
+    out = Conditionals.empty(len(pairs))
+    if len(pairs) == 0:
+        return out
+    eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM, points)
+    index = torch.from_numpy(np.asarray(pairs)).to(weights.mean.device)
+    proposal = Posterior(weights.mean[index], weights.log_var[index])
+    autocast = torch.autocast(
+        x.device.type, dtype=matmul_dtype or torch.bfloat16, enabled=matmul_dtype is not None
+    )
+    with torch.inference_mode(), autocast:
+        z = reparameterise(proposal, eps)  # (K, P, D)
+        _mix_features(model, z, weights.log_w[:, index], x, mask, weights.feature[index], out,
+                      np.arange(len(pairs)))  # fmt: skip
+    return out
+
+
+def _mix_features(model, z, log_w, x, mask, feature, out: Conditionals, rows: np.ndarray):
+    """Fill `out`'s `rows` for pairs with points z (K, n, D), log-weights log_w (K, n) of
+    p(x_-j, z_k), records x, mask (n, F) and features (n,): one feature's head at a time."""
+    for j in torch.unique(feature).tolist():
+        at = torch.nonzero(feature == j).flatten()
+        dist = model.decoder.distribution(z[:, at], j)
+        values = x[at, j].to(torch.float64)
+        _mix(dist, log_w[:, at], values, mask[at, j], out, rows[at.cpu().numpy()])
 
 
 def _mix(

@@ -28,7 +28,7 @@ import torch
 from vaewatch.model.contract import TOP_FEATURE_TYPE, Basis, Direction
 from vaewatch.model.data.features import FeatureKind, FeatureSpec
 from vaewatch.model.estimation.attribution import Explained, top_indices
-from vaewatch.model.estimation.conditionals import conditionals
+from vaewatch.model.estimation.conditionals import Conditionals, conditionals, from_weights
 from vaewatch.model.network.vae import VAE
 
 OTHER = "(other)"  # the name of a category's out-of-vocabulary class among the likely ones
@@ -92,7 +92,7 @@ class Expectations:
         if chained.any():
             hide = torch.from_numpy(np.flatnonzero(chained)).to(device)
             mask[hide, torch.from_numpy(lead[chained]).to(device)] = False
-        found = conditionals(self.model, x, mask, feature, **self.estimator)
+        found = self._conditionals(x, mask, feature, explained_at, features, lead)
         observed = mask.gather(1, feature[:, None]).squeeze(1).cpu().numpy()
         values = x.gather(1, feature[:, None]).squeeze(1).to(torch.float64).cpu().numpy()
         out["observed"][at] = self._observed_text(rows, features, values, observed)
@@ -135,6 +135,31 @@ class Expectations:
                 gone = e[missing]
                 out["direction"][gone] = Direction.UNUSUALLY_MISSING.value
                 out["probability"][gone] = found.p_missing[mine][missing]
+
+    def _conditionals(self, x, mask, feature, explained_at, features, lead) -> Conditionals:
+        """p(x_j | x_-j) of each entry: from the points and weights the leave-one-out passes
+        kept for the same pairs (a record's first feature from the first pass, the others from
+        the chained one), else by a pass of their own."""
+        e = self.explained
+        if e.first is None or e.chained is None:
+            return conditionals(self.model, x, mask, feature, **self.estimator)
+        chained = lead != features
+        n_features = x.shape[1]
+        index = np.where(
+            chained,
+            e.chained.find(explained_at, features, n_features),
+            e.first.find(explained_at, features, n_features),
+        )
+        if (index < 0).any():  # a pair neither pass measured (not expected): measure them all
+            return conditionals(self.model, x, mask, feature, **self.estimator)
+        out = Conditionals.empty(len(features))
+        for which, weights in ((~chained, e.first), (chained, e.chained)):
+            rows = np.flatnonzero(which)
+            if rows.size:
+                at = torch.from_numpy(rows).to(x.device)
+                out.put(rows, from_weights(self.model, weights, index[rows], x[at], mask[at],
+                                           **self.estimator))  # fmt: skip
+        return out
 
     def _observed_text(self, rows, features, values, observed) -> np.ndarray:
         """Each entry's value as the input held it (`source`), else as decoded from x."""
