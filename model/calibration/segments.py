@@ -145,9 +145,3 @@ def baseline_column(labels: list[str], index: np.ndarray) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(
         pa.array(np.asarray(index, dtype=np.int32)), pa.array(labels, pa.string())
     )
-
-
-def bonferroni(alpha: float, segments: int) -> float:
-    """The level each of the global test and `segments` segment tests runs at, so that the
-    chance of any false alarm stays within `alpha`."""
-    return alpha / (1 + segments) if segments else alpha

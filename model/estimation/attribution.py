@@ -26,7 +26,12 @@ import numpy as np
 import torch
 
 from vaewatch.model import defaults
-from vaewatch.model.estimation.estimators import IWAE_STREAM, running_log_sum_exp, weight_chunks
+from vaewatch.model.estimation.estimators import (
+    IWAE_STREAM,
+    matmul_autocast,
+    running_log_sum_exp,
+    weight_chunks,
+)
 from vaewatch.model.estimation.noise import noise
 from vaewatch.model.network.vae import VAE
 
@@ -152,10 +157,7 @@ def leave_one_out(
             kept.extend([proposal, torch.cat(weights, dim=1)])
         return torch.cat(parts)
 
-    autocast = torch.autocast(
-        x.device.type, dtype=matmul_dtype or torch.bfloat16, enabled=matmul_dtype is not None
-    )
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), matmul_autocast(x.device.type, matmul_dtype):
         full = log_sum(x, mask, None)
         # every (record, feature) pair in one pass: a record repeated once per feature it leaves
         # out (one encoder call and one stream of weight chunks, not one per feature)
@@ -241,7 +243,7 @@ def explain_flagged(
     missing_baseline: np.ndarray | None = None,
     **estimator,
 ):
-    """An `Explained` (model/estimation/explanations.py): `excess` ((B, F), the cheap
+    """An `Explained`: `excess` ((B, F), the cheap
     attribution's excess over its baseline) with the rows of the flagged records
     `explained_rows` picks replaced by their leave-one-out excess over `conditional_baseline`;
     how many flagged records kept the cheap one; which were explained and each one's first

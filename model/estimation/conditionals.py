@@ -33,7 +33,12 @@ import torch
 from vaewatch.model import defaults
 from vaewatch.model.data.features import FeatureKind
 from vaewatch.model.estimation.attribution import PairWeights
-from vaewatch.model.estimation.estimators import IWAE_STREAM, reparameterise, weight_chunks
+from vaewatch.model.estimation.estimators import (
+    IWAE_STREAM,
+    matmul_autocast,
+    reparameterise,
+    weight_chunks,
+)
 from vaewatch.model.estimation.noise import noise
 from vaewatch.model.network.vae import VAE, FeatureDistribution, Posterior
 
@@ -97,10 +102,7 @@ def conditionals(
     if x.shape[0] == 0:
         return out
     eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM, points)
-    autocast = torch.autocast(
-        x.device.type, dtype=matmul_dtype or torch.bfloat16, enabled=matmul_dtype is not None
-    )
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), matmul_autocast(x.device.type, matmul_dtype):
         hidden = mask.scatter(1, feature[:, None], False)
         proposal = model.encoder(x, hidden).widened(proposal_scale)
         for chunk in weight_chunks(model, x, mask, eps, posterior=proposal,
@@ -142,10 +144,7 @@ def from_weights(
     eps = noise(k, model.config.latent_dim, seed, IWAE_STREAM, points)
     index = torch.from_numpy(np.asarray(pairs)).to(weights.mean.device)
     proposal = Posterior(weights.mean[index], weights.log_var[index])
-    autocast = torch.autocast(
-        x.device.type, dtype=matmul_dtype or torch.bfloat16, enabled=matmul_dtype is not None
-    )
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), matmul_autocast(x.device.type, matmul_dtype):
         z = reparameterise(proposal, eps)  # (K, P, D)
         _mix_features(model, z, weights.log_w[:, index], x, mask, weights.feature[index], out,
                       np.arange(len(pairs)))  # fmt: skip
@@ -243,7 +242,7 @@ def _quantiles(weights, mean, std, atom, levels) -> torch.Tensor:
         value, pi = atom
         smooth = weights * (1.0 - pi)  # the Gaussians' share of each component
         point = torch.full_like(low, value)
-        before = (smooth * 0.5 * torch.erfc((mean - value) / (std * math.sqrt(2.0)))).sum(0)
+        before = _cdf(smooth, mean, std, None, point[0])  # the Gaussians' mass below the atom
         after = before + (weights * pi).sum(0)
         at_atom = (before < level) & (level <= after)
         low = torch.where(level > after, torch.maximum(low, point), low)  # above the mass

@@ -91,6 +91,14 @@ def jacobian(density: torch.Tensor, log_std: torch.Tensor | None) -> torch.Tenso
     return density.to(torch.float64) @ log_std.to(device=density.device, dtype=torch.float64)
 
 
+def matmul_autocast(device_type: str, matmul_dtype: torch.dtype | None) -> torch.autocast:
+    """The MLPs' matmuls in `matmul_dtype` under autocast (off when it is None): the estimators'
+    `matmul_dtype` argument."""
+    return torch.autocast(
+        device_type, dtype=matmul_dtype or torch.bfloat16, enabled=matmul_dtype is not None
+    )
+
+
 # ------------------------------------------------------------------------------ the core
 def reparameterise(posterior: Posterior, eps: torch.Tensor) -> torch.Tensor:
     """z = mean + std * eps: eps (k, D) shared by every record (common random numbers), or
@@ -395,10 +403,7 @@ def score_records(
     that dtype under autocast; the densities stay in the input's precision. `proposal_scale`
     widens q(z|x)'s sd in the importance weights (model/estimation/proposal.py); `points`:
     model/estimation/noise.py."""
-    autocast = torch.autocast(
-        x.device.type, dtype=matmul_dtype or torch.bfloat16, enabled=matmul_dtype is not None
-    )
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), matmul_autocast(x.device.type, matmul_dtype):
         posterior = model.encoder(x, mask)
         proposal = posterior.widened(proposal_scale)
         result = iwae(model, x, mask, k=k, seed=seed, log_std=log_std, memory_budget=memory_budget,

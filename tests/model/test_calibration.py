@@ -13,7 +13,7 @@ from vaewatch.model.calibration.scores import (
 )
 from vaewatch.model.errors import UserError
 from vaewatch.model.estimation.attribution import top_indices
-from vaewatch.model.estimation.explanations import top_features
+from vaewatch.model.estimation.explanations import record_basis, top_features
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_bad_quantile_is_a_user_error(calibration):
 def test_top_features_by_hand():
     nll = np.array([[1.0, 5.0, 2.0], [0.0, 0.0, 0.0], [3.0, 2.5, 9.0]])
     baseline = np.array([1.0, 2.0, 2.0])
-    basis = np.array(["not_flagged", "not_flagged", "over_budget"])
+    basis = record_basis(np.array([False, False, True]), None, None)  # not flagged, over budget
     result = top_features(nll - baseline, ["a", "b", "c"], n=2, basis=basis).to_pylist()
     unexplained = dict.fromkeys(
         ["direction", "observed", "expected", "low", "high", "probability", "likely"]
