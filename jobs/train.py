@@ -145,6 +145,19 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
         )
         artifact, calibration = fitted.artifact, fitted.artifact.calibration
         threshold = calibration.threshold()
+        set_aside = artifact.metadata.get("robust")
+        if set_aside is not None:
+            trimmed = artifact.metadata["train_config"]["robust_trim"]
+            echo(_set_aside_line(set_aside, fitted.prepared.counts.rows_train, trimmed))
+            mlrun.log_metrics(
+                {
+                    "robust_set_aside_rows": set_aside["rows"],
+                    "robust_set_aside_share": set_aside["share"],
+                    "robust_cutoff": set_aside["cutoff"],
+                    "refit_epochs": set_aside["refit_epochs"],
+                    "refit_chosen": int(set_aside["chosen"]),
+                }
+            )
         if fitted.best_epoch >= 0:
             echo(f"trained {len(fitted.history)} epochs; best epoch {fitted.best_epoch}")
         else:  # early stopping chooses no epoch of the KL warm-up (model/training/loop.py)
@@ -274,12 +287,33 @@ def _describe(prepared: Prepared, echo: Callable[[str], None], train: TrainConfi
         trim += " after the warm-up"
     else:
         trim += f" left out {when}"
+    if run.refit:
+        trim += (
+            f", then a refit of the plain likelihood without the rows beyond "
+            f"{run.refit_fence:g} interquartile ranges of the robust fit's upper quartile"
+            if run.robust_trim
+            else ", then a fine-tune at a tenth of the learning rate"
+        )
     echo(
         f"network: {'x'.join(map(str, vae.hidden))} units, {vae.latent_dim} latent dimensions; "
         f"robust training ({size}-table profile unless given): {trim}, weight prior "
         f"{run.weight_prior:g}"
     )
     echo(f"device: {prepared.device}")
+
+
+def _set_aside_line(set_aside: dict, rows: int, trimmed: float) -> str:
+    """What the refit left out, and whether it was kept (model/training/loop.py `SetAside`)."""
+    kept = "kept" if set_aside["chosen"] else "not kept: the first stage validated better"
+    if not trimmed:
+        epochs = set_aside["refit_epochs"]
+        return f"refit: every row, at a tenth of the learning rate; {epochs} epochs, {kept}"
+    return (
+        f"refit: {set_aside['rows']:,} of {rows:,} training rows ({set_aside['share']:.2%}) set "
+        f"aside, -IWAE above {set_aside['cutoff']:.2f} nats (standardised units: upper quartile "
+        f"{set_aside['quartiles'][1]:.2f} + {set_aside['fence']:g} x interquartile range under "
+        f"the robust fit); {set_aside['refit_epochs']} epochs, {kept}"
+    )
 
 
 def _params(job: TrainJob, prepared: Prepared) -> dict:

@@ -116,6 +116,7 @@ LARGE_TABLE_TRAINING = {
     "robust_drop": 0.0,
     "trim_from_start": False,
     "weight_prior": 0.0,
+    "refit": True,
 }
 # - a small table (a narrowed network, up to 724 training rows), where a handful of anomalous
 #   rows can be memorised: from the first update the worst 20 % of each batch count a fifth,
@@ -131,7 +132,11 @@ SMALL_TABLE_TRAINING = {
     "robust_drop": 0.05,
     "trim_from_start": True,
     "weight_prior": 2.0,
+    "refit": False,
 }
+# the refit's cutoff (model/training/loop.py `far_out_cutoff`): Tukey's far-out fence, the upper
+# quartile of the validation rows' -IWAE under the robust fit plus 3 interquartile ranges
+REFIT_FENCE = 3.0
 VALIDATION_FRACTION = 0.1  # held out for early stopping and calibration
 MIN_VALIDATION_ROWS = 200  # small tables hold out more (up to a quarter): early stopping and
 # calibration on a few dozen rows follow noise (a 544-row table stopped on 45 rows at epoch 8)

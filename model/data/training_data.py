@@ -10,7 +10,8 @@ split does not depend on batch boundaries, the read order or the cache.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -69,6 +70,9 @@ class TrainingData:
         self.x_val = self.m_val = None
         self._x = self._m = None  # cached training rows, when they fit
         self._stream = None  # (source, spec, fraction, seed, buffer rows, read rows) otherwise
+        # rows that serve no batch (`excluding`): a predicate on (x, mask) -> bool per row
+        self._exclude: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.excluded_rows = 0  # rows `excluding` left out (streamed: in the last epoch)
         self.counts = DataCounts()
 
     @property
@@ -151,6 +155,26 @@ class TrainingData:
         data._check()
         return data
 
+    def excluding(
+        self, predicate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chunk: int = 8192
+    ) -> TrainingData:
+        """These rows without the training rows where `predicate(x, mask)` (a bool per row) is
+        true; the validation sample and the counts stay. Cached rows are tested once, here;
+        streamed rows as each batch is read, so `excluded_rows` is then the last epoch's."""
+        out = copy.copy(self)
+        if self._x is None:
+            out._exclude = predicate
+            return out
+        drop = torch.cat(
+            [
+                predicate(self._x[start : start + chunk], self._m[start : start + chunk]).cpu()
+                for start in range(0, self._x.shape[0], chunk)
+            ]
+        )
+        out._x, out._m = self._x[~drop], self._m[~drop]
+        out.excluded_rows = int(drop.sum())
+        return out
+
     def _check(self) -> None:
         c = self.counts
         if c.rows_train < 1 or c.rows_validation < 1:
@@ -184,10 +208,15 @@ class TrainingData:
             rest = order[usable:]
             pending_x[:], pending_m[:] = [x[rest]], [m[rest]]
 
+        self.excluded_rows = 0
         for first, batch in source.batches(spec.names(), read_rows, file_order=file_order):
             enc = spec.encode(batch)
             u = row_uniforms(np.arange(first, first + batch.num_rows), seed)
             train = torch.from_numpy(enc.ok & (u >= fraction))
+            if self._exclude is not None:
+                dropped = self._exclude(enc.x, enc.mask).cpu() & train
+                self.excluded_rows += int(dropped.sum())
+                train &= ~dropped
             pending_x.append(enc.x[train])
             pending_m.append(enc.mask[train])
             pending += int(train.sum())

@@ -238,6 +238,8 @@ def fit(
             "epochs_run": len(result.history),
             "rows": data.counts.to_json(),
             "data_fingerprint": fingerprint.to_json(),
+            # the training rows the refit left out (model/training/loop.py `SetAside`)
+            "robust": result.set_aside.to_json() if result.set_aside is not None else None,
         },
     )
     return FitResult(

@@ -38,6 +38,8 @@ from vaewatch.model.training.sizing import training_profile
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015: unit u is active if Cov_x(E_q[z_u]) > 0.01
 VALIDATION_IWAE_ROWS = 10_000  # per-epoch IWAE on at most this many rows (~0.5 s at K=64, CPU)
+REFIT_LR_FACTOR = 0.1  # the refit's learning rate, of the configured one
+REFIT_EPOCHS = 20  # at most, in the refit stage (early stopping usually ends it within 10)
 
 
 @dataclass
@@ -73,6 +75,10 @@ class TrainConfig:
     trim_from_start: bool | None = None  # ... or from the first update
     trim_weight: float | None = None  # what a trimmed record's loss counts (0: nothing)
     robust_drop: float | None = None  # ... but the worst count nothing after the warm-up
+    # after the robust fit, refit the plain likelihood without the rows it explains beyond the
+    # far-out fence (`train`, `far_out_cutoff`)
+    refit: bool | None = None
+    refit_fence: float = defaults.REFIT_FENCE  # the fence's multiple of the interquartile range
     # which profile the fields left at None take: "auto" (by the training rows), "small", "large"
     profile: str = "auto"
 
@@ -86,6 +92,8 @@ class TrainConfig:
         for name in ("weight_decay", "weight_prior"):
             if getattr(self, name) is not None and getattr(self, name) < 0.0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.refit_fence > 0.0:
+            raise ValueError(f"refit_fence must be > 0, got {self.refit_fence}")
         if self.trim_weight is not None and not 0.0 <= self.trim_weight <= 1.0:
             raise ValueError(f"trim_weight must be in [0, 1], got {self.trim_weight}")
         for name in ("validation_trim", "robust_trim", "robust_drop"):
@@ -139,16 +147,10 @@ class EpochStats:
     kl_per_dim: list[float]  # mean KL of each latent dimension on validation
     active_units: int  # latent dims with Cov_x(E_q[z_u]) > ACTIVE_UNIT_THRESHOLD
     seconds: float
+    refit: bool = False  # an epoch of the refit stage (plain likelihood on the kept rows)
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class TrainResult:
-    history: list[EpochStats] = field(default_factory=list)
-    best_epoch: int = -1
-    device: str = "cpu"
 
 
 # ---------------------------------------------------------------------------------- the loop
@@ -250,6 +252,40 @@ def _validate(model: VAE, x, mask, k: int, seed: int) -> _Validation:
     )
 
 
+@dataclass
+class SetAside:
+    """What the refit (`TrainConfig.refit`) left out: the training rows the robust fit explains
+    beyond `cutoff`, Tukey's far-out fence on the validation rows' -IWAE under that fit."""
+
+    rows: int  # training rows left out (streamed: in the refit's last epoch)
+    share: float  # of the training rows
+    cutoff: float  # -IWAE, nats/record in the model's standardised units
+    quartiles: tuple[float, float]  # of the validation rows' -IWAE under the robust fit
+    fence: float  # the cutoff's multiple of the interquartile range above the upper quartile
+    refit_epochs: int  # epochs of plain likelihood on the kept rows
+    chosen: bool  # the refit beat the robust fit on the validation criterion
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochStats] = field(default_factory=list)
+    best_epoch: int = -1
+    device: str = "cpu"
+    set_aside: SetAside | None = None  # None: no refit ran
+
+
+def far_out_cutoff(scores: np.ndarray, fence: float) -> tuple[float, tuple[float, float]]:
+    """(Q3 + fence x IQR, (Q1, Q3)) of `scores`: Tukey's far-out fence at fence = 3. The
+    quartiles move little with up to a quarter of the rows anomalous, so the cutoff is set by
+    the bulk; on a clean table of D continuous features, where -log p is about chi2_D / 2 + c,
+    it leaves out 0.9 % (D = 2) to under 0.1 % (D >= 12) of the rows."""
+    q1, q3 = np.quantile(np.asarray(scores, np.float64), [0.25, 0.75])
+    return float(q3 + fence * (q3 - q1)), (float(q1), float(q3))
+
+
 def train(
     model: VAE,
     data: TrainingData | torch.Tensor,
@@ -263,6 +299,14 @@ def train(
     `data` is a TrainingData, or an (x, mask) pair of tensors split here by the config's seed.
     `on_step(rows, loss)` is called after every update (a progress bar), `on_epoch` after each
     epoch's validation.
+
+    With `config.refit` (the large-table profile) and a trim, training has two stages, the
+    reweighting step of robust covariance estimators (Rousseeuw & Van Driessen's reweighted
+    MCD): the robust fit as configured, then the plain likelihood on every training row except
+    those the robust fit explains beyond a cutoff derived from the fit itself (`far_out_cutoff`),
+    starting from the robust fit's weights. A clean table so loses only its far-out rows, not
+    the worst `robust_trim` of every batch, and its density keeps its tails; the refit's
+    weights are kept only where they beat the robust fit on the validation criterion.
     """
     config = config or TrainConfig()
     if isinstance(data, torch.Tensor):
@@ -270,24 +314,13 @@ def train(
         data = TrainingData.from_tensors(data, mask, config.validation_fraction, config.seed)
     config = config.for_rows(data.counts.rows_train)
     device = resolve_device(config.device)
-    autocast = device.type == "cuda" and config.mixed_precision
     if device.type == "cpu":
         cpu_threads.apply(config.threads or cpu_threads.threads_for(1))
     torch.manual_seed(config.seed)
     model.reset_parameters()
-    generator = torch.Generator().manual_seed(config.seed + 1)
     model.to(device).train()
-    x_val, m_val = data.x_val.to(device), data.m_val.to(device)
-    optimizer = torch.optim.Adam(
-        model.parameters(),
-        lr=config.learning_rate,
-        weight_decay=config.decay_per_record(data.counts.rows_train),
-    )
-    result = TrainResult(device=str(device))
-    best, best_state, stale = -math.inf, None, 0
-    passes = config.passes_per_epoch(data.counts.rows_train)
+    run = _Run(model, data, config, device, on_epoch, on_step)
     for epoch in range(config.epochs):
-        started = time.perf_counter()
         beta = min(1.0, (epoch + 1) / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0
         # by default trimming starts once the warm-up is over; from the start, the rows an
         # unfitted model explains worst (those far from the bulk) never get a gradient, so a
@@ -298,31 +331,74 @@ def train(
         # from the first update, they are a share of every table never learned (the digit
         # tables' hard cases), while after the warm-up they are what the model cannot explain
         step_config = config if warm or not config.robust_drop else replace(config, robust_drop=0.0)
+        stats = run.epoch(data, step_config, beta, trim)
+        if config.objective == "elbo" and epoch + 1 < config.kl_warmup_epochs:
+            continue  # beta is still rising: no epoch of the KL warm-up is chosen or counted
+        if run.stop_after(stats):
+            break
+    if config.refit and run.best_state is not None:
+        run.result.set_aside = _refit(run, data)
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
+    model.eval()
+    return run.result
+
+
+class _Run:
+    """One training run's state: optimiser, noise, validation tensors, early stopping."""
+
+    def __init__(self, model: VAE, data: TrainingData, config, device, on_epoch, on_step):
+        self.model, self.config, self.device = model, config, device
+        self.on_epoch, self.on_step = on_epoch, on_step
+        self.autocast = device.type == "cuda" and config.mixed_precision
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.x_val, self.m_val = data.x_val.to(device), data.m_val.to(device)
+        self.rows = data.counts.rows_train
+        self.optimizer = self.new_optimizer()
+        self.result = TrainResult(device=str(device))
+        self.best, self.best_state, self.stale = -math.inf, None, 0
+
+    def new_optimizer(self, lr_factor: float = 1.0) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            self.model.parameters(),
+            lr=self.config.learning_rate * lr_factor,
+            weight_decay=self.config.decay_per_record(self.rows),
+        )
+
+    def epoch(
+        self, data: TrainingData, step_config: TrainConfig, beta: float, trim: float, **stage
+    ) -> EpochStats:
+        """One epoch of updates on `data`, then validation; the stats go to on_epoch."""
+        config, device, model = self.config, self.device, self.model
+        started = time.perf_counter()
         running, running_elbo, seen = 0.0, 0.0, 0
-        batches = (b for _ in range(passes) for b in data.batches(config.batch_size, generator))
+        passes = config.passes_per_epoch(self.rows)
+        batches = (
+            b for _ in range(passes) for b in data.batches(config.batch_size, self.generator)
+        )
         for x, mask_b in batches:
             x, mask_b = x.to(device, non_blocking=True), mask_b.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss, plain = _loss(model, x, mask_b, step_config, beta, generator, trim)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss, plain = _loss(model, x, mask_b, step_config, beta, self.generator, trim)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"training loss became {loss.item()} at epoch {epoch}; lower "
-                    f"{setting('learning_rate')} or check the data for extreme values"
+                    f"training loss became {loss.item()} at epoch {len(self.result.history)}; "
+                    f"lower {setting('learning_rate')} or check the data for extreme values"
                 )
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            self.optimizer.step()
             loss_value = loss.item()
             running += loss_value * x.shape[0]
             running_elbo += plain.item() * x.shape[0]
             seen += x.shape[0]
-            if on_step is not None:
-                on_step(x.shape[0], loss_value)
-        val = _validate(model, x_val, m_val, config.validation_k, config.seed)
+            if self.on_step is not None:
+                self.on_step(x.shape[0], loss_value)
+        val = _validate(model, self.x_val, self.m_val, config.validation_k, config.seed)
         stats = EpochStats(
-            epoch=epoch,
-            train_loss=running / seen,
-            train_elbo=running_elbo / seen,
+            epoch=len(self.result.history),
+            train_loss=running / max(seen, 1),
+            train_elbo=running_elbo / max(seen, 1),
             val_elbo=float(val.elbo.mean()),
             val_iwae=float(val.iwae.mean()),
             # the score vaewatch reports is the IWAE: stop on it whatever the objective
@@ -330,21 +406,64 @@ def train(
             kl_per_dim=val.kl_per_dim,
             active_units=val.active_units,
             seconds=time.perf_counter() - started,
+            **stage,
         )
-        result.history.append(stats)
-        if on_epoch is not None:
-            on_epoch(stats)
-        if config.objective == "elbo" and epoch + 1 < config.kl_warmup_epochs:
-            continue  # beta is still rising: no epoch of the KL warm-up is chosen or counted
-        score = stats.val_criterion
-        if score > best + config.min_delta:
-            best, stale, result.best_epoch = score, 0, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return result
+        self.result.history.append(stats)
+        if self.on_epoch is not None:
+            self.on_epoch(stats)
+        return stats
+
+    def stop_after(self, stats: EpochStats) -> bool:
+        """Early stopping: keep the best epoch's weights; True once `patience` epochs in a row
+        did not improve on it by min_delta."""
+        if stats.val_criterion > self.best + self.config.min_delta:
+            self.best, self.stale, self.result.best_epoch = stats.val_criterion, 0, stats.epoch
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            return False
+        self.stale += 1
+        return self.stale >= self.config.patience
+
+
+def _refit(run: _Run, data: TrainingData) -> SetAside:
+    """The refit stage of `train`: from the robust fit's best weights, the plain likelihood
+    (beta 1, no trim) on the training rows it explains within `far_out_cutoff`, at a tenth of
+    the learning rate, with early stopping against the robust fit's best criterion, for at
+    most REFIT_EPOCHS epochs."""
+    config, model = run.config, run.model
+    model.load_state_dict(run.best_state)
+    robust = copy.deepcopy(model).eval()
+    val = _validate(robust, run.x_val, run.m_val, config.validation_k, config.seed)
+    cutoff, quartiles = far_out_cutoff(-val.iwae, config.refit_fence)
+    generator = torch.Generator().manual_seed(config.seed + 11)
+    d = model.config.latent_dim
+
+    @torch.no_grad()
+    def outlying(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x, mask = x.to(run.device), mask.to(run.device)
+        eps = torch.randn((config.validation_k, x.shape[0], d), generator=generator).to(x.device)
+        return -iwae_estimate(robust, x, mask, eps=eps).log_likelihood > cutoff
+
+    # without a trim the fit was the plain likelihood already: nothing is set aside, the
+    # refit is the same fine-tune on every row (so --robust-trim 0 differs only in the trim)
+    kept = data.excluding(outlying) if config.robust_trim else data
+    # a fine-tune: Adam's moments belong to the robust loss, and at the full rate the first
+    # updates undo more of the fit than the kept rows' tails add
+    run.optimizer, run.stale = run.new_optimizer(REFIT_LR_FACTOR), 0
+    robust_best = run.best
+    plain = replace(config, robust_trim=0.0, robust_drop=0.0)
+    epochs = 0
+    for _ in range(REFIT_EPOCHS):
+        stats = run.epoch(kept, plain, beta=1.0, trim=0.0, refit=True)
+        epochs += 1
+        if run.stop_after(stats):
+            break
+    rows = data.counts.rows_train
+    return SetAside(
+        rows=kept.excluded_rows,
+        share=kept.excluded_rows / max(rows, 1),
+        cutoff=cutoff,
+        quartiles=quartiles,
+        fence=config.refit_fence,
+        refit_epochs=epochs,
+        chosen=run.best > robust_best,
+    )
