@@ -429,7 +429,7 @@ def train_command(**options) -> None:
     Prints the model URI (models:/NAME/VERSION) on the last line of stdout.
     """
     from vaewatch.jobs.train import TrainJob, run
-    from vaewatch.model import registry
+    from vaewatch.model import defaults, registry
     from vaewatch.model.artifact import ScoringDefaults
     from vaewatch.model.training.fit import FitConfig
     from vaewatch.model.training.loop import TrainConfig
@@ -473,7 +473,8 @@ def train_command(**options) -> None:
             latent_dim=o["latent_dim"],
             hidden=o["hidden"],
             train=train,
-            scoring=ScoringDefaults(k=o["k"], seed=o["seed"]),
+            scoring=ScoringDefaults(k=o["k"] or defaults.K, seed=o["seed"]),
+            k_budget=defaults.K_BUDGET if o["k"] is None else None,
             threshold_quantile=o["threshold_quantile"],
             flag_rule=o["flag_rule"],
             segment_column=o["segment_column"],

@@ -602,9 +602,13 @@ progress = option(
 score_k = option(
     "--k",
     type=click.IntRange(min=1),
-    default=defaults.K,
+    default=None,
+    show_default=f"chosen per model from {', '.join(map(str, defaults.K_LADDER))}",
     help="IWAE samples per record the model scores with (used for calibration, stored with the "
-    "model as its default).",
+    "model as its default). Unset: the smallest of "
+    f"{', '.join(map(str, defaults.K_LADDER))} whose validation rows' mean log-likelihood is "
+    f"within {defaults.K_BUDGET:g} nats of K={defaults.K_REFERENCE:,}'s, on the points scoring "
+    "uses.",
 )
 train_threshold_quantile = option(
     "--threshold-quantile",

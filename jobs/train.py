@@ -167,7 +167,9 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
                 "one's weights are kept (more epochs than the warm-up let early stopping choose)"
             )
         echo(
-            f"calibration: {calibration.rows:,} validation rows, IWAE K={config.scoring.k} "
+            f"calibration: {calibration.rows:,} validation rows, IWAE K={artifact.scoring.k}"
+            + _k_choice(artifact.metadata.get("k_errors"), artifact.scoring.k)
+            + " "
             f"({artifact.scoring.points} points), proposal scale "
             f"{artifact.scoring.proposal_scale:g}; "
             f"threshold {threshold:.3f} nats at quantile {config.threshold_quantile}, flag rule "
@@ -197,6 +199,7 @@ def run(job: TrainJob, echo: Callable[[str], None] = print) -> TrainOutcome:
                 "calibration_flagged_share": calibration.flagged_share(),
                 "calibration_discrete_weight": calibration.discrete_weight,
                 "proposal_scale": artifact.scoring.proposal_scale,
+                "score_k": artifact.scoring.k,
             }
         )
         artifact.metadata.update(
@@ -302,6 +305,17 @@ def _describe(prepared: Prepared, echo: Callable[[str], None], train: TrainConfi
     echo(f"device: {prepared.device}")
 
 
+def _k_choice(errors: dict | None, k: int) -> str:
+    """How K was chosen (model/estimation/proposal.py `choose_k`): each K tried, its error."""
+    if not errors:
+        return ""
+    tried = ", ".join(f"K={key} {value:+.3f}" for key, value in errors.items())
+    return (
+        f" (chosen: mean error against K={defaults.K_REFERENCE:,} on the validation rows "
+        f"{tried}; budget {defaults.K_BUDGET:g} nats)"
+    )
+
+
 def _set_aside_line(set_aside: dict, rows: int, trimmed: float) -> str:
     """What the refit left out, and whether it was kept (model/training/loop.py `SetAside`)."""
     kept = "kept" if set_aside["chosen"] else "not kept: the first stage validated better"
@@ -324,7 +338,8 @@ def _params(job: TrainJob, prepared: Prepared) -> dict:
         # the table's size (model/training/sizing.py)
         **{f"train.{k}": v for k, v in config.train.for_rows(counts.rows_train).to_json().items()},
         **{f"vae.{k}": v for k, v in prepared.vae_config.to_json().items()},
-        "score.k": config.scoring.k,
+        # "auto": chosen after training (model/estimation/proposal.py), logged as score_k
+        "score.k": config.scoring.k if config.k_budget is None else "auto",
         "score.seed": config.scoring.seed,
         "score.points": config.scoring.points,
         "threshold_quantile": config.threshold_quantile,

@@ -1,6 +1,7 @@
-"""How wide scoring's proposal is: the factor on q(z|x)'s standard deviation in the importance
-weights, chosen once per model at training (bench/notes/, "A proposal scale chosen per
-model" and "The proposal scale by the design's expectation")."""
+"""Scoring's importance sampler, chosen once per model at training: how wide its proposal is
+(the factor on q(z|x)'s standard deviation in the importance weights; bench/notes/, "A proposal
+scale chosen per model" and "The proposal scale by the design's expectation"), and how many
+points it takes (`choose_k`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from vaewatch.model.training.loop import VALIDATION_IWAE_ROWS, trimmed_mean
 # i mod DRAWS): the criterion's noise from the points is then ~1/8 of one shared draw's
 DRAWS = 64
 SCALE_STREAM = 3  # not the scorer's stream (estimators.IWAE_STREAM): no draw is the scored one
+K_CHOICE_ROWS = 2_000  # validation rows `choose_k` measures on (K_REFERENCE points each)
 
 
 def choose_proposal_scale(
@@ -77,3 +79,37 @@ def choose_proposal_scale(
             if value > best_value:
                 best, best_value = scale, value
     return best
+
+
+def choose_k(model, data, spec, scoring, device, budget: float, trim: float) -> tuple[int, dict]:
+    """(K, {K tried: its error}): the smallest K of defaults.K_LADDER whose validation rows'
+    mean IWAE is within `budget` nats of the same rows' at defaults.K_REFERENCE, each with the
+    model's own points, seed and proposal scale; the ladder's last where none is.
+
+    Scoring shares one draw of the points across records (common random numbers), so a table's
+    mean error is not only the estimator's bias, which falls as 1/K, but that draw's luck,
+    which every record shares and no number of records averages away: on models the default K
+    was not chosen on it reached +-0.07 to 0.09 nats at K = 24 (bench/k_families.py). The
+    error is measured here on the scorer's own draw, so it is the error scoring will make; the
+    worst `trim` of the rows by the reference (where anomalies in the training data sit) do not
+    count."""
+    rows = min(data.x_val.shape[0], K_CHOICE_ROWS)
+    x, m = data.x_val[:rows].to(device), data.m_val[:rows].to(device)
+    log_std = spec.continuous_log_std.to(device)
+
+    def mean_iwae(k: int) -> torch.Tensor:
+        with torch.inference_mode():
+            proposal = model.encoder(x, m).widened(scoring.proposal_scale)
+            return iwae(
+                model, x, m, k=k, seed=scoring.seed, log_std=log_std, posterior=proposal,
+                points=scoring.points,
+            ).log_likelihood.double().cpu()  # fmt: skip
+
+    reference = mean_iwae(defaults.K_REFERENCE)
+    keep = reference >= torch.quantile(reference, trim)
+    errors = {}
+    for k in defaults.K_LADDER:
+        errors[k] = float((reference - mean_iwae(k))[keep].mean())
+        if abs(errors[k]) <= budget:
+            return k, errors
+    return defaults.K_LADDER[-1], errors

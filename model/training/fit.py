@@ -35,7 +35,7 @@ from vaewatch.model.estimation.attribution import (
     top_indices,
 )
 from vaewatch.model.estimation.estimators import DEFAULT_MEMORY_BUDGET, score_records
-from vaewatch.model.estimation.proposal import choose_proposal_scale
+from vaewatch.model.estimation.proposal import choose_k, choose_proposal_scale
 from vaewatch.model.network.vae import VAE, VAEConfig
 from vaewatch.model.training.loop import (
     EpochStats,
@@ -68,6 +68,9 @@ class FitConfig:
     scoring: ScoringDefaults = field(
         default_factory=ScoringDefaults
     )  # K, seed and points at scoring
+    # K chosen per model (model/estimation/proposal.py `choose_k`) within this many nats of
+    # K_REFERENCE's table mean; None: scoring.k as given
+    k_budget: float | None = defaults.K_BUDGET
     threshold_quantile: float = defaults.THRESHOLD_QUANTILE
     flag_rule: str = defaults.FLAG_RULE  # is_anomaly's rule (model/calibration/scores.py)
     max_validation_rows: int = defaults.MAX_VALIDATION_ROWS
@@ -190,6 +193,12 @@ def fit(
             model, data, spec, config.scoring, device, train_config.validation_trim
         ),
     )
+    k_errors = None
+    if config.k_budget is not None:
+        k, k_errors = choose_k(
+            model, data, spec, scoring, device, config.k_budget, train_config.validation_trim
+        )
+        scoring = replace(scoring, k=k)
     log_likelihood, feature_nll, discrete_nll = calibration_scores(
         model, data, spec, scoring, device
     )
@@ -240,6 +249,8 @@ def fit(
             "data_fingerprint": fingerprint.to_json(),
             # the training rows the refit left out (model/training/loop.py `SetAside`)
             "robust": result.set_aside.to_json() if result.set_aside is not None else None,
+            # each K tried by `choose_k` -> its validation error against K_REFERENCE, nats
+            "k_errors": None if k_errors is None else {str(k): e for k, e in k_errors.items()},
         },
     )
     return FitResult(

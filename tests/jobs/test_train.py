@@ -37,7 +37,7 @@ def test_registered_with_alias_tags_params_metrics_and_plots(trained):
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
     p = run.data.params
-    assert p["train.learning_rate"] == "0.001" and p["score.k"] == str(defaults.K)
+    assert p["train.learning_rate"] == "0.001" and p["score.k"] == "auto"
     assert p["score.points"] == "spherical"  # the design the calibration was computed on
     # the robust-training fields as run: the large-table profile for 15,000 rows, not "None"
     large = defaults.LARGE_TABLE_TRAINING
@@ -51,6 +51,13 @@ def test_registered_with_alias_tags_params_metrics_and_plots(trained):
         assert len(client.get_metric_history(run.info.run_id, metric)) == epochs, metric
     active = client.get_metric_history(run.info.run_id, "active_units")[-1].value
     assert 1 <= active <= 8
+    # the K chosen after training, what the refit set aside (model/training/loop.py SetAside)
+    chosen = outcome.artifact.scoring.k
+    assert chosen in defaults.K_LADDER
+    assert client.get_metric_history(run.info.run_id, "score_k")[-1].value == chosen
+    robust = outcome.artifact.metadata["robust"]
+    logged = client.get_metric_history(run.info.run_id, "robust_set_aside_rows")[-1].value
+    assert logged == robust["rows"] and 0 <= robust["share"] < 0.05
     cal = outcome.artifact.calibration
     for metric, value in (
         ("calibration_outliers", cal.surprise_outliers),

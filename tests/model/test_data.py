@@ -184,3 +184,31 @@ def test_training_from_a_stream_is_deterministic_and_learns(parquet_days):
 def test_an_output_the_input_would_list_is_found(tmp_path, monkeypatch, inputs, output, found):
     monkeypatch.chdir(tmp_path)
     assert input_containing(inputs, output) == found
+
+
+def test_excluding_leaves_out_the_same_rows_cached_and_streamed(parquet_days):
+    """`excluding(predicate)` serves every training row but those the predicate names, from
+    memory and from the stream alike, and counts them; validation rows stay."""
+    source, spec = parquet_days
+    kwargs = dict(validation_fraction=0.2, seed=3)
+    cached = TrainingData.from_parquet(source, spec, **kwargs)
+    streamed = TrainingData.from_parquet(
+        source, spec, **kwargs, cache_bytes=0, shuffle_buffer_rows=1000, read_batch_rows=300
+    )
+    amount = spec.names().index("amount")
+    cut = float(torch.quantile(cached._x[:, amount], 0.9))
+
+    def large(x, mask):
+        return (x[:, amount] > cut) & mask[:, amount]
+
+    n = len(spec.names())  # a row of _rows: the n values, then the n observed flags
+    expected = [r for r in _rows(cached._x, cached._m) if r[amount] <= cut or not r[n + amount]]
+    for data in (cached, streamed):
+        kept = data.excluding(large)
+        batches = list(kept.batches(128, torch.Generator().manual_seed(0)))
+        x = torch.cat([b[0] for b in batches])
+        m = torch.cat([b[1] for b in batches])
+        assert _rows(x, m) == expected
+        assert kept.excluded_rows == cached.counts.rows_train - len(expected) > 0
+        assert torch.equal(kept.x_val, cached.x_val) and kept.counts == cached.counts
+    assert cached.excluded_rows == 0 and cached._x.shape[0] == cached.counts.rows_train
