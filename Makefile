@@ -79,7 +79,7 @@ dist: $(STAMP)
 	rm -rf dist && $(BIN)/python -m build --outdir dist
 
 # Every benchmark in one go (about an hour on 2 cores); bench-quick: the same, smaller (about 25 min).
-BENCH_SCRIPTS := estimators accuracy_breadth as_scored speedup small_k contention beam_pipeline throughput quality profile_by_size flags flag_calibration iwae_replication wide value_counts attribution training_speed drift same_scores user_pipeline startup segments
+BENCH_SCRIPTS := estimators accuracy_breadth as_scored speedup small_k contention beam_pipeline throughput quality profile_by_size flags flag_calibration iwae_replication wide value_counts attribution training_speed drift same_scores user_pipeline startup segments clean_density k_families broad
 
 bench: $(STAMP)
 	for s in $(BENCH_SCRIPTS); do $(BIN)/python -m bench.$$s $(BENCH_ARGS) || exit 1; done

@@ -6,6 +6,7 @@ project developed on.
     python -m bench.broad --quick               # 4 of the rule's tables, 1 seed (~6 min)
     python -m bench.broad --only AER::Guns      # one table (any number of --only)
     python -m bench.broad --report              # the tables and tests from the cache alone
+    python -m bench.broad --select              # which tables the rule chooses (no scoring)
 
 Resumable: each (table, setting, seed) cell's scores are written to `--cache`
 (bench/results/broad/ by default, one JSON file a cell) as soon as it finishes, and a cell found
@@ -46,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from bench import harness
+from bench import broad_tables, harness
 from bench.broad_tables import committed, load
 from bench.datasets import MIXED_CONTAMINATION, contaminated, one_class
 from bench.quality import average_ranks, pca_reconstruction, practitioner_matrices
@@ -239,10 +240,27 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", action="append", default=[], metavar="PACKAGE::ITEM")
-    parser.add_argument("--cache", default=str(CACHE), metavar="DIR")
+    parser.add_argument(
+        "--cache", default=None, metavar="DIR",
+        help=f"where cells are kept (default: {CACHE.relative_to(harness.ROOT)}; with --quick a "
+        "new temporary folder, so a quick run measures)",
+    )  # fmt: skip
     parser.add_argument("--report", action="store_true", help="report the cached cells only")
+    parser.add_argument(
+        "--select", action="store_true",
+        help="apply bench/broad_tables.py's rule and print the tables; nothing is scored",
+    )  # fmt: skip
+    parser.add_argument("--write", action="store_true", help="with --select: write the list")
     args = parser.parse_args()
     record = harness.start(args, "broad")
+    if args.select:
+        tables = {"rule": broad_tables.select(), "developed": broad_tables.developed()}
+        print(broad_tables.describe(tables))
+        if args.write:
+            broad_tables.write(tables)
+        return
+    if args.cache is None:
+        args.cache = tempfile.mkdtemp(prefix="broad-") if args.quick else str(CACHE)
     todo = jobs(args)
     if args.report:
         found = [cell_path(*job[:2], table_name(job[2]), *job[3:]) for job in todo]

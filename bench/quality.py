@@ -380,6 +380,13 @@ def main() -> None:
         "writes beside its --json, or no plot",
     )
     parser.add_argument("--replot", default=None, help="tables + plot from a --json file, no runs")
+    parser.add_argument(
+        "--peers-from",
+        default=None,
+        metavar="JSON",
+        help="take the peers' scores from an earlier run's --json (the same splits: the data "
+        "and seeds are fixed) and run vaewatch alone, as after a change to vaewatch",
+    )
     args = parser.parse_args()
     run = harness.start(args, "quality")
     if args.replot:
@@ -407,6 +414,15 @@ def main() -> None:
         flush=True,
     )
     records = run.results["records"] = []
+    earlier = {}
+    if args.peers_from:
+        saved = json.loads(Path(args.peers_from).read_text())
+        saved = saved if isinstance(saved, list) else saved["results"]["records"]
+        earlier = {
+            (r["dataset"], r["seed"], r["method"]): r
+            for r in saved
+            if not r["method"].startswith("vaewatch")
+        }
     started = time.perf_counter()
     for seed in seeds:
         for split in real_splits(seed, digit_classes):
@@ -415,9 +431,13 @@ def main() -> None:
             t0 = time.perf_counter()
             scores = vaewatch_scores(split, seed, work, tracking_uri, overrides(args.set))
             t1 = time.perf_counter()
-            scores.update(baseline_scores(split, seed))
+            if not earlier:
+                scores.update(baseline_scores(split, seed))
             t2 = time.perf_counter()
             for method in METHODS:
+                if method not in scores:  # a peer, from --peers-from
+                    records.append(earlier[(split.name, seed, method)])
+                    continue
                 s = scores[method]
                 records.append(
                     {

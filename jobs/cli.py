@@ -451,6 +451,8 @@ def train_command(**options) -> None:
             robust_drop=o["robust_drop"],
             trim_from_start=o["trim_from_start"],
             weight_prior=o["weight_prior"],
+            refit=o["refit"],
+            refit_fence=o["refit_fence"],
             validation_fraction=o["validation_fraction"],
             patience=o["patience"],
             min_steps_per_epoch=o["min_steps_per_epoch"],
@@ -458,7 +460,7 @@ def train_command(**options) -> None:
             device=o["device"],
             mixed_precision=o["mixed_precision"],
             threads=o["threads"],
-            validation_k=o["k"],
+            validation_k=o["k"] or defaults.K,
         )
         fit = FitConfig(
             id_column=o["id_column"],

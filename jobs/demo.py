@@ -82,7 +82,7 @@ def run(
     shifted: int = 1,
     seed: int = 0,
     epochs: int = 30,
-    k: int = defaults.K,
+    k: int | None = None,  # None: chosen per model (model/estimation/proposal.py `choose_k`)
     echo=print,
 ) -> DemoResult:
     started = time.perf_counter()
@@ -103,7 +103,8 @@ def run(
                 id_column="record_id",
                 exclude=[c for c in LABEL_COLUMNS if c != "record_id"],
                 train=TrainConfig(epochs=epochs, seed=seed, device="auto"),
-                scoring=ScoringDefaults(k=k, seed=seed),
+                scoring=ScoringDefaults(k=k or defaults.K, seed=seed),
+                k_budget=defaults.K_BUDGET if k is None else None,
             ),
             progress=False,
             artifact_location=(workdir / "mlruns").as_uri(),

@@ -102,7 +102,8 @@ k = option(
 demo_k = option(
     "--k",
     type=click.IntRange(min=1),
-    default=defaults.K,
+    default=None,
+    show_default="chosen per model, as train does",
     help="IWAE importance samples per record, at calibration and at scoring.",
 )
 
@@ -511,8 +512,8 @@ training_profile = option(
     f"{SMALL_TABLE_MAX_ROWS}, where the network is narrowed; large from "
     f"{SMALL_TABLE_MAX_ROWS + 1}); small or large forces one, e.g. large on "
     "a small table known to be clean (the small profile fits a minority of normal rows less "
-    "well). --robust-trim, --trim-weight, --robust-drop, --trim-from-start and --weight-prior "
-    "given explicitly override the profile's value.",
+    "well). --robust-trim, --trim-weight, --robust-drop, --trim-from-start, --weight-prior and "
+    "--refit given explicitly override the profile's value.",
 )
 robust_trim = option(
     "--robust-trim",
@@ -551,6 +552,21 @@ weight_prior = option(
     help="Precision of a Gaussian prior on the network's weights, for the table as a whole "
     "(the L2 penalty per row is this over the training rows): strong on a table of a few "
     "dozen rows, negligible on a large one (0 = off). " + _by_size("weight_prior"),
+)
+refit = option(
+    "--refit/--no-refit",
+    default=None,
+    help="After the robust fit, refit the plain likelihood at a tenth of the learning rate on "
+    "every training row except those it explains beyond --refit-fence interquartile ranges "
+    "above the upper quartile of the validation rows' -IWAE, so a clean table keeps its "
+    "density's tails. " + _by_size("refit", lambda v: "on" if v else "off"),
+)
+refit_fence = option(
+    "--refit-fence",
+    type=click.FloatRange(min=0, min_open=True),
+    default=defaults.REFIT_FENCE,
+    help="The refit's cutoff, in interquartile ranges above the upper quartile (3: Tukey's "
+    "far-out fence).",
 )
 validation_fraction = option(
     "--validation-fraction",
@@ -675,6 +691,8 @@ def training_options(command):
             robust_drop,
             trim_from_start,
             weight_prior,
+            refit,
+            refit_fence,
             validation_fraction,
             patience,
             min_steps_per_epoch,

@@ -12,7 +12,7 @@ from pathlib import Path
 from bench import harness
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = {"__init__", "harness", "datasets"}
+SHARED = {"__init__", "harness", "datasets", "broad_tables"}
 SCRIPTS = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem not in SHARED)
 
 

@@ -120,6 +120,7 @@ def test_option_defaults_are_the_code_defaults():
     of the dataclass (or constant) that receives it."""
     from dataclasses import asdict
 
+    from vaewatch.model import defaults
     from vaewatch.model.artifact import ScoringDefaults
     from vaewatch.model.training.fit import FitConfig
     from vaewatch.model.training.loop import TrainConfig
@@ -145,9 +146,10 @@ def test_option_defaults_are_the_code_defaults():
         assert train[name] == getattr(fit, name), name
     assert train["cache_mib"] * 2**20 == fit.cache_bytes
     assert train["threshold_quantile"] == fit.threshold_quantile
-    assert (train["k"], train["seed"]) == (scoring.k, train_config.seed)
+    # --k unset: chosen per model from the ladder, starting at the default
+    assert (train["k"], train["seed"]) == (None, train_config.seed)
+    assert fit.k_budget == defaults.K_BUDGET and scoring.k == defaults.K_LADDER[0]
     assert train_config.validation_k == scoring.k  # validation IWAE at the scoring K
-    from vaewatch.model import defaults
 
     assert (train["experiment"], train["alias"]) == (defaults.EXPERIMENT, defaults.ALIAS)
     options = ScoreOptions()
@@ -161,7 +163,7 @@ def test_option_defaults_are_the_code_defaults():
         for name in ("k", "seed", "threshold_quantile", "flag_rule"):
             assert given[name] == getattr(options.overrides, name), (command, name)
     demo = _defaults("demo")
-    assert demo["k"] == scoring.k and demo["seed"] == train_config.seed
+    assert demo["k"] is None and demo["seed"] == train_config.seed  # K chosen, as train does
 
 
 def test_log_levels_and_json_lines(capsys):
@@ -213,8 +215,8 @@ def test_an_unexpected_crash_is_one_line_and_exit_70(monkeypatch, tmp_path):
 
 
 def test_the_robust_training_options_reach_the_training_config(monkeypatch, tmp_path):
-    """--robust-trim, --trim-weight, --robust-drop, --trim-from-start and --weight-prior end up
-    in the TrainConfig that `vaewatch train` runs (and the registered model's train_config)."""
+    """--robust-trim, --trim-weight, --robust-drop, --trim-from-start, --weight-prior, --refit and
+    --refit-fence end up in the TrainConfig that `vaewatch train` runs (and the registered model's train_config)."""
     import vaewatch.jobs.train as train_module
 
     seen = {}
@@ -226,9 +228,11 @@ def test_the_robust_training_options_reach_the_training_config(monkeypatch, tmp_
     monkeypatch.setattr(train_module, "run", fake_run)
     args = ["train", "--data", str(tmp_path), "--model-name", "m", "--robust-trim", "0.2"]
     args += ["--trim-weight", "0.2", "--robust-drop", "0.05", "--trim-from-start"]
-    args += ["--weight-prior", "2"]
+    args += ["--weight-prior", "2", "--no-refit", "--refit-fence", "1.5"]
     CliRunner().invoke(main, args)
     train = seen["train"]
+    assert train.refit is False and train.for_rows(5000).refit is False
+    assert train.refit_fence == 1.5
     assert (train.robust_trim, train.trim_weight, train.robust_drop) == (0.2, 0.2, 0.05)
     assert train.trim_from_start and train.weight_prior == 2.0
     assert train.decay_per_record(100) == pytest.approx(0.02)
@@ -242,6 +246,7 @@ def test_the_robust_training_options_reach_the_training_config(monkeypatch, tmp_
     train = seen["train"]
     assert train.profile == "large" and train.robust_trim is None
     assert train.for_rows(50).robust_trim == 0.05 and not train.for_rows(50).trim_from_start
+    assert train.for_rows(50).refit and train.refit is None
     result = CliRunner().invoke(main, [*args[:-1], "smal"])
     assert result.exit_code == 2 and "--training-profile" in result.output
     assert "'smal' is not one of 'auto', 'small', 'large'" in result.output

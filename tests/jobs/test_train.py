@@ -312,8 +312,11 @@ def test_train_names_the_columns_it_does_not_model(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert (
         "robust training (large-table profile unless given): the worst 5% of each batch left "
-        "out after the warm-up, weight prior 0" in result.stderr
+        "out after the warm-up, then a refit of the plain likelihood without the rows beyond 3 "
+        "interquartile ranges of the robust fit's upper quartile, weight prior 0" in result.stderr
     )
+    # one epoch, inside the KL warm-up: no epoch is chosen, so there is no robust fit to refit
+    assert "refit:" not in result.stderr
 
 
 def test_train_checks_every_file_against_the_first_before_reading(tmp_path, monkeypatch):

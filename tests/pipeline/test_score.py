@@ -105,7 +105,10 @@ def test_output_follows_the_contract(trained, default_run):
     meta = {k.decode(): v.decode() for k, v in parquet.schema_arrow.metadata.items()}
     assert meta["vaewatch.model_uri"] == outcome.resolved.uri
     assert meta["vaewatch.model_requested"] == "models:/transactions@champion"
-    assert (meta["vaewatch.k"], meta["vaewatch.seed"]) == (str(defaults.K), "0")
+    # the K the model chose at training (model/estimation/proposal.py choose_k)
+    chosen = outcome.artifact.scoring.k
+    assert chosen in defaults.K_LADDER
+    assert (meta["vaewatch.k"], meta["vaewatch.seed"]) == (str(chosen), "0")
     assert "vaewatch.samples" not in meta
     assert meta["vaewatch.flag_rule"] == "any"
     assert meta["vaewatch.version"]
