@@ -131,6 +131,17 @@ def cell_path(cache: Path, group: str, name: str, setting: str, seed: int) -> Pa
 
 
 def run_cell(job: tuple) -> dict:
+    """One cell, from the cache or measured; a cell that fails is reported, not cached, and the
+    run goes on."""
+    try:
+        return _run_cell(job)
+    except Exception as err:  # noqa: BLE001 - named in the output, the run continues
+        _, group, entry, setting, seed = job
+        return {"group": group, "table": table_name(entry), "setting": setting, "seed": seed,
+                "error": f"{type(err).__name__}: {err}"}  # fmt: skip
+
+
+def _run_cell(job: tuple) -> dict:
     cache, group, entry, setting, seed = job
     path = cell_path(cache, group, table_name(entry), setting, seed)
     if path.exists():
@@ -165,15 +176,15 @@ def jobs(args) -> list[tuple]:
     tables = committed()
     seeds = range(1 if args.quick else args.seeds)
     out = []
-    for group in ("rule", "developed"):
-        for entry in tables[group]:
-            name = table_name(entry)
-            if args.only and name not in args.only:
-                continue
-            if args.quick and not args.only and name not in QUICK_TABLES:
-                continue
-            for setting in SETTINGS:
-                out += [(Path(args.cache), group, entry, setting, seed) for seed in seeds]
+    for seed in seeds:  # seed by seed: a run stopped early has every table at the first seeds
+        for group in ("rule", "developed"):
+            for entry in tables[group]:
+                name = table_name(entry)
+                if args.only and name not in args.only:
+                    continue
+                if args.quick and not args.only and name not in QUICK_TABLES:
+                    continue
+                out += [(Path(args.cache), group, entry, setting, seed) for setting in SETTINGS]
     return out
 
 
@@ -269,6 +280,9 @@ def main() -> None:
         with ProcessPoolExecutor(args.workers) as pool:
             records = []
             for r in pool.map(run_cell, todo):
+                if "error" in r:
+                    print(f"{r['table']} {r['setting']} seed {r['seed']}: FAILED {r['error']}")
+                    continue
                 records.append(r)
                 auc = r["auc"]
                 print(f"{r['table']} {r['setting']} seed {r['seed']}: vaewatch "

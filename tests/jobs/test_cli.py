@@ -216,7 +216,8 @@ def test_an_unexpected_crash_is_one_line_and_exit_70(monkeypatch, tmp_path):
 
 def test_the_robust_training_options_reach_the_training_config(monkeypatch, tmp_path):
     """--robust-trim, --trim-weight, --robust-drop, --trim-from-start, --weight-prior, --refit and
-    --refit-fence end up in the TrainConfig that `vaewatch train` runs (and the registered model's train_config)."""
+    --refit-fence end up in the TrainConfig that `vaewatch train` runs (and the registered
+    model's train_config)."""
     import vaewatch.jobs.train as train_module
 
     seen = {}

@@ -431,9 +431,10 @@ def test_missing_model_is_a_clear_error(trained):
 
 def test_the_discrete_weight_ranks_the_sparse_kinds_first(trained, workspace):
     """The holdout's unseen merchants and impossible merchant/channel pairs are discrete-part
-    anomalies: ranked by the plain surprisal (-log_likelihood) the numbers' spread dilutes them
-    (ROC-AUC ~0.96-0.97 on this model), by anomaly_score, whose -log p(x_d|x_c) counts
-    discrete_weight times, they come out above every kind of normal spread (>= 0.99)."""
+    anomalies: ranked by the plain surprisal (-log_likelihood) the numbers' spread dilutes them,
+    by anomaly_score, whose -log p(x_d|x_c) counts discrete_weight times, they come out above
+    every kind of normal spread (>= 0.99), with at most half the misranked pairs (measured:
+    impossible combinations 0.9855 -> 0.9996 since the refit, 0.96-0.97 -> 0.99+ before it)."""
     _, outcome = trained
     assert 2.0 < outcome.artifact.calibration.discrete_weight < 10.0
     table = pq.read_table(workspace / "holdout")
@@ -444,7 +445,8 @@ def test_the_discrete_weight_ranks_the_sparse_kinds_first(trained, workspace):
     for kind in ("rare_category", "impossible_combination"):
         rows = (kinds == "") | (kinds == kind)
         got = roc_auc(weighted[rows], kinds[rows] == kind)
-        assert got >= 0.99 and got > roc_auc(plain[rows], kinds[rows] == kind) + 0.015, kind
+        plain_auc = roc_auc(plain[rows], kinds[rows] == kind)
+        assert got >= 0.99 and 1.0 - got <= 0.5 * (1.0 - plain_auc), (kind, got, plain_auc)
 
 
 def test_a_threshold_on_too_few_validation_rows_is_warned_about(caplog):

@@ -536,9 +536,11 @@ def test_the_score_log_has_no_download_bars_and_q_keeps_warnings_only(
 
 
 def test_a_day_where_every_row_is_flagged_keeps_scoring_cheap(trained, workspace, tmp_path, caplog):
-    """Amounts in cents instead of dollars (x100): every record is flagged. The leave-one-out
+    """Amounts in cents instead of dollars (x100): nearly every record is flagged (measured:
+    4,994 of 5,000; a small amount x100 can stay within the model's tails). The leave-one-out
     attribution (a pass per feature) goes to the 100 most anomalous of each 1,000-row batch
-    (max(64, 10 %)); the others keep the posterior's, and the run counts and says so, once."""
+    (max(64, 10 %)); the other flagged records keep the posterior's, and the run counts and
+    says so, once."""
     table = pq.read_table(workspace / "holdout" / "part-0.parquet")
     i = table.schema.get_field_index("amount")
     cents = pc.multiply(table.column("amount"), 100.0)
@@ -547,7 +549,7 @@ def test_a_day_where_every_row_is_flagged_keeps_scoring_cheap(trained, workspace
     caplog.set_level(logging.WARNING, logger="vaewatch.pipeline.transforms")
     result = run(_job(trained, tmp_path, tmp_path / "in", batch_size=1000))
     flagged = _scores(tmp_path / "out")["is_anomaly"].to_numpy(zero_copy_only=False)
-    assert result.manifest.rows.scored == 5_000 and flagged.all()
-    assert result.counters["flagged_rows_posterior_attribution"] == 5_000 - 5 * 100
+    assert result.manifest.rows.scored == 5_000 and flagged.mean() > 0.99
+    assert result.counters["flagged_rows_posterior_attribution"] == flagged.sum() - 5 * 100
     warned = [r.getMessage() for r in caplog.records if "keep the top_features" in r.getMessage()]
     assert len(warned) == 1 and "more than 10% of a batch's records are flagged" in warned[0]
