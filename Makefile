@@ -78,7 +78,8 @@ range-venv:
 dist: $(STAMP)
 	rm -rf dist && $(BIN)/python -m build --outdir dist
 
-# Every benchmark in one go (about an hour on 2 cores); bench-quick: the same, smaller (about 25 min).
+# Every benchmark in one go (hours on 2 cores: bench.broad, 350 cells, and bench.drift are the
+# longest); bench-quick: the same, smaller (about 30 min).
 BENCH_SCRIPTS := estimators accuracy_breadth as_scored speedup small_k contention beam_pipeline throughput quality profile_by_size flags flag_calibration iwae_replication wide value_counts attribution training_speed drift same_scores user_pipeline startup segments clean_density k_families broad
 
 bench: $(STAMP)
