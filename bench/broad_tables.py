@@ -125,18 +125,21 @@ def select() -> list[dict]:
         if key in seen:
             continue
         seen.add(key)
-        chosen.append(
-            {
-                "package": package,
-                "item": item,
-                "rows": len(frame),
-                "features": frame.shape[1] - 1,
-                "label": column,
-                "anomaly": value,
-                "share": round(share, 4),
-            }
-        )
+        chosen.append(_entry(package, item, frame, column, value, share))
     return chosen
+
+
+def _entry(package: str, item: str, frame, column: str, value: str, share: float) -> dict:
+    """One table of the list: where it is, its size and its label (`frame` holds the label)."""
+    return {
+        "package": package,
+        "item": item,
+        "rows": len(frame),
+        "features": frame.shape[1] - 1,
+        "label": column,
+        "anomaly": value,
+        "share": round(share, 4),
+    }
 
 
 def developed() -> list[dict]:
@@ -145,18 +148,7 @@ def developed() -> list[dict]:
     for (package, item), (column, value, dropped) in DEVELOPED_ON.items():
         frame = load(package, item).drop(columns=list(dropped), errors="ignore")
         share = float((frame[column].astype(str) == value).mean())
-        out.append(
-            {
-                "package": package,
-                "item": item,
-                "rows": len(frame),
-                "features": frame.shape[1] - 1,
-                "label": column,
-                "anomaly": value,
-                "share": round(share, 4),
-                "dropped": list(dropped),
-            }
-        )
+        out.append({**_entry(package, item, frame, column, value, share), "dropped": list(dropped)})
     return out
 
 
